@@ -1,0 +1,1 @@
+"""Switchboard: a Discord bot with a model-swapping backend."""

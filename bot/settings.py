@@ -1,0 +1,68 @@
+"""Settings: the one place that reads the environment.
+
+The CLI builds a `Settings` once and passes it (or the parts it needs) down; nothing
+else reads `os.environ`. Secrets are `SecretStr` so they never show up in a repr or a log.
+API keys named by the model registry's `api_key_env` are looked up through
+`Settings.secret(name)`, which reads the environment captured at start-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything Switchboard reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
+
+    config: Path = Field(default=Path("switchboard.toml"), description="Model registry TOML file.")
+    data_dir: Path = Field(default=Path("data"), description="Folder for the SQLite file, Chroma and logs.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in the data folder when unset.")
+    manager_role: str | None = Field(default=None, description="Role name that may change channel settings besides Manage Channels.")
+    knowledge_role: str | None = Field(default=None, description="Role name that may manage the knowledge base besides Manage Server.")
+    max_local_models: int = Field(default=2, ge=1, description="How many local llama.cpp models stay loaded at once.")
+    request_timeout: float = Field(default=60.0, gt=0, description="Seconds before a model request is given up.")
+    max_retries: int = Field(default=2, ge=0, description="Retries of a failed model request before its fallback answers.")
+    log_level: str = Field(default="INFO")
+
+    discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
+    chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")
+    chroma_port: int = Field(default=8000, validation_alias="CHROMA_PORT")
+
+    # The process environment as it was when the settings were read: the registry
+    # names the variables that hold API keys, so they cannot be fields.
+    environ: dict[str, str] = Field(default_factory=lambda: dict(os.environ), exclude=True, repr=False)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL in effect."""
+        if self.database_url:
+            return _async_url(self.database_url)
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'switchboard.db').resolve()}"
+
+    def secret(self, name: str) -> SecretStr | None:
+        """The value of the environment variable `name`, kept secret; None if unset or empty."""
+        value = self.environ.get(name, "").strip()
+        return SecretStr(value) if value else None
+
+    def with_environ(self, environ: Mapping[str, str]) -> Settings:
+        """A copy that looks up secrets in `environ` (tests and tools use this)."""
+        return self.model_copy(update={"environ": dict(environ)})
+
+
+def _async_url(url: str) -> str:
+    """Accept the URLs people paste (postgres://, postgresql://, sqlite://) and pick async drivers."""
+    for plain, driver in (
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain):]
+    return url

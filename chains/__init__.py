@@ -1,0 +1,1 @@
+"""LangChain: the model registry and the chain factories. Importing this is cheap."""
