@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.discord",
     "tests.fixtures.knowledge",
     "tests.fixtures.local",
+    "tests.fixtures.service",
 ]

@@ -1,0 +1,93 @@
+"""Wiring: build every long-lived part from the settings, once, and close them again.
+
+`open_app(settings)` is the only place that creates clients (database engine, log
+writer, local model servers, model factory, knowledge base). The CLI commands, the
+Discord bot, the benchmarks and the tests all go through it, so they run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.errors import ConfigError
+from bot.service import ChatService
+from bot.settings import Settings
+from chains.registry import ModelRegistry, ModelSpec
+from store.db import create_engine, create_session_factory, upgrade_database
+from store.repositories import ModelRepository
+from store.writer import LogWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """The parts a running Switchboard is made of."""
+
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    writer: LogWriter
+    registry: ModelRegistry
+    service: ChatService
+    local: Any  # chains.local.LocalServers
+    knowledge: Any | None  # knowledge.base.KnowledgeBase
+
+
+async def load_registry(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> ModelRegistry:
+    """The registry from the TOML file, plus the models registered at run time."""
+    registry = ModelRegistry.from_toml(settings.config)
+    async with sessions() as session:
+        stored = await ModelRepository(session).list()
+    for row in stored:
+        try:
+            registry.add(ModelSpec(**{**row.spec, "name": row.name, "origin": "database"}))
+        except ConfigError as exc:
+            log.warning("skipping registered model %s: %s", row.name, exc)
+    return registry
+
+
+@asynccontextmanager
+async def open_app(
+    settings: Settings, *, knowledge: bool = True, migrate: bool = True
+) -> AsyncIterator[App]:
+    """Open everything Switchboard needs; close it all on exit, even after an error."""
+    from chains.local import LocalServers
+    from chains.models import ChatModelFactory
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.sqlalchemy_url
+    if migrate:
+        await upgrade_database(url)
+    async with AsyncExitStack() as stack:
+        engine = create_engine(url)
+        stack.push_async_callback(engine.dispose)
+        sessions = create_session_factory(engine)
+        registry = await load_registry(settings, sessions)
+
+        writer = LogWriter(sessions, logger=logging.getLogger("switchboard.log_writer"))
+        await writer.start()
+        stack.push_async_callback(writer.aclose)
+
+        local = LocalServers(max_loaded=settings.max_local_models)
+        stack.push_async_callback(local.aclose)
+        models = ChatModelFactory(settings, local)
+        stack.push_async_callback(models.aclose)
+
+        kb = None
+        if knowledge:
+            from knowledge.base import KnowledgeBase
+
+            kb = KnowledgeBase(settings)
+            stack.push_async_callback(kb.aclose)
+
+        service = ChatService(
+            registry=registry, models=models, session_factory=sessions, writer=writer, knowledge=kb
+        )
+        yield App(settings, engine, sessions, writer, registry, service, local, kb)

@@ -1,0 +1,236 @@
+"""The `switchboard` command line: run the bot, chat in the terminal, manage models and the database."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bot.errors import UserError
+from bot.settings import Settings
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="switchboard",
+    help="Switchboard: a Discord bot with a model-swapping backend.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="The model registry: list, check and add models.", no_args_is_help=True)
+db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(db_app, name="db")
+
+err = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    """Read the settings once; a bad value is one clear line, not a traceback."""
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's ValidationError: name the variable and the problem
+        err.print(f"[red]Invalid configuration:[/red] {exc}", markup=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(settings: Settings, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else getattr(logging, settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Request lines from the HTTP clients are noise in a terminal; warnings still show.
+    for noisy in ("httpx", "httpcore", "openai", "discord.gateway", "chromadb"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _run(coro: Callable[[], Awaitable[T]]) -> T:
+    """Run an async command; user errors are one red line and exit code 1."""
+    try:
+        return asyncio.run(coro())
+    except UserError as exc:
+        err.print(f"[red]{exc.message}[/red]", markup=True, highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def run() -> None:
+    """Run the Discord bot (needs DISCORD_TOKEN)."""
+    settings = _settings()
+    if settings.discord_token is None:
+        err.print("DISCORD_TOKEN is not set: export DISCORD_TOKEN=<your bot token> (see README, 'Discord set-up').")
+        raise typer.Exit(2)
+    _logging(settings)
+
+    async def main() -> None:
+        from bot.app import open_app
+        from bot.discord.bot import run_bot
+
+        async with open_app(settings) as sb:
+            await run_bot(settings, sb.service, knowledge=sb.knowledge)
+
+    _run(main)
+
+
+@app.command()
+def chat(
+    guild: Annotated[int, typer.Option(help="Server id whose settings apply.")] = 0,
+    channel: Annotated[int, typer.Option(help="Channel id whose settings and history apply.")] = 0,
+    thread: Annotated[int | None, typer.Option(help="Thread id (inside --channel), if any.")] = None,
+    user: Annotated[str, typer.Option(help="Who you are, for history and logs.")] = "terminal",
+    json_mode: Annotated[bool, typer.Option("--json", help="Read lines from stdin, print one JSON object per line.")] = False,
+) -> None:
+    """Chat with the bot's service in the terminal, as if in a Discord channel."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> int:
+        from bot.app import open_app
+        from bot.messages import Author, Place
+        from bot.terminal import TerminalChat, run_interactive, run_json, user_id_for
+
+        async with open_app(settings) as sb:
+            place = Place(guild_id=guild, channel_id=channel, thread_id=thread)
+            session = TerminalChat(sb.service, place, Author(user_id_for(user), user))
+            if json_mode:
+                return await run_json(session)
+            return await run_interactive(session)
+
+    raise typer.Exit(_run(main))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the configured and registered models."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> None:
+        from bot.app import open_app
+
+        async with open_app(settings, knowledge=False) as sb:
+            table = Table(title=f"Models ({settings.config})")
+            for column in ("name", "provider", "model", "weights", "context", "in/out $ per M", "fallback"):
+                table.add_column(column)
+            for spec in sb.registry.all():
+                default = " *" if spec.name == sb.registry.default_model else ""
+                weights = ("open" if spec.open_weights else "closed") + (", local" if spec.is_local else "")
+                table.add_row(
+                    spec.name + default, spec.provider, spec.model or (spec.bundled or str(spec.path or "")),
+                    weights, f"{spec.context_window:,}", f"{spec.input_price:g} / {spec.output_price:g}",
+                    spec.fallback or "",
+                )
+            Console().print(table)
+            Console().print("* default model")
+
+    _run(main)
+
+
+@models_app.command("check")
+def models_check(
+    name: Annotated[list[str] | None, typer.Argument(help="Models to check (default: all).")] = None,
+) -> None:
+    """Reach each configured endpoint and say what works."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> int:
+        from bot.app import open_app
+        from chains.check import check_model
+
+        async with open_app(settings, knowledge=False) as sb:
+            specs = [sb.registry.get(n) for n in name] if name else sb.registry.all()
+            results = await asyncio.gather(*(check_model(spec, sb.service.models) for spec in specs))
+            table = Table(title="Model check")
+            for column in ("model", "ok", "latency", "detail"):
+                table.add_column(column)
+            for res in results:
+                table.add_row(
+                    res.name, "[green]yes[/green]" if res.ok else "[red]no[/red]",
+                    f"{res.latency_ms:.0f} ms" if res.latency_ms is not None else "", res.detail,
+                )
+            Console().print(table)
+            return 0 if all(r.ok for r in results) else 1
+
+    raise typer.Exit(_run(main))
+
+
+@models_app.command("add-gguf")
+def models_add_gguf(
+    path: Annotated[Path, typer.Argument(help="A GGUF model file you already have.")],
+    name: Annotated[str, typer.Option(help="The name to choose it by, e.g. with /model set.")],
+    context_size: Annotated[int | None, typer.Option(help="Context size to run it with.")] = None,
+) -> None:
+    """Register a local GGUF file as a model (checked: exists, is a GGUF, loads)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> None:
+        from bot.app import open_app
+        from chains.local import gguf_spec, validate_gguf
+        from chains.registry import ModelSpec
+        from store.repositories import ModelRepository
+
+        with err.status(f"Loading {path} to check it…"):
+            await validate_gguf(path)
+        options: dict[str, Any] = {"context_size": context_size} if context_size else {}
+        spec = gguf_spec(name, path, **options)
+        async with open_app(settings, knowledge=False) as sb:
+            if name in sb.registry.names() and sb.registry.get(name).origin == "config":
+                raise UserError(f"`{name}` is already a model in {settings.config}; choose another --name.")
+            ModelSpec(**{**spec, "name": name, "origin": "database"})  # validate before storing
+            async with sb.sessions() as session, session.begin():
+                await ModelRepository(session).add(name, spec, created_by="cli")
+        Console().print(f"Registered [bold]{name}[/bold] ({path}). Choose it with `/model set {name}`.")
+
+    _run(main)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply the database migrations (also done on every start)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> None:
+        from store.db import upgrade_database
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await upgrade_database(settings.sqlalchemy_url, revision)
+        Console().print(f"Database at revision {revision}.")
+
+    _run(main)
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
+    """Undo migrations down to REVISION."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> None:
+        from store.db import downgrade_database
+
+        await downgrade_database(settings.sqlalchemy_url, revision)
+        Console().print(f"Database downgraded to {revision}.")
+
+    _run(main)
+
+
+def _mount_knowledge() -> None:
+    try:
+        from bot.cli_knowledge import knowledge_app
+    except ImportError:  # the knowledge CLI is optional while it is being built
+        return
+    app.add_typer(knowledge_app, name="knowledge")
+
+
+_mount_knowledge()

@@ -1,0 +1,577 @@
+"""The chat service: the one place that decides how a message is answered.
+
+It picks the model (thread → channel → server default → global default), the system
+prompt, whether to retrieve from the knowledge base, and which history to send; it
+streams the answer through a LangChain chain, falls back when a model fails, and hands
+every exchange to the log writer. It never imports `discord`: the Discord cogs and the
+terminal chat are thin adapters around it.
+
+Build one with `bot.app.open_app(settings)`, which wires the registry, database, log
+writer, local model servers and knowledge base together and closes them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot.errors import NotFound, UserError
+from bot.messages import (
+    Author,
+    ChatEvent,
+    ChatRequest,
+    ChatResult,
+    FallbackUsed,
+    Place,
+    ReplyDelta,
+    ReplyFinished,
+    ReplyStarted,
+    Scope,
+    Source,
+    Usage,
+)
+from chains.chat import DEFAULT_SYSTEM_PROMPT, build_messages, create_chat_chain, messages_to_dicts
+from chains.failures import classify_failure
+from chains.models import ChatModelFactory
+from chains.registry import ModelRegistry, ModelSpec
+from chains.tokens import TokenCounter, prompt_budget
+from store.repositories import ConversationRepository, SettingsRepository
+from store.writer import LogWriter
+
+log = logging.getLogger(__name__)
+
+# Settings changed by another process (a second shard, the terminal) show up within this.
+SETTINGS_TTL_S = 30.0
+# Recent turns kept in memory so a busy conversation never waits on the log writer.
+TURN_CACHE_SIZE = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A setting's value and where it comes from."""
+
+    value: Any
+    source: Scope
+
+
+@dataclass(frozen=True, slots=True)
+class EffectiveSettings:
+    """What applies in a place: each value with the scope that set it."""
+
+    model: Setting
+    system_prompt: Setting
+    knowledge: Setting
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    """One stored message, as much as history needs."""
+
+    id: str
+    conversation_id: str
+    role: str
+    content: str
+    parent_id: str | None
+
+
+@dataclass
+class _Attempt:
+    """The state of one model's try at an answer."""
+
+    spec: ModelSpec
+    sent: list[BaseMessage]
+    text: list[str] = field(default_factory=list)
+    usage: Usage | None = None
+    ttft_ms: float | None = None
+    error: str | None = None
+    fallback_ok: bool = True
+
+
+class _LRU(OrderedDict):
+    """A small least-recently-used map."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_fresh(self, key: Any) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return None
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class ChatService:
+    """Answers chat requests and manages per-place settings."""
+
+    def __init__(
+        self,
+        *,
+        registry: ModelRegistry,
+        models: ChatModelFactory,
+        session_factory: async_sessionmaker[AsyncSession],
+        writer: LogWriter,
+        tokens: TokenCounter | None = None,
+        knowledge: Any | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.registry = registry
+        self.models = models
+        self.sessions = session_factory
+        self.writer = writer
+        self.tokens = tokens or TokenCounter()
+        self.knowledge = knowledge
+        self.clock = clock
+        self._settings: _LRU = _LRU(10_000)  # Place -> (expires_at, EffectiveSettings)
+        self._turns: _LRU = _LRU(TURN_CACHE_SIZE)  # message id -> _Turn
+        self._leaf: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation id -> newest message id
+        self._by_discord: _LRU = _LRU(TURN_CACHE_SIZE)  # discord id -> (conversation, message)
+        self._thread_conv: _LRU = _LRU(TURN_CACHE_SIZE)  # thread or DM channel id -> conversation
+        self._known_convs: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation ids known to be stored
+
+    # ----------------------------------------------------------------- chatting
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        """Answer `request`, yielding the reply as it is written; logs the exchange."""
+        started = self.clock()
+        text = request.text.strip()
+        if not text:
+            raise UserError("There is nothing to answer: the message is empty.")
+        settings = await self.effective_settings(request.place)
+        spec = self._model_for(settings)
+        conversation_id, leaf_id = await self._resolve_conversation(request)
+        history = await self._history(leaf_id, spec)
+        sources = await self._retrieve(request, settings, text)
+
+        user_id = uuid.uuid4().hex
+        answer_id = uuid.uuid4().hex
+        yield ReplyStarted(model=spec.name, conversation_id=conversation_id, message_id=answer_id)
+
+        system_prompt = settings.system_prompt.value
+        attempts: list[_Attempt] = []
+        chain = self.registry.fallback_chain(spec.name)
+        for position, candidate in enumerate(chain):
+            try:
+                sent = self._fit(system_prompt, history, text, sources, candidate)
+            except UserError as exc:
+                attempts.append(_Attempt(candidate, [], error=exc.message))
+                break
+            attempt = _Attempt(candidate, sent)
+            attempts.append(attempt)
+            async for delta in self._run(attempt, started):
+                yield ReplyDelta(delta)
+            if attempt.error is None:
+                break
+            failure = attempt.error
+            next_spec = chain[position + 1] if position + 1 < len(chain) else None
+            if attempt.text or next_spec is None or not attempt.fallback_ok:
+                break
+            yield FallbackUsed(failed_model=candidate.name, model=next_spec.name, reason=failure)
+
+        result = self._finish(
+            request, attempts, sources, conversation_id, user_id, answer_id, leaf_id,
+            system_prompt, started,
+        )
+        yield ReplyFinished(result)
+
+    async def answer(self, request: ChatRequest) -> ChatResult:
+        """Answer `request` and return the finished result (no streaming)."""
+        async for event in self.stream(request):
+            if isinstance(event, ReplyFinished):
+                return event.result
+        raise RuntimeError("the reply stream ended without a result")
+
+    async def _run(self, attempt: _Attempt, started: float) -> AsyncIterator[str]:
+        """Stream one model's answer into `attempt`, recording usage, timing and failure."""
+        try:
+            model = await self.models.get(attempt.spec)
+            async for chunk in create_chat_chain(model).astream({"messages": attempt.sent}):
+                if chunk.usage_metadata:
+                    usage = chunk.usage_metadata
+                    attempt.usage = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+                piece = chunk.content if isinstance(chunk.content, str) else chunk.text
+                if piece:
+                    if attempt.ttft_ms is None:
+                        attempt.ttft_ms = (self.clock() - started) * 1000
+                    attempt.text.append(piece)
+                    yield piece
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every model failure becomes a message, never a traceback
+            failure = classify_failure(exc, attempt.spec.name)
+            attempt.error = failure.message
+            attempt.fallback_ok = failure.fallback_ok
+            if attempt.text:
+                attempt.error = f"{failure.message} The answer above was cut off."
+            log.warning("model %s failed: %s (%s)", attempt.spec.name, failure.kind, type(exc).__name__)
+
+    def _fit(
+        self,
+        system_prompt: str,
+        history: Sequence[_Turn],
+        text: str,
+        sources: Sequence[Source],
+        spec: ModelSpec,
+    ) -> list[BaseMessage]:
+        """The exact messages to send `spec`: history trimmed to its context window."""
+        system, past, question = build_messages(
+            system_prompt, [(t.role, t.content) for t in history], text, sources
+        )
+        return self.tokens.trim_history(system, past, question, prompt_budget(spec), model_name=spec.name)
+
+    def _finish(
+        self,
+        request: ChatRequest,
+        attempts: list[_Attempt],
+        sources: Sequence[Source],
+        conversation_id: str,
+        user_id: str,
+        answer_id: str,
+        leaf_id: str | None,
+        system_prompt: str,
+        started: float,
+    ) -> ChatResult:
+        """Turn the attempts into a result, remember the turn and queue the log rows."""
+        latency_ms = (self.clock() - started) * 1000
+        final = attempts[-1]
+        reply = "".join(final.text)
+        ok = final.error is None
+        first = attempts[0].spec.name
+        fallback_from = first if final.spec.name != first else None
+        usage = final.usage
+        if usage is None and final.sent and ok:
+            # Some OpenAI-compatible servers send no usage: estimate rather than log zeros.
+            usage = Usage(self.tokens.count_messages(final.sent), self.tokens.count_text(reply))
+        cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
+
+        place = request.place
+        common = {
+            "conversation_id": conversation_id,
+            "guild_id": place.guild_id,
+            "channel_id": place.channel_id,
+            "thread_id": place.thread_id,
+        }
+        rows: list[dict[str, Any]] = [
+            {
+                **common,
+                "id": user_id,
+                "parent_id": leaf_id,
+                "role": "user",
+                "content": request.text,
+                "author_id": request.author.id,
+                "author_name": request.author.name,
+                "discord_message_id": request.discord_message_id,
+            }
+        ]
+        for attempt in attempts:
+            is_final = attempt is final
+            attempt_usage = usage if is_final else attempt.usage
+            status = "ok" if attempt.error is None else "error"
+            if is_final and ok and fallback_from:
+                status = "fallback"
+            rows.append(
+                {
+                    **common,
+                    "id": answer_id if is_final else uuid.uuid4().hex,
+                    "parent_id": user_id,
+                    "role": "assistant",
+                    "content": "".join(attempt.text),
+                    "model_name": attempt.spec.name,
+                    "provider": attempt.spec.provider,
+                    "provider_model": attempt.spec.model,
+                    "system_prompt": system_prompt,
+                    "request_messages": messages_to_dicts(attempt.sent),
+                    "prompt_tokens": attempt_usage.prompt_tokens if attempt_usage else None,
+                    "completion_tokens": attempt_usage.completion_tokens if attempt_usage else None,
+                    "latency_ms": latency_ms if is_final else None,
+                    "ttft_ms": attempt.ttft_ms,
+                    "cost_usd": cost if is_final else None,
+                    "status": status,
+                    "error": attempt.error,
+                    "fallback_from": fallback_from if is_final else None,
+                    "source_ids": [s.chunk_id for s in sources],
+                }
+            )
+        conversation = None
+        if self._known_convs.get_fresh(conversation_id) is None:
+            conversation = {
+                "id": conversation_id,
+                "guild_id": place.guild_id,
+                "channel_id": place.channel_id,
+                "thread_id": place.thread_id,
+                "started_by": request.author.id,
+                "origin": "discord" if request.discord_message_id is not None else "terminal",
+            }
+        self._remember(conversation_id, rows)
+        self.writer.submit(_log_exchange(conversation, rows), f"log exchange {answer_id}")
+
+        return ChatResult(
+            reply=reply,
+            model=final.spec.name if ok else None,
+            conversation_id=conversation_id,
+            message_id=answer_id,
+            latency_ms=latency_ms,
+            ttft_ms=final.ttft_ms,
+            usage=usage,
+            cost_usd=cost,
+            fallback_from=fallback_from,
+            error=None if ok else final.error,
+            sources=tuple(sources),
+        )
+
+    def _remember(self, conversation_id: str, rows: list[dict[str, Any]]) -> None:
+        self._known_convs.put(conversation_id, True)
+        for row in rows[:1] + rows[-1:]:  # the prompt and the answer that counts
+            self._turns.put(
+                row["id"], _Turn(row["id"], conversation_id, row["role"], row["content"], row["parent_id"])
+            )
+        self._leaf.put(conversation_id, rows[-1]["id"])
+
+    # ------------------------------------------------------ conversations & history
+
+    async def _resolve_conversation(self, request: ChatRequest) -> tuple[str, str | None]:
+        """(conversation id, the message to continue from — None for a new conversation)."""
+        place = request.place
+        if request.conversation_id:
+            return request.conversation_id, await self._leaf_of(request.conversation_id)
+        if request.reply_to_discord_id is not None:
+            found = await self._find_discord(request.reply_to_discord_id)
+            if found is not None:
+                self._known_convs.put(found[0], True)
+                return found
+        # A thread is one conversation; so is a DM channel (people rarely use replies there).
+        running_key = place.thread_id if place.thread_id is not None else (place.channel_id if place.is_dm else None)
+        if running_key is None:
+            return uuid.uuid4().hex, None
+        conversation_id = self._thread_conv.get_fresh(running_key)
+        if conversation_id is None:
+            async with self.sessions() as session:
+                conv = await ConversationRepository(session).latest_for_thread(running_key)
+            if conv is None:
+                conversation_id = uuid.uuid4().hex
+                self._thread_conv.put(running_key, conversation_id)
+                return conversation_id, None
+            conversation_id = conv.id
+            self._thread_conv.put(running_key, conversation_id)
+            self._known_convs.put(conversation_id, True)
+        return conversation_id, await self._leaf_of(conversation_id)
+
+    async def _leaf_of(self, conversation_id: str) -> str | None:
+        """The newest message of a conversation; None if it has none (it is new)."""
+        leaf = self._leaf.get_fresh(conversation_id)
+        if leaf is not None:
+            return leaf
+        if self._known_convs.get_fresh(conversation_id) is None:
+            await self.writer.drain(timeout=2.0)  # it may still be on its way to the database
+        async with self.sessions() as session:
+            messages = await ConversationRepository(session).messages(conversation_id)
+        if not messages:
+            return None
+        self._known_convs.put(conversation_id, True)
+        return messages[-1].id
+
+    async def _find_discord(self, discord_id: int) -> tuple[str, str] | None:
+        found = self._by_discord.get_fresh(discord_id)
+        if found is not None:
+            return found
+        async with self.sessions() as session:
+            found = await ConversationRepository(session).find_by_discord_message(discord_id)
+        if found is not None:
+            self._by_discord.put(discord_id, found)
+        return found
+
+    async def _history(self, leaf_id: str | None, spec: ModelSpec) -> list[_Turn]:
+        """The turns from the conversation's start to `leaf_id`, oldest first."""
+        if leaf_id is None:
+            return []
+        turns: list[_Turn] = []
+        cursor: str | None = leaf_id
+        while cursor is not None:
+            turn = self._turns.get_fresh(cursor)
+            if turn is None:
+                break
+            turns.append(turn)
+            cursor = turn.parent_id
+        if cursor is not None:
+            # Older than the in-memory window: read the rest of the line from the database.
+            limit = max(8, spec.context_window // 16)
+            async with self.sessions() as session:
+                rows = await ConversationRepository(session).lineage(cursor, limit)
+            for row in reversed(rows):
+                turns.append(_Turn(row.id, row.conversation_id, row.role, row.content, row.parent_id))
+        turns.reverse()
+        # Failed attempts carry no text worth replaying.
+        return [t for t in turns if t.content]
+
+    async def link_discord_messages(
+        self, message_id: str, conversation_id: str, discord_message_ids: Sequence[int]
+    ) -> None:
+        """Record that `discord_message_ids` carry answer `message_id`, so replies continue it."""
+        ids = list(discord_message_ids)
+        for discord_id in ids:
+            self._by_discord.put(discord_id, (conversation_id, message_id))
+
+        async def write(session: AsyncSession) -> None:
+            await ConversationRepository(session).link_discord_messages(message_id, conversation_id, ids)
+
+        self.writer.submit(write, f"link discord messages of {message_id}")
+
+    async def is_conversation_message(self, discord_message_id: int) -> bool:
+        """Whether this Discord message is part of one of our answers."""
+        return await self._find_discord(discord_message_id) is not None
+
+    async def _retrieve(self, request: ChatRequest, settings: EffectiveSettings, text: str) -> list[Source]:
+        if not settings.knowledge.value or self.knowledge is None or request.place.guild_id is None:
+            return []
+        try:
+            return list(await self.knowledge.retrieve(request.place.guild_id, text))
+        except UserError:
+            raise
+        except Exception:
+            # An answer without references beats no answer; the failure is in the log.
+            log.exception("knowledge retrieval failed for guild %s", request.place.guild_id)
+            return []
+
+    # ---------------------------------------------------------------- models
+
+    def list_models(self) -> list[ModelSpec]:
+        """Every model that can be chosen."""
+        return self.registry.all()
+
+    def get_model(self, name: str) -> ModelSpec:
+        """The model called `name` (NotFound with suggestions otherwise)."""
+        return self.registry.get(name)
+
+    def _model_for(self, settings: EffectiveSettings) -> ModelSpec:
+        try:
+            return self.registry.get(settings.model.value)
+        except NotFound:
+            raise UserError(
+                f"This {settings.model.source}'s model `{settings.model.value}` is no longer configured. "
+                "Ask a moderator to pick another with `/model set` or `/model reset`."
+            ) from None
+
+    # ---------------------------------------------------------------- settings
+
+    async def effective_settings(self, place: Place) -> EffectiveSettings:
+        """The model, system prompt and knowledge switch in force at `place`, with their sources."""
+        cached = self._settings.get_fresh(place)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        async with self.sessions() as session:
+            rows = await SettingsRepository(session).rows_for(place.guild_id, place.channel_id, place.thread_id)
+        defaults = {
+            "model": self.registry.default_model,
+            "system_prompt": DEFAULT_SYSTEM_PROMPT,
+            "knowledge_enabled": False,
+        }
+        resolved: dict[str, Setting] = {}
+        for name, default in defaults.items():
+            resolved[name] = Setting(default, "global")
+            for scope in ("thread", "channel", "guild"):
+                row = rows.get(scope)
+                value = getattr(row, name) if row is not None else None
+                if value is not None:
+                    resolved[name] = Setting(value, scope)  # type: ignore[arg-type]
+                    break
+        effective = EffectiveSettings(
+            model=resolved["model"],
+            system_prompt=resolved["system_prompt"],
+            knowledge=resolved["knowledge_enabled"],
+        )
+        self._settings.put(place, (now + SETTINGS_TTL_S, effective))
+        return effective
+
+    async def set_model(self, place: Place, scope: Scope, name: str, actor: Author) -> str:
+        """Choose the model for `scope`; returns a confirmation line."""
+        spec = self.registry.get(name)
+        old = await self._change(place, scope, "model", spec.name, actor)
+        return f"Model for this {_scope_word(scope)}: **{spec.name}**" + (f" (was: {old})." if old else ".")
+
+    async def reset_model(self, place: Place, scope: Scope, actor: Author) -> str:
+        """Drop the model chosen for `scope`, so it inherits again."""
+        await self._change(place, scope, "model", None, actor)
+        now = await self.effective_settings(place)
+        return f"Model for this {_scope_word(scope)} reset; now using **{now.model.value}** (from {now.model.source})."
+
+    async def set_system_prompt(self, place: Place, scope: Scope, text: str, actor: Author) -> str:
+        """Set the system prompt for `scope`."""
+        text = text.strip()
+        if not text:
+            raise UserError("The system prompt is empty. To go back to the default, use `/system reset`.")
+        if len(text) > 8000:
+            raise UserError(f"That system prompt is {len(text)} characters; the limit is 8,000.")
+        await self._change(place, scope, "system_prompt", text, actor)
+        return f"System prompt for this {_scope_word(scope)} set ({len(text)} characters)."
+
+    async def reset_system_prompt(self, place: Place, scope: Scope, actor: Author) -> str:
+        """Drop the system prompt set for `scope`, so it inherits again."""
+        await self._change(place, scope, "system_prompt", None, actor)
+        return f"System prompt for this {_scope_word(scope)} reset to the inherited one."
+
+    async def set_knowledge(self, place: Place, scope: Scope, enabled: bool | None, actor: Author) -> str:
+        """Turn answering from the knowledge base on or off for `scope` (None: inherit)."""
+        if enabled and place.guild_id is None:
+            raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")
+        await self._change(place, scope, "knowledge_enabled", enabled, actor)
+        state = "inherited" if enabled is None else ("on" if enabled else "off")
+        return f"Knowledge base for this {_scope_word(scope)}: **{state}**."
+
+    async def _change(self, place: Place, scope: Scope, field_name: str, value: Any, actor: Author) -> Any:
+        """Write one setting and its change record in one transaction; returns the old value."""
+        scope_id = {"thread": place.thread_id, "channel": place.channel_id, "guild": place.guild_id}.get(scope)
+        if scope_id is None:
+            raise UserError(f"There is no {_scope_word(scope)} here to change settings for.")
+        async with self.sessions() as session, session.begin():
+            old = await SettingsRepository(session).set_field(
+                scope=scope,
+                scope_id=scope_id,
+                guild_id=place.guild_id,
+                field=field_name,
+                value=value,
+                actor_id=actor.id,
+                actor_name=actor.name,
+            )
+        # Every cached place under this scope may have changed.
+        self._settings.clear()
+        return old
+
+    async def setting_changes(self, place: Place, scope: Scope, limit: int = 10) -> list[Any]:
+        """The latest recorded changes of settings at `scope`."""
+        scope_id = {"thread": place.thread_id, "channel": place.channel_id, "guild": place.guild_id}.get(scope)
+        if scope_id is None:
+            return []
+        async with self.sessions() as session:
+            return await SettingsRepository(session).changes(scope, scope_id, limit)
+
+
+def _scope_word(scope: Scope) -> str:
+    return {"guild": "server", "global": "bot"}.get(scope, scope)
+
+
+def _log_exchange(conversation: dict[str, Any] | None, rows: list[dict[str, Any]]) -> Callable[[AsyncSession], Any]:
+    """A write op for the log writer: the conversation (if new) and the exchange's rows."""
+
+    async def write(session: AsyncSession) -> None:
+        repo = ConversationRepository(session)
+        if conversation is not None:
+            await repo.create(**conversation)
+        await repo.add_messages(rows)
+
+    return write
