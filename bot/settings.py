@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=60.0, gt=0, description="Seconds before a model request is given up.")
     max_retries: int = Field(default=2, ge=0, description="Retries of a failed model request before its fallback answers.")
     log_level: str = Field(default="INFO")
+    test_postgres_url: str | None = Field(default=None, description="PostgreSQL server for the tests marked `postgres` (scripts/postgres.sh start prints one).")
 
     discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
     chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")

@@ -1,0 +1,224 @@
+"""SQLAlchemy models: channel settings, conversations, messages, registered models.
+
+The schema changes only through Alembic revisions in `migrations/`; a test checks that
+these models and the migrations agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SettingScope = Literal["guild", "channel", "thread"]
+SettingField = Literal["model", "system_prompt", "knowledge_enabled"]
+Role = Literal["user", "assistant"]
+Origin = Literal["discord", "terminal"]
+Status = Literal["ok", "error", "fallback"]
+
+SETTING_SCOPES: tuple[str, ...] = ("guild", "channel", "thread")
+SETTING_FIELDS: tuple[str, ...] = ("model", "system_prompt", "knowledge_enabled")
+
+# Stable constraint names, so later migrations (and SQLite batch mode) can refer to them.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def new_id() -> str:
+    """A fresh id for our own rows: 32 hex characters of a uuid4."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware, in UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite drops the zone; we put it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; store timezone-aware UTC times")
+        value = value.astimezone(UTC)
+        # SQLite stores the text without a zone, so store it already in UTC.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+# JSON None is stored as SQL NULL, not the JSON text 'null', so "IS NULL" finds it.
+JSONValue = JSON(none_as_null=True)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with the naming conventions on its metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ChannelSetting(Base):
+    """Settings for one guild, channel (DMs included) or thread. NULL means inherit."""
+
+    __tablename__ = "channel_settings"
+    __table_args__ = (UniqueConstraint("scope", "scope_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    scope: Mapped[str] = mapped_column(String(16))
+    scope_id: Mapped[int] = mapped_column(BigInteger)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    model: Mapped[str | None] = mapped_column(String(200))
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    knowledge_enabled: Mapped[bool | None] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    updated_by: Mapped[int | None] = mapped_column(BigInteger)
+
+    def get(self, field: str) -> Any:
+        """The value of one setting field (None when it inherits)."""
+        if field not in SETTING_FIELDS:
+            raise ValueError(f"unknown setting field {field!r}")
+        return getattr(self, field)
+
+
+class SettingChange(Base):
+    """One change to a setting: who changed which field from what to what."""
+
+    __tablename__ = "setting_changes"
+    __table_args__ = (Index("ix_setting_changes_scope_scope_id", "scope", "scope_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    scope: Mapped[str] = mapped_column(String(16))
+    scope_id: Mapped[int] = mapped_column(BigInteger)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    field: Mapped[str] = mapped_column(String(32))
+    old_value: Mapped[str | None] = mapped_column(Text)
+    new_value: Mapped[str | None] = mapped_column(Text)
+    actor_id: Mapped[int] = mapped_column(BigInteger)
+    actor_name: Mapped[str] = mapped_column(String(200))
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Conversation(Base):
+    """A Discord thread, a reply chain in a channel, or a terminal session."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    thread_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    started_by: Mapped[int | None] = mapped_column(BigInteger)
+    origin: Mapped[str] = mapped_column(String(16), default="discord")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    # The database cascades the delete; the ORM need not load the rows first.
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="conversation",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        lazy="raise",
+    )
+
+
+class Message(Base):
+    """One user prompt or assistant answer; `parent_id` links it to what it follows."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    conversation_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+    # SET NULL: forgetting one message must not delete the replies other people built on it.
+    parent_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="SET NULL"), index=True
+    )
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    author_name: Mapped[str | None] = mapped_column(String(200))
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    thread_id: Mapped[int | None] = mapped_column(BigInteger)
+    discord_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    # Assistant answers only: what a later fine-tune or comparison needs.
+    model_name: Mapped[str | None] = mapped_column(String(200))
+    provider: Mapped[str | None] = mapped_column(String(64))
+    provider_model: Mapped[str | None] = mapped_column(String(200))
+    system_prompt: Mapped[str | None] = mapped_column(Text)
+    request_messages: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONValue)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    fallback_from: Mapped[str | None] = mapped_column(String(200))
+    source_ids: Mapped[list[str] | None] = mapped_column(JSONValue)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")
+
+
+class DiscordMessage(Base):
+    """A Discord message the bot sent for an answer (a long answer spans several)."""
+
+    __tablename__ = "discord_messages"
+
+    # Discord assigns the id; never let PostgreSQL make this a serial.
+    discord_message_id: Mapped[int] = mapped_column(
+        BigInteger, primary_key=True, autoincrement=False
+    )
+    message_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    conversation_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
+
+
+class RegisteredModel(Base):
+    """A model added at run time (a GGUF file, a fine-tune): a registry entry without secrets."""
+
+    __tablename__ = "registered_models"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+
+
+MESSAGE_FIELDS: frozenset[str] = frozenset(Message.__table__.columns.keys())

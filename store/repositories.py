@@ -1,0 +1,357 @@
+"""Repositories: the SQL behind settings, conversations and registered models.
+
+Each takes an `AsyncSession`; the caller owns the transaction and commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Integer, and_, delete, func, insert, literal, literal_column, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.dml import Insert
+
+from store.models import (
+    MESSAGE_FIELDS,
+    SETTING_FIELDS,
+    SETTING_SCOPES,
+    ChannelSetting,
+    Conversation,
+    DiscordMessage,
+    Message,
+    RegisteredModel,
+    SettingChange,
+    new_id,
+    utcnow,
+)
+
+_FIELD_TYPES: dict[str, type] = {"model": str, "system_prompt": str, "knowledge_enabled": bool}
+
+
+def _insert_ignoring_conflicts(session: AsyncSession, table: Any) -> Insert:
+    """INSERT that skips rows whose key already exists (SQLite and PostgreSQL)."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    return insert(table)
+
+
+def _as_text(value: object) -> str | None:
+    """How a setting value is written in the change history."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+class SettingsRepository:
+    """Per-guild, per-channel and per-thread settings, and who changed them."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def rows_for(
+        self, guild_id: int | None, channel_id: int, thread_id: int | None
+    ) -> dict[str, ChannelSetting]:
+        """The rows that exist for this place, keyed "thread", "channel", "guild" (one query)."""
+        wanted = [("channel", channel_id), ("thread", thread_id), ("guild", guild_id)]
+        conditions = [
+            and_(ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id)
+            for scope, scope_id in wanted
+            if scope_id is not None
+        ]
+        rows = (await self.session.scalars(select(ChannelSetting).where(or_(*conditions)))).all()
+        return {row.scope: row for row in rows}
+
+    async def get(self, scope: str, scope_id: int) -> ChannelSetting | None:
+        """The settings row of one scope, if any."""
+        return await self.session.scalar(
+            select(ChannelSetting).where(
+                ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id
+            )
+        )
+
+    async def set_field(
+        self,
+        *,
+        scope: str,
+        scope_id: int,
+        guild_id: int | None,
+        field: str,
+        value: object | None,
+        actor_id: int,
+        actor_name: str,
+    ) -> object | None:
+        """Set one field (None resets it to inherit), record the change, return the old value."""
+        if scope not in SETTING_SCOPES:
+            raise ValueError(f"unknown setting scope {scope!r}")
+        if field not in SETTING_FIELDS:
+            raise ValueError(f"unknown setting field {field!r}")
+        if value is not None and not isinstance(value, _FIELD_TYPES[field]):
+            raise TypeError(f"{field} takes {_FIELD_TYPES[field].__name__}, not {value!r}")
+        # Insert-if-missing first, so two concurrent first writes cannot both insert,
+        # then lock the row (FOR UPDATE on PostgreSQL; SQLite's write lock is already held).
+        await self.session.execute(
+            _insert_ignoring_conflicts(self.session, ChannelSetting).values(
+                id=new_id(), scope=scope, scope_id=scope_id, guild_id=guild_id, updated_at=utcnow()
+            )
+        )
+        row = await self.session.scalar(
+            select(ChannelSetting)
+            .where(ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+        assert row is not None
+        old = getattr(row, field)
+        if old == value and type(old) is type(value):
+            if all(getattr(row, name) is None for name in SETTING_FIELDS):
+                await self.session.delete(row)
+            await self.session.flush()
+            return old
+        setattr(row, field, value)
+        row.updated_at = utcnow()
+        row.updated_by = actor_id
+        if guild_id is not None:
+            row.guild_id = guild_id
+        self.session.add(
+            SettingChange(
+                id=new_id(),
+                scope=scope,
+                scope_id=scope_id,
+                guild_id=guild_id,
+                field=field,
+                old_value=_as_text(old),
+                new_value=_as_text(value),
+                actor_id=actor_id,
+                actor_name=actor_name,
+                changed_at=utcnow(),
+            )
+        )
+        # A row with nothing set says nothing; drop it rather than keep an empty override.
+        if all(getattr(row, name) is None for name in SETTING_FIELDS):
+            await self.session.delete(row)
+        await self.session.flush()
+        return old
+
+    async def changes(self, scope: str, scope_id: int, limit: int = 20) -> list[SettingChange]:
+        """The latest changes to one scope's settings, newest first."""
+        rows = await self.session.scalars(
+            select(SettingChange)
+            .where(SettingChange.scope == scope, SettingChange.scope_id == scope_id)
+            .order_by(SettingChange.changed_at.desc(), SettingChange.id.desc())
+            .limit(limit)
+        )
+        return list(rows.all())
+
+
+class ConversationRepository:
+    """Conversations, their messages, and the Discord messages that carry the answers."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def create(
+        self,
+        *,
+        id: str | None = None,
+        guild_id: int | None,
+        channel_id: int | None,
+        thread_id: int | None,
+        started_by: int | None,
+        origin: str = "discord",
+    ) -> Conversation:
+        """Start a conversation (flushed, so messages can refer to it at once)."""
+        conversation = Conversation(
+            id=id or new_id(),
+            guild_id=guild_id,
+            channel_id=channel_id,
+            thread_id=thread_id,
+            started_by=started_by,
+            origin=origin,
+            created_at=utcnow(),
+        )
+        self.session.add(conversation)
+        await self.session.flush()
+        return conversation
+
+    async def get(self, id: str) -> Conversation | None:
+        """One conversation by id."""
+        return await self.session.get(Conversation, id)
+
+    async def delete(self, id: str) -> bool:
+        """Delete a conversation with its messages and Discord links; False if it did not exist."""
+        result = await self.session.execute(delete(Conversation).where(Conversation.id == id))
+        return bool(result.rowcount)
+
+    async def latest_for_thread(self, thread_id: int) -> Conversation | None:
+        """The most recent conversation held in a Discord thread."""
+        return await self.session.scalar(
+            select(Conversation)
+            .where(Conversation.thread_id == thread_id)
+            .order_by(Conversation.created_at.desc(), Conversation.id.desc())
+            .limit(1)
+        )
+
+    async def find_by_discord_message(self, discord_message_id: int) -> tuple[str, str] | None:
+        """(conversation_id, message_id) for a Discord message: one the bot sent, else a logged prompt."""
+        sent = select(
+            DiscordMessage.conversation_id.label("conversation_id"),
+            DiscordMessage.message_id.label("message_id"),
+            literal(0, Integer).label("rank"),
+        ).where(DiscordMessage.discord_message_id == discord_message_id)
+        said = select(
+            Message.conversation_id.label("conversation_id"),
+            Message.id.label("message_id"),
+            literal(1, Integer).label("rank"),
+        ).where(Message.discord_message_id == discord_message_id)
+        both = sent.union_all(said).subquery()
+        row = (
+            await self.session.execute(
+                select(both.c.conversation_id, both.c.message_id).order_by(both.c.rank).limit(1)
+            )
+        ).first()
+        return (row.conversation_id, row.message_id) if row is not None else None
+
+    async def messages(self, conversation_id: str) -> list[Message]:
+        """All messages of a conversation, oldest first."""
+        rows = await self.session.scalars(
+            select(Message)
+            .where(Message.conversation_id == conversation_id)
+            .order_by(Message.created_at, Message.id)
+        )
+        return list(rows.all())
+
+    async def get_message(self, message_id: str) -> Message | None:
+        """One message by id."""
+        return await self.session.get(Message, message_id)
+
+    async def lineage(self, message_id: str, limit: int) -> list[Message]:
+        """`message_id` and up to `limit - 1` ancestors along parent links, oldest first."""
+        if limit <= 0:
+            return []
+        # One recursive query; the depth bound also stops a (corrupt) cycle.
+        walk = (
+            select(Message.id, Message.parent_id, literal_column("0", Integer).label("depth"))
+            .where(Message.id == message_id)
+            .cte("lineage", recursive=True)
+        )
+        parent = select(Message.id, Message.parent_id, (walk.c.depth + 1).label("depth")).join(
+            walk, Message.id == walk.c.parent_id
+        )
+        walk = walk.union_all(parent.where(walk.c.depth < limit - 1))
+        rows = await self.session.scalars(
+            select(Message).join(walk, Message.id == walk.c.id).order_by(walk.c.depth.desc())
+        )
+        return list(rows.all())
+
+    def add_message(self, **fields: Any) -> Message:
+        """Add one message to the session (an id and created_at are filled in if missing)."""
+        unknown = set(fields) - MESSAGE_FIELDS
+        if unknown:
+            raise ValueError(f"unknown message fields: {sorted(unknown)}")
+        message = Message(**{"id": new_id(), "created_at": utcnow(), **fields})
+        self.session.add(message)
+        return message
+
+    async def add_messages(self, rows: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Insert many messages in one statement; returns their ids in order.
+
+        Missing ids are generated; missing `created_at` are filled with strictly
+        increasing times, so rows given together keep their order.
+        """
+        now = utcnow()
+        prepared: list[dict[str, Any]] = []
+        for index, row in enumerate(rows):
+            unknown = set(row) - MESSAGE_FIELDS
+            if unknown:
+                raise ValueError(f"unknown message fields: {sorted(unknown)}")
+            prepared.append(
+                {
+                    **row,
+                    "id": row.get("id") or new_id(),
+                    "created_at": row.get("created_at") or now + timedelta(microseconds=index),
+                }
+            )
+        if prepared:
+            # Every row gets every column, so the executemany is a single batch.
+            columns = sorted(MESSAGE_FIELDS)
+            await self.session.execute(
+                insert(Message), [{name: row.get(name) for name in columns} for row in prepared]
+            )
+        return [row["id"] for row in prepared]
+
+    async def link_discord_messages(
+        self, message_id: str, conversation_id: str, discord_message_ids: Iterable[int]
+    ) -> None:
+        """Record the Discord messages that carry an answer (linking one twice is harmless)."""
+        values = [
+            {
+                "discord_message_id": did,
+                "message_id": message_id,
+                "conversation_id": conversation_id,
+            }
+            for did in dict.fromkeys(discord_message_ids)
+        ]
+        if values:
+            await self.session.execute(
+                _insert_ignoring_conflicts(self.session, DiscordMessage), values
+            )
+
+    async def discord_messages_for(self, message_id: str) -> list[int]:
+        """The Discord message ids that carry an answer, in id order."""
+        rows = await self.session.scalars(
+            select(DiscordMessage.discord_message_id)
+            .where(DiscordMessage.message_id == message_id)
+            .order_by(DiscordMessage.discord_message_id)
+        )
+        return list(rows.all())
+
+    async def count_messages(self) -> int:
+        """How many messages are stored."""
+        return int(await self.session.scalar(select(func.count()).select_from(Message)) or 0)
+
+
+class ModelRepository:
+    """Models registered at run time (fine-tunes, GGUF files)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def list(self) -> list[RegisteredModel]:
+        """All registered models, by name."""
+        rows = await self.session.scalars(select(RegisteredModel).order_by(RegisteredModel.name))
+        return list(rows.all())
+
+    async def get(self, name: str) -> RegisteredModel | None:
+        """One registered model by name."""
+        return await self.session.get(RegisteredModel, name)
+
+    async def add(self, name: str, spec: dict[str, Any], created_by: str | None) -> None:
+        """Register a model, replacing one of the same name."""
+        existing = await self.session.get(RegisteredModel, name)
+        if existing is None:
+            self.session.add(
+                RegisteredModel(name=name, spec=spec, created_by=created_by, created_at=utcnow())
+            )
+        else:
+            existing.spec = spec
+            existing.created_by = created_by
+            existing.created_at = utcnow()
+        await self.session.flush()
+
+    async def remove(self, name: str) -> bool:
+        """Unregister a model; False if there was none by that name."""
+        result = await self.session.execute(
+            delete(RegisteredModel).where(RegisteredModel.name == name)
+        )
+        return bool(result.rowcount)

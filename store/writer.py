@@ -1,0 +1,180 @@
+"""A background writer for logs: a reply never waits on, or fails because of, its logging."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+WriteOp = Callable[[AsyncSession], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Job:
+    op: WriteOp
+    what: str
+
+
+_STOP = object()
+
+
+class LogWriter:
+    """Runs submitted write ops in order on a background task, batching and retrying them.
+
+    Ops get a fresh session and must not commit; a failed op's work is rolled back
+    before it is retried, so an op must be safe to run again.
+    """
+
+    def __init__(
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        *,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_batch: int = 100,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        if retries < 0 or backoff < 0 or max_batch < 1:
+            raise ValueError("retries and backoff must be >= 0, max_batch >= 1")
+        self._session_factory = session_factory
+        self.retries = retries
+        self.backoff = backoff
+        self.max_batch = max_batch
+        self.log = logger or logging.getLogger(__name__)
+        self.submitted = 0
+        self.written = 0
+        self.failed = 0
+        self.transactions = 0  # committed transactions, to see the batching at work
+        self._processed = 0
+        self._queue: asyncio.Queue[_Job | object] = asyncio.Queue()
+        self._progress = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Ops submitted but not yet written or given up on."""
+        return self.submitted - self._processed
+
+    def submit(self, op: WriteOp, what: str) -> None:
+        """Queue a write; never blocks and never raises."""
+        if self._closed:
+            self.failed += 1
+            self.log.error("log write dropped, the writer is closed: %s", what)
+            return
+        self.submitted += 1
+        self._queue.put_nowait(_Job(op, what))
+
+    async def start(self) -> None:
+        """Start the background task (idempotent)."""
+        if self._closed:
+            raise RuntimeError("this LogWriter is closed")
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="switchboard-log-writer")
+
+    async def drain(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the agreed API)
+        """Wait until everything submitted so far is written (or reported as failed)."""
+        target = self.submitted
+        if self._processed >= target:
+            return
+        if self._task is None or self._task.done():
+            raise RuntimeError("the LogWriter is not running; call start() first")
+
+        async def caught_up() -> None:
+            async with self._progress:
+                await self._progress.wait_for(lambda: self._processed >= target)
+
+        await asyncio.wait_for(caught_up(), timeout)
+
+    async def aclose(self) -> None:
+        """Write everything still queued, then stop the background task."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is None or self._task.done():
+            if self._queue.qsize():
+                # Never started: write what was queued rather than drop it.
+                self._task = asyncio.create_task(self._run())
+            else:
+                return
+        self._queue.put_nowait(_STOP)
+        await self._task
+
+    async def _run(self) -> None:
+        """Take ops off the queue; whatever queued up meanwhile goes in one transaction."""
+        while True:
+            job = await self._queue.get()
+            if job is _STOP:
+                return
+            batch: list[_Job] = [job]  # type: ignore[list-item]
+            stop = False
+            while len(batch) < self.max_batch and not self._queue.empty():
+                more = self._queue.get_nowait()
+                if more is _STOP:
+                    stop = True
+                    break
+                batch.append(more)  # type: ignore[arg-type]
+            try:
+                await self._write_batch(batch)
+            except Exception:  # the loop must survive anything an op does
+                self.log.exception("log writer: unexpected error")
+            async with self._progress:
+                self._processed += len(batch)
+                self._progress.notify_all()
+            if stop:
+                return
+
+    async def _write_batch(self, batch: list[_Job]) -> None:
+        """One transaction for the batch; if it fails, each op alone so one cannot sink the rest."""
+        if len(batch) > 1:
+            try:
+                await self._transaction(batch)
+            except Exception as exc:
+                self.log.warning(
+                    "log writer: a batch of %d failed (%s); writing its ops one by one",
+                    len(batch),
+                    exc,
+                )
+            else:
+                self.written += len(batch)
+                return
+        for job in batch:
+            await self._write_one(job)
+
+    async def _write_one(self, job: _Job) -> None:
+        """Run one op in its own transaction, retrying with backoff, and report a final failure."""
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._transaction([job])
+            except Exception as exc:
+                if attempt == attempts:
+                    self.failed += 1
+                    self.log.error(
+                        "log write failed after %d attempts: %s",
+                        attempts,
+                        job.what,
+                        exc_info=exc,
+                    )
+                    return
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            else:
+                self.written += 1
+                return
+
+    async def _transaction(self, jobs: list[_Job]) -> None:
+        """Run the ops in one session and commit."""
+        async with self._session_factory() as session, session.begin():
+            for job in jobs:
+                await job.op(session)
+        self.transactions += 1
+
+    async def __aenter__(self) -> LogWriter:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
