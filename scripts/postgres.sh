@@ -9,6 +9,7 @@
 # create databases: each test gets a fresh one) and a database, and prints
 #   export SWITCHBOARD_TEST_POSTGRES_URL=postgresql+asyncpg://USER:PASS@127.0.0.1:PORT/DB
 #   export SWITCHBOARD_TEST_POSTGRES_DIR=/tmp/switchboard-pg.XXXXXX
+#   export SWITCHBOARD_TEST_PG_DIR=/tmp/switchboard-pg.XXXXXX   (same folder, shorter name)
 # `stop DIR` stops that server and deletes the folder. Works as root (the server runs
 # as the postgres user) or as an ordinary user; needs no terminal and no stdin.
 set -euo pipefail
@@ -127,10 +128,12 @@ SQL
 
     echo "export SWITCHBOARD_TEST_POSTGRES_URL=postgresql+asyncpg://$USER_NAME:$password@127.0.0.1:$port/$DB_NAME"
     echo "export SWITCHBOARD_TEST_POSTGRES_DIR=$dir"
+    # The same folder under the name scripts/test uses.
+    echo "export SWITCHBOARD_TEST_PG_DIR=$dir"
 }
 
 stop() {
-    local dir=${1:-${SWITCHBOARD_TEST_POSTGRES_DIR:-}}
+    local dir=${1:-${SWITCHBOARD_TEST_POSTGRES_DIR:-${SWITCHBOARD_TEST_PG_DIR:-}}}
     [[ -n "$dir" ]] || die "usage: $0 stop DIR"
     [[ -d "$dir" ]] || { log "$dir does not exist; nothing to stop"; return 0; }
     # Refuse anything that does not look like a folder `start` made.
