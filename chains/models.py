@@ -1,0 +1,132 @@
+"""Chat models built from registry entries.
+
+Every provider speaks the OpenAI wire format, so every model is a `ChatOpenAI` (or
+`AzureChatOpenAI`). Failed requests are retried by the openai client itself (exponential
+backoff with jitter, honouring Retry-After, on 408/409/429/5xx, connection errors and
+timeouts) up to `settings.max_retries` times; after that the caller's fallback answers.
+
+Nothing here counts tokens through LangChain (`get_num_tokens*` would fetch a tiktoken
+vocabulary); `chains.tokens` counts offline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import openai
+from langchain_core.language_models import BaseChatModel
+from langchain_openai import AzureChatOpenAI, ChatOpenAI
+from pydantic import SecretStr
+
+from bot.errors import ConfigError
+from bot.settings import Settings
+from chains.failures import MissingApiKey
+from chains.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from chains.local import LocalServers
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+# Ollama, vLLM and llama.cpp ignore the key, but the openai client insists on one.
+PLACEHOLDER_KEY = "not-needed"
+
+
+class CompatibleChatOpenAI(ChatOpenAI):
+    """ChatOpenAI for OpenAI-compatible servers: sends `max_tokens`, which they all understand.
+
+    ChatOpenAI renames it to `max_completion_tokens` (OpenAI's newer name), which Ollama,
+    llama.cpp and older vLLM/TGI releases silently ignore.
+    """
+
+    def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        payload = super()._get_request_payload(input_, stop=stop, **kwargs)
+        if "max_completion_tokens" in payload:
+            payload["max_tokens"] = payload.pop("max_completion_tokens")
+        return payload
+
+
+class ChatModelFactory:
+    """Builds (and caches) one chat model per registry entry."""
+
+    def __init__(self, settings: Settings, local: LocalServers | None = None) -> None:
+        self.settings = settings
+        self.local = local
+        self._cache: dict[str, tuple[tuple[ModelSpec, str], BaseChatModel]] = {}
+        self._http: openai.DefaultAsyncHttpxClient | None = None
+
+    async def get(self, spec: ModelSpec) -> BaseChatModel:
+        """The chat model for `spec` (starting its local server first if it is a llama.cpp model)."""
+        base_url = await self._base_url(spec)
+        key = (spec, base_url)
+        cached = self._cache.get(spec.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        model = self._build(spec, base_url)
+        self._cache[spec.name] = (key, model)
+        return model
+
+    def forget(self, name: str) -> None:
+        """Drop the cached model called `name` (after its entry changed or its server stopped)."""
+        self._cache.pop(name, None)
+
+    async def aclose(self) -> None:
+        """Close the shared HTTP connection pool."""
+        self._cache.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def _base_url(self, spec: ModelSpec) -> str:
+        if spec.provider == "llama.cpp":
+            if self.local is None:
+                raise ConfigError(
+                    f"Model '{spec.name}' runs locally with llama.cpp, but local models are not enabled here."
+                )
+            return await self.local.ensure(spec)
+        if spec.provider == "openai":
+            return spec.base_url or OPENAI_BASE_URL
+        assert spec.base_url is not None  # the registry refuses entries without one
+        return spec.base_url
+
+    def _api_key(self, spec: ModelSpec) -> SecretStr:
+        """The key from the variable the entry names; a placeholder for servers that need none."""
+        if spec.api_key_env:
+            key = self.settings.secret(spec.api_key_env)
+            if key is None:
+                raise MissingApiKey(spec.name, spec.api_key_env)
+            return key
+        if spec.provider in ("openai", "azure-openai"):
+            raise MissingApiKey(spec.name, "OPENAI_API_KEY" if spec.provider == "openai" else "AZURE_OPENAI_API_KEY")
+        return SecretStr(PLACEHOLDER_KEY)
+
+    def _http_client(self) -> openai.DefaultAsyncHttpxClient:
+        """One connection pool for every model, so aclose() can close it."""
+        if self._http is None:
+            self._http = openai.DefaultAsyncHttpxClient()
+        return self._http
+
+    def _build(self, spec: ModelSpec, base_url: str) -> BaseChatModel:
+        options: dict[str, Any] = {
+            "model": spec.model,
+            "api_key": self._api_key(spec),
+            "timeout": self.settings.request_timeout,
+            "max_retries": self.settings.max_retries,
+            "stream_usage": True,
+            # A stalled stream counts against the same limit as a slow request.
+            "stream_chunk_timeout": self.settings.request_timeout,
+            "http_async_client": self._http_client(),
+        }
+        if spec.temperature is not None:
+            options["temperature"] = spec.temperature
+        if spec.max_tokens is not None:
+            options["max_tokens"] = spec.max_tokens
+        if spec.provider == "azure-openai":
+            return AzureChatOpenAI(
+                azure_endpoint=base_url,
+                azure_deployment=spec.azure_deployment,
+                api_version=spec.api_version,
+                **options,
+            )
+        # Chat Completions, not the Responses API: it is what every compatible server speaks.
+        cls = ChatOpenAI if spec.provider == "openai" else CompatibleChatOpenAI
+        return cls(base_url=base_url, use_responses_api=False, **options)
