@@ -1,0 +1,149 @@
+"""The Discord bot: its dependencies come in through the constructor, as in discord.py's examples.
+
+    bot = create_bot(service, manager_role="Bot Manager", extra_cogs=[KnowledgeCog(...)])
+    await run_bot(token, service, manager_role=...)     # what the CLI calls
+
+The bot is an `AutoShardedBot`: with no `shard_count` Discord recommends one; a process
+that runs some shards of a bigger bot passes `shard_count` and its `shard_ids`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import discord
+from discord.ext import commands
+
+from bot.discord.chat import ChatCog
+from bot.discord.settings_cog import SettingsCog
+from bot.errors import ConfigError
+from bot.service import ChatService
+
+log = logging.getLogger(__name__)
+
+
+def bot_intents() -> discord.Intents:
+    """Just what the bot needs: servers and channels, messages in them and in DMs, and their text."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True  # privileged: enable it in the developer portal
+    return intents
+
+
+class SwitchboardBot(commands.AutoShardedBot):
+    """Switchboard's Discord face: the chat and settings cogs, plus any extra cogs given."""
+
+    def __init__(
+        self,
+        service: ChatService,
+        *,
+        manager_role: str | None = None,
+        extra_cogs: Sequence[commands.Cog] = (),
+        sync_commands: bool = True,
+        shard_count: int | None = None,
+        shard_ids: Sequence[int] | None = None,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> None:
+        super().__init__(
+            # No text commands: people talk to the bot by mentioning it, so a prefix would
+            # turn "@bot help me" into a command. Everything else is a slash command.
+            command_prefix=commands.when_mentioned,
+            help_command=None,
+            intents=bot_intents(),
+            allowed_mentions=discord.AllowedMentions.none(),
+            shard_count=shard_count,
+            shard_ids=list(shard_ids) if shard_ids is not None else None,
+        )
+        self.service = service
+        self.manager_role = manager_role
+        self.extra_cogs = list(extra_cogs)
+        self.sync_commands = sync_commands
+        self.clock = clock
+        self.sleep = sleep
+
+    async def setup_hook(self) -> None:
+        """Add the cogs and publish the slash commands."""
+        await self.add_cog(ChatCog(self, self.service, clock=self.clock, sleep=self.sleep))
+        await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
+        for cog in self.extra_cogs:
+            await self.add_cog(cog)
+        if self.sync_commands:
+            # Global commands; Discord keeps them between restarts, so syncing once per start is cheap.
+            synced = await self.tree.sync()
+            log.info("synced %d slash commands", len(synced))
+
+    async def on_message(self, message: discord.Message) -> None:
+        """Text commands are off; the chat cog's listener handles messages."""
+
+    async def on_ready(self) -> None:
+        log.info("logged in as %s (%s) in %d servers", self.user, getattr(self.user, "id", "?"), len(self.guilds))
+
+
+def create_bot(
+    service: ChatService,
+    *,
+    manager_role: str | None = None,
+    extra_cogs: Sequence[commands.Cog] = (),
+    sync_commands: bool = True,
+    shard_count: int | None = None,
+    shard_ids: Sequence[int] | None = None,
+    clock: Callable[[], float] | None = None,
+    sleep: Callable[[float], Awaitable[object]] | None = None,
+) -> SwitchboardBot:
+    """Build the bot around a chat service; `extra_cogs` are added after the built-in ones."""
+    return SwitchboardBot(
+        service,
+        manager_role=manager_role,
+        extra_cogs=extra_cogs,
+        sync_commands=sync_commands,
+        shard_count=shard_count,
+        shard_ids=shard_ids,
+        clock=clock,
+        sleep=sleep,
+    )
+
+
+async def run_bot(
+    token: str,
+    service: ChatService,
+    *,
+    manager_role: str | None = None,
+    extra_cogs: Sequence[commands.Cog] = (),
+    shard_count: int | None = None,
+    shard_ids: Sequence[int] | None = None,
+) -> None:
+    """Log in and serve until the bot is closed, SIGINT/SIGTERM arrives, or the task is cancelled."""
+    bot = create_bot(
+        service,
+        manager_role=manager_role,
+        extra_cogs=extra_cogs,
+        shard_count=shard_count,
+        shard_ids=shard_ids,
+    )
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, lambda: loop.create_task(bot.close()))
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+    try:
+        async with bot:  # closes the bot (cogs first, so answers can finish) on the way out
+            await bot.start(token)
+    except discord.LoginFailure:
+        raise ConfigError("Discord refused the token: check DISCORD_TOKEN (Bot → Reset Token in the developer portal).") from None
+    except discord.PrivilegedIntentsRequired:
+        raise ConfigError(
+            "The bot needs the Message Content intent: turn it on under Bot → Privileged Gateway Intents "
+            "in the Discord developer portal."
+        ) from None
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,262 @@
+"""The chat cog: answers mentions, DMs, replies to its answers and threads it takes part in."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+
+import discord
+from discord.ext import commands
+
+from bot.discord.checks import author_of, place_of
+from bot.discord.render import StreamingReply, footer_lines
+from bot.errors import UserError, apology, report_unexpected
+from bot.messages import (
+    ChatRequest,
+    ChatResult,
+    FallbackUsed,
+    ReplyDelta,
+    ReplyFinished,
+    ReplyStarted,
+)
+from bot.service import ChatService
+
+log = logging.getLogger(__name__)
+
+# Model output must never ping anyone; the reply may notify the person it answers.
+ANSWER_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+QUIET_MENTIONS = discord.AllowedMentions.none()
+# Message types a person writes (others are joins, pins, thread notices...).
+_CHAT_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+# How many threads' "do I take part here" answers are remembered.
+THREAD_MEMORY = 10_000
+# How far back a thread is searched for an earlier answer when nothing is remembered.
+THREAD_LOOKBACK = 50
+# How long a shutdown waits for answers being written before cutting them off.
+SHUTDOWN_GRACE_S = 10.0
+
+EMPTY_ANSWER = "_(The model returned an empty answer.)_"
+
+
+class _ChannelSink:
+    """Posts a reply's parts: the first answers the person's message, the rest follow it."""
+
+    def __init__(self, trigger: discord.Message) -> None:
+        self.trigger = trigger
+
+    async def send(self, content: str, after: discord.Message | None) -> discord.Message:
+        if after is None:
+            reference = self.trigger.to_reference(fail_if_not_exists=False)
+            return await self.trigger.channel.send(content, reference=reference, allowed_mentions=ANSWER_MENTIONS)
+        return await after.reply(content, mention_author=False, allowed_mentions=QUIET_MENTIONS)
+
+    async def edit(self, message: discord.Message, content: str) -> None:
+        await message.edit(content=content, allowed_mentions=QUIET_MENTIONS)
+
+
+class _Typing:
+    """The typing indicator, shown until the first words of the answer arrive."""
+
+    def __init__(self, channel: discord.abc.Messageable) -> None:
+        self._context = channel.typing()
+        self._on = False
+
+    async def start(self) -> None:
+        try:
+            await self._context.__aenter__()
+            self._on = True
+        except discord.HTTPException:
+            log.debug("could not show the typing indicator", exc_info=True)
+
+    async def stop(self) -> None:
+        if self._on:
+            self._on = False
+            await self._context.__aexit__(None, None, None)
+
+
+class ChatCog(commands.Cog):
+    """Turns messages addressed to the bot into chat requests and streams the answers back."""
+
+    def __init__(
+        self,
+        bot: commands.Bot,
+        service: ChatService,
+        *,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[object]] | None = None,
+    ) -> None:
+        self.bot = bot
+        self.service = service
+        self.clock = clock
+        self.sleep = sleep
+        self._threads: OrderedDict[int, bool] = OrderedDict()
+        self._answering: set[asyncio.Task[None]] = set()
+
+    async def cog_unload(self) -> None:
+        """Let answers being written finish (briefly) before the connection closes."""
+        pending = [task for task in self._answering if not task.done()]
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
+            for task in late:
+                task.cancel()
+
+    # -------------------------------------------------------------- deciding
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        """Answer the messages addressed to the bot."""
+        if message.author.bot or message.type not in _CHAT_TYPES or self.bot.user is None:
+            return
+        if not await self._addressed(message):
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._answering.add(task)
+        try:
+            await self.answer(message)
+        finally:
+            if task is not None:
+                self._answering.discard(task)
+
+    async def _addressed(self, message: discord.Message) -> bool:
+        """Whether the message is for the bot: a DM, a mention, a reply to it, or a thread it is in."""
+        me = self.bot.user
+        assert me is not None
+        if message.guild is None:
+            return True
+        if any(user.id == me.id for user in message.mentions):
+            return True
+        reference = message.reference
+        if reference is not None and reference.message_id is not None:
+            resolved = reference.resolved
+            if isinstance(resolved, discord.Message) and resolved.author.id == me.id:
+                return True
+            if await self.service.is_conversation_message(reference.message_id):
+                return True
+        if isinstance(message.channel, discord.Thread):
+            return await self._takes_part_in(message.channel)
+        return False
+
+    async def _takes_part_in(self, thread: discord.Thread) -> bool:
+        """Whether the bot has answered in this thread, or the thread grew out of one of its answers."""
+        known = self._threads.get(thread.id)
+        if known is not None:
+            self._threads.move_to_end(thread.id)
+            return known
+        # A thread started from a message has that message's id.
+        part = await self.service.is_conversation_message(thread.id)
+        if not part:
+            part = await self._spoke_in(thread)
+        self._remember_thread(thread.id, part)
+        return part
+
+    async def _spoke_in(self, thread: discord.Thread) -> bool:
+        """Whether one of the thread's recent messages is the bot's (after a restart, say)."""
+        me = self.bot.user
+        try:
+            async for earlier in thread.history(limit=THREAD_LOOKBACK):
+                if me is not None and earlier.author.id == me.id:
+                    return True
+        except discord.HTTPException:
+            log.debug("cannot read the history of thread %s", thread.id, exc_info=True)
+        return False
+
+    def _remember_thread(self, thread_id: int, part: bool) -> None:
+        self._threads[thread_id] = part
+        self._threads.move_to_end(thread_id)
+        while len(self._threads) > THREAD_MEMORY:
+            self._threads.popitem(last=False)
+
+    def request_for(self, message: discord.Message) -> ChatRequest:
+        """The chat request a Discord message makes."""
+        reference = message.reference
+        reply_to = None
+        if reference is not None and reference.message_id is not None and reference.channel_id == message.channel.id:
+            reply_to = reference.message_id
+        return ChatRequest(
+            place=place_of(message.channel, message.guild.id if message.guild else None),
+            author=author_of(message.author),
+            text=prompt_text(message, self.bot.user),
+            discord_message_id=message.id,
+            reply_to_discord_id=reply_to,
+        )
+
+    # -------------------------------------------------------------- answering
+
+    async def answer(self, message: discord.Message) -> None:
+        """Stream the service's answer to `message` into one or more reply messages."""
+        reply: StreamingReply[discord.Message] = StreamingReply(
+            _ChannelSink(message), clock=self.clock, sleep=self.sleep
+        )
+        typing = _Typing(message.channel)
+        text = ""
+        started: ReplyStarted | None = None
+        fallbacks: list[FallbackUsed] = []
+        result: ChatResult | None = None
+        try:
+            await typing.start()
+            request = self.request_for(message)
+            async for event in self.service.stream(request):
+                if isinstance(event, ReplyStarted):
+                    started = event
+                elif isinstance(event, ReplyDelta):
+                    await typing.stop()
+                    text += event.text
+                    await reply.update(text)
+                elif isinstance(event, FallbackUsed):
+                    fallbacks.append(event)
+                elif isinstance(event, ReplyFinished):
+                    result = event.result
+            await typing.stop()
+            if result is None:
+                raise RuntimeError("the chat service ended the stream without a result")
+            footer = footer_lines(
+                model=result.model, fallbacks=fallbacks, sources=result.sources, error=result.error
+            )
+            if not text and not footer:
+                text = EMPTY_ANSWER
+            messages = await reply.finish(text, footer)
+        except UserError as exc:
+            await typing.stop()
+            messages = await self._show_problem(message, reply, text, f"⚠️ {exc.message}")
+        except discord.Forbidden:
+            await typing.stop()
+            log.warning("no permission to answer in channel %s", message.channel.id)
+            return
+        except Exception as exc:
+            await typing.stop()
+            error_id = report_unexpected(log, exc, f"answering message {message.id}")
+            messages = await self._show_problem(message, reply, text, apology(error_id))
+        if started is not None and messages:
+            await self.service.link_discord_messages(
+                started.message_id, started.conversation_id, [m.id for m in messages]
+            )
+        if isinstance(message.channel, discord.Thread) and messages:
+            self._remember_thread(message.channel.id, True)
+
+    async def _show_problem(
+        self, message: discord.Message, reply: StreamingReply[discord.Message], text: str, problem: str
+    ) -> list[discord.Message]:
+        """Tell the person what went wrong: under the partial answer, or as the reply itself."""
+        try:
+            return await reply.finish(text, problem)
+        except discord.HTTPException:
+            log.warning("could not show a problem to the user in channel %s", message.channel.id, exc_info=True)
+            return list(reply.messages)
+
+
+def prompt_text(message: discord.Message, me: discord.abc.User | None) -> str:
+    """The message's text as the model should read it: without the bot's mention, names for ids."""
+    content = message.content
+    if me is not None:
+        content = re.sub(rf"<@!?{me.id}>", "", content)
+    for user in message.mentions:
+        content = re.sub(rf"<@!?{user.id}>", f"@{user.display_name}", content)
+    for role in message.role_mentions:
+        content = content.replace(role.mention, f"@{role.name}")
+    for channel in message.channel_mentions:
+        content = content.replace(channel.mention, f"#{channel.name}")
+    return content.strip()

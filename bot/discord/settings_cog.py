@@ -1,0 +1,239 @@
+"""Slash commands for per-place settings: /model, /system and /settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
+from bot.errors import UserError, apology, report_unexpected
+from bot.messages import Place, Scope
+from bot.service import ChatService
+from chains.registry import ModelSpec
+
+log = logging.getLogger(__name__)
+
+SOURCE_WORDS: dict[str, str] = {
+    "thread": "set for this thread",
+    "channel": "set for this channel",
+    "guild": "server default",
+    "global": "bot default",
+}
+# An embed description holds 4,096 characters; keep room for the "and N more" line.
+_DESCRIPTION_ROOM = 3900
+_PROMPT_PREVIEW = 300
+_AUTOCOMPLETE_MAX = 25
+EMBED_COLOUR = discord.Colour.blurple()
+
+
+def context_size(tokens: int) -> str:
+    """A context window for people: 128000 → "128k", 8192 → "8k", 1048576 → "1M"."""
+    for size, unit in ((1_048_576, "M"), (1_000_000, "M"), (1024, "k"), (1000, "k")):
+        if tokens >= size and tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return f"{round(tokens / 1000)}k" if tokens >= 1000 else str(tokens)
+
+
+def price(spec: ModelSpec) -> str:
+    """What a million tokens cost, in and out."""
+    if not spec.input_price and not spec.output_price:
+        return "free"
+    return f"${spec.input_price:g} in / ${spec.output_price:g} out per 1M tokens"
+
+
+def model_line(spec: ModelSpec, current: str | None = None) -> str:
+    """One model as a line of the /model list."""
+    weights = "open weights" if spec.open_weights else "closed weights"
+    where = "runs locally" if spec.is_local else spec.provider
+    here = " ← **in use here**" if spec.name == current else ""
+    return f"**{spec.name}** · {where} · {weights} · {context_size(spec.context_window)} context · {price(spec)}{here}"
+
+
+def model_embed(spec: ModelSpec) -> discord.Embed:
+    """Everything worth knowing about one model."""
+    embed = discord.Embed(title=spec.name, description=spec.description or None, colour=EMBED_COLOUR)
+    embed.add_field(name="Provider", value=spec.provider)
+    embed.add_field(name="Model id", value=f"`{spec.model}`")
+    embed.add_field(name="Weights", value="open" if spec.open_weights else "closed")
+    embed.add_field(name="Runs", value="locally, on this bot's machine" if spec.is_local else "through an API")
+    embed.add_field(name="Context window", value=f"{spec.context_window:,} tokens")
+    embed.add_field(name="Price", value=price(spec))
+    if spec.fallback:
+        embed.add_field(name="Falls back to", value=spec.fallback)
+    return embed
+
+
+def prompt_preview(text: str, limit: int = _PROMPT_PREVIEW) -> str:
+    """A system prompt shortened for display, quoted."""
+    short = text if len(text) <= limit else text[:limit].rstrip() + "…"
+    return "\n".join(f"> {line}" for line in short.splitlines() or [""])
+
+
+class SettingsCog(commands.Cog):
+    """Choose the model and the system prompt per channel, thread or server, and show what applies."""
+
+    model = app_commands.Group(name="model", description="Choose the language model that answers here.")
+    system = app_commands.Group(name="system", description="Set the instructions the model follows here.")
+
+    def __init__(self, service: ChatService, *, manager_role: str | None = None) -> None:
+        self.service = service
+        self.manager_role = manager_role
+
+    # ------------------------------------------------------------ plumbing
+
+    @asynccontextmanager
+    async def _answering(self, interaction: discord.Interaction, what: str) -> AsyncIterator[None]:
+        """Show user-facing errors ephemerally; log anything else and apologise."""
+        try:
+            yield
+        except UserError as exc:
+            await _send(interaction, f"⚠️ {exc.message}", ephemeral=True)
+        except Exception as exc:
+            error_id = report_unexpected(log, exc, what)
+            await _send(interaction, apology(error_id), ephemeral=True)
+
+    def _change(self, interaction: discord.Interaction, server: bool) -> tuple[Place, Scope]:
+        """Where a change applies, after checking the person may make it."""
+        place = place_of(interaction.channel, interaction.guild_id)
+        scope = scope_for(place, server)
+        ensure_can_change(interaction, scope, self.manager_role)
+        return place, scope
+
+    # ------------------------------------------------------------ /model
+
+    @model.command(name="list")
+    async def model_list(self, interaction: discord.Interaction) -> None:
+        """List the models you can choose from."""
+        async with self._answering(interaction, "listing models"):
+            place = place_of(interaction.channel, interaction.guild_id)
+            current = (await self.service.effective_settings(place)).model.value
+            lines = [model_line(spec, current) for spec in self.service.list_models()]
+            shown: list[str] = []
+            for line in lines:
+                if sum(len(s) + 1 for s in shown) + len(line) > _DESCRIPTION_ROOM:
+                    shown.append(f"…and {len(lines) - len(shown)} more; `/model info` tells you about one.")
+                    break
+                shown.append(line)
+            embed = discord.Embed(title="Models", description="\n".join(shown), colour=EMBED_COLOUR)
+            embed.set_footer(text="Pick one with /model set · details with /model info")
+            await _send(interaction, embed=embed, ephemeral=True)
+
+    @model.command(name="info")
+    @app_commands.describe(name="The model's name, as /model list shows it.")
+    async def model_info(self, interaction: discord.Interaction, name: str) -> None:
+        """Show a model's provider, context window, prices and weights."""
+        async with self._answering(interaction, "showing a model"):
+            await _send(interaction, embed=model_embed(self.service.get_model(name)), ephemeral=True)
+
+    @model.command(name="set")
+    @app_commands.describe(
+        name="The model's name, as /model list shows it.",
+        server="Set the server default instead of this channel's model (needs Manage Server).",
+    )
+    async def model_set(self, interaction: discord.Interaction, name: str, server: bool = False) -> None:
+        """Choose the model that answers in this channel or thread."""
+        async with self._answering(interaction, "setting a model"):
+            place, scope = self._change(interaction, server)
+            line = await self.service.set_model(place, scope, name, author_of(interaction.user))
+            await _send(interaction, line, ephemeral=False)
+
+    @model.command(name="reset")
+    @app_commands.describe(server="Reset the server default instead of this channel's model.")
+    async def model_reset(self, interaction: discord.Interaction, server: bool = False) -> None:
+        """Go back to the inherited model (server default or the bot's default)."""
+        async with self._answering(interaction, "resetting a model"):
+            place, scope = self._change(interaction, server)
+            line = await self.service.reset_model(place, scope, author_of(interaction.user))
+            await _send(interaction, line, ephemeral=False)
+
+    @model_set.autocomplete("name")
+    @model_info.autocomplete("name")
+    async def _model_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """Model names containing what has been typed so far."""
+        typed = current.casefold()
+        names = [spec.name for spec in self.service.list_models()]
+        matches = sorted((n for n in names if typed in n.casefold()), key=lambda n: (not n.casefold().startswith(typed), n))
+        return [app_commands.Choice(name=n, value=n) for n in matches[:_AUTOCOMPLETE_MAX]]
+
+    # ------------------------------------------------------------ /system
+
+    @system.command(name="set")
+    @app_commands.describe(
+        text="What the model should know or how it should behave here.",
+        server="Set the server default instead of this channel's prompt (needs Manage Server).",
+    )
+    async def system_set(self, interaction: discord.Interaction, text: str, server: bool = False) -> None:
+        """Set the system prompt for this channel or thread."""
+        async with self._answering(interaction, "setting a system prompt"):
+            place, scope = self._change(interaction, server)
+            line = await self.service.set_system_prompt(place, scope, text, author_of(interaction.user))
+            await _send(interaction, line, ephemeral=False)
+
+    @system.command(name="show")
+    async def system_show(self, interaction: discord.Interaction) -> None:
+        """Show the system prompt in force here and where it comes from."""
+        async with self._answering(interaction, "showing the system prompt"):
+            setting = (await self.service.effective_settings(place_of(interaction.channel, interaction.guild_id))).system_prompt
+            embed = discord.Embed(
+                title=f"System prompt ({SOURCE_WORDS.get(setting.source, setting.source)})",
+                description=prompt_preview(str(setting.value), 3800),
+                colour=EMBED_COLOUR,
+            )
+            await _send(interaction, embed=embed, ephemeral=True)
+
+    @system.command(name="reset")
+    @app_commands.describe(server="Reset the server default instead of this channel's prompt.")
+    async def system_reset(self, interaction: discord.Interaction, server: bool = False) -> None:
+        """Go back to the inherited system prompt."""
+        async with self._answering(interaction, "resetting the system prompt"):
+            place, scope = self._change(interaction, server)
+            line = await self.service.reset_system_prompt(place, scope, author_of(interaction.user))
+            await _send(interaction, line, ephemeral=False)
+
+    # ------------------------------------------------------------ /settings
+
+    @app_commands.command(name="settings")
+    async def settings(self, interaction: discord.Interaction) -> None:
+        """Show the settings in force here and where each comes from."""
+        async with self._answering(interaction, "showing settings"):
+            effective = await self.service.effective_settings(place_of(interaction.channel, interaction.guild_id))
+            embed = discord.Embed(title="Settings here", colour=EMBED_COLOUR)
+            embed.add_field(
+                name="Model",
+                value=f"**{effective.model.value}** ({SOURCE_WORDS.get(effective.model.source, effective.model.source)})",
+                inline=False,
+            )
+            embed.add_field(
+                name=f"System prompt ({SOURCE_WORDS.get(effective.system_prompt.source, effective.system_prompt.source)})",
+                value=prompt_preview(str(effective.system_prompt.value)),
+                inline=False,
+            )
+            embed.add_field(
+                name="Knowledge base",
+                value=("on" if effective.knowledge.value else "off")
+                + f" ({SOURCE_WORDS.get(effective.knowledge.source, effective.knowledge.source)})",
+                inline=False,
+            )
+            await _send(interaction, embed=embed, ephemeral=True)
+
+
+async def _send(
+    interaction: discord.Interaction,
+    content: str | None = None,
+    *,
+    embed: discord.Embed | None = None,
+    ephemeral: bool,
+) -> None:
+    """Respond to an interaction, or follow up if it was already answered."""
+    kwargs = {"content": content, "ephemeral": ephemeral, "allowed_mentions": discord.AllowedMentions.none()}
+    if embed is not None:
+        kwargs["embed"] = embed
+    if interaction.response.is_done():
+        await interaction.followup.send(**kwargs)
+    else:
+        await interaction.response.send_message(**kwargs)

@@ -1,0 +1,164 @@
+"""Chatting with the real bot and the real chat service in simcord: who gets answered, and how."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+import pytest
+
+from bot.discord.render import WRITING_MARKER, split_text
+from tests.fakes.openai_server import FakeOpenAI
+from tests.fixtures.discord import World
+
+
+def bot_messages(world: World, channel=None) -> list[discord.Message]:  # noqa: ANN001
+    me = world.bot.user
+    assert me is not None
+    return [m for m in (channel or world.channel).history() if m.author.id == me.id]
+
+
+async def test_mention_gets_a_streamed_reply(world: World, fake_openai: FakeOpenAI) -> None:
+    edits: list[str] = []
+
+    async def record(payload: discord.RawMessageUpdateEvent) -> None:
+        edits.append(payload.data.get("content", ""))
+
+    world.bot.add_listener(record, "on_raw_message_edit")
+    fake_openai.reply = lambda request: "The capital of France is Paris."
+
+    question = await world.alice.send(world.channel, f"{world.bot.user.mention} what is the capital of France?")
+
+    [answer] = bot_messages(world)
+    assert answer.content == "The capital of France is Paris."
+    assert answer.reference is not None and answer.reference.message_id == question.id
+    # It was posted while the model was still writing, then edited into the final text.
+    assert edits and edits[-1] == "The capital of France is Paris."
+    assert WRITING_MARKER not in answer.content
+    [request] = fake_openai.chat_requests
+    assert request.last_user_text == "what is the capital of France?"  # the mention is stripped
+
+
+async def test_reply_continues_the_conversation_and_a_fresh_mention_starts_anew(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
+    me = world.bot.user.mention
+    await world.alice.send(world.channel, f"{me} my name is Alice")
+    [first_answer] = bot_messages(world)
+
+    await world.alice.send(world.channel, "what is my name?", reply_to=first_answer)
+    second = fake_openai.chat_requests[-1]
+    texts = [m["content"] for m in second.messages if m["role"] != "system"]
+    assert texts == ["my name is Alice", "Echo: my name is Alice", "what is my name?"]
+
+    # Replying to the second answer keeps the whole chain.
+    second_answer = bot_messages(world)[-1]
+    await world.alice.send(world.channel, "and again?", reply_to=second_answer)
+    third = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
+    assert third[:3] == texts and third[-1] == "and again?" and len(third) == 5
+
+    await world.alice.send(world.channel, f"{me} who am I?")
+    fresh = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
+    assert fresh == ["who am I?"]
+
+
+async def test_plain_messages_and_other_bots_are_ignored(world: World, fake_openai: FakeOpenAI) -> None:
+    other_bot = world.guild.add_member(world.env.create_user("otherbot", bot=True))
+    await other_bot.send(world.channel, f"{world.bot.user.mention} hello from a bot")
+    await world.alice.send(world.channel, "just talking to people here")
+
+    assert bot_messages(world) == []
+    assert fake_openai.chat_requests == []
+
+
+async def test_direct_messages_are_answered_and_continue(world: World, fake_openai: FakeOpenAI) -> None:
+    await world.alice.send_dm("hello in private")
+    await world.alice.send_dm("still there?")
+
+    answers = [m.content for m in world.alice.user.dm_channel.history() if m.author.id == world.bot.user.id]
+    assert answers == ["Echo: hello in private", "Echo: still there?"]
+    # A DM channel is one running conversation.
+    texts = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
+    assert texts == ["hello in private", "Echo: hello in private", "still there?"]
+
+
+async def test_thread_is_answered_without_mentions_once_the_bot_takes_part(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
+    thread = world.thread("planning")
+    await world.alice.send(thread, "nobody asked the bot yet")
+    assert bot_messages(world, thread) == []
+
+    await world.alice.send(thread, f"{world.bot.user.mention} help us plan")
+    await world.bob.send(thread, "and what about Tuesday?")
+
+    assert [m.content for m in bot_messages(world, thread)] == ["Echo: help us plan", "Echo: and what about Tuesday?"]
+    texts = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
+    assert texts == ["help us plan", "Echo: help us plan", "and what about Tuesday?"]
+
+
+async def test_long_answer_arrives_split_and_intact(world: World, fake_openai: FakeOpenAI) -> None:
+    prose = " ".join(f"sentence{i} of the answer." for i in range(150))  # about 3,900 characters
+    code = "```python\n" + "".join(f"print('line {i}')\n" for i in range(60)) + "```\n"
+    text = prose + "\n\n" + code + "\nThat is all."
+    assert len(text) > 4900
+    fake_openai.reply = lambda request: text
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} write a lot")
+
+    parts = bot_messages(world)
+    assert len(parts) == 3
+    assert all(len(p.content) <= 2000 and p.content.count("```") % 2 == 0 for p in parts)
+    # Each part after the first replies to the one before it.
+    for earlier, later in zip(parts, parts[1:], strict=False):
+        assert later.reference is not None and later.reference.message_id == earlier.id
+    # Take the fence repairs back out and the answer is whole.
+    chunks = split_text(text, 2000 - len(WRITING_MARKER))
+    assert [p.content for p in parts] == [c.content for c in chunks]
+    assert parts[1].content.endswith("\n```") and parts[2].content.startswith("```python\n")  # the block spans them
+    rebuilt = "".join(
+        p.content.removeprefix(c.reopen).removesuffix(c.close) for p, c in zip(parts, chunks, strict=True)
+    )
+    assert rebuilt == text
+    # A reply to the last part continues the conversation.
+    await world.alice.send(world.channel, "thanks", reply_to=parts[-1])
+    assert fake_openai.chat_requests[-1].messages[-2]["content"] == text
+
+
+async def test_fallback_model_is_named_under_the_answer(world: World, fake_openai: FakeOpenAI) -> None:
+    fake_openai.fail_next(429)  # the main model is rate limited; its fallback answers
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
+
+    [answer] = bot_messages(world)
+    body, footer = answer.content.split("\n-# ", 1)
+    assert body == "Echo: hi"
+    assert footer.startswith("answered by backup (main was unavailable: ")
+
+
+async def test_failing_model_shows_a_clear_message(world: World, fake_openai: FakeOpenAI) -> None:
+    fake_openai.fail_next(500, times=2)  # the main model and its fallback both fail
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
+
+    [answer] = bot_messages(world)
+    assert answer.content.startswith("⚠️ ")
+    assert "main" in answer.content or "backup" in answer.content
+    assert "Traceback" not in answer.content and "Error code" not in answer.content
+
+
+async def test_unexpected_failure_is_logged_and_apologised_for(
+    world: World, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Discord refuses the final edit once: nothing a person can fix, so an apology with an id.
+    world.env.inject_error("PATCH", "/channels/*/messages/*", status=500)
+
+    with caplog.at_level(logging.ERROR, logger="bot.discord.chat"):
+        await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
+
+    [answer] = bot_messages(world)
+    assert answer.content.startswith("Echo: hi\nSorry, something went wrong on our side (error id `")
+    [record] = [r for r in caplog.records if r.name == "bot.discord.chat"]
+    assert record.exc_info is not None  # the traceback went to the log
+    error_id = answer.content.split("`")[1]
+    assert error_id in record.getMessage()

@@ -1,0 +1,166 @@
+"""The pure rendering rules: splitting, fence repair, footers and the edit throttle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bot.discord.render import (
+    BLANK,
+    MESSAGE_LIMIT,
+    WRITING_MARKER,
+    StreamingReply,
+    footer_lines,
+    layout,
+    split_text,
+)
+from bot.messages import FallbackUsed, Source
+
+# Text made of the characters that matter to the splitter: fences, breaks, words.
+pieces = st.sampled_from(["```", "```python\n", "`", "\n", " ", "\n\n", "word", "x" * 300, "é", "🙂", "\t"])
+texts = st.lists(pieces, max_size=120).map("".join) | st.text(max_size=5000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(texts, st.integers(min_value=64, max_value=MESSAGE_LIMIT))
+def test_split_keeps_limit_text_and_balanced_fences(text: str, limit: int) -> None:
+    chunks = split_text(text, limit)
+    assert "".join(chunk.body for chunk in chunks) == text
+    for chunk in chunks:
+        assert len(chunk.content) <= limit
+        assert chunk.content.count("```") % 2 == 0
+        assert chunk.body  # no empty parts
+
+
+def test_short_text_is_one_part() -> None:
+    assert [c.content for c in split_text("hello")] == ["hello"]
+    assert split_text("") == []
+
+
+def test_split_prefers_line_breaks_and_never_breaks_words() -> None:
+    words = " ".join(f"word{i}" for i in range(1000))  # about 6,900 characters, no newlines
+    chunks = split_text(words)
+    assert len(chunks) == 4
+    for chunk in chunks[:-1]:
+        assert chunk.body.endswith(" ")  # cut after a space, not inside a word
+    lines = "\n".join("line " + "y" * 70 for _ in range(60))
+    assert all(chunk.body.endswith("\n") for chunk in split_text(lines)[:-1])
+
+
+def test_split_closes_and_reopens_code_block_with_its_language() -> None:
+    code = "Here is code:\n```python\n" + "".join(f"print({i})\n" for i in range(400)) + "```\nDone."
+    chunks = split_text(code)
+    assert len(chunks) >= 2
+    assert chunks[0].content.endswith("```")
+    assert chunks[1].content.startswith("```python\n")
+    assert chunks[-1].content.endswith("Done.")
+    assert all(c.content.count("```") % 2 == 0 for c in chunks)
+
+
+def test_a_single_huge_word_is_cut_hard() -> None:
+    chunks = split_text("a" * 4500)
+    assert [len(c.content) for c in chunks] == [1996, 1996, 508]
+
+
+def test_layout_marks_writing_and_adds_footer_at_the_end() -> None:
+    assert layout("Hi", writing=True) == ["Hi" + WRITING_MARKER]
+    assert layout("Hi", footer="-# answered by b") == ["Hi\n-# answered by b"]
+    assert layout("") == [BLANK]
+    long = "z" * 1994  # one part, but no room left for the footer
+    parts = layout(long, footer="-# note")
+    assert parts[-1] == "-# note" and len(parts) == 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(texts, st.integers(min_value=0, max_value=5000))
+def test_streaming_layout_is_prefix_stable(text: str, cut: int) -> None:
+    """Earlier parts never change cut as the text grows, so streaming only appends parts."""
+    early = layout(text[:cut], writing=True) if text[:cut] else []
+    late = layout(text, writing=True)
+    assert len(early) <= len(late)
+    for before, after in zip(early[:-1], late, strict=False):
+        assert before == after
+
+
+def test_footer_names_the_standin_and_lists_sources() -> None:
+    footer = footer_lines(
+        model="smollm2",
+        fallbacks=[FallbackUsed("gpt-4o-mini", "smollm2", "Rate limited.")],
+        sources=[Source("c1", "handbook.pdf", "page 3", 0.9), Source("c2", "faq.md", None, 0.5)],
+    )
+    assert footer.splitlines() == [
+        "-# answered by smollm2 (gpt-4o-mini was unavailable: Rate limited)",
+        "-# Sources:",
+        "-# 1. handbook.pdf, page 3",
+        "-# 2. faq.md",
+    ]
+    assert footer_lines(model=None, error="No model could answer.") == "⚠️ No model could answer."
+
+
+@dataclass
+class FakeClock:
+    now: float = 0.0
+    sleeps: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@dataclass
+class ListSink:
+    """Records every send and edit with the clock's time."""
+
+    clock: FakeClock
+    contents: dict[int, str] = field(default_factory=dict)
+    writes: list[tuple[int, float, str]] = field(default_factory=list)
+
+    async def send(self, content: str, after: int | None) -> int:
+        number = len(self.contents)
+        assert after == (number - 1 if number else None)
+        self.contents[number] = content
+        self.writes.append((number, self.clock.now, content))
+        return number
+
+    async def edit(self, message: int, content: str) -> None:
+        self.contents[message] = content
+        self.writes.append((message, self.clock.now, content))
+
+
+async def test_streaming_reply_edits_at_most_once_per_second_per_message() -> None:
+    clock = FakeClock()
+    sink = ListSink(clock)
+    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep)
+    text = ""
+    for i in range(400):  # 400 tokens, 0.05 s apart: 20 seconds, about 2,800 characters
+        text += f"tok{i:03d} "
+        await reply.update(text)
+        clock.now += 0.05
+    messages = await reply.finish(text, footer="-# done")
+
+    assert len(messages) == 2
+    shown = [sink.contents[m] for m in messages]
+    assert shown[-1].endswith("-# done")
+    assert all(WRITING_MARKER not in content for content in shown)
+    assert "".join(s.replace("\n-# done", "") for s in shown).split() == text.split()
+    for message in messages:
+        times = [t for m, t, _ in sink.writes if m == message]
+        assert len(times) >= 3  # it really streamed
+        assert all(b - a >= 1.0 for a, b in zip(times, times[1:], strict=False))
+
+
+async def test_finish_waits_out_the_throttle() -> None:
+    clock = FakeClock()
+    sink = ListSink(clock)
+    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep)
+    await reply.update("Hel")
+    clock.now += 0.25
+    await reply.update("Hello")  # too soon: skipped
+    await reply.finish("Hello")
+    assert clock.sleeps == [0.75]
+    assert [(m, t, c) for m, t, c in sink.writes] == [(0, 0.0, "Hel" + WRITING_MARKER), (0, 1.0, "Hello")]
