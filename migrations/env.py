@@ -64,7 +64,12 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection) -> None:
     """Run the revisions on a sync connection (inside `run_sync`)."""
-    configure(connection=connection)
+    if connection.dialect.name == "sqlite":
+        # SQLite's DDL is transactional once we emit BEGIN ourselves (see below),
+        # so a failed revision leaves the file as it was.
+        configure(connection=connection, transactional_ddl=True)
+    else:
+        configure(connection=connection)
     with context.begin_transaction():
         context.run_migrations()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from store.db import (
     create_session_factory,
     database_revision,
     downgrade_database,
+    migrations_dir,
     upgrade_database,
 )
 from store.models import Base, Message
@@ -147,3 +150,41 @@ async def test_migrated_sqlite_enforces_foreign_keys(database_url: str) -> None:
                 await session.commit()
     finally:
         await engine.dispose()
+
+
+async def test_a_failing_revision_leaves_sqlite_as_it_was(tmp_path: Path) -> None:
+    """SQLite DDL runs inside the migration's transaction, so a half-done revision rolls back."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "9999_broken.py").write_text(
+        textwrap.dedent(
+            f'''
+            import sqlalchemy as sa
+            from alembic import op
+
+            revision = "9999"
+            down_revision = "{head_revision()}"
+            branch_labels = None
+            depends_on = None
+
+
+            def upgrade() -> None:
+                op.create_table("half_done", sa.Column("id", sa.Integer, primary_key=True))
+                raise RuntimeError("this revision breaks half way")
+
+
+            def downgrade() -> None:
+                pass
+            '''
+        )
+    )
+    url = sqlite_url(tmp_path / "switchboard.db")
+    await upgrade_database(url)
+    config = alembic_config(url)
+    config.set_main_option("script_location", str(scripts))
+
+    with pytest.raises(RuntimeError, match="half way"):
+        await asyncio.to_thread(command.upgrade, config, "head")
+
+    assert "half_done" not in await table_names(url)
+    assert await database_revision(url) == head_revision()
