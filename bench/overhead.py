@@ -1,6 +1,7 @@
 """overhead: one message through the whole service vs. a bare ChatOpenAI streaming call.
 
-Both talk to the same fake OpenAI server (its own process, zero model latency), so
+Both talk to the same fake OpenAI server (its own process, zero model latency) and
+send the same messages (system prompt, the conversation so far, the new question), so
 what is left is Switchboard's own cost: settings lookup, conversation and history,
 token trimming, the chain, and logging. The database already holds 10,000 logged
 conversations. The two sides alternate request by request so that drift in the
@@ -15,7 +16,7 @@ import asyncio
 import time
 import uuid
 
-from langchain_core.messages import HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_openai import ChatOpenAI
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +24,7 @@ from rich.table import Table
 from bench._support import bench_settings, fake_model_server, percentile
 from bot.app import open_app
 from bot.messages import Author, ChatRequest, Place
+from chains.chat import DEFAULT_SYSTEM_PROMPT
 from store.repositories import ConversationRepository
 
 CONVERSATIONS = 10_000
@@ -58,16 +60,21 @@ async def run() -> float:
             service = sb.service
             # Each round continues one of 50 conversations (history grows), as in a busy server.
             conversations: list[str | None] = [None] * 50
+            # The bare side sends what the service sends: the same growing conversations.
+            transcripts: list[list[BaseMessage]] = [[SystemMessage(DEFAULT_SYSTEM_PROMPT)] for _ in range(50)]
             bare_ms: list[float] = []
             service_ms: list[float] = []
             for i in range(WARMUP + ROUNDS):
-                t0 = time.perf_counter()
-                async for _ in bare.astream([HumanMessage(f"hello {i}")]):
-                    pass
-                t1 = time.perf_counter()
                 slot = i % 50
+                question = f"hello {i}"
+                t0 = time.perf_counter()
+                reply = ""
+                async for chunk in bare.astream([*transcripts[slot], HumanMessage(question)]):
+                    reply += chunk.text
+                t1 = time.perf_counter()
+                transcripts[slot] += [HumanMessage(question), AIMessage(reply)]
                 request = ChatRequest(
-                    Place(guild_id=1, channel_id=100 + slot), Author(7, "bench"), f"hello {i}",
+                    Place(guild_id=1, channel_id=100 + slot), Author(7, "bench"), question,
                     conversation_id=conversations[slot],
                 )
                 result = await service.answer(request)

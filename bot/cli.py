@@ -30,7 +30,7 @@ db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=Tru
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
 
 
 def _settings() -> Settings:

@@ -1,0 +1,131 @@
+"""The `switchboard` command line, run as a real subprocess against the fake model server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fakes.openai_server import FakeOpenAI
+from tests.fixtures.service import write_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_server():
+    with FakeOpenAI.in_thread() as fake:
+        yield fake
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, fake_server: FakeOpenAI) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_") and k not in {"DISCORD_TOKEN", "OPENAI_API_KEY"}}
+    env.update(
+        SWITCHBOARD_CONFIG=str(write_config(tmp_path / "switchboard.toml", fake_server.base_url)),
+        SWITCHBOARD_DATA_DIR=str(tmp_path / "data"),
+        SWITCHBOARD_MAX_RETRIES="0",
+        HF_HUB_OFFLINE="1",
+    )
+    return env
+
+
+def switchboard(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args], input=stdin, env=env, cwd=REPO,
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_chat_json_one_object_per_line(cli_env: dict[str, str], fake_server: FakeOpenAI) -> None:
+    lines = [
+        "hello there",
+        "/model list",
+        "and again",
+        "/model set backup",
+        "/model set nonsense",
+        "/new",
+        "fresh start",
+        "/system set Be brief.",
+    ]
+    proc = switchboard(cli_env, "chat", "--json", "--guild", "5", "--channel", "6", "--user", "ada",
+                       stdin="\n".join(lines) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(out) == len(lines)
+    first, listing, second, set_ok, set_bad, new, third, system = out
+    assert set(first) >= {"reply", "model", "conversation_id", "message_id", "latency_ms", "usage", "fallback_from", "error"}
+    assert first["reply"] == "Echo: hello there" and first["model"] == "main" and first["error"] is None
+    assert first["usage"]["prompt_tokens"] > 0 and first["fallback_from"] is None
+    assert listing["command"] == "model list" and listing["ok"] and "backup" in listing["message"]
+    assert second["conversation_id"] == first["conversation_id"]
+    assert "hello there" in str(fake_server.chat_requests[1].body["messages"])
+    assert set_ok == {"command": "model set", "ok": True, "message": set_ok["message"]} and "backup" in set_ok["message"]
+    assert set_bad["ok"] is False and "nonsense" in set_bad["message"]
+    assert new["ok"] and third["conversation_id"] != first["conversation_id"]
+    assert third["model"] == "backup"
+    assert system["ok"]
+
+
+def test_chat_json_exits_zero_when_replies_fail(cli_env: dict[str, str], fake_server: FakeOpenAI) -> None:
+    fake_server.fail_next(500, times=20)
+    proc = switchboard(cli_env, "chat", "--json", stdin="/model set solo\nhello\nagain\n")
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(out) == 3
+    for reply in out[1:]:
+        assert reply["reply"] is None and "solo" in reply["error"]
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_missing_api_key_names_the_variable(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    config = tmp_path / "openai.toml"
+    config.write_text('default_model = "gpt"\n[models.gpt]\nprovider = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "OPENAI_API_KEY"\n')
+    proc = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "chat", "--json", stdin="hi\n")
+    assert proc.returncode == 0
+    reply = json.loads(proc.stdout)
+    assert "OPENAI_API_KEY" in reply["error"]
+
+
+def test_run_without_token_says_which_variable(cli_env: dict[str, str]) -> None:
+    proc = switchboard(cli_env, "run")
+    assert proc.returncode == 2
+    assert "DISCORD_TOKEN" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_models_list_and_check(cli_env: dict[str, str], tmp_path: Path, fake_server: FakeOpenAI) -> None:
+    listing = switchboard(cli_env, "models", "list")
+    assert listing.returncode == 0, listing.stderr
+    for name in ("main", "backup", "solo", "tiny"):
+        assert name in listing.stdout
+
+    config = tmp_path / "check.toml"
+    config.write_text(
+        'default_model = "up"\n'
+        f'[models.up]\nprovider = "openai-compatible"\nmodel = "fake-model"\nbase_url = "{fake_server.base_url}"\n'
+        '[models.down]\nprovider = "openai-compatible"\nmodel = "x"\nbase_url = "http://127.0.0.1:9/v1"\n'
+    )
+    check = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "models", "check")
+    assert check.returncode == 1  # one model is down
+    up_line = next(line for line in check.stdout.splitlines() if " up " in line)
+    down_line = next(line for line in check.stdout.splitlines() if " down " in line)
+    assert "yes" in up_line and "no" in down_line and "unreachable" in check.stdout.lower()
+
+
+def test_db_upgrade_creates_the_database(cli_env: dict[str, str], tmp_path: Path) -> None:
+    proc = switchboard(cli_env, "db", "upgrade")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "data" / "switchboard.db").stat().st_size > 0
+
+
+def test_bad_config_is_one_clear_message(cli_env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('default_model = "a"\n[models.a]\nprovider = "openai"\nmodel = "m"\napi_key = "sk-secret-123"\n')
+    proc = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "chat", "--json", stdin="hi\n")
+    assert proc.returncode == 1
+    assert "api_key_env" in proc.stderr and "sk-secret-123" not in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
