@@ -61,6 +61,15 @@ def _run(coro: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(130) from None
 
 
+def extra_cogs(sb: Any) -> list[Any]:
+    """The optional cogs, built around the app's parts."""
+    if sb.knowledge is None:
+        return []
+    from bot.discord.knowledge import KnowledgeCog
+
+    return [KnowledgeCog(sb.knowledge, sb.service, knowledge_role=sb.settings.knowledge_role)]
+
+
 @app.command()
 def run() -> None:
     """Run the Discord bot (needs DISCORD_TOKEN)."""
@@ -75,7 +84,15 @@ def run() -> None:
         from bot.discord.bot import run_bot
 
         async with open_app(settings) as sb:
-            await run_bot(settings, sb.service, knowledge=sb.knowledge)
+            token = settings.discord_token.get_secret_value()  # type: ignore[union-attr]
+            await run_bot(
+                token,
+                sb.service,
+                manager_role=settings.manager_role,
+                extra_cogs=extra_cogs(sb),
+                shard_count=settings.shard_count,
+                shard_ids=settings.shard_ids,
+            )
 
     _run(main)
 

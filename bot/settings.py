@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     request_timeout: float = Field(default=60.0, gt=0, description="Seconds before a model request is given up.")
     max_retries: int = Field(default=2, ge=0, description="Retries of a failed model request before its fallback answers.")
     log_level: str = Field(default="INFO")
+    shard_count: int | None = Field(default=None, ge=1, description="Total Discord shards (sharding across processes); automatic when unset.")
+    shard_ids: list[int] | None = Field(default=None, description="The shards this process runs, as a JSON list, e.g. [0, 1].")
     test_postgres_url: str | None = Field(default=None, description="PostgreSQL server for the tests marked `postgres` (scripts/postgres.sh start prints one).")
 
     # Knowledge base (Chroma + embeddings).

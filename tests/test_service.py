@@ -258,3 +258,22 @@ async def test_many_concurrent_exchanges_are_each_logged_once(chat_app: App) -> 
         rows = (await session.scalars(select(Message))).all()
     assert len(rows) == 80 and len({r.id for r in rows}) == 80
     assert chat_app.writer.failed == 0
+
+
+async def test_a_failing_log_write_never_breaks_the_reply(chat_app: App, caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy import text
+
+    chat_app.writer.backoff = 0.01
+    async with chat_app.engine.begin() as conn:
+        # Break the log table under the running service: every write to it now fails.
+        await conn.execute(text("ALTER TABLE messages RENAME TO messages_away"))
+    result = await chat_app.service.answer(mention("still answered?"))
+    assert result.reply == "Echo: still answered?" and result.error is None
+    await chat_app.writer.drain()
+    assert chat_app.writer.failed == 1
+    assert any("log write failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    async with chat_app.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE messages_away RENAME TO messages"))
+    # The next exchange is written normally again.
+    later = await chat_app.service.answer(mention("and now?", discord_id=9))
+    assert (await stored(chat_app, later.message_id)).content == "Echo: and now?"
