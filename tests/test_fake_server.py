@@ -279,3 +279,5 @@ def test_runs_as_a_module() -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+        if process.stdout is not None:
+            process.stdout.close()

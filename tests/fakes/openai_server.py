@@ -176,7 +176,7 @@ class FakeOpenAI:
         sock.bind(("127.0.0.1", self._port))
         self._port = sock.getsockname()[1]
         # A deep backlog: the concurrency benchmark opens hundreds of connections at once.
-        site = web.SockSite(self._runner, sock, backlog=4096, shutdown_timeout=0.5)
+        site = web.SockSite(self._runner, sock, backlog=4096)
         await site.start()
 
     async def stop(self) -> None:
