@@ -66,7 +66,11 @@ def migrations_dir() -> Path:
     """The installed `migrations` package folder (Alembic's script location)."""
     import migrations
 
-    return Path(migrations.__file__).resolve().parent
+    # __path__, not __file__: an editable install may present it as a namespace package.
+    for entry in migrations.__path__:
+        if (Path(entry) / "env.py").is_file():
+            return Path(entry).resolve()
+    raise RuntimeError(f"migrations/env.py not found in {list(migrations.__path__)}")
 
 
 def alembic_config(url: str) -> Config:

@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import Integer, and_, delete, func, insert, literal, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.sql.dml import Insert
 
 from store.models import (
@@ -27,6 +28,10 @@ from store.models import (
     utcnow,
 )
 
+# Spec keys that would put a credential in the database.
+_SECRET_KEYS = frozenset(
+    {"api_key", "apikey", "key", "password", "secret", "token", "access_token", "authorization"}
+)
 _FIELD_TYPES: dict[str, type] = {"model": str, "system_prompt": str, "knowledge_enabled": bool}
 
 
@@ -101,7 +106,7 @@ class SettingsRepository:
         # Insert-if-missing first, so two concurrent first writes cannot both insert,
         # then lock the row (FOR UPDATE on PostgreSQL; SQLite's write lock is already held).
         await self.session.execute(
-            _insert_ignoring_conflicts(self.session, ChannelSetting).values(
+            _insert_ignoring_conflicts(self.session, ChannelSetting.__table__).values(
                 id=new_id(), scope=scope, scope_id=scope_id, guild_id=guild_id, updated_at=utcnow()
             )
         )
@@ -170,7 +175,7 @@ class ConversationRepository:
         started_by: int | None,
         origin: str = "discord",
     ) -> Conversation:
-        """Start a conversation (flushed, so messages can refer to it at once)."""
+        """Start a conversation (inserted at once, so messages can refer to it)."""
         conversation = Conversation(
             id=id or new_id(),
             guild_id=guild_id,
@@ -180,8 +185,14 @@ class ConversationRepository:
             origin=origin,
             created_at=utcnow(),
         )
+        # A plain INSERT (no unit-of-work flush) is much cheaper on the logging hot path;
+        # then the object joins the session as if loaded, so later changes are tracked.
+        await self.session.execute(
+            insert(Conversation.__table__),
+            [{c.key: getattr(conversation, c.key) for c in Conversation.__table__.columns}],
+        )
+        make_transient_to_detached(conversation)
         self.session.add(conversation)
-        await self.session.flush()
         return conversation
 
     async def get(self, id: str) -> Conversation | None:
@@ -286,7 +297,8 @@ class ConversationRepository:
             # Every row gets every column, so the executemany is a single batch.
             columns = sorted(MESSAGE_FIELDS)
             await self.session.execute(
-                insert(Message), [{name: row.get(name) for name in columns} for row in prepared]
+                insert(Message.__table__),
+                [{name: row.get(name) for name in columns} for row in prepared],
             )
         return [row["id"] for row in prepared]
 
@@ -304,7 +316,7 @@ class ConversationRepository:
         ]
         if values:
             await self.session.execute(
-                _insert_ignoring_conflicts(self.session, DiscordMessage), values
+                _insert_ignoring_conflicts(self.session, DiscordMessage.__table__), values
             )
 
     async def discord_messages_for(self, message_id: str) -> list[int]:
@@ -338,6 +350,12 @@ class ModelRepository:
 
     async def add(self, name: str, spec: dict[str, Any], created_by: str | None) -> None:
         """Register a model, replacing one of the same name."""
+        secret = _SECRET_KEYS.intersection(key.lower() for key in spec)
+        if secret:
+            raise ValueError(
+                f"a registered model's spec is stored as is, so it may hold no secrets "
+                f"({', '.join(sorted(secret))}); name the variable that holds the key in api_key_env"
+            )
         existing = await self.session.get(RegisteredModel, name)
         if existing is None:
             self.session.add(

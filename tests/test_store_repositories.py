@@ -343,3 +343,5 @@ async def test_registered_models(any_session_factory: Sessions) -> None:
         assert await repo.remove("tuned") is False
         await session.commit()
         assert [m.name for m in await repo.list()] == ["a-gguf"]
+        with pytest.raises(ValueError, match="api_key_env"):
+            await repo.add("leaky", {"provider": "openai", "api_key": "sk-x"}, created_by=None)
