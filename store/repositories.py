@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Integer, and_, delete, func, insert, literal, literal_column, or_, select
+from sqlalchemy import Integer, and_, delete, func, insert, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.sql.dml import Insert
@@ -214,21 +214,12 @@ class ConversationRepository:
         )
 
     async def find_by_discord_message(self, discord_message_id: int) -> tuple[str, str] | None:
-        """(conversation_id, message_id) for a Discord message: one the bot sent, else a logged prompt."""
-        sent = select(
-            DiscordMessage.conversation_id.label("conversation_id"),
-            DiscordMessage.message_id.label("message_id"),
-            literal(0, Integer).label("rank"),
-        ).where(DiscordMessage.discord_message_id == discord_message_id)
-        said = select(
-            Message.conversation_id.label("conversation_id"),
-            Message.id.label("message_id"),
-            literal(1, Integer).label("rank"),
-        ).where(Message.discord_message_id == discord_message_id)
-        both = sent.union_all(said).subquery()
+        """(conversation_id, message_id) of the answer a Discord message the bot sent carries."""
         row = (
             await self.session.execute(
-                select(both.c.conversation_id, both.c.message_id).order_by(both.c.rank).limit(1)
+                select(DiscordMessage.conversation_id, DiscordMessage.message_id).where(
+                    DiscordMessage.discord_message_id == discord_message_id
+                )
             )
         ).first()
         return (row.conversation_id, row.message_id) if row is not None else None

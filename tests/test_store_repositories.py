@@ -266,8 +266,8 @@ async def test_find_by_discord_message(any_session_factory: Sessions) -> None:
         repo = ConversationRepository(session)
         assert await repo.find_by_discord_message(901) == (ids["conversation"], ids["a1"])
         assert await repo.find_by_discord_message(902) == (ids["conversation"], ids["a2"])
-        # A user's own message (logged with the prompt) leads back to that prompt.
-        assert await repo.find_by_discord_message(500) == (ids["conversation"], ids["u1"])
+        # Only what the bot sent: a person's prompt (Discord id 500) is not an answer to continue.
+        assert await repo.find_by_discord_message(500) is None
         assert await repo.find_by_discord_message(12345) is None
         assert await repo.discord_messages_for(ids["a1"]) == [900, 901]
 
