@@ -162,3 +162,16 @@ async def test_unexpected_failure_is_logged_and_apologised_for(
     assert record.exc_info is not None  # the traceback went to the log
     error_id = answer.content.split("`")[1]
     assert error_id in record.getMessage()
+
+
+async def test_model_output_pings_nobody(world: World, fake_openai: FakeOpenAI) -> None:
+    fake_openai.reply = lambda request: f"@everyone look, {world.bob.mention}!"
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} shout")
+
+    [answer] = bot_messages(world)
+    assert answer.content == f"@everyone look, {world.bob.mention}!"
+    assert not answer.mention_everyone
+    # Who was notified is not on discord.Message; simcord's backend records it.
+    stored = world.env.backend.get_message(world.channel.id, answer.id)
+    assert world.bob.id not in stored.ping_user_ids

@@ -129,6 +129,9 @@ class ChatCog(commands.Cog):
             return True
         if any(user.id == me.id for user in message.mentions):
             return True
+        own_role = message.guild.self_role  # people often pick the bot's role from the @ menu
+        if own_role is not None and own_role in message.role_mentions:
+            return True
         reference = message.reference
         if reference is not None and reference.message_id is not None:
             resolved = reference.resolved
@@ -253,6 +256,9 @@ def prompt_text(message: discord.Message, me: discord.abc.User | None) -> str:
     content = message.content
     if me is not None:
         content = re.sub(rf"<@!?{me.id}>", "", content)
+    own_role = message.guild.self_role if message.guild is not None else None
+    if own_role is not None:
+        content = content.replace(own_role.mention, "")
     for user in message.mentions:
         content = re.sub(rf"<@!?{user.id}>", f"@{user.display_name}", content)
     for role in message.role_mentions:

@@ -1,0 +1,56 @@
+"""Streaming edits on simcord's virtual clock: a slow model, edits at most once per second."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import discord
+import pytest
+
+from bot.discord.bot import SwitchboardBot, create_bot
+from bot.discord.render import WRITING_MARKER
+from tests.fakes.openai_server import FakeOpenAI
+from tests.fixtures.discord import MANAGER_ROLE, PacedService, World
+
+
+@pytest.fixture
+def simcord_bot(paced_service: PacedService) -> SwitchboardBot:
+    return create_bot(paced_service, manager_role=MANAGER_ROLE, shard_count=1)  # type: ignore[arg-type]
+
+
+async def test_edits_stay_within_once_per_second_per_message(
+    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+) -> None:
+    paced_service.env = world.env
+    words = [f"word{i:03d}" for i in range(700)]  # about 5,600 characters: three messages
+    fake_openai.reply = lambda request: " ".join(words)
+    writes: dict[int, list[datetime]] = {}
+    contents: list[str] = []
+
+    async def record_edit(payload: discord.RawMessageUpdateEvent) -> None:
+        writes.setdefault(payload.message_id, []).append(datetime.fromisoformat(payload.data["edited_timestamp"]))
+        contents.append(payload.data["content"])
+
+    world.bot.add_listener(record_edit, "on_raw_message_edit")
+    await world.alice.send(world.channel, f"{world.bot.user.mention} count for me")
+    me = world.bot.user.id
+    assert [m for m in world.channel.history() if m.author.id == me] == []  # no words yet...
+    requests = [(r.method, r.path) for r in world.env.http_requests]
+    assert ("POST", f"/channels/{world.channel.id}/typing") in requests  # ...but typing
+
+    for _ in range(len(words)):  # a word every 50 ms: 35 seconds of writing
+        paced_service.release()
+        await world.env.advance_time(0.05)
+    await world.env.advance_time(2)  # the final edits wait out the throttle
+
+    parts = [m for m in world.channel.history() if m.author.id == me]
+    assert len(parts) == 3
+    assert " ".join(p.content for p in parts).split() == words  # whole, in order, marker gone
+    assert all(WRITING_MARKER not in p.content for p in parts)
+    assert any(WRITING_MARKER in c for c in contents)  # it was visibly still writing before
+    for part in parts:
+        times = [part.created_at, *writes.get(part.id, [])]
+        gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+        assert all(gap >= 1.0 for gap in gaps), gaps
+    # It really streamed: the first part was edited many times while words arrived.
+    assert len(writes[parts[0].id]) >= 5
