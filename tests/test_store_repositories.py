@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -133,6 +134,22 @@ async def test_rows_for_a_dm_and_for_one_query(any_session_factory: Sessions) ->
         event.remove(engine.sync_engine, "before_cursor_execute", count)
     assert {scope: row.model for scope, row in rows.items()} == {"channel": "dm-model"}
     assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
+
+
+async def test_concurrent_first_writes_to_one_scope_all_land(any_session_factory: Sessions) -> None:
+    """Several moderators changing a channel that has no row yet: no duplicate-key errors."""
+    values = {"model": "m", "system_prompt": "p", "knowledge_enabled": True}
+
+    async def change(field: str, value: Any) -> None:
+        async with any_session_factory() as session, session.begin():
+            await set_field(session, "channel", CHANNEL, field, value)
+
+    await asyncio.gather(*(change(field, value) for field, value in values.items()))
+
+    async with any_session_factory() as session:
+        row = (await SettingsRepository(session).rows_for(GUILD, CHANNEL, None))["channel"]
+        assert {field: row.get(field) for field in values} == values
+        assert len(await SettingsRepository(session).changes("channel", CHANNEL)) == 3
 
 
 async def test_set_field_rejects_unknown_fields_and_wrong_types(
