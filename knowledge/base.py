@@ -133,6 +133,8 @@ class KnowledgeBase:
         self._collections: dict[int, Any] = {}
         self._guild_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
         self._indexes: dict[int, _IndexEntry] = {}
+        # How stale another process's writes may look here; tests set 0.
+        self.index_recheck_s = _INDEX_RECHECK_S
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -416,23 +418,36 @@ class KnowledgeBase:
         finish: Callable[[int, FileResult], None],
         state: _Progress,
     ) -> list[tuple[_Prepared, int]]:
-        """Encode one batch of passages; a failure refuses exactly the files it touched. Returns what still waits."""
+        """Encode one batch of passages; a failure refuses only the files that fail on their own. Returns what still waits."""
+        groups: dict[int, list[tuple[_Prepared, int]]] = {}
         try:
             vectors = self.embedder.embed_documents([prepared.chunks[n].text for prepared, n in batch])
-        except Exception as exc:
-            reason = exc.message if isinstance(exc, UserError) else f"embedding failed ({type(exc).__name__}: {exc})"
-            if not isinstance(exc, UserError):
-                log.exception("embedding failed")
-            failed = {id(prepared): prepared for prepared, _ in batch}
-            for prepared in failed.values():
-                finish(prepared.index, FileResult(prepared.name, "refused", reason))
-            pending_left = [p for p in pending if id(p) not in failed]
-            pending.clear()
-            pending.extend(pending_left)
-            return [(p, n) for p, n in waiting if id(p) not in failed]
-        for (prepared, _), vector in zip(batch, vectors, strict=True):
-            prepared.vectors.append(vector)
-        state.update(chunks_done=len(batch))
+            parts = [(batch, vectors)]
+        except Exception:
+            # Retry file by file so one bad file does not sink the others in its batch.
+            for prepared, n in batch:
+                groups.setdefault(id(prepared), []).append((prepared, n))
+            parts = []
+            for group in groups.values():
+                try:
+                    parts.append((group, self.embedder.embed_documents([p.chunks[n].text for p, n in group])))
+                except Exception as exc:
+                    prepared = group[0][0]
+                    if isinstance(exc, UserError):
+                        reason = exc.message
+                    else:
+                        log.exception("embedding %s failed", prepared.name)
+                        reason = f"embedding failed ({type(exc).__name__}: {exc})"
+                    finish(prepared.index, FileResult(prepared.name, "refused", reason))
+                    left = [p for p in pending if p is not prepared]
+                    pending.clear()
+                    pending.extend(left)
+                    waiting = [(p, m) for p, m in waiting if p is not prepared]
+        for part, part_vectors in parts:
+            for (prepared, _), vector in zip(part, part_vectors, strict=True):
+                if any(p is prepared for p in pending):
+                    prepared.vectors.append(vector)
+        state.update(chunks_done=sum(len(part) for part, _ in parts))
         return waiting
 
     def _commit(self, collection: Any, prepared: _Prepared, uploader: str, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None]) -> None:
@@ -528,7 +543,7 @@ class KnowledgeBase:
         with self._lock:
             entry = self._indexes.get(guild_id)
         now = time.monotonic()
-        if entry is not None and now - entry.checked_at < _INDEX_RECHECK_S:
+        if entry is not None and now - entry.checked_at < self.index_recheck_s:
             return entry
         if entry is not None:
             revision = self._current_revision(guild_id)
