@@ -1,0 +1,198 @@
+"""Real llama.cpp servers with the bundled SmolLM2: answers, restarts, eviction, clean exits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from langchain_core.messages import AIMessageChunk
+from langchain_openai import ChatOpenAI
+
+from chains.gguf import GGUFCorrupt
+from chains.local import LocalServerDied, LocalServers, PortInUse, local_http_client, validate_gguf
+from chains.registry import ModelSpec
+from tests.fixtures.local import BUNDLED, local_server_children, process_running
+
+pytestmark = pytest.mark.slow
+
+
+def _chat(base_url: str, max_tokens: int = 48) -> ChatOpenAI:
+    return ChatOpenAI(
+        base_url=base_url,
+        api_key="not-needed",
+        model="smollm2",
+        temperature=0,
+        max_tokens=max_tokens,
+        stream_usage=True,
+        max_retries=0,
+        use_responses_api=False,
+        http_async_client=local_http_client(),
+    )
+
+
+async def _wait_gone(pid: int, seconds: float = 20.0) -> bool:
+    """Poll until `pid` is no longer running; False if it still runs after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while process_running(pid):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def test_bundled_model_streams_an_answer_with_usage_and_stops_cleanly(
+    local_spec: Callable[..., ModelSpec],
+) -> None:
+    spec = local_spec()
+    servers = LocalServers(max_loaded=1, startup_timeout=120.0)
+    try:
+        base_url = await servers.ensure(spec)
+        assert base_url.startswith("http://127.0.0.1:") and base_url.endswith("/v1")
+        pid = servers.pid(spec)
+        assert pid is not None and process_running(pid)
+
+        chunks: list[AIMessageChunk] = []
+        async for chunk in _chat(base_url).astream(
+            [("system", "You are a helpful assistant."), ("user", "What is the capital of France?")]
+        ):
+            chunks.append(chunk)
+        answer = "".join(str(c.content) for c in chunks)
+        assert len([c for c in chunks if c.content]) > 1, "the answer should arrive in several chunks"
+        assert "Paris" in answer
+        usage = next(c.usage_metadata for c in chunks if c.usage_metadata)
+        assert usage["input_tokens"] > 10 and usage["output_tokens"] > 0
+
+        # Reused, not restarted.
+        assert await servers.ensure(spec) == base_url and servers.pid(spec) == pid
+    finally:
+        await servers.aclose()
+    assert not process_running(pid)
+    assert local_server_children() == []
+
+
+async def test_a_server_killed_mid_reply_is_reported_and_restarted(
+    local_servers: LocalServers, local_spec: Callable[..., ModelSpec]
+) -> None:
+    spec = local_spec()
+    # Concurrent first requests start one server, not three.
+    urls = await asyncio.gather(*(local_servers.ensure(spec) for _ in range(3)))
+    assert len(set(urls)) == 1 and len(local_server_children()) == 1
+    pid = local_servers.pid(spec)
+    assert pid is not None
+
+    received: list[str] = []
+    with pytest.raises(Exception) as failure:  # noqa: B017 - whatever the transport raises
+        async for chunk in _chat(urls[0], max_tokens=400).astream("Tell me a long story about a dragon."):
+            received.append(str(chunk.content))
+            if len(received) == 3:
+                os.kill(pid, signal.SIGKILL)
+    assert not isinstance(failure.value, AssertionError)
+    assert received, "the reply had started before the server died"
+    assert await _wait_gone(pid)
+    assert not local_servers.is_alive(spec)
+    with pytest.raises(LocalServerDied, match="stopped while answering"):
+        local_servers.raise_if_dead(spec)
+
+    base_url = await local_servers.ensure(spec)
+    new_pid = local_servers.pid(spec)
+    assert new_pid is not None and new_pid != pid and local_servers.is_alive(spec)
+    assert base_url == urls[0], "a restarted server keeps its port when it can"
+    reply = await _chat(base_url, max_tokens=8).ainvoke("Hello")
+    assert reply.content
+
+
+async def test_truncated_gguf_reports_llama_cpp_reason_and_leaves_no_process(
+    local_servers: LocalServers, local_spec: Callable[..., ModelSpec], truncated_gguf: Path
+) -> None:
+    with pytest.raises(GGUFCorrupt, match="could not load the GGUF file") as failure:
+        await local_servers.ensure(local_spec("broken", path=str(truncated_gguf)))
+    assert "corrupted or incomplete" in str(failure.value) or "damaged" in str(failure.value)
+    assert local_servers.loaded() == []
+    assert local_server_children() == []
+    with pytest.raises(GGUFCorrupt):
+        await validate_gguf(truncated_gguf)
+    assert local_server_children() == []
+
+
+async def test_validate_gguf_loads_the_bundled_model_and_stops_it(local_spec: Callable[..., ModelSpec]) -> None:
+    from chains.gguf import bundled_models
+
+    info = await validate_gguf(bundled_models()[BUNDLED])
+    assert info.architecture == "llama"
+    assert local_server_children() == []
+
+
+async def test_least_recently_used_model_is_stopped_beyond_max_loaded(local_spec: Callable[..., ModelSpec]) -> None:
+    first, second = local_spec("first"), local_spec("second")
+    async with LocalServers(max_loaded=1, startup_timeout=120.0) as servers:
+        await servers.ensure(first)
+        first_pid = servers.pid(first)
+        await servers.ensure(second)
+        assert first_pid is not None and await _wait_gone(first_pid)
+        assert servers.loaded() == ["second"]
+        second_pid = servers.pid(second)
+        await servers.ensure(first)
+        assert second_pid is not None and await _wait_gone(second_pid)
+        assert servers.loaded() == ["first"]
+        assert len(local_server_children()) == 1
+    assert local_server_children() == []
+
+
+async def test_a_taken_port_is_reported(local_servers: LocalServers) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        spec = SimpleNamespace(name="fixed", path=None, bundled=BUNDLED, context_size=512, parallel=None, threads=None, port=port)
+        with pytest.raises(PortInUse, match=f"Port {port} on 127.0.0.1 is already in use"):
+            await local_servers.ensure(spec)
+    assert local_server_children() == []
+
+
+def test_server_exits_when_its_parent_is_killed() -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio
+        from chains.local import LocalServers
+        from chains.registry import ModelSpec
+
+        async def main():
+            servers = LocalServers(startup_timeout=120)
+            spec = ModelSpec(name="s", provider="llama.cpp", bundled="{BUNDLED}", context_size=512)
+            url = await servers.ensure(spec)
+            print(servers.pid(spec), url, flush=True)
+            await asyncio.sleep(600)
+
+        asyncio.run(main())
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    try:
+        assert parent.stdout is not None
+        pid_text, url = parent.stdout.readline().decode().split()
+        child = int(pid_text)
+        assert process_running(child)
+        assert httpx.get(url.removesuffix("/v1") + "/health", trust_env=False).status_code == 200
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while process_running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_running(child), "the llama.cpp server outlived its SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout:
+            parent.stdout.close()
