@@ -6,8 +6,11 @@ import logging
 
 import discord
 import pytest
+import simcord
 
+from bot.discord.bot import create_bot
 from bot.discord.render import WRITING_MARKER, split_text
+from bot.service import ChatService
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.discord import World
 
@@ -175,3 +178,39 @@ async def test_model_output_pings_nobody(world: World, fake_openai: FakeOpenAI) 
     # Who was notified is not on discord.Message; simcord's backend records it.
     stored = world.env.backend.get_message(world.channel.id, answer.id)
     assert world.bob.id not in stored.ping_user_ids
+
+
+async def test_a_bare_mention_gets_told_what_is_wrong(world: World, fake_openai: FakeOpenAI) -> None:
+    await world.alice.send(world.channel, world.bot.user.mention)
+
+    [answer] = bot_messages(world)
+    assert answer.content == "⚠️ There is nothing to answer: the message is empty."
+    assert fake_openai.chat_requests == []
+
+
+async def test_thread_started_from_an_answer_is_answered_without_mentions(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
+    await world.alice.send(world.channel, f"{world.bot.user.mention} tell me about tea")
+    [answer] = bot_messages(world)
+    # "Create Thread" on the answer: the thread takes the message's id.
+    created = world.env.backend.create_thread(world.channel.id, "tea", world.alice.id, message_id=answer.id)
+    thread = simcord.ChannelHandle(world.env, world.guild, created)
+
+    await world.bob.send(thread, "what about green tea?")
+
+    assert [m.content for m in bot_messages(world, thread)] == ["Echo: what about green tea?"]
+
+
+async def test_after_a_restart_the_bot_still_takes_part_in_its_threads(
+    world: World, fake_openai: FakeOpenAI, chat_service: ChatService
+) -> None:
+    thread = world.thread("long running")
+    await world.alice.send(thread, f"{world.bot.user.mention} remember me")
+
+    await world.env.restart_bot(create_bot(chat_service, shard_count=1))  # forgets what it knew
+    await world.alice.send(thread, "still there?")
+
+    assert [m.content for m in bot_messages(world, thread)] == ["Echo: remember me", "Echo: still there?"]
+    # It found its earlier answer in the thread's history.
+    assert ("GET", f"/channels/{thread.id}/messages") in [(r.method, r.path) for r in world.env.http_requests]

@@ -121,3 +121,14 @@ async def test_system_prompt_reaches_the_model_and_resets(world: World, fake_ope
     assert "reset" in reset.response.content
     shown = await world.alice.slash(world.channel, "system show")
     assert "bot default" in shown.response.embeds[0].title
+
+
+async def test_settings_in_a_direct_message_are_the_persons_own(world: World, fake_openai: FakeOpenAI) -> None:
+    alice = world.alice.user
+    changed = await alice.slash("model set", name="solo")
+    assert changed.response.content == "Model for this channel: **solo**."
+    refused = await alice.slash("model set", name="solo", server=True)
+    assert refused.ephemeral and "no server here" in refused.response.content
+
+    await alice.send_dm("hello")
+    assert fake_openai.chat_requests[-1].model == "fake-solo"

@@ -7,6 +7,7 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 
 import discord
 from discord.ext import commands
@@ -202,17 +203,19 @@ class ChatCog(commands.Cog):
         try:
             await typing.start()
             request = self.request_for(message)
-            async for event in self.service.stream(request):
-                if isinstance(event, ReplyStarted):
-                    started = event
-                elif isinstance(event, ReplyDelta):
-                    await typing.stop()
-                    text += event.text
-                    await reply.update(text)
-                elif isinstance(event, FallbackUsed):
-                    fallbacks.append(event)
-                elif isinstance(event, ReplyFinished):
-                    result = event.result
+            # aclosing: if Discord fails mid-answer, the model's stream is closed right away.
+            async with aclosing(self.service.stream(request)) as events:
+                async for event in events:
+                    if isinstance(event, ReplyStarted):
+                        started = event
+                    elif isinstance(event, ReplyDelta):
+                        await typing.stop()
+                        text += event.text
+                        await reply.update(text)
+                    elif isinstance(event, FallbackUsed):
+                        fallbacks.append(event)
+                    elif isinstance(event, ReplyFinished):
+                        result = event.result
             await typing.stop()
             if result is None:
                 raise RuntimeError("the chat service ended the stream without a result")
