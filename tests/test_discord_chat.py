@@ -95,16 +95,19 @@ async def test_thread_is_answered_without_mentions_once_the_bot_takes_part(
     await world.alice.send(thread, f"{world.bot.user.mention} help us plan")
     await world.bob.send(thread, "and what about Tuesday?")
 
+    await world.bob.send(thread, f"{world.alice.mention} what do you think?")  # for Alice, not the bot
+
     assert [m.content for m in bot_messages(world, thread)] == ["Echo: help us plan", "Echo: and what about Tuesday?"]
+    assert len(fake_openai.chat_requests) == 2
     texts = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
     assert texts == ["help us plan", "Echo: help us plan", "and what about Tuesday?"]
 
 
 async def test_long_answer_arrives_split_and_intact(world: World, fake_openai: FakeOpenAI) -> None:
     prose = " ".join(f"sentence{i} of the answer." for i in range(150))  # about 3,900 characters
-    code = "```python\n" + "".join(f"print('line {i}')\n" for i in range(60)) + "```\n"
+    code = "```python\n" + "".join(f"print('line {i}')\n" for i in range(80)) + "```\n"
     text = prose + "\n\n" + code + "\nThat is all."
-    assert len(text) > 4900
+    assert len(text) > 5000
     fake_openai.reply = lambda request: text
 
     await world.alice.send(world.channel, f"{world.bot.user.mention} write a lot")

@@ -141,6 +141,8 @@ class ChatCog(commands.Cog):
             if await self.service.is_conversation_message(reference.message_id):
                 return True
         if isinstance(message.channel, discord.Thread):
+            if message.mentions:
+                return False  # it names someone else: it is for them, not for the bot
             return await self._takes_part_in(message.channel)
         return False
 

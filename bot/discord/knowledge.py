@@ -1,0 +1,329 @@
+"""The /knowledge commands: upload, list, remove and search a server's documents, and switch answering from them.
+
+    KnowledgeCog(knowledge_base, chat_service, knowledge_role="Librarian", manager_role="Bot Manager")
+
+Uploads answer at once (deferred) and report progress by editing that response, at most
+once a second; the embedding work runs in the knowledge base's worker threads, so the bot
+keeps answering everyone else meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
+from bot.errors import PermissionDenied, UserError, apology, report_unexpected
+from bot.messages import Source
+from bot.service import ChatService
+from knowledge.base import KnowledgeBase
+from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressUpdate
+
+log = logging.getLogger(__name__)
+
+EMBED_COLOUR = discord.Colour.teal()
+_MESSAGE_ROOM = 1900  # a message holds 2,000 characters
+_DESCRIPTION_ROOM = 3900  # an embed description holds 4,096
+_AUTOCOMPLETE_MAX = 25
+_PASSAGE_PREVIEW = 350
+EDIT_INTERVAL_S = 1.0  # Discord rate-limits edits; once a second is plenty for a progress line
+_STATUS_ICON = {"added": "✅", "replaced": "♻️", "skipped": "⏭️", "refused": "❌"}
+
+
+def knowledge_refusal(*, in_guild: bool, guild_permissions: discord.Permissions | None, role_names: list[str], knowledge_role: str | None) -> str | None:
+    """Why this person may not change the knowledge base (None when they may)."""
+    if not in_guild:
+        return "The knowledge base belongs to a server: use this command in one of its channels."
+    if knowledge_role and any(name.casefold() == knowledge_role.casefold() for name in role_names):
+        return None
+    if guild_permissions is not None and guild_permissions.manage_guild:
+        return None
+    role_hint = f" or the **{knowledge_role}** role" if knowledge_role else ""
+    return f"Changing the knowledge base needs the **Manage Server** permission{role_hint}."
+
+
+def human_size(size: int) -> str:
+    """Bytes for people: 1536 → "1.5 KB"."""
+    value = float(size)
+    for unit in ("B", "KB", "MB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+def result_line(result: FileResult) -> str:
+    """One file's outcome for a Discord message."""
+    passages = f" ({result.chunks} passage{'s' if result.chunks != 1 else ''})" if result.status in ("added", "replaced") else ""
+    reason = f" — {result.reason}" if result.reason and result.status in ("skipped", "refused") else ""
+    return f"{_STATUS_ICON[result.status]} **{discord.utils.escape_markdown(result.name)}**: {result.status}{passages}{reason}"
+
+
+def report_text(report: IngestReport) -> str:
+    """The final upload message, shortened to fit."""
+    head = report.summary().splitlines()[0]
+    return fit_lines([f"**Knowledge base:** {head}", *(result_line(r) for r in report.results)], _MESSAGE_ROOM)
+
+
+def progress_text(update: ProgressUpdate) -> str:
+    """The in-progress upload message."""
+    line = f"⏳ Adding documents… {update.files_done}/{update.files_total} files, {update.chunks_done}/{update.chunks_total} passages embedded"
+    if update.current and update.files_done < update.files_total:
+        line += f"\nNow: {discord.utils.escape_markdown(update.current)}"
+    return line
+
+
+def document_line(doc: DocumentInfo) -> str:
+    """One document of /knowledge list."""
+    when = discord.utils.format_dt(doc.added_at, "R")
+    return f"**{discord.utils.escape_markdown(doc.name)}** · {doc.chunks} passages · {human_size(doc.bytes)} · added by {discord.utils.escape_markdown(doc.uploader)} {when}"
+
+
+def source_block(number: int, source: Source) -> str:
+    """One passage of /knowledge search, quoted."""
+    where = f" ({source.location})" if source.location else ""
+    text = " ".join(source.text.split())
+    text = text if len(text) <= _PASSAGE_PREVIEW else text[:_PASSAGE_PREVIEW].rstrip() + "…"
+    return f"**[{number}] {discord.utils.escape_markdown(source.document)}{where}** · score {source.score:.2f}\n> {text}"
+
+
+def fit_lines(lines: list[str], room: int) -> str:
+    """Join lines, ending with "…and N more" when they do not fit in `room` characters."""
+    shown: list[str] = []
+    used = 0
+    for n, line in enumerate(lines):
+        if used + len(line) + 1 > room - 40:
+            shown.append(f"…and {len(lines) - n} more.")
+            break
+        shown.append(line)
+        used += len(line) + 1
+    return "\n".join(shown)
+
+
+class _ThrottledEditor:
+    """Edits an interaction's original response with the latest progress, at most once per interval."""
+
+    def __init__(self, interaction: discord.Interaction, clock: Callable[[], float]) -> None:
+        self._interaction = interaction
+        self._clock = clock
+        self._last = float("-inf")
+        self._pending: str | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def show(self, text: str) -> None:
+        """Remember the newest text; send it now if the last edit is old enough and none is in flight."""
+        self._pending = text
+        if self._task is None and self._clock() - self._last >= EDIT_INTERVAL_S:
+            self._task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        text, self._pending = self._pending, None
+        self._last = self._clock()
+        try:
+            if text is not None:
+                await self._interaction.edit_original_response(content=text)
+        except discord.HTTPException:
+            log.debug("could not edit the upload progress", exc_info=True)
+        finally:
+            self._task = None
+
+    async def finish(self, text: str) -> None:
+        """Wait for an edit in flight, then show the final text."""
+        if self._task is not None:
+            await self._task
+        self._pending = None
+        await self._interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
+
+
+class KnowledgeCog(commands.Cog):
+    """Fill a server's knowledge base from Discord and choose where the bot answers from it."""
+
+    knowledge = app_commands.Group(name="knowledge", description="The server's knowledge base: documents the bot answers from.", guild_only=True)
+
+    def __init__(
+        self,
+        knowledge_base: KnowledgeBase,
+        service: ChatService,
+        *,
+        knowledge_role: str | None = None,
+        manager_role: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kb = knowledge_base
+        self.service = service
+        self.knowledge_role = knowledge_role
+        self.manager_role = manager_role
+        self.clock = clock
+
+    # ------------------------------------------------------------ plumbing
+
+    @asynccontextmanager
+    async def _answering(self, interaction: discord.Interaction, what: str) -> AsyncIterator[None]:
+        """Show user-facing errors ephemerally; log anything else and apologise."""
+        try:
+            yield
+        except UserError as exc:
+            await _send(interaction, f"⚠️ {exc.message}", ephemeral=True)
+        except Exception as exc:
+            error_id = report_unexpected(log, exc, what)
+            await _send(interaction, apology(error_id), ephemeral=True)
+
+    def _is_knowledge_admin(self, interaction: discord.Interaction) -> bool:
+        return self._refusal(interaction) is None
+
+    def _refusal(self, interaction: discord.Interaction) -> str | None:
+        member = interaction.user if isinstance(interaction.user, discord.Member) else None
+        return knowledge_refusal(
+            in_guild=interaction.guild_id is not None,
+            guild_permissions=member.guild_permissions if member is not None else None,
+            role_names=[role.name for role in member.roles] if member is not None else [],
+            knowledge_role=self.knowledge_role,
+        )
+
+    def _ensure_admin(self, interaction: discord.Interaction) -> int:
+        """The guild id, after checking the person may change its knowledge base."""
+        refusal = self._refusal(interaction)
+        if refusal is not None:
+            raise PermissionDenied(refusal)
+        assert interaction.guild_id is not None
+        return interaction.guild_id
+
+    @staticmethod
+    def _guild(interaction: discord.Interaction) -> int:
+        if interaction.guild_id is None:
+            raise UserError("The knowledge base belongs to a server: use this command in one of its channels.")
+        return interaction.guild_id
+
+    # ------------------------------------------------------------ commands
+
+    @knowledge.command(name="add")
+    @app_commands.describe(
+        file="A document: .txt, .md, .pdf, .html or .docx.",
+        file2="Another document.", file3="Another document.", file4="Another document.", file5="Another document.",
+        file6="Another document.", file7="Another document.", file8="Another document.", file9="Another document.",
+        file10="Another document.",
+    )
+    async def add(
+        self,
+        interaction: discord.Interaction,
+        file: discord.Attachment,
+        file2: discord.Attachment | None = None,
+        file3: discord.Attachment | None = None,
+        file4: discord.Attachment | None = None,
+        file5: discord.Attachment | None = None,
+        file6: discord.Attachment | None = None,
+        file7: discord.Attachment | None = None,
+        file8: discord.Attachment | None = None,
+        file9: discord.Attachment | None = None,
+        file10: discord.Attachment | None = None,
+    ) -> None:
+        """Add documents to this server's knowledge base (a document with the same name is replaced)."""
+        async with self._answering(interaction, "adding documents"):
+            guild_id = self._ensure_admin(interaction)
+            attachments = [a for a in (file, file2, file3, file4, file5, file6, file7, file8, file9, file10) if a is not None]
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            editor = _ThrottledEditor(interaction, self.clock)
+            editor.show(f"⏳ Adding {len(attachments)} document{'s' if len(attachments) != 1 else ''}…")
+            # Refuse what is too big or of the wrong type before downloading it.
+            early: dict[int, FileResult] = {}
+            uploads: list[tuple[int, str, bytes]] = []
+            for n, attachment in enumerate(attachments):
+                refusal = self.kb.precheck(attachment.filename, attachment.size)
+                if refusal is not None:
+                    early[n] = FileResult(attachment.filename, "refused", refusal)
+                    continue
+                try:
+                    uploads.append((n, attachment.filename, await attachment.read()))
+                except discord.HTTPException as exc:
+                    early[n] = FileResult(attachment.filename, "refused", f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again.")
+            report = await self.kb.add_bytes(
+                guild_id,
+                [(name, data) for _, name, data in uploads],
+                uploader=f"{interaction.user.display_name} ({interaction.user.id})",
+                progress=lambda update: editor.show(progress_text(update)),
+            )
+            results = dict(early)
+            results.update({n: result for (n, _, _), result in zip(uploads, report.results, strict=True)})
+            await editor.finish(report_text(IngestReport([results[n] for n in sorted(results)])))
+
+    @knowledge.command(name="list")
+    async def list_(self, interaction: discord.Interaction) -> None:
+        """List this server's documents: passages, size, who added them and when."""
+        async with self._answering(interaction, "listing documents"):
+            docs = await self.kb.list_documents(self._guild(interaction))
+            if not docs:
+                await _send(interaction, "This server's knowledge base is empty. Admins add documents with `/knowledge add`.", ephemeral=True)
+                return
+            embed = discord.Embed(title="Knowledge base", description=fit_lines([document_line(d) for d in docs], _DESCRIPTION_ROOM), colour=EMBED_COLOUR)
+            embed.set_footer(text=f"{len(docs)} documents · {sum(d.chunks for d in docs)} passages · {human_size(sum(d.bytes for d in docs))}")
+            await _send(interaction, embed=embed, ephemeral=True)
+
+    @knowledge.command(name="remove")
+    @app_commands.describe(document="The document's name, as /knowledge list shows it.")
+    async def remove(self, interaction: discord.Interaction, document: str) -> None:
+        """Remove a document and all its passages from this server's knowledge base."""
+        async with self._answering(interaction, "removing a document"):
+            guild_id = self._ensure_admin(interaction)
+            doc = await self.kb.remove(guild_id, document)
+            await _send(interaction, f"🗑️ Removed **{discord.utils.escape_markdown(doc.name)}** ({doc.chunks} passages).", ephemeral=True)
+
+    @remove.autocomplete("document")
+    async def _document_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        """Document names containing what has been typed so far (only for people who may remove them)."""
+        if interaction.guild_id is None or not self._is_knowledge_admin(interaction):
+            return []
+        typed = current.casefold()
+        names = [d.name for d in await self.kb.list_documents(interaction.guild_id)]
+        matches = sorted((n for n in names if typed in n.casefold()), key=lambda n: (not n.casefold().startswith(typed), n.casefold()))
+        return [app_commands.Choice(name=n[:100], value=n[:100]) for n in matches[:_AUTOCOMPLETE_MAX]]
+
+    @knowledge.command(name="search")
+    @app_commands.describe(query="What to look for.", count="How many passages to show (1-10).")
+    async def search(self, interaction: discord.Interaction, query: str, count: app_commands.Range[int, 1, 10] = 5) -> None:
+        """Show the passages of this server's documents that best match a query, with their scores."""
+        async with self._answering(interaction, "searching the knowledge base"):
+            guild_id = self._guild(interaction)
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            sources = await self.kb.search(guild_id, query, k=count)
+            if not sources:
+                await _send(interaction, "Nothing found: this server's knowledge base is empty or has no passage that matches.", ephemeral=True)
+                return
+            blocks = [source_block(n, s) for n, s in enumerate(sources, start=1)]
+            embed = discord.Embed(title=f"Search: {query[:200]}", description=fit_lines(blocks, _DESCRIPTION_ROOM), colour=EMBED_COLOUR)
+            await _send(interaction, embed=embed, ephemeral=True)
+
+    @knowledge.command(name="use")
+    @app_commands.describe(
+        state="on: answer from the knowledge base here; off: don't; inherit: follow the channel or server setting.",
+        server="Set the server default instead of this channel (needs Manage Server).",
+    )
+    async def use(self, interaction: discord.Interaction, state: Literal["on", "off", "inherit"], server: bool = False) -> None:
+        """Answer from the knowledge base in this channel (its threads follow), or stop."""
+        async with self._answering(interaction, "switching the knowledge base"):
+            self._guild(interaction)
+            place = place_of(interaction.channel, interaction.guild_id)
+            scope = scope_for(place, server)
+            if not self._is_knowledge_admin(interaction):
+                ensure_can_change(interaction, scope, self.manager_role)
+            enabled = {"on": True, "off": False, "inherit": None}[state]
+            line = await self.service.set_knowledge(place, scope, enabled, author_of(interaction.user))
+            await _send(interaction, line, ephemeral=False)
+
+
+async def _send(interaction: discord.Interaction, content: str | None = None, *, embed: discord.Embed | None = None, ephemeral: bool) -> None:
+    """Respond to an interaction, or follow up if it was already answered or deferred."""
+    kwargs: dict[str, object] = {"content": content, "ephemeral": ephemeral, "allowed_mentions": discord.AllowedMentions.none()}
+    if embed is not None:
+        kwargs["embed"] = embed
+    if interaction.response.is_done():
+        await interaction.followup.send(**kwargs)  # type: ignore[arg-type]
+    else:
+        await interaction.response.send_message(**kwargs)  # type: ignore[arg-type]
