@@ -15,7 +15,8 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.discord import World
 
 
-def bot_messages(world: World, channel=None) -> list[discord.Message]:  # noqa: ANN001
+def bot_messages(world: World, channel: simcord.ChannelHandle | None = None) -> list[discord.Message]:
+    """The bot's messages in the channel (or the given one), oldest first."""
     me = world.bot.user
     assert me is not None
     return [m for m in (channel or world.channel).history() if m.author.id == me.id]

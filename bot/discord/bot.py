@@ -82,6 +82,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         """Text commands are off; the chat cog's listener handles messages."""
 
     async def on_ready(self) -> None:
+        """Say in the log who the bot is and where."""
         log.info("logged in as %s (%s) in %d servers", self.user, getattr(self.user, "id", "?"), len(self.guilds))
 
 

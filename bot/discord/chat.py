@@ -49,12 +49,14 @@ class _ChannelSink:
         self.trigger = trigger
 
     async def send(self, content: str, after: discord.Message | None) -> discord.Message:
+        """Post a part: the first as a reply to the person, later ones as replies to the part before."""
         if after is None:
             reference = self.trigger.to_reference(fail_if_not_exists=False)
             return await self.trigger.channel.send(content, reference=reference, allowed_mentions=ANSWER_MENTIONS)
         return await after.reply(content, mention_author=False, allowed_mentions=QUIET_MENTIONS)
 
     async def edit(self, message: discord.Message, content: str) -> None:
+        """Replace a part's content; model text never pings anyone."""
         await message.edit(content=content, allowed_mentions=QUIET_MENTIONS)
 
 
@@ -66,6 +68,7 @@ class _Typing:
         self._on = False
 
     async def start(self) -> None:
+        """Show it; a channel that refuses it is no reason to stay silent."""
         try:
             await self._context.__aenter__()
             self._on = True
@@ -73,6 +76,7 @@ class _Typing:
             log.debug("could not show the typing indicator", exc_info=True)
 
     async def stop(self) -> None:
+        """Stop it (safe to call more than once)."""
         if self._on:
             self._on = False
             await self._context.__aexit__(None, None, None)
@@ -171,6 +175,7 @@ class ChatCog(commands.Cog):
         return False
 
     def _remember_thread(self, thread_id: int, part: bool) -> None:
+        """Remember whether the bot takes part in a thread (least recently used forgotten first)."""
         self._threads[thread_id] = part
         self._threads.move_to_end(thread_id)
         while len(self._threads) > THREAD_MEMORY:
