@@ -10,6 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Integer, and_, delete, func, insert, literal_column, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.sql.dml import Insert
@@ -39,12 +41,8 @@ def _insert_ignoring_conflicts(session: AsyncSession, table: Any) -> Insert:
     """INSERT that skips rows whose key already exists (SQLite and PostgreSQL)."""
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
         return pg_insert(table).on_conflict_do_nothing()
     if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
         return sqlite_insert(table).on_conflict_do_nothing()
     return insert(table)
 
@@ -118,30 +116,26 @@ class SettingsRepository:
         )
         assert row is not None
         old = getattr(row, field)
-        if old == value and type(old) is type(value):
-            if all(getattr(row, name) is None for name in SETTING_FIELDS):
-                await self.session.delete(row)
-            await self.session.flush()
-            return old
-        setattr(row, field, value)
-        row.updated_at = utcnow()
-        row.updated_by = actor_id
-        if guild_id is not None:
-            row.guild_id = guild_id
-        self.session.add(
-            SettingChange(
-                id=new_id(),
-                scope=scope,
-                scope_id=scope_id,
-                guild_id=guild_id,
-                field=field,
-                old_value=_as_text(old),
-                new_value=_as_text(value),
-                actor_id=actor_id,
-                actor_name=actor_name,
-                changed_at=utcnow(),
+        if old != value or type(old) is not type(value):
+            setattr(row, field, value)
+            row.updated_at = utcnow()
+            row.updated_by = actor_id
+            if guild_id is not None:
+                row.guild_id = guild_id
+            self.session.add(
+                SettingChange(
+                    id=new_id(),
+                    scope=scope,
+                    scope_id=scope_id,
+                    guild_id=guild_id,
+                    field=field,
+                    old_value=_as_text(old),
+                    new_value=_as_text(value),
+                    actor_id=actor_id,
+                    actor_name=actor_name,
+                    changed_at=utcnow(),
+                )
             )
-        )
         # A row with nothing set says nothing; drop it rather than keep an empty override.
         if all(getattr(row, name) is None for name in SETTING_FIELDS):
             await self.session.delete(row)
