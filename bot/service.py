@@ -213,7 +213,7 @@ class ChatService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every model failure becomes a message, never a traceback
-            failure = classify_failure(exc, attempt.spec.name)
+            failure = classify_failure(exc, attempt.spec.name, attempt.spec.api_key_env)
             attempt.error = failure.message
             attempt.fallback_ok = failure.fallback_ok
             if attempt.text:
@@ -365,7 +365,10 @@ class ChatService:
             if conv is None:
                 conversation_id = uuid.uuid4().hex
                 self._thread_conv.put(running_key, conversation_id)
-                return conversation_id, None
+                # A thread started from one of our answers has that message's id: the
+                # thread picks up the answer's line of conversation.
+                started_from = await self._find_discord(place.thread_id) if place.thread_id else None
+                return conversation_id, started_from[1] if started_from else None
             conversation_id = conv.id
             self._thread_conv.put(running_key, conversation_id)
             self._known_convs.put(conversation_id, True)
@@ -388,11 +391,11 @@ class ChatService:
     async def _find_discord(self, discord_id: int) -> tuple[str, str] | None:
         found = self._by_discord.get_fresh(discord_id)
         if found is not None:
-            return found
+            return found or None  # () marks a known miss
         async with self.sessions() as session:
             found = await ConversationRepository(session).find_by_discord_message(discord_id)
-        if found is not None:
-            self._by_discord.put(discord_id, found)
+        # Remember misses too: every reply between two people asks. link_* overwrites them.
+        self._by_discord.put(discord_id, found or ())
         return found
 
     async def _history(self, leaf_id: str | None, spec: ModelSpec) -> list[_Turn]:
@@ -434,6 +437,18 @@ class ChatService:
     async def is_conversation_message(self, discord_message_id: int) -> bool:
         """Whether this Discord message is part of one of our answers."""
         return await self._find_discord(discord_message_id) is not None
+
+    async def has_conversation(self, thread_id: int) -> bool:
+        """Whether the bot has a conversation in this thread (or started it from an answer)."""
+        if self._thread_conv.get_fresh(thread_id) is not None:
+            return True
+        async with self.sessions() as session:
+            conv = await ConversationRepository(session).latest_for_thread(thread_id)
+        if conv is not None:
+            self._thread_conv.put(thread_id, conv.id)
+            self._known_convs.put(conv.id, True)
+            return True
+        return await self.is_conversation_message(thread_id)
 
     async def _retrieve(self, request: ChatRequest, settings: EffectiveSettings, text: str) -> list[Source]:
         if not settings.knowledge.value or self.knowledge is None or request.place.guild_id is None:

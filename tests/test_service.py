@@ -277,3 +277,16 @@ async def test_a_failing_log_write_never_breaks_the_reply(chat_app: App, caplog:
     # The next exchange is written normally again.
     later = await chat_app.service.answer(mention("and now?", discord_id=9))
     assert (await stored(chat_app, later.message_id)).content == "Echo: and now?"
+
+
+async def test_thread_started_from_an_answer_continues_its_line(chat_app: App, fake_openai: FakeOpenAI) -> None:
+    svc = chat_app.service
+    answer = await svc.answer(mention("Topic: tides.", discord_id=40))
+    await svc.link_discord_messages(answer.message_id, answer.conversation_id, [4242])
+    assert not await svc.has_conversation(777)
+    assert await svc.has_conversation(4242), "a thread created from an answer has the answer's id"
+    # Discord gives a thread created from a message that message's id.
+    await svc.answer(mention("Tell me more", place=Place(GUILD, CHANNEL, 4242), discord_id=41))
+    sent = [m["content"] for m in fake_openai.chat_requests[-1].messages[1:]]
+    assert sent == ["Topic: tides.", "Echo: Topic: tides.", "Tell me more"]
+    assert await svc.has_conversation(4242)
