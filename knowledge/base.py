@@ -277,6 +277,16 @@ class KnowledgeBase:
         items = [_Item(name, len(data), (lambda data=data: data)) for name, data in files]
         return await self._ingest(guild_id, items, uploader, progress)
 
+    def precheck(self, name: str, size: int) -> str | None:
+        """Why a file of this name and size would be refused, known before reading it (None if it may go ahead)."""
+        try:
+            check_size(name, size, self.max_file_bytes)
+            if not is_supported(name):
+                parse(name, b"", max_bytes=self.max_file_bytes)  # raises the refusal that lists the supported types
+        except RefusedFile as exc:
+            return exc.message
+        return None
+
     def _items_from_paths(self, paths: Sequence[Path]) -> list[_Item]:
         items: list[_Item] = []
         for path in paths:
@@ -370,9 +380,9 @@ class KnowledgeBase:
                     finish(index, FileResult(item.name, status, item.refused or item.skipped))
                     continue
                 try:
-                    check_size(item.name, item.size, self.max_file_bytes)
-                    if not is_supported(item.name):
-                        parse(item.name, b"", max_bytes=self.max_file_bytes)  # raises the refusal with the supported types
+                    refusal = self.precheck(item.name, item.size)
+                    if refusal is not None:
+                        raise RefusedFile(refusal)
                     data = item.read()
                     digest = _sha256(data)
                     same = by_hash.get(digest)
