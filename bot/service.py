@@ -307,16 +307,16 @@ class ChatService:
                     "source_ids": [s.chunk_id for s in sources],
                 }
             )
-        conversation = None
-        if self._known_convs.get_fresh(conversation_id) is None:
-            conversation = {
-                "id": conversation_id,
-                "guild_id": place.guild_id,
-                "channel_id": place.channel_id,
-                "thread_id": place.thread_id,
-                "started_by": request.author.id,
-                "origin": "discord" if request.discord_message_id is not None else "terminal",
-            }
+        # Sent with every exchange (an insert that skips existing rows), so a conversation
+        # whose first write was lost is recreated by the next one instead of failing forever.
+        conversation = {
+            "id": conversation_id,
+            "guild_id": place.guild_id,
+            "channel_id": place.channel_id,
+            "thread_id": place.thread_id,
+            "started_by": request.author.id,
+            "origin": "discord" if request.discord_message_id is not None else "terminal",
+        }
         self._remember(conversation_id, rows)
         self.writer.submit(_log_exchange(conversation, rows), f"log exchange {answer_id}")
 
@@ -361,7 +361,11 @@ class ChatService:
         conversation_id = self._thread_conv.get_fresh(running_key)
         if conversation_id is None:
             async with self.sessions() as session:
-                conv = await ConversationRepository(session).latest_for_thread(running_key)
+                repo = ConversationRepository(session)
+                if place.thread_id is not None:
+                    conv = await repo.latest_for_thread(place.thread_id)
+                else:
+                    conv = await repo.latest_for_dm(place.channel_id)
             if conv is None:
                 conversation_id = uuid.uuid4().hex
                 self._thread_conv.put(running_key, conversation_id)
@@ -580,13 +584,12 @@ def _scope_word(scope: Scope) -> str:
     return {"guild": "server", "global": "bot"}.get(scope, scope)
 
 
-def _log_exchange(conversation: dict[str, Any] | None, rows: list[dict[str, Any]]) -> Callable[[AsyncSession], Any]:
-    """A write op for the log writer: the conversation (if new) and the exchange's rows."""
+def _log_exchange(conversation: dict[str, Any], rows: list[dict[str, Any]]) -> Callable[[AsyncSession], Any]:
+    """A write op for the log writer: the conversation (unless stored) and the exchange's rows."""
 
     async def write(session: AsyncSession) -> None:
         repo = ConversationRepository(session)
-        if conversation is not None:
-            await repo.create(**conversation)
+        await repo.ensure(**conversation)
         await repo.add_messages(rows)
 
     return write

@@ -136,7 +136,8 @@ class Conversation(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     guild_id: Mapped[int | None] = mapped_column(BigInteger)
-    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Indexed: a thread, and a DM channel, each hold one running conversation.
+    channel_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     thread_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     started_by: Mapped[int | None] = mapped_column(BigInteger)
     origin: Mapped[str] = mapped_column(String(16), default="discord")

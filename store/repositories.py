@@ -189,6 +189,28 @@ class ConversationRepository:
         self.session.add(conversation)
         return conversation
 
+    async def ensure(
+        self,
+        *,
+        id: str,
+        guild_id: int | None,
+        channel_id: int | None,
+        thread_id: int | None,
+        started_by: int | None,
+        origin: str = "discord",
+    ) -> None:
+        """Create the conversation unless it exists (the log writer may replay an exchange)."""
+        row = {
+            "id": id,
+            "guild_id": guild_id,
+            "channel_id": channel_id,
+            "thread_id": thread_id,
+            "started_by": started_by,
+            "origin": origin,
+            "created_at": utcnow(),
+        }
+        await self.session.execute(_insert_ignoring_conflicts(self.session, Conversation.__table__), [row])
+
     async def get(self, id: str) -> Conversation | None:
         """One conversation by id."""
         return await self.session.get(Conversation, id)
@@ -203,6 +225,19 @@ class ConversationRepository:
         return await self.session.scalar(
             select(Conversation)
             .where(Conversation.thread_id == thread_id)
+            .order_by(Conversation.created_at.desc(), Conversation.id.desc())
+            .limit(1)
+        )
+
+    async def latest_for_dm(self, channel_id: int) -> Conversation | None:
+        """The most recent conversation in a DM channel (no server, no thread)."""
+        return await self.session.scalar(
+            select(Conversation)
+            .where(
+                Conversation.channel_id == channel_id,
+                Conversation.guild_id.is_(None),
+                Conversation.thread_id.is_(None),
+            )
             .order_by(Conversation.created_at.desc(), Conversation.id.desc())
             .limit(1)
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -25,7 +27,10 @@ class LogWriter:
     """Runs submitted write ops in order on a background task, batching and retrying them.
 
     Ops get a fresh session and must not commit; a failed op's work is rolled back
-    before it is retried, so an op must be safe to run again.
+    before it is retried, so an op must be safe to run again. An op that still fails
+    after its retries is reported and kept aside; the kept ops are tried again, in
+    order, before later writes (at most every `retry_interval` seconds) and at close,
+    so a database outage delays the log instead of losing it.
     """
 
     def __init__(
@@ -35,6 +40,8 @@ class LogWriter:
         retries: int = 3,
         backoff: float = 0.2,
         max_batch: int = 100,
+        retry_interval: float = 10.0,
+        max_kept: int = 10_000,
         logger: logging.Logger | None = None,
     ) -> None:
         if retries < 0 or backoff < 0 or max_batch < 1:
@@ -48,6 +55,12 @@ class LogWriter:
         self.written = 0
         self.failed = 0
         self.transactions = 0  # committed transactions, to see the batching at work
+        self.recovered = 0  # failed ops written later
+        self.dropped = 0  # failed ops given up on for good (too many kept, or closed)
+        self.retry_interval = retry_interval
+        self._kept: deque[_Job] = deque()
+        self._max_kept = max_kept
+        self._last_retry = 0.0
         self._processed = 0
         self._queue: asyncio.Queue[_Job | object] = asyncio.Queue()
         self._progress = asyncio.Condition()
@@ -102,6 +115,12 @@ class LogWriter:
                 return
         self._queue.put_nowait(_STOP)
         await self._task
+        if self._kept:
+            await self._retry_kept()
+        for job in self._kept:
+            self.dropped += 1
+            self.log.error("log write lost at shutdown after repeated failures: %s", job.what)
+        self._kept.clear()
 
     async def _run(self) -> None:
         """Take ops off the queue; whatever queued up meanwhile goes in one transaction."""
@@ -118,6 +137,8 @@ class LogWriter:
                     break
                 batch.append(more)  # type: ignore[arg-type]
             try:
+                if self._kept and time.monotonic() - self._last_retry >= self.retry_interval:
+                    await self._retry_kept()
                 await self._write_batch(batch)
             except Exception:  # the loop must survive anything an op does
                 self.log.exception("log writer: unexpected error")
@@ -154,16 +175,44 @@ class LogWriter:
                 if attempt == attempts:
                     self.failed += 1
                     self.log.error(
-                        "log write failed after %d attempts: %s",
+                        "log write failed after %d attempts (kept to try again later): %s",
                         attempts,
                         job.what,
                         exc_info=exc,
                     )
+                    self._keep(job)
                     return
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             else:
                 self.written += 1
                 return
+
+    def _keep(self, job: _Job) -> None:
+        if len(self._kept) >= self._max_kept:
+            lost = self._kept.popleft()
+            self.dropped += 1
+            self.log.error("log write given up (too many failed writes kept): %s", lost.what)
+        self._kept.append(job)
+        self._last_retry = time.monotonic()
+
+    async def _retry_kept(self) -> None:
+        """Try the kept ops again, oldest first; stop at the first that still fails."""
+        self._last_retry = time.monotonic()
+        while self._kept:
+            job = self._kept[0]
+            try:
+                await self._transaction([job])
+            except Exception as exc:
+                self.log.warning("log write still failing (%s): %s", exc, job.what)
+                return
+            self._kept.popleft()
+            self.recovered += 1
+            self.log.info("log write recovered: %s", job.what)
+
+    @property
+    def kept(self) -> int:
+        """Failed ops waiting to be tried again."""
+        return len(self._kept)
 
     async def _transaction(self, jobs: list[_Job]) -> None:
         """Run the ops in one session and commit."""

@@ -290,3 +290,38 @@ async def test_thread_started_from_an_answer_continues_its_line(chat_app: App, f
     sent = [m["content"] for m in fake_openai.chat_requests[-1].messages[1:]]
     assert sent == ["Topic: tides.", "Echo: Topic: tides.", "Tell me more"]
     assert await svc.has_conversation(4242)
+
+
+async def test_dm_conversation_survives_a_restart(service_settings, fake_openai: FakeOpenAI) -> None:
+    from bot.app import open_app
+
+    dm = Place(None, 888)
+    async with open_app(service_settings, knowledge=False) as app:
+        first = await app.service.answer(mention("DM before restart", place=dm, discord_id=1))
+    async with open_app(service_settings, knowledge=False) as app:
+        second = await app.service.answer(mention("DM after restart", place=dm, discord_id=2))
+    assert second.conversation_id == first.conversation_id
+    assert "DM before restart" in str(fake_openai.chat_requests[-1].messages)
+
+
+async def test_log_writes_that_failed_are_written_once_the_database_is_back(chat_app: App) -> None:
+    from sqlalchemy import text
+
+    chat_app.writer.backoff = 0.01
+    chat_app.writer.retry_interval = 0  # try kept writes again before every later write
+    svc, thread = chat_app.service, Place(GUILD, CHANNEL, THREAD)
+    async with chat_app.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE messages RENAME TO messages_away"))
+    lost = await svc.answer(mention("first, not stored", place=thread))
+    await chat_app.writer.drain()
+    async with chat_app.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE messages_away RENAME TO messages"))
+    kept = await svc.answer(mention("second, stored", place=thread, discord_id=2))
+    assert kept.conversation_id == lost.conversation_id
+    row = await stored(chat_app, kept.message_id)
+    assert row.conversation_id == lost.conversation_id
+    # The lost exchange was kept and written first, so the line of history is whole.
+    assert (await stored(chat_app, lost.message_id)).content == "Echo: first, not stored"
+    prompt = await stored(chat_app, row.parent_id)
+    assert prompt.parent_id == lost.message_id
+    assert chat_app.writer.failed == 1 and chat_app.writer.recovered == 1 and chat_app.writer.kept == 0

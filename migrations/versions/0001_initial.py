@@ -49,6 +49,9 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_conversations_thread_id"), "conversations", ["thread_id"], unique=False
     )
+    op.create_index(
+        op.f("ix_conversations_channel_id"), "conversations", ["channel_id"], unique=False
+    )
     op.create_table(
         "registered_models",
         sa.Column("name", sa.String(length=200), nullable=False),
@@ -167,5 +170,6 @@ def downgrade() -> None:
     op.drop_table("setting_changes")
     op.drop_table("registered_models")
     op.drop_index(op.f("ix_conversations_thread_id"), table_name="conversations")
+    op.drop_index(op.f("ix_conversations_channel_id"), table_name="conversations")
     op.drop_table("conversations")
     op.drop_table("channel_settings")
