@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import discord
 import pytest
 import simcord
 
-from bot.discord.bot import create_bot
+from bot.app import App
 from bot.discord.render import WRITING_MARKER, split_text
-from bot.service import ChatService
-from tests.fakes.openai_server import FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, FakeRequest
 from tests.fixtures.discord import World
 
 
@@ -192,29 +192,83 @@ async def test_a_bare_mention_gets_told_what_is_wrong(world: World, fake_openai:
     assert fake_openai.chat_requests == []
 
 
-async def test_thread_started_from_an_answer_is_answered_without_mentions(
-    world: World, fake_openai: FakeOpenAI
-) -> None:
+def thread_from(world: World, message: discord.Message, name: str) -> simcord.ChannelHandle:
+    """"Create Thread" on a message: the thread takes the message's id."""
+    created = world.env.backend.create_thread(world.channel.id, name, world.alice.id, message_id=message.id)
+    return simcord.ChannelHandle(world.env, world.guild, created)
+
+
+def conversation(request: FakeRequest) -> list[str]:
+    """The texts a request to the model carried, without the system prompt."""
+    return [m["content"] for m in request.messages if m["role"] != "system"]
+
+
+async def test_thread_started_from_an_answer_continues_that_exchange(world: World, fake_openai: FakeOpenAI) -> None:
     await world.alice.send(world.channel, f"{world.bot.user.mention} tell me about tea")
-    [answer] = bot_messages(world)
-    # "Create Thread" on the answer: the thread takes the message's id.
-    created = world.env.backend.create_thread(world.channel.id, "tea", world.alice.id, message_id=answer.id)
-    thread = simcord.ChannelHandle(world.env, world.guild, created)
+    await world.alice.send(world.channel, f"{world.bot.user.mention} and about coffee?")  # another line
+    tea, _coffee = bot_messages(world)
+    thread = thread_from(world, tea, "tea")
 
-    await world.bob.send(thread, "what about green tea?")
+    await world.bob.send(thread, "what about green tea?")  # no mention: the thread grew out of an answer
 
+    assert thread.id == tea.id
     assert [m.content for m in bot_messages(world, thread)] == ["Echo: what about green tea?"]
+    assert conversation(fake_openai.chat_requests[-1]) == [
+        "tell me about tea", "Echo: tell me about tea", "what about green tea?"
+    ]
+    # The thread goes on from there.
+    await world.alice.send(thread, "and oolong?")
+    assert conversation(fake_openai.chat_requests[-1]) == [
+        "tell me about tea", "Echo: tell me about tea", "what about green tea?", "Echo: what about green tea?",
+        "and oolong?",
+    ]
+    # Someone named in the thread is being spoken to, not the bot.
+    await world.alice.send(thread, f"{world.bob.mention} do you like it?")
+    assert len(fake_openai.chat_requests) == 4
+
+
+async def test_thread_from_a_plain_message_needs_a_mention(world: World, fake_openai: FakeOpenAI) -> None:
+    question = await world.alice.send(world.channel, "does anyone know about tea?")
+    thread = thread_from(world, question, "tea")
+
+    await world.bob.send(thread, "I do")
+    assert bot_messages(world, thread) == [] and fake_openai.chat_requests == []
+
+    await world.bob.send(thread, f"{world.bot.user.mention} do you?")
+    await world.alice.send(thread, "thanks")
+    assert [m.content for m in bot_messages(world, thread)] == ["Echo: do you?", "Echo: thanks"]
 
 
 async def test_after_a_restart_the_bot_still_takes_part_in_its_threads(
-    world: World, fake_openai: FakeOpenAI, chat_service: ChatService
+    world: World, fake_openai: FakeOpenAI, restart: Callable[[], Awaitable[App]]
 ) -> None:
     thread = world.thread("long running")
     await world.alice.send(thread, f"{world.bot.user.mention} remember me")
+    quiet = world.thread("no bot here")
+    await world.alice.send(quiet, "just people")
 
-    await world.env.restart_bot(create_bot(chat_service, shard_count=1))  # forgets what it knew
+    await restart()  # a new bot and a new service over the same database
     await world.alice.send(thread, "still there?")
+    await world.alice.send(quiet, "still just people")
 
     assert [m.content for m in bot_messages(world, thread)] == ["Echo: remember me", "Echo: still there?"]
-    # It found its earlier answer in the thread's history.
-    assert ("GET", f"/channels/{thread.id}/messages") in [(r.method, r.path) for r in world.env.http_requests]
+    assert bot_messages(world, quiet) == []
+    # The database said so, and the conversation goes on where it was.
+    assert conversation(fake_openai.chat_requests[-1]) == ["remember me", "Echo: remember me", "still there?"]
+    assert [r for r in world.env.http_requests if r.method == "GET" and r.path.endswith("/messages")] == []
+
+
+async def test_after_a_restart_a_thread_from_an_answer_continues_it(
+    world: World, fake_openai: FakeOpenAI, restart: Callable[[], Awaitable[App]]
+) -> None:
+    await world.alice.send(world.channel, f"{world.bot.user.mention} tell me about tea")
+    [tea] = bot_messages(world)
+
+    await restart()
+    thread = thread_from(world, tea, "tea")
+    await world.bob.send(thread, "what about green tea?")
+
+    assert [m.content for m in bot_messages(world, thread)] == ["Echo: what about green tea?"]
+    assert conversation(fake_openai.chat_requests[-1]) == [
+        "tell me about tea", "Echo: tell me about tea", "what about green tea?"
+    ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 
@@ -32,10 +31,6 @@ ANSWER_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=Fal
 QUIET_MENTIONS = discord.AllowedMentions.none()
 # Message types a person writes (others are joins, pins, thread notices...).
 _CHAT_TYPES = (discord.MessageType.default, discord.MessageType.reply)
-# How many threads' "do I take part here" answers are remembered.
-THREAD_MEMORY = 10_000
-# How far back a thread is searched for an earlier answer when nothing is remembered.
-THREAD_LOOKBACK = 50
 # How long a shutdown waits for answers being written before cutting them off.
 SHUTDOWN_GRACE_S = 10.0
 
@@ -97,7 +92,6 @@ class ChatCog(commands.Cog):
         self.service = service
         self.clock = clock
         self.sleep = sleep
-        self._threads: OrderedDict[int, bool] = OrderedDict()
         self._answering: set[asyncio.Task[None]] = set()
 
     async def cog_unload(self) -> None:
@@ -147,39 +141,10 @@ class ChatCog(commands.Cog):
         if isinstance(message.channel, discord.Thread):
             if message.mentions:
                 return False  # it names someone else: it is for them, not for the bot
-            return await self._takes_part_in(message.channel)
+            # The service knows (across restarts) whether it converses here, or the thread
+            # grew out of one of its answers (such a thread has the answer's id).
+            return await self.service.has_conversation(message.channel.id)
         return False
-
-    async def _takes_part_in(self, thread: discord.Thread) -> bool:
-        """Whether the bot has answered in this thread, or the thread grew out of one of its answers."""
-        known = self._threads.get(thread.id)
-        if known is not None:
-            self._threads.move_to_end(thread.id)
-            return known
-        # A thread started from a message has that message's id.
-        part = await self.service.is_conversation_message(thread.id)
-        if not part:
-            part = await self._spoke_in(thread)
-        self._remember_thread(thread.id, part)
-        return part
-
-    async def _spoke_in(self, thread: discord.Thread) -> bool:
-        """Whether one of the thread's recent messages is the bot's (after a restart, say)."""
-        me = self.bot.user
-        try:
-            async for earlier in thread.history(limit=THREAD_LOOKBACK):
-                if me is not None and earlier.author.id == me.id:
-                    return True
-        except discord.HTTPException:
-            log.debug("cannot read the history of thread %s", thread.id, exc_info=True)
-        return False
-
-    def _remember_thread(self, thread_id: int, part: bool) -> None:
-        """Remember whether the bot takes part in a thread (least recently used forgotten first)."""
-        self._threads[thread_id] = part
-        self._threads.move_to_end(thread_id)
-        while len(self._threads) > THREAD_MEMORY:
-            self._threads.popitem(last=False)
 
     def request_for(self, message: discord.Message) -> ChatRequest:
         """The chat request a Discord message makes."""
@@ -247,8 +212,6 @@ class ChatCog(commands.Cog):
             await self.service.link_discord_messages(
                 started.message_id, started.conversation_id, [m.id for m in messages]
             )
-        if isinstance(message.channel, discord.Thread) and messages:
-            self._remember_thread(message.channel.id, True)
 
     async def _show_problem(
         self, message: discord.Message, reply: StreamingReply[discord.Message], text: str, problem: str
