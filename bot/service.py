@@ -358,24 +358,27 @@ class ChatService:
         running_key = place.thread_id if place.thread_id is not None else (place.channel_id if place.is_dm else None)
         if running_key is None:
             return uuid.uuid4().hex, None
-        conversation_id = self._thread_conv.get_fresh(running_key)
-        if conversation_id is None:
+        cached = self._thread_conv.get_fresh(running_key)  # "" remembers "none here"
+        if cached:
+            return cached, await self._leaf_of(cached)
+        conv = None
+        if cached is None:
             async with self.sessions() as session:
                 repo = ConversationRepository(session)
                 if place.thread_id is not None:
                     conv = await repo.latest_for_thread(place.thread_id)
                 else:
                     conv = await repo.latest_for_dm(place.channel_id)
-            if conv is None:
-                conversation_id = uuid.uuid4().hex
-                self._thread_conv.put(running_key, conversation_id)
-                # A thread started from one of our answers has that message's id: the
-                # thread picks up the answer's line of conversation.
-                started_from = await self._find_discord(place.thread_id) if place.thread_id else None
-                return conversation_id, started_from[1] if started_from else None
-            conversation_id = conv.id
+        if conv is None:
+            conversation_id = uuid.uuid4().hex
             self._thread_conv.put(running_key, conversation_id)
-            self._known_convs.put(conversation_id, True)
+            # A thread started from one of our answers has that message's id: the
+            # thread picks up the answer's line of conversation.
+            started_from = await self._find_discord(place.thread_id) if place.thread_id else None
+            return conversation_id, started_from[1] if started_from else None
+        conversation_id = conv.id
+        self._thread_conv.put(running_key, conversation_id)
+        self._known_convs.put(conversation_id, True)
         return conversation_id, await self._leaf_of(conversation_id)
 
     async def _leaf_of(self, conversation_id: str) -> str | None:
@@ -444,15 +447,19 @@ class ChatService:
 
     async def has_conversation(self, thread_id: int) -> bool:
         """Whether the bot has a conversation in this thread (or started it from an answer)."""
-        if self._thread_conv.get_fresh(thread_id) is not None:
-            return True
+        cached = self._thread_conv.get_fresh(thread_id)
+        if cached is not None:
+            return bool(cached)  # "" remembers a miss; starting a conversation replaces it
         async with self.sessions() as session:
             conv = await ConversationRepository(session).latest_for_thread(thread_id)
         if conv is not None:
             self._thread_conv.put(thread_id, conv.id)
             self._known_convs.put(conv.id, True)
             return True
-        return await self.is_conversation_message(thread_id)
+        if await self.is_conversation_message(thread_id):
+            return True
+        self._thread_conv.put(thread_id, "")
+        return False
 
     async def _retrieve(self, request: ChatRequest, settings: EffectiveSettings, text: str) -> list[Source]:
         if not settings.knowledge.value or self.knowledge is None or request.place.guild_id is None:

@@ -325,3 +325,21 @@ async def test_log_writes_that_failed_are_written_once_the_database_is_back(chat
     prompt = await stored(chat_app, row.parent_id)
     assert prompt.parent_id == lost.message_id
     assert chat_app.writer.failed == 1 and chat_app.writer.recovered == 1 and chat_app.writer.kept == 0
+
+
+async def test_a_thread_without_the_bot_is_remembered_until_it_joins(chat_app: App) -> None:
+    from sqlalchemy import event
+
+    svc, thread = chat_app.service, Place(GUILD, CHANNEL, 5150)
+    statements: list[str] = []
+    event.listen(chat_app.engine.sync_engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, *rest: statements.append(sql))
+    assert not await svc.has_conversation(5150)
+    looked_up = len(statements)
+    assert looked_up > 0
+    assert not await svc.has_conversation(5150)
+    assert len(statements) == looked_up, "a known miss is answered from memory"
+    first = await svc.answer(mention("now I ask", place=thread))
+    assert await svc.has_conversation(5150)
+    second = await svc.answer(mention("and continue", place=thread, discord_id=2))
+    assert second.conversation_id == first.conversation_id
