@@ -317,6 +317,7 @@ class LocalServers:
         self.startup_timeout = startup_timeout
         self._servers: OrderedDict[str, _Server] = OrderedDict()  # least recently used first
         self._locks: dict[str, asyncio.Lock] = {}
+        self._http: httpx.AsyncClient | None = None
         self._closed = False
 
     async def ensure(self, spec: Any) -> str:
@@ -359,6 +360,16 @@ class LocalServers:
             server.spec_key = key
             self._servers[name] = server
             return server.base_url
+
+    def http_client(self, timeout: float = 60.0) -> httpx.AsyncClient:
+        """One shared client for ChatOpenAI(http_async_client=...) on local models; closed by aclose().
+
+        See `local_http_client`: a kept-alive connection to llama.cpp fails now and then
+        after a streamed reply, which costs a retry with back-off.
+        """
+        if self._http is None or self._http.is_closed:
+            self._http = local_http_client(timeout)
+        return self._http
 
     def is_alive(self, spec: Any) -> bool:
         """Whether a server for `spec` is loaded and its process is running."""
@@ -418,6 +429,9 @@ class LocalServers:
         servers = list(self._servers.values())
         self._servers.clear()
         await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     def kill_all(self) -> None:
         """Synchronous variant of aclose for exit paths that cannot await (signal handlers, atexit)."""
@@ -471,10 +485,10 @@ async def validate_gguf(path: Path, *, startup_timeout: float = 60.0) -> GGUFInf
 def gguf_spec(name: str, path: Path, **opts: Any) -> dict[str, Any]:
     """The registry entry for a GGUF file (`models add-gguf`), ready for ModelRepository.add."""
     path = Path(path).expanduser().resolve()
-    context_size = opts.pop("context_size", None)
-    if context_size is None:
-        with contextlib.suppress(GGUFError):
-            context_size = default_context_size(read_gguf_info(path))
+    info: GGUFInfo | None = None
+    with contextlib.suppress(GGUFError):
+        info = read_gguf_info(path)
+    context_size = opts.pop("context_size", None) or (default_context_size(info) if info else None)
     entry: dict[str, Any] = {
         "name": name,
         "provider": PROVIDER,
@@ -485,5 +499,8 @@ def gguf_spec(name: str, path: Path, **opts: Any) -> dict[str, Any]:
     }
     if context_size:
         entry["context_size"] = context_size
+    if info is not None:
+        label = info.name or path.stem
+        entry["description"] = f"{label}: local GGUF run with llama.cpp ({info.size_bytes / 1024**3:.2f} GiB)."
     entry.update({key: value for key, value in opts.items() if value is not None})
     return entry

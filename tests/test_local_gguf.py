@@ -129,3 +129,11 @@ def test_gguf_spec_is_a_valid_registry_entry(tmp_path: Path) -> None:
     assert spec.context_window == spec.context_size == 4096  # the model's 8192, capped
     assert spec.threads == 2
     assert gguf_spec("x", relative, context_size=512)["context_window"] == 512
+
+
+async def test_http_client_is_shared_and_closed_with_the_servers() -> None:
+    servers = LocalServers()
+    client = servers.http_client()
+    assert servers.http_client() is client
+    await servers.aclose()
+    assert client.is_closed
