@@ -21,7 +21,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
+from langchain_core.runnables import Runnable
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.errors import NotFound, UserError
@@ -143,6 +145,7 @@ class ChatService:
         self._by_discord: _LRU = _LRU(TURN_CACHE_SIZE)  # discord id -> (conversation, message)
         self._thread_conv: _LRU = _LRU(TURN_CACHE_SIZE)  # thread or DM channel id -> conversation
         self._known_convs: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation ids known to be stored
+        self._chains: dict[str, tuple[BaseChatModel, Runnable]] = {}
 
     # ----------------------------------------------------------------- chatting
 
@@ -200,7 +203,7 @@ class ChatService:
         """Stream one model's answer into `attempt`, recording usage, timing and failure."""
         try:
             model = await self.models.get(attempt.spec)
-            async for chunk in create_chat_chain(model).astream({"messages": attempt.sent}):
+            async for chunk in self._chain(attempt.spec.name, model).astream({"messages": attempt.sent}):
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
                     attempt.usage = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
@@ -219,6 +222,14 @@ class ChatService:
             if attempt.text:
                 attempt.error = f"{failure.message} The answer above was cut off."
             log.warning("model %s failed: %s (%s)", attempt.spec.name, failure.kind, type(exc).__name__)
+
+    def _chain(self, name: str, model: BaseChatModel) -> Runnable:
+        """The chat chain around `model`, built once per model object."""
+        cached = self._chains.get(name)
+        if cached is None or cached[0] is not model:
+            cached = (model, create_chat_chain(model))
+            self._chains[name] = cached
+        return cached[1]
 
     def _fit(
         self,
