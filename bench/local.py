@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import tempfile
 import time
@@ -64,6 +65,18 @@ class Sample:
     @property
     def decode_per_s(self) -> float:
         return (self.tokens - 1) / max(self.total_s - self.ttft_s, 1e-9)
+
+
+class _RetryCounter(logging.Handler):
+    """Counts the openai client's retries: each one is a failed connection plus a back-off."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Retrying request" in record.getMessage():
+            self.count += 1
 
 
 def _settings(folder: Path) -> Settings:
@@ -131,6 +144,10 @@ async def service_side(service: object, round_no: int) -> Sample:
 
 async def run() -> float:
     console = Console()
+    retries = _RetryCounter()
+    openai_log = logging.getLogger("openai")
+    openai_log.addHandler(retries)
+    openai_log.setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-local-") as tmp:
         settings = _settings(Path(tmp))
         async with open_app(settings, knowledge=False) as sb:
@@ -171,6 +188,8 @@ async def run() -> float:
             f"{percentile([float(s.tokens) for s in samples], 50):.0f}",
         )
     console.print(table)
+    console.print(f"openai client retries on the service side: {retries.count}")
+    openai_log.removeHandler(retries)
     return percentile([s.tokens_per_s for s in service_samples], 50) / percentile([s.tokens_per_s for s in direct_samples], 50)
 
 

@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_stdin, name="parent-watchdog", daemon=True).start()
 
+    # llama.cpp's CPU build uses OpenMP (libgomp), whose threads spin while they wait. On a
+    # machine shared with the bot itself (and anything else), spinning threads that lose
+    # their core stall each other: measured 2-40 tokens/s instead of 40-60 under load.
+    # Sleeping waiters avoid that; libgomp reads this when it loads, so set it before import.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import xllamacpp
 
