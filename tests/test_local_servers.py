@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -82,7 +83,7 @@ async def test_bundled_model_streams_an_answer_with_usage_and_stops_cleanly(
 
 
 async def test_a_server_killed_mid_reply_is_reported_and_restarted(
-    local_servers: LocalServers, local_spec: Callable[..., ModelSpec]
+    local_servers: LocalServers, local_spec: Callable[..., ModelSpec], caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = local_spec()
     # Concurrent first requests start one server, not three.
@@ -104,7 +105,14 @@ async def test_a_server_killed_mid_reply_is_reported_and_restarted(
     with pytest.raises(LocalServerDied, match="stopped while answering"):
         local_servers.raise_if_dead(spec)
 
-    base_url = await local_servers.ensure(spec)
+    # Concurrent requests after the crash restart it once.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="chains.local"):
+        restarted = await asyncio.gather(*(local_servers.ensure(spec) for _ in range(3)))
+    starts = [r for r in caplog.records if r.getMessage().startswith(f"llama.cpp server for {spec.name} on")]
+    assert len(starts) == 1, "three concurrent requests after a crash should restart the server once"
+    assert len(set(restarted)) == 1 and len(local_server_children()) == 1
+    base_url = restarted[0]
     new_pid = local_servers.pid(spec)
     assert new_pid is not None and new_pid != pid and local_servers.is_alive(spec)
     assert base_url == urls[0], "a restarted server keeps its port when it can"
