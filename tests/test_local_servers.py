@@ -168,7 +168,8 @@ async def test_a_taken_port_is_reported(local_servers: LocalServers) -> None:
     assert local_server_children() == []
 
 
-def test_server_exits_when_its_parent_is_killed() -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "ctrl-c", "term"])
+def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio
@@ -192,12 +193,12 @@ def test_server_exits_when_its_parent_is_killed() -> None:
         child = int(pid_text)
         assert process_running(child)
         assert httpx.get(url.removesuffix("/v1") + "/health", trust_env=False).status_code == 200
-        parent.send_signal(signal.SIGKILL)
+        parent.send_signal(how)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 20
         while process_running(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not process_running(child), "the llama.cpp server outlived its SIGKILLed parent"
+        assert not process_running(child), f"the llama.cpp server outlived its parent ({how.name})"
     finally:
         if parent.poll() is None:
             parent.kill()
