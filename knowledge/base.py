@@ -47,9 +47,13 @@ log = logging.getLogger(__name__)
 SearchMode = Literal["hybrid", "vector", "keyword"]
 
 _EMBED_BATCH = 64  # passages per encode call: big enough to batch well, small enough for steady progress
+# Passages are sorted by length within a window before batching (as sentence-transformers does
+# within one call), so a batch pads little; the window spans files.
+_EMBED_WINDOW = 1024
 _RRF_K = 60  # the usual reciprocal-rank-fusion constant
 _INDEX_RECHECK_S = 1.0  # how stale another process's writes may look to this one's keyword index
 _PAGE = 5000
+_BACKGROUND_REBUILD_AT = 20_000  # passages; smaller keyword indexes rebuild in well under a second
 
 
 @dataclass(slots=True)
@@ -75,10 +79,15 @@ class _Prepared:
     replaces: DocumentInfo | None
     doc_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     vectors: list[Any] = field(default_factory=list)
+    done: int = 0
+    refused: bool = False
+
+    def __post_init__(self) -> None:
+        self.vectors = [None] * len(self.chunks)
 
     @property
     def embedded(self) -> bool:
-        return len(self.vectors) == len(self.chunks)
+        return self.done == len(self.chunks)
 
 
 @dataclass(slots=True)
@@ -133,6 +142,7 @@ class KnowledgeBase:
         self._collections: dict[int, Any] = {}
         self._guild_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
         self._indexes: dict[int, _IndexEntry] = {}
+        self._rebuilding: set[int] = set()
         # How stale another process's writes may look here; tests set 0.
         self.index_recheck_s = _INDEX_RECHECK_S
 
@@ -333,10 +343,10 @@ class KnowledgeBase:
                 waiting: list[tuple[_Prepared, int]] = []  # (file, chunk number) not yet embedded
                 done_reading = False
                 while True:
-                    # Batch across files, but encode what is there rather than wait for a slow reader.
-                    while not done_reading and len(waiting) < _EMBED_BATCH:
+                    # Fill a window across files, but start on a good share of one rather than wait for a slow reader.
+                    while not done_reading and len(waiting) < _EMBED_WINDOW:
                         try:
-                            item = prepared_q.get(block=len(waiting) < 32)
+                            item = prepared_q.get(block=len(waiting) < _EMBED_WINDOW // 4)
                         except queue.Empty:
                             break
                         if item is None:
@@ -348,11 +358,17 @@ class KnowledgeBase:
                         if done_reading:
                             break
                         continue
-                    batch, waiting = waiting[:_EMBED_BATCH], waiting[_EMBED_BATCH:]
-                    waiting = self._embed_batch(batch, pending, waiting, finish, state)
-                    while pending and pending[0].embedded:
+                    window, waiting = waiting[:_EMBED_WINDOW], waiting[_EMBED_WINDOW:]
+                    window.sort(key=lambda pn: len(pn[0].chunks[pn[1]].text), reverse=True)
+                    for start in range(0, len(window), _EMBED_BATCH):
+                        batch = [(p, n) for p, n in window[start:start + _EMBED_BATCH] if not p.refused]
+                        if batch:
+                            self._embed_batch(batch, finish, state)
+                    while pending and (pending[0].embedded or pending[0].refused):
                         ready = pending.popleft()
-                        writes.append(writer.submit(self._commit, collection, ready, uploader, docs, finish))
+                        if not ready.refused:
+                            writes.append(writer.submit(self._commit, collection, ready, uploader, docs, finish))
+                    waiting = [(p, n) for p, n in waiting if not p.refused]
                 for write in writes:
                     write.result()
             reader.join()
@@ -420,21 +436,13 @@ class KnowledgeBase:
         finally:
             out.put(None)
 
-    def _embed_batch(
-        self,
-        batch: list[tuple[_Prepared, int]],
-        pending: deque[_Prepared],
-        waiting: list[tuple[_Prepared, int]],
-        finish: Callable[[int, FileResult], None],
-        state: _Progress,
-    ) -> list[tuple[_Prepared, int]]:
-        """Encode one batch of passages; a failure refuses only the files that fail on their own. Returns what still waits."""
-        groups: dict[int, list[tuple[_Prepared, int]]] = {}
+    def _embed_batch(self, batch: list[tuple[_Prepared, int]], finish: Callable[[int, FileResult], None], state: _Progress) -> None:
+        """Encode one batch of passages; a failure refuses only the files that fail on their own."""
         try:
-            vectors = self.embedder.embed_documents([prepared.chunks[n].text for prepared, n in batch])
-            parts = [(batch, vectors)]
+            parts = [(batch, self.embedder.embed_documents([p.chunks[n].text for p, n in batch]))]
         except Exception:
             # Retry file by file so one bad file does not sink the others in its batch.
+            groups: dict[int, list[tuple[_Prepared, int]]] = {}
             for prepared, n in batch:
                 groups.setdefault(id(prepared), []).append((prepared, n))
             parts = []
@@ -448,17 +456,13 @@ class KnowledgeBase:
                     else:
                         log.exception("embedding %s failed", prepared.name)
                         reason = f"embedding failed ({type(exc).__name__}: {exc})"
+                    prepared.refused = True
                     finish(prepared.index, FileResult(prepared.name, "refused", reason))
-                    left = [p for p in pending if p is not prepared]
-                    pending.clear()
-                    pending.extend(left)
-                    waiting = [(p, m) for p, m in waiting if p is not prepared]
-        for part, part_vectors in parts:
-            for (prepared, _), vector in zip(part, part_vectors, strict=True):
-                if any(p is prepared for p in pending):
-                    prepared.vectors.append(vector)
+        for part, vectors in parts:
+            for (prepared, n), vector in zip(part, vectors, strict=True):
+                prepared.vectors[n] = vector
+                prepared.done += 1
         state.update(chunks_done=sum(len(part) for part, _ in parts))
-        return waiting
 
     def _commit(self, collection: Any, prepared: _Prepared, uploader: str, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None]) -> None:
         """Writer thread: store one file's passages, then drop the version it replaces."""
@@ -501,7 +505,18 @@ class KnowledgeBase:
             finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not be stored ({type(exc).__name__}); the knowledge base is unchanged."))
             return
         if prepared.replaces is not None:
-            collection.delete(where={"doc_id": prepared.replaces.id})
+            try:
+                collection.delete(where={"doc_id": prepared.replaces.id})
+            except Exception as exc:
+                # Keep the old version rather than two: undo the new one.
+                log.exception("dropping the old version of %s failed", prepared.name)
+                try:
+                    collection.delete(where={"doc_id": prepared.doc_id})
+                except Exception:
+                    log.exception("could not undo the new version of %s", prepared.name)
+                docs[prepared.name] = prepared.replaces
+                finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not replace the stored version ({type(exc).__name__}); the knowledge base is unchanged."))
+                return
         status = "replaced" if prepared.replaces is not None else "added"
         finish(prepared.index, FileResult(prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id))
 
@@ -524,9 +539,12 @@ class KnowledgeBase:
     async def _hybrid(self, guild_id: int, query: str, k: int, *, cutoff: float | None, mode: SearchMode) -> list[Source]:
         if not query.strip() or k <= 0:
             return []
-        collection = await asyncio.to_thread(self._open, guild_id, create=False)
+        with self._lock:
+            collection = self._collections.get(guild_id)
         if collection is None:
-            return []
+            collection = await asyncio.to_thread(self._open, guild_id, create=False)
+            if collection is None:
+                return []
         candidates = max(4 * k, 20)
         vector_task = asyncio.to_thread(self._vector_hits, collection, query, candidates) if mode != "keyword" else _none()
         keyword_task = asyncio.to_thread(self._keyword_hits, guild_id, collection, query, candidates) if mode != "vector" else _none()
@@ -557,11 +575,33 @@ class KnowledgeBase:
             return entry
         if entry is not None:
             revision = self._current_revision(guild_id)
+            entry.checked_at = now
             if revision == entry.revision:
-                entry.checked_at = now
+                return entry
+            if entry.index.size >= _BACKGROUND_REBUILD_AT:
+                # Another process changed a big collection: answer from the old index while a new one is built.
+                self._rebuild_in_background(guild_id, collection)
                 return entry
         with self._guild_locks[guild_id]:
             return self._rebuild_index(guild_id, collection)
+
+    def _rebuild_in_background(self, guild_id: int, collection: Any) -> None:
+        with self._lock:
+            if guild_id in self._rebuilding:
+                return
+            self._rebuilding.add(guild_id)
+
+        def work() -> None:
+            try:
+                with self._guild_locks[guild_id]:
+                    self._rebuild_index(guild_id, collection)
+            except Exception:
+                log.exception("rebuilding the keyword index of guild %s failed", guild_id)
+            finally:
+                with self._lock:
+                    self._rebuilding.discard(guild_id)
+
+        threading.Thread(target=work, name=f"knowledge-index-{guild_id}", daemon=True).start()
 
     def _current_revision(self, guild_id: int) -> str | None:
         from chromadb.errors import NotFoundError

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,18 +27,20 @@ _K1 = 1.2
 _B = 0.75
 
 
+_COMBINING = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+")
+_SPLIT = re.compile(r"[-./:_]")
+
+
 def tokenize(text: str) -> list[str]:
     """Lower-cased, accent-folded tokens; compound codes are kept whole and split."""
-    folded = unicodedata.normalize("NFKD", text.casefold())
-    folded = "".join(c for c in folded if not unicodedata.combining(c))
+    folded = text.casefold()
+    if not folded.isascii():
+        folded = _COMBINING.sub("", unicodedata.normalize("NFKD", folded))
     tokens: list[str] = []
-    for match in _WORD.finditer(folded):
-        word = match.group(0)
-        if any(sep in word for sep in "-./:_"):
-            tokens.append(word)
-            tokens.extend(p for p in re.split(r"[-./:_]", word) if p)
-        else:
-            tokens.append(word)
+    for word in _WORD.findall(folded):
+        tokens.append(word)
+        if not word.isalnum():
+            tokens.extend(p for p in _SPLIT.split(word) if p)
     return tokens
 
 
@@ -53,51 +54,57 @@ class KeywordHit:
 
 
 class BM25Index:
-    """BM25 over a fixed list of passages; rows are positions in the list it was built from."""
+    """BM25 over a fixed list of passages; rows are positions in the list it was built from.
+
+    Postings are stored term-major (CSR): for term `t`, rows `_rows[_starts[t]:_starts[t+1]]`
+    with their precomputed BM25 weights, so a query touches only its terms' postings.
+    """
 
     def __init__(self, texts: Sequence[str]) -> None:
         self.size = len(texts)
-        postings: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        lengths = np.zeros(self.size, dtype=np.float32)
+        vocab: dict[str, int] = {}
+        flat: list[int] = []
+        lengths = np.zeros(self.size, dtype=np.int64)
         for row, text in enumerate(texts):
-            counts = Counter(tokenize(text))
-            lengths[row] = sum(counts.values())
-            for term, tf in counts.items():
-                postings[term].append((row, tf))
+            ids = [vocab.setdefault(token, len(vocab)) for token in tokenize(text)]
+            lengths[row] = len(ids)
+            flat.extend(ids)
+        self._vocab = vocab
+        n = max(self.size, 1)
+        terms = np.asarray(flat, dtype=np.int64)
+        docs = np.repeat(np.arange(self.size, dtype=np.int64), lengths)
+        # One (term, row) key per token; counting equal keys gives term frequencies, sorted by term.
+        keys, tf = np.unique(terms * n + docs, return_counts=True)
+        term_of = keys // n
+        self._rows = (keys % n).astype(np.int64)
+        self._starts = np.searchsorted(term_of, np.arange(len(vocab) + 1))
+        df = np.diff(self._starts).astype(np.float64)
+        self._idf = np.log(1 + (self.size - df + 0.5) / (df + 0.5))
         avg = float(lengths.mean()) if self.size else 1.0
         norm = _K1 * (1 - _B + _B * lengths / max(avg, 1e-9))
-        self._rows: dict[str, np.ndarray] = {}
-        self._weights: dict[str, np.ndarray] = {}
-        self._idf: dict[str, float] = {}
-        for term, items in postings.items():
-            rows = np.fromiter((r for r, _ in items), dtype=np.int64, count=len(items))
-            tf = np.fromiter((t for _, t in items), dtype=np.float32, count=len(items))
-            idf = self._idf_for(len(items))
-            self._idf[term] = idf
-            self._rows[term] = rows
-            self._weights[term] = (idf * tf * (_K1 + 1) / (tf + norm[rows])).astype(np.float32)
+        tf = tf.astype(np.float64)
+        self._weights = (self._idf[term_of] * tf * (_K1 + 1) / (tf + norm[self._rows])).astype(np.float32)
         # A query word no passage contains counts as the rarest possible term.
-        self._unseen_idf = self._idf_for(0)
-
-    def _idf_for(self, df: int) -> float:
-        return math.log(1 + (self.size - df + 0.5) / (df + 0.5))
+        self._unseen_idf = math.log(1 + (self.size + 0.5) / 0.5)
 
     def search(self, query: str, n: int) -> list[KeywordHit]:
         """The best `n` passages for the query's words, best first."""
         terms = set(tokenize(query))
-        if not terms or not self.size:
+        if not terms or not self.size or n <= 0:
             return []
         scores = np.zeros(self.size, dtype=np.float32)
         covered = np.zeros(self.size, dtype=np.float32)
         total_idf = 0.0
         for term in terms:
-            idf = self._idf.get(term)
-            if idf is None:
+            tid = self._vocab.get(term)
+            if tid is None:
                 total_idf += self._unseen_idf
                 continue
+            idf = float(self._idf[tid])
             total_idf += idf
-            rows = self._rows[term]
-            scores[rows] += self._weights[term]
+            lo, hi = self._starts[tid], self._starts[tid + 1]
+            rows = self._rows[lo:hi]
+            scores[rows] += self._weights[lo:hi]
             covered[rows] += idf
         candidates = np.flatnonzero(scores)
         if not len(candidates):
