@@ -85,14 +85,18 @@ def run() -> None:
 
         async with open_app(settings) as sb:
             token = settings.discord_token.get_secret_value()  # type: ignore[union-attr]
-            await run_bot(
-                token,
-                sb.service,
-                manager_role=settings.manager_role,
-                extra_cogs=extra_cogs(sb),
-                shard_count=settings.shard_count,
-                shard_ids=settings.shard_ids,
-            )
+            warm = asyncio.create_task(sb.service.warm_up())
+            try:
+                await run_bot(
+                    token,
+                    sb.service,
+                    manager_role=settings.manager_role,
+                    extra_cogs=extra_cogs(sb),
+                    shard_count=settings.shard_count,
+                    shard_ids=settings.shard_ids,
+                )
+            finally:
+                warm.cancel()
 
     _run(main)
 
@@ -117,9 +121,13 @@ def chat(
         async with open_app(settings) as sb:
             place = Place(guild_id=guild, channel_id=channel, thread_id=thread)
             session = TerminalChat(sb.service, place, Author(user_id_for(user), user))
-            if json_mode:
-                return await run_json(session)
-            return await run_interactive(session)
+            warm = asyncio.create_task(sb.service.warm_up(place))
+            try:
+                if json_mode:
+                    return await run_json(session)
+                return await run_interactive(session)
+            finally:
+                warm.cancel()
 
     raise typer.Exit(_run(main))
 

@@ -486,6 +486,19 @@ class ChatService:
 
     # ---------------------------------------------------------------- models
 
+    async def warm_up(self, place: Place | None = None) -> None:
+        """Get the model in force at `place` (default: the global default) ready to answer.
+
+        For a local model this starts its llama.cpp server, which takes seconds; doing
+        it while the person is still typing keeps their first answer quick. Failures are
+        only logged: the first real request reports them properly.
+        """
+        try:
+            spec = self._model_for(await self.effective_settings(place)) if place else self.registry.default
+            await self.models.get(spec)
+        except Exception as exc:
+            log.info("warm-up failed (%s); the first request will retry", exc)
+
     def list_models(self) -> list[ModelSpec]:
         """Every model that can be chosen."""
         return self.registry.all()

@@ -343,3 +343,15 @@ async def test_a_thread_without_the_bot_is_remembered_until_it_joins(chat_app: A
     assert await svc.has_conversation(5150)
     second = await svc.answer(mention("and continue", place=thread, discord_id=2))
     assert second.conversation_id == first.conversation_id
+
+
+async def test_warm_up_readies_the_model_in_force_and_never_raises(chat_app: App) -> None:
+    svc, place = chat_app.service, Place(GUILD, CHANNEL)
+    await svc.set_model(place, "channel", "solo", MOD)
+    await svc.warm_up(place)
+    assert "solo" in svc.models._cache and "main" not in svc.models._cache
+    svc.registry.add(svc.registry.get("solo").model_copy(update={"name": "keyless", "provider": "openai", "base_url": None, "api_key_env": "NO_SUCH_KEY"}))
+    await svc.set_model(place, "channel", "keyless", MOD)
+    await svc.warm_up(place)  # a missing key is only logged here; the first request reports it
+    result = await svc.answer(mention("hi"))
+    assert "NO_SUCH_KEY" in result.error
