@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bot.cli_knowledge import knowledge_app
 from bot.errors import UserError
 from bot.settings import Settings
 
@@ -29,6 +30,7 @@ models_app = typer.Typer(help="The model registry: list, check and add models.",
 db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
+app.add_typer(knowledge_app, name="knowledge")
 
 err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
 
@@ -248,14 +250,3 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
         Console().print(f"Database downgraded to {revision}.")
 
     _run(main)
-
-
-def _mount_knowledge() -> None:
-    try:
-        from bot.cli_knowledge import knowledge_app
-    except ImportError:  # the knowledge CLI is optional while it is being built
-        return
-    app.add_typer(knowledge_app, name="knowledge")
-
-
-_mount_knowledge()
