@@ -101,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_stdin, name="parent-watchdog", daemon=True).start()
 
-    # llama.cpp's CPU build uses OpenMP (libgomp), whose threads spin while they wait. On a
-    # machine shared with the bot itself (and anything else), spinning threads that lose
-    # their core stall each other: measured 2-40 tokens/s instead of 40-60 under load.
-    # Sleeping waiters avoid that; libgomp reads this when it loads, so set it before import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # llama.cpp's CPU build uses OpenMP (libgomp), whose idle threads spin before they
+    # sleep. When the cores are shared (the bot itself, other programs), threads that spin
+    # on a core another thread needs stall each other: on a busy 2-core machine, 2 threads
+    # fell to 5-13 tokens/s with libgomp's default spin count, ~30 with 1,000, versus
+    # ~120 either way on idle cores. libgomp reads this when it loads: set it before import.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     try:
         import xllamacpp
 
