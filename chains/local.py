@@ -378,6 +378,9 @@ class LocalServers:
                 # The port we hoped to keep was taken meanwhile: any free one will do.
                 launch = dataclasses.replace(launch, port=None)
                 server = await _start_server(name, launch, self.startup_timeout)
+            if self._closed:  # aclose() ran while this server was starting
+                await server.stop()
+                raise LocalServerError("Local models are shutting down.")
             server.spec_key = key
             self._servers[name] = server
             return server.base_url

@@ -21,7 +21,14 @@ from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
 
 from chains.gguf import GGUFCorrupt
-from chains.local import LocalServerDied, LocalServers, PortInUse, local_http_client, validate_gguf
+from chains.local import (
+    LocalServerDied,
+    LocalServerError,
+    LocalServers,
+    PortInUse,
+    local_http_client,
+    validate_gguf,
+)
 from chains.registry import ModelSpec
 from tests.fixtures.local import BUNDLED, local_server_children, process_running
 
@@ -205,3 +212,16 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
             parent.wait()
         if parent.stdout:
             parent.stdout.close()
+
+
+async def test_aclose_during_a_start_leaves_no_server(local_spec: Callable[..., ModelSpec]) -> None:
+    servers = LocalServers(startup_timeout=120.0)
+    starting = asyncio.create_task(servers.ensure(local_spec()))
+    for _ in range(10_000):  # until the child exists: the model is loading
+        if local_server_children():
+            break
+        await asyncio.sleep(0.01)
+    await servers.aclose()
+    with pytest.raises(LocalServerError, match="shutting down"):
+        await starting
+    assert local_server_children() == []
