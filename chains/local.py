@@ -400,10 +400,18 @@ class LocalServers:
         server = self._servers.get(spec.name)
         return server is not None and server.alive
 
-    def raise_if_dead(self, spec: Any) -> None:
-        """After a failed request: raise LocalServerDied if the model's server has exited."""
+    async def raise_if_dead(self, spec: Any, grace: float = 2.0) -> None:
+        """After a failed request: raise LocalServerDied if the model's server has exited or is exiting.
+
+        The client sees the connection drop a moment before the dying process can be
+        reaped, so a server that no longer answers /health gets up to `grace` seconds to exit.
+        """
         server = self._servers.get(spec.name)
-        if server is not None and not server.alive:
+        if server is None:
+            return
+        if server.alive and not await _healthy(server):
+            await _wait(server.proc, grace)
+        if not server.alive:
             errors = server.log_errors()
             logger.error("llama.cpp server for %s exited (%s): %s", spec.name, server.describe_exit(), " | ".join(errors))
             raise LocalServerDied(
@@ -469,6 +477,16 @@ class LocalServers:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _healthy(server: _Server) -> bool:
+    """Whether the server answers /health right now."""
+    try:
+        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
+            response = await client.get(server.base_url.removesuffix("/v1") + "/health")
+            return response.status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 async def _busy(server: _Server) -> bool:

@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         server = xllamacpp.Server(_params(args))
     except Exception as exc:  # llama.cpp reports the reason on stderr; the parent summarises it
         _reply({"ok": False, "error": str(exc)})
-        sys.stderr.flush()
-        os._exit(3)
+        # A normal exit, not os._exit: llama.cpp writes its log from a worker thread that
+        # only flushes in its static destructor, and the reason is in that log.
+        return 3
     _reply({"ok": True, "address": server.listening_address, "pid": os.getpid()})
     threading.Event().wait()  # the watchdog ends the process
     return 0

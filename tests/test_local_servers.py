@@ -81,8 +81,9 @@ async def test_bundled_model_streams_an_answer_with_usage_and_stops_cleanly(
         usage = next(c.usage_metadata for c in chunks if c.usage_metadata)
         assert usage["input_tokens"] > 10 and usage["output_tokens"] > 0
 
-        # Reused, not restarted.
+        # Reused, not restarted; and a live server is not reported dead.
         assert await servers.ensure(spec) == base_url and servers.pid(spec) == pid
+        await servers.raise_if_dead(spec)
     finally:
         await servers.aclose()
     assert not process_running(pid)
@@ -107,10 +108,11 @@ async def test_a_server_killed_mid_reply_is_reported_and_restarted(
                 os.kill(pid, signal.SIGKILL)
     assert not isinstance(failure.value, AssertionError)
     assert received, "the reply had started before the server died"
-    assert await _wait_gone(pid)
-    assert not local_servers.is_alive(spec)
+    # Right after the connection drops, as the service would ask.
     with pytest.raises(LocalServerDied, match="stopped while answering"):
-        local_servers.raise_if_dead(spec)
+        await local_servers.raise_if_dead(spec)
+    assert not local_servers.is_alive(spec)
+    assert await _wait_gone(pid)
 
     # Concurrent requests after the crash restart it once.
     caplog.clear()
