@@ -170,6 +170,7 @@ def _read_header(f: BinaryIO, path: Path, size: int) -> GGUFInfo:
 
 
 def _exact(f: BinaryIO, n: int) -> bytes:
+    """Exactly `n` bytes, or ValueError at the end of the file."""
     data = f.read(n)
     if len(data) != n:
         raise ValueError("the file ends inside its header")
@@ -177,6 +178,7 @@ def _exact(f: BinaryIO, n: int) -> bytes:
 
 
 def _string(f: BinaryIO, size: int) -> str:
+    """A GGUF string: little-endian u64 length, then UTF-8 bytes."""
     (length,) = struct.unpack("<Q", _exact(f, 8))
     if length > min(size, _MAX_STRING):
         raise ValueError(f"implausible string length {length}")

@@ -130,6 +130,7 @@ class _Server:
 
     @property
     def alive(self) -> bool:
+        """Whether the child process is still running (reaps it once it has exited)."""
         return self.proc.poll() is None
 
     def log_errors(self, limit: int = 3) -> list[str]:
@@ -148,6 +149,7 @@ class _Server:
         return []
 
     def describe_exit(self) -> str:
+        """How the process ended, in words ("killed by SIGKILL", "exit status 3")."""
         code = self.proc.returncode
         if code is None:
             return "still running"
@@ -181,6 +183,7 @@ class _Server:
         self.close_files()
 
     def close_files(self) -> None:
+        """Close our ends of the child's pipes and its log."""
         for stream in (self.proc.stdin, self.proc.stdout, self.log):
             with contextlib.suppress(OSError, ValueError):
                 if stream:
