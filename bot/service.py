@@ -216,12 +216,24 @@ class ChatService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every model failure becomes a message, never a traceback
+            exc = await self._local_cause(attempt.spec, exc)
             failure = classify_failure(exc, attempt.spec.name, attempt.spec.api_key_env)
             attempt.error = failure.message
             attempt.fallback_ok = failure.fallback_ok
             if attempt.text:
                 attempt.error = f"{failure.message} The answer above was cut off."
             log.warning("model %s failed: %s (%s)", attempt.spec.name, failure.kind, type(exc).__name__)
+
+    async def _local_cause(self, spec: ModelSpec, exc: Exception) -> Exception:
+        """For a local model, a dropped connection usually means its server died: say so."""
+        local = self.models.local
+        if not spec.is_local or local is None:
+            return exc
+        try:
+            await local.raise_if_dead(spec)
+        except UserError as died:
+            return died
+        return exc
 
     def _chain(self, name: str, model: BaseChatModel) -> Runnable:
         """The chat chain around `model`, built once per model object."""

@@ -114,7 +114,11 @@ class ChatModelFactory:
             "stream_usage": True,
             # A stalled stream counts against the same limit as a slow request.
             "stream_chunk_timeout": self.settings.request_timeout,
-            "http_async_client": self._http_client(),
+            # llama.cpp's server drops kept-alive connections after a stream now and then:
+            # its models get a client without keep-alive.
+            "http_async_client": (
+                self.local.http_client() if spec.is_local and self.local else self._http_client()
+            ),
         }
         if spec.temperature is not None:
             options["temperature"] = spec.temperature
