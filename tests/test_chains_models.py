@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 import tiktoken.load
 from langchain_core.language_models import BaseChatModel
@@ -115,15 +116,19 @@ async def test_azure_model_streams_through_the_deployment_path(factory: MakeFact
 
 
 class PointsAtFake:
-    """Stands in for chains.local.LocalServers: its contract is `ensure(spec) -> base_url`."""
+    """Stands in for chains.local.LocalServers: `ensure(spec) -> base_url` and its HTTP client."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
         self.ensured: list[str] = []
+        self.client = httpx.AsyncClient()
 
     async def ensure(self, spec: ModelSpec) -> str:
         self.ensured.append(spec.name)
         return self.base_url
+
+    def http_client(self) -> httpx.AsyncClient:
+        return self.client
 
 
 async def test_llama_cpp_model_uses_the_local_server_and_follows_its_port(factory: MakeFactory) -> None:
@@ -140,6 +145,8 @@ async def test_llama_cpp_model_uses_the_local_server_and_follows_its_port(factor
         assert (await stream(moved, "moved"))[0] == "Echo: moved"
     assert len(first.chat_requests) == 1 and len(second.chat_requests) == 1
     assert local.ensured == ["smollm2"] * 3
+    assert model.http_async_client is local.client, "local models use the local servers' client"
+    await local.client.aclose()
 
 
 async def test_llama_cpp_without_local_servers_is_a_config_error(factory: MakeFactory) -> None:
