@@ -94,6 +94,7 @@ async def run() -> float:
     table.add_row("bare ChatOpenAI x200", f"{bare_wall * 1000:.0f}", f"{bare_wall / LATENCY_S:.2f}")
     table.add_row("Switchboard service x200", f"{wall * 1000:.0f}", f"{wall / LATENCY_S:.2f}")
     console.print(table)
+    console.print(f"service / bare: {wall / bare_wall:.2f} (what Switchboard adds on top of the LangChain client)")
     console.print(
         f"event-loop lag: p50 {percentile(lag, 50):.1f} ms, p99 {percentile(lag, 99):.1f} ms, max {max(lag):.1f} ms"
     )

@@ -46,6 +46,7 @@ from chains.failures import classify_failure
 from chains.models import ChatModelFactory
 from chains.registry import ModelRegistry, ModelSpec
 from chains.tokens import TokenCounter, prompt_budget
+from store.exchange_log import ExchangeLog
 from store.repositories import ConversationRepository, SettingsRepository
 from store.writer import LogWriter
 
@@ -136,6 +137,7 @@ class ChatService:
         self.models = models
         self.sessions = session_factory
         self.writer = writer
+        self.exchange_log = ExchangeLog(writer)
         self.tokens = tokens or TokenCounter()
         self.knowledge = knowledge
         self.clock = clock
@@ -146,6 +148,8 @@ class ChatService:
         self._thread_conv: _LRU = _LRU(TURN_CACHE_SIZE)  # thread or DM channel id -> conversation
         self._known_convs: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation ids known to be stored
         self._chains: dict[str, tuple[BaseChatModel, Runnable]] = {}
+        self._settings_reads: dict[Place, asyncio.Future[EffectiveSettings]] = {}
+        self._settings_generation = 0
 
     # ----------------------------------------------------------------- chatting
 
@@ -330,8 +334,8 @@ class ChatService:
                     "source_ids": [s.chunk_id for s in sources],
                 }
             )
-        # Sent with every exchange (an insert that skips existing rows), so a conversation
-        # whose first write was lost is recreated by the next one instead of failing forever.
+        # Sent with every exchange (an insert that skips existing rows), so the log never
+        # depends on knowing whether an earlier write of this conversation got through.
         conversation = {
             "id": conversation_id,
             "guild_id": place.guild_id,
@@ -341,7 +345,7 @@ class ChatService:
             "origin": "discord" if request.discord_message_id is not None else "terminal",
         }
         self._remember(conversation_id, rows)
-        self.writer.submit(_log_exchange(conversation, rows), f"log exchange {answer_id}")
+        self.exchange_log.add(conversation, rows, f"log exchange {answer_id}")
 
         return ChatResult(
             reply=reply,
@@ -533,9 +537,20 @@ class ChatService:
     async def effective_settings(self, place: Place) -> EffectiveSettings:
         """The model, system prompt and knowledge switch in force at `place`, with their sources."""
         cached = self._settings.get_fresh(place)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        # Many messages in one place at once share one read of its settings.
+        pending = self._settings_reads.get(place)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read_settings(place))
+            self._settings_reads[place] = pending
+            pending.add_done_callback(
+                lambda done: self._settings_reads.pop(place) if self._settings_reads.get(place) is done else None
+            )
+        return await asyncio.shield(pending)
+
+    async def _read_settings(self, place: Place) -> EffectiveSettings:
+        generation = self._settings_generation
         async with self.sessions() as session:
             rows = await SettingsRepository(session).rows_for(place.guild_id, place.channel_id, place.thread_id)
         defaults = {
@@ -557,7 +572,8 @@ class ChatService:
             system_prompt=resolved["system_prompt"],
             knowledge=resolved["knowledge_enabled"],
         )
-        self._settings.put(place, (now + SETTINGS_TTL_S, effective))
+        if generation == self._settings_generation:  # no change was made while we read
+            self._settings.put(place, (time.monotonic() + SETTINGS_TTL_S, effective))
         return effective
 
     async def set_model(self, place: Place, scope: Scope, name: str, actor: Author) -> str:
@@ -610,8 +626,10 @@ class ChatService:
                 actor_id=actor.id,
                 actor_name=actor.name,
             )
-        # Every cached place under this scope may have changed.
+        # Every cached place under this scope may have changed, and so may reads in flight.
         self._settings.clear()
+        self._settings_reads.clear()
+        self._settings_generation += 1
         return old
 
     async def setting_changes(self, place: Place, scope: Scope, limit: int = 10) -> list[Any]:
@@ -625,14 +643,3 @@ class ChatService:
 
 def _scope_word(scope: Scope) -> str:
     return {"guild": "server", "global": "bot"}.get(scope, scope)
-
-
-def _log_exchange(conversation: dict[str, Any], rows: list[dict[str, Any]]) -> Callable[[AsyncSession], Any]:
-    """A write op for the log writer: the conversation (unless stored) and the exchange's rows."""
-
-    async def write(session: AsyncSession) -> None:
-        repo = ConversationRepository(session)
-        await repo.ensure(**conversation)
-        await repo.add_messages(rows)
-
-    return write

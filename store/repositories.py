@@ -189,27 +189,17 @@ class ConversationRepository:
         self.session.add(conversation)
         return conversation
 
-    async def ensure(
-        self,
-        *,
-        id: str,
-        guild_id: int | None,
-        channel_id: int | None,
-        thread_id: int | None,
-        started_by: int | None,
-        origin: str = "discord",
-    ) -> None:
-        """Create the conversation unless it exists (the log writer may replay an exchange)."""
-        row = {
-            "id": id,
-            "guild_id": guild_id,
-            "channel_id": channel_id,
-            "thread_id": thread_id,
-            "started_by": started_by,
-            "origin": origin,
-            "created_at": utcnow(),
-        }
-        await self.session.execute(_insert_ignoring_conflicts(self.session, Conversation.__table__), [row])
+    async def ensure(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Create the conversations that do not exist yet (the log writer may replay a write).
+
+        Each row has id, guild_id, channel_id, thread_id, started_by and origin.
+        """
+        now = utcnow()
+        unique = {row["id"]: {**row, "created_at": row.get("created_at") or now} for row in rows}
+        if unique:
+            await self.session.execute(
+                _insert_ignoring_conflicts(self.session, Conversation.__table__), list(unique.values())
+            )
 
     async def get(self, id: str) -> Conversation | None:
         """One conversation by id."""

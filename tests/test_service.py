@@ -355,3 +355,20 @@ async def test_warm_up_readies_the_model_in_force_and_never_raises(chat_app: App
     await svc.warm_up(place)  # a missing key is only logged here; the first request reports it
     result = await svc.answer(mention("hi"))
     assert "NO_SUCH_KEY" in result.error
+
+
+async def test_concurrent_messages_in_one_place_share_one_settings_read(chat_app: App) -> None:
+    import asyncio
+
+    from sqlalchemy import event
+
+    statements: list[str] = []
+    event.listen(chat_app.engine.sync_engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, *rest: statements.append(sql))
+    place = Place(GUILD, 4040)
+    results = await asyncio.gather(*(chat_app.service.effective_settings(place) for _ in range(20)))
+    assert len({id(r) for r in results}) == 1
+    assert sum("channel_settings" in sql for sql in statements) == 1
+    # A change made meanwhile is seen by the next read.
+    await chat_app.service.set_model(place, "channel", "solo", MOD)
+    assert (await chat_app.service.effective_settings(place)).model.value == "solo"
