@@ -197,3 +197,31 @@ def test_bad_settings_are_refused() -> None:
         LogWriter(async_sessionmaker(), retries=-1)
     with pytest.raises(ValueError):
         LogWriter(async_sessionmaker(), max_batch=0)
+
+
+async def test_exchange_log_writes_all_waiting_exchanges_in_one_write(session_factory: Sessions) -> None:
+    from store.exchange_log import ExchangeLog
+
+    writer = LogWriter(session_factory)
+    log = ExchangeLog(writer)
+    conversation = {"id": new_id(), "guild_id": 1, "channel_id": 2, "thread_id": None, "started_by": 3, "origin": "discord"}
+    for i in range(50):
+        prompt, answer = new_id(), new_id()
+        log.add(
+            conversation,
+            [
+                {"id": prompt, "conversation_id": conversation["id"], "role": "user", "content": f"q{i}"},
+                {"id": answer, "conversation_id": conversation["id"], "parent_id": prompt, "role": "assistant", "content": f"a{i}"},
+            ],
+            f"exchange {i}",
+        )
+    assert writer.submitted == 1, "exchanges waiting together are one write"
+    await writer.start()
+    await writer.drain(timeout=60)
+    log.add(conversation, [{"id": new_id(), "conversation_id": conversation["id"], "role": "user", "content": "later"}], "later")
+    await writer.drain(timeout=60)
+    await writer.aclose()
+    assert writer.submitted == 2 and writer.failed == 0
+    async with session_factory() as session:
+        assert await session.scalar(select(func.count()).select_from(Message)) == 101
+        assert await conversation_ids(session_factory) == [conversation["id"]]
