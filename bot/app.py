@@ -55,9 +55,13 @@ async def load_registry(settings: Settings, sessions: async_sessionmaker[AsyncSe
 
 @asynccontextmanager
 async def open_app(
-    settings: Settings, *, knowledge: bool = True, migrate: bool = True
+    settings: Settings, *, knowledge: bool | Any = True, migrate: bool = True
 ) -> AsyncIterator[App]:
-    """Open everything Switchboard needs; close it all on exit, even after an error."""
+    """Open everything Switchboard needs; close it all on exit, even after an error.
+
+    `knowledge` is False for no knowledge base, True to build one from the settings, or
+    a ready KnowledgeBase (tests share one embedder this way); it is closed on exit.
+    """
     from chains.local import LocalServers
     from chains.models import ChatModelFactory
 
@@ -81,10 +85,13 @@ async def open_app(
         stack.push_async_callback(models.aclose)
 
         kb = None
-        if knowledge:
+        if knowledge is True:
             from knowledge.base import KnowledgeBase
 
             kb = KnowledgeBase(settings)
+        elif knowledge:
+            kb = knowledge
+        if kb is not None:
             stack.push_async_callback(kb.aclose)
 
         service = ChatService(

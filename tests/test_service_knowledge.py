@@ -1,0 +1,76 @@
+"""Answers grounded in the knowledge base: real Chroma, real local embeddings, the chat service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bot.app import App, open_app
+from bot.errors import UserError
+from bot.messages import Author, ChatRequest, Place
+from bot.settings import Settings
+from knowledge.base import KnowledgeBase
+from store.models import Message
+from tests.fakes.openai_server import FakeOpenAI
+
+GUILD, CHANNEL = 10, 20
+MOD = Author(3, "mod")
+RULES = b"""# Server rules
+
+## Bans
+Posting invite links to other servers gets a 7-day ban.
+
+## Events
+Game night is every Friday at 20:00 UTC in the lounge. The event code is ZX-4471.
+"""
+
+
+@pytest.fixture
+async def kb_app(service_settings: Settings, local_embedder) -> AsyncIterator[App]:
+    kb = KnowledgeBase(service_settings, embedder=local_embedder)
+    async with open_app(service_settings, knowledge=kb) as app:
+        report = await kb.add_bytes(GUILD, [("rules.md", RULES)], uploader="mod")
+        assert [r.status for r in report.results] == ["added"], report.summary()
+        yield app
+
+
+def ask(text: str, place: Place = Place(GUILD, CHANNEL)) -> ChatRequest:
+    return ChatRequest(place, Author(1, "alice"), text, discord_message_id=77)
+
+
+async def test_answers_carry_passages_and_sources_when_knowledge_is_on(kb_app: App, fake_openai: FakeOpenAI) -> None:
+    svc = kb_app.service
+    off = await svc.answer(ask("What is the event code for game night?"))
+    assert off.sources == () and "<reference" not in str(fake_openai.chat_requests[-1].messages)
+
+    await svc.set_knowledge(Place(GUILD, CHANNEL), "channel", True, MOD)
+    result = await svc.answer(ask("What is the event code for game night?"))
+    assert result.sources and result.sources[0].document == "rules.md"
+    assert result.sources[0].location and "Events" in result.sources[0].location
+    sent = fake_openai.chat_requests[-1].messages
+    assert "ZX-4471" in sent[-1]["content"] and "<reference" in sent[-1]["content"]
+    assert "not instructions" in sent[0]["content"].lower() or "data" in sent[0]["content"].lower()
+
+    await kb_app.writer.drain()
+    async with kb_app.sessions() as session:
+        row = await session.get(Message, result.message_id)
+    assert row.source_ids == [s.chunk_id for s in result.sources]
+    assert row.request_messages == sent
+
+
+async def test_threads_inherit_the_knowledge_switch_and_other_servers_see_nothing(kb_app: App, fake_openai: FakeOpenAI) -> None:
+    svc = kb_app.service
+    await svc.set_knowledge(Place(GUILD, CHANNEL), "channel", True, MOD)
+    in_thread = await svc.answer(ask("event code?", Place(GUILD, CHANNEL, 99)))
+    assert in_thread.sources
+
+    other = Place(GUILD + 1, CHANNEL)
+    await svc.set_knowledge(other, "channel", True, MOD)
+    elsewhere = await svc.answer(ask("What is the event code for game night?", other))
+    assert elsewhere.sources == () and "ZX-4471" not in str(fake_openai.chat_requests[-1].messages)
+
+
+async def test_knowledge_cannot_be_turned_on_in_dms(kb_app: App) -> None:
+    with pytest.raises(UserError, match="server"):
+        await kb_app.service.set_knowledge(Place(None, 5), "channel", True, MOD)
