@@ -69,7 +69,14 @@ def extra_cogs(sb: Any) -> list[Any]:
         return []
     from bot.discord.knowledge import KnowledgeCog
 
-    return [KnowledgeCog(sb.knowledge, sb.service, knowledge_role=sb.settings.knowledge_role)]
+    return [
+        KnowledgeCog(
+            sb.knowledge,
+            sb.service,
+            knowledge_role=sb.settings.knowledge_role,
+            manager_role=sb.settings.manager_role,
+        )
+    ]
 
 
 @app.command()

@@ -129,3 +129,16 @@ def test_bad_config_is_one_clear_message(cli_env: dict[str, str], tmp_path: Path
     assert proc.returncode == 1
     assert "api_key_env" in proc.stderr and "sk-secret-123" not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+async def test_run_builds_the_knowledge_cog_with_both_roles(service_settings) -> None:
+    from bot.app import open_app
+    from bot.cli import extra_cogs
+    from bot.discord.knowledge import KnowledgeCog
+
+    settings = service_settings.model_copy(update={"manager_role": "Mods", "knowledge_role": "Librarians"})
+    async with open_app(settings) as app:
+        [cog] = extra_cogs(app)
+    assert isinstance(cog, KnowledgeCog)
+    assert (cog.knowledge_role, cog.manager_role) == ("Librarians", "Mods")
+    assert cog.kb is app.knowledge and cog.service is app.service
