@@ -25,6 +25,8 @@ import numpy as np
 _WORD = re.compile(r"\w+(?:[-./:_]\w+)*")
 _K1 = 1.2
 _B = 0.75
+_PRUNE_AT = 5000  # passages; smaller indexes are always scored exactly
+_COMMON_SHARE = 0.05  # a word in more than this share of passages counts as common
 
 
 _COMBINING = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]+")
@@ -87,31 +89,60 @@ class BM25Index:
         # A query word no passage contains counts as the rarest possible term.
         self._unseen_idf = math.log(1 + (self.size + 0.5) / 0.5)
 
+    def _postings(self, tid: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self._starts[tid], self._starts[tid + 1]
+        return self._rows[lo:hi], self._weights[lo:hi]
+
     def search(self, query: str, n: int) -> list[KeywordHit]:
         """The best `n` passages for the query's words, best first."""
-        terms = set(tokenize(query))
-        if not terms or not self.size or n <= 0:
+        if not self.size or n <= 0:
             return []
-        scores = np.zeros(self.size, dtype=np.float32)
-        covered = np.zeros(self.size, dtype=np.float32)
+        known: list[int] = []
         total_idf = 0.0
-        for term in terms:
+        for term in set(tokenize(query)):
             tid = self._vocab.get(term)
             if tid is None:
                 total_idf += self._unseen_idf
-                continue
-            idf = float(self._idf[tid])
-            total_idf += idf
-            lo, hi = self._starts[tid], self._starts[tid + 1]
-            rows = self._rows[lo:hi]
-            scores[rows] += self._weights[lo:hi]
-            covered[rows] += idf
+            else:
+                known.append(tid)
+                total_idf += float(self._idf[tid])
+        if not known:
+            return []
+        # In a big collection, words found in a large share of passages ("the", "how") would
+        # touch most rows while adding little: score the specific words over the whole
+        # collection, then add the common ones to the leading candidates only.
+        common: list[int] = []
+        scan = known
+        if self.size >= _PRUNE_AT:
+            limit = self.size * _COMMON_SHARE
+            specific = [t for t in known if self._starts[t + 1] - self._starts[t] <= limit]
+            if specific:
+                scan = specific
+                common = [t for t in known if t not in specific]
+        scores = np.zeros(self.size, dtype=np.float32)
+        for tid in scan:
+            rows, weights = self._postings(tid)
+            scores[rows] += weights
         candidates = np.flatnonzero(scores)
         if not len(candidates):
             return []
-        if len(candidates) > n:
-            top = candidates[np.argpartition(-scores[candidates], n - 1)[:n]]
-        else:
-            top = candidates
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return [KeywordHit(int(r), float(scores[r]), float(covered[r] / total_idf)) for r in top]
+        keep = max(4 * n, 50) if common else n
+        if len(candidates) > keep:
+            candidates = candidates[np.argpartition(-scores[candidates], keep - 1)[:keep]]
+        top_scores = scores[candidates].astype(np.float64)
+        for tid in common:
+            top_scores += self._lookup(tid, candidates)
+        order = np.argsort(-top_scores, kind="stable")[:n]
+        rows = candidates[order]
+        covered = np.zeros(len(rows), dtype=np.float64)
+        for tid in known:
+            covered += np.where(self._lookup(tid, rows) > 0, self._idf[tid], 0.0)
+        return [KeywordHit(int(r), float(top_scores[i]), float(c / total_idf)) for r, i, c in zip(rows, order, covered, strict=True)]
+
+    def _lookup(self, tid: int, rows: np.ndarray) -> np.ndarray:
+        """The term's BM25 weight in each of `rows` (0 where it does not occur); postings are sorted by row."""
+        posting_rows, weights = self._postings(tid)
+        at = np.searchsorted(posting_rows, rows)
+        at_clipped = np.minimum(at, len(posting_rows) - 1)
+        found = (at < len(posting_rows)) & (posting_rows[at_clipped] == rows)
+        return np.where(found, weights[at_clipped], 0.0)

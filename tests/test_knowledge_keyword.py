@@ -45,3 +45,18 @@ def test_search_returns_sorted_rows_that_share_a_token(texts: list[str], query: 
     for hit in hits:
         assert terms & set(tokenize(texts[hit.row]))
         assert 0 < hit.coverage <= 1 + 1e-6
+
+
+def test_big_indexes_score_common_words_only_for_leading_candidates() -> None:
+    # 6,000 passages share the common words; each has one word of its own.
+    texts = [f"the blender manual says how to clean the jar item{i} carefully" for i in range(6000)]
+    texts[4321] += " descale"
+    index = BM25Index(texts)
+    hits = index.search("how do I descale the jar of item4321", 5)
+    assert hits[0].row == 4321 and 0.2 < hits[0].coverage < 0.5  # "do", "i", "of" are in no passage: they count fully
+    # Passages sharing only common words with a query that has specific ones are not candidates.
+    assert [h.row for h in hits] == [4321]
+    exact = sorted(range(6000), key=lambda r: -len(set(tokenize(texts[r])) & {"item17", "the", "jar"}))[0]
+    assert index.search("the jar item17", 1)[0].row == exact == 17
+    # A query of common words only still finds passages.
+    assert len(index.search("the jar", 3)) == 3
