@@ -279,3 +279,29 @@ def test_unreachable_chroma_server_is_a_config_error(tmp_path: Path, local_embed
     kb = KnowledgeBase(settings, embedder=local_embedder)
     with pytest.raises(ConfigError, match="CHROMA_HOST"):
         asyncio.run(kb.list_documents(1))
+
+
+async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) -> None:  # noqa: ANN001
+    settings = kb_settings.model_copy(update={
+        "embedding_provider": "openai-compatible", "embedding_base_url": fake_openai.base_url,
+        "embedding_model": "text-embedding-3-small", "embedding_api_key_env": "EMBED_KEY", "environ": {"EMBED_KEY": "sk-test"},
+    })
+    kb = KnowledgeBase(settings)
+    assert kb.embedder.name == "openai-compatible:text-embedding-3-small"
+    guild = new_guild_id()
+    report = await kb.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
+    assert [r.status for r in report.results] == ["added", "added"]
+    embedding_calls = [r for r in fake_openai.requests if r.path.endswith("/embeddings")]
+    assert embedding_calls and all(r.model == "text-embedding-3-small" for r in embedding_calls)
+    assert (await kb.search(guild, "E-4711", k=1))[0].document == "guide.md"
+
+    fake_openai.fail_next(401, times=3)
+    refused = await kb.add_bytes(guild, [("new.txt", b"brand new text")], uploader="x")
+    assert refused.results[0].status == "refused" and "API key" in (refused.results[0].reason or "")
+    assert [d.name for d in await kb.list_documents(guild)] == ["guide.md", "shipping.txt"]
+
+
+def test_openai_embeddings_need_a_key(tmp_path: Path) -> None:
+    settings = Settings().model_copy(update={"data_dir": tmp_path, "embedding_provider": "openai", "embedding_api_key_env": "NO_SUCH_KEY", "environ": {}})
+    with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
+        _ = KnowledgeBase(settings).embedder
