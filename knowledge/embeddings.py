@@ -74,6 +74,10 @@ class LocalEmbedder:
         with self._lock:
             if self._model is None:
                 from sentence_transformers import SentenceTransformer
+                from transformers.utils import logging as transformers_logging
+
+                # A "Loading weights" bar on every start is noise in a terminal and in the bot's log.
+                transformers_logging.disable_progress_bar()
 
                 self._model = SentenceTransformer(str(self._path()), device=self._device, local_files_only=True)
             return self._model
