@@ -333,49 +333,65 @@ class KnowledgeBase:
             collection = self._open(guild_id, create=True)
             docs = {d.name: d for d in self._documents_sync(collection)}
             prepared_q: queue.Queue[_Prepared | None] = queue.Queue(maxsize=64)
+            abort = threading.Event()
             reader = threading.Thread(
-                target=self._read_files, args=(items, docs, prepared_q, finish, state), name="knowledge-reader", daemon=True
+                target=self._read_files, args=(items, docs, prepared_q, finish, state, abort), name="knowledge-reader", daemon=True
             )
             reader.start()
-            writes: list[Future[None]] = []
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-writer") as writer:
-                pending: deque[_Prepared] = deque()
-                waiting: list[tuple[_Prepared, int]] = []  # (file, chunk number) not yet embedded
-                done_reading = False
-                while True:
-                    # Fill a window across files, but start on a good share of one rather than wait for a slow reader.
-                    while not done_reading and len(waiting) < _EMBED_WINDOW:
-                        try:
-                            item = prepared_q.get(block=len(waiting) < _EMBED_WINDOW // 4)
-                        except queue.Empty:
-                            break
-                        if item is None:
-                            done_reading = True
-                        else:
-                            pending.append(item)
-                            waiting.extend((item, n) for n in range(len(item.chunks)))
-                    if not waiting:
-                        if done_reading:
-                            break
-                        continue
-                    window, waiting = waiting[:_EMBED_WINDOW], waiting[_EMBED_WINDOW:]
-                    window.sort(key=lambda pn: len(pn[0].chunks[pn[1]].text), reverse=True)
-                    for start in range(0, len(window), _EMBED_BATCH):
-                        batch = [(p, n) for p, n in window[start:start + _EMBED_BATCH] if not p.refused]
-                        if batch:
-                            self._embed_batch(batch, finish, state)
-                    while pending and (pending[0].embedded or pending[0].refused):
-                        ready = pending.popleft()
-                        if not ready.refused:
-                            writes.append(writer.submit(self._commit, collection, ready, uploader, docs, finish))
-                    waiting = [(p, n) for p, n in waiting if not p.refused]
-                for write in writes:
-                    write.result()
-            reader.join()
+            try:
+                self._embed_and_store(collection, prepared_q, uploader, docs, finish, state)
+            finally:
+                abort.set()  # an unexpected error above must not leave the reader blocked on a full queue
+                reader.join()
             if any(r is not None and r.status in ("added", "replaced") for r in results):
                 self._bump_revision(guild_id, collection)
                 self._rebuild_index(guild_id, collection)
         return IngestReport([r if r is not None else FileResult(items[i].name, "refused", "was not processed") for i, r in enumerate(results)])
+
+    def _embed_and_store(
+        self,
+        collection: Any,
+        prepared_q: queue.Queue[_Prepared | None],
+        uploader: str,
+        docs: dict[str, DocumentInfo],
+        finish: Callable[[int, FileResult], None],
+        state: _Progress,
+    ) -> None:
+        """Encode passages in length-sorted windows across files; hand each finished file to the writer."""
+        writes: list[Future[None]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-writer") as writer:
+            pending: deque[_Prepared] = deque()
+            waiting: list[tuple[_Prepared, int]] = []  # (file, chunk number) not yet embedded
+            done_reading = False
+            while True:
+                # Fill a window across files, but start on a good share of one rather than wait for a slow reader.
+                while not done_reading and len(waiting) < _EMBED_WINDOW:
+                    try:
+                        item = prepared_q.get(block=len(waiting) < _EMBED_WINDOW // 4)
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        done_reading = True
+                    else:
+                        pending.append(item)
+                        waiting.extend((item, n) for n in range(len(item.chunks)))
+                if not waiting:
+                    if done_reading:
+                        break
+                    continue
+                window, waiting = waiting[:_EMBED_WINDOW], waiting[_EMBED_WINDOW:]
+                window.sort(key=lambda pn: len(pn[0].chunks[pn[1]].text), reverse=True)
+                for start in range(0, len(window), _EMBED_BATCH):
+                    batch = [(p, n) for p, n in window[start:start + _EMBED_BATCH] if not p.refused]
+                    if batch:
+                        self._embed_batch(batch, finish, state)
+                while pending and (pending[0].embedded or pending[0].refused):
+                    ready = pending.popleft()
+                    if not ready.refused:
+                        writes.append(writer.submit(self._commit, collection, ready, uploader, docs, finish))
+                waiting = [(p, n) for p, n in waiting if not p.refused]
+            for write in writes:
+                write.result()
 
     def _read_files(
         self,
@@ -384,8 +400,19 @@ class KnowledgeBase:
         out: queue.Queue[_Prepared | None],
         finish: Callable[[int, FileResult], None],
         state: _Progress,
+        abort: threading.Event,
     ) -> None:
         """Reader thread: check, read and split each file; decide add, replace, skip or refuse."""
+
+        def put(item: _Prepared | None) -> bool:
+            while not abort.is_set():
+                try:
+                    out.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
             by_hash = {d.content_hash: d for d in docs.values()}
             total = sum(d.bytes for d in docs.values())
@@ -432,9 +459,10 @@ class KnowledgeBase:
                 by_hash[digest] = placeholder
                 docs[item.name] = placeholder
                 state.update(chunks_total=len(chunks), current=item.name)
-                out.put(prepared)
+                if not put(prepared):
+                    return
         finally:
-            out.put(None)
+            put(None)
 
     def _embed_batch(self, batch: list[tuple[_Prepared, int]], finish: Callable[[int, FileResult], None], state: _Progress) -> None:
         """Encode one batch of passages; a failure refuses only the files that fail on their own."""

@@ -140,7 +140,14 @@ class _ThrottledEditor:
         if self._task is not None:
             await self._task
         self._pending = None
-        await self._interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
+        try:
+            await self._interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
+        except discord.HTTPException:
+            # An interaction's token lasts 15 minutes: tell the person about a longer upload by DM instead.
+            try:
+                await self._interaction.user.send(text, allowed_mentions=discord.AllowedMentions.none())
+            except discord.HTTPException:
+                log.warning("could not report a finished upload to %s", self._interaction.user.id, exc_info=True)
 
 
 class KnowledgeCog(commands.Cog):
