@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Literal
 
 import discord
@@ -21,7 +20,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
-from bot.errors import PermissionDenied, UserError, apology, report_unexpected
+from bot.discord.respond import answering, send
+from bot.errors import PermissionDenied, UserError
 from bot.messages import Source
 from bot.service import ChatService
 from knowledge.base import KnowledgeBase
@@ -172,17 +172,6 @@ class KnowledgeCog(commands.Cog):
 
     # ------------------------------------------------------------ plumbing
 
-    @asynccontextmanager
-    async def _answering(self, interaction: discord.Interaction, what: str) -> AsyncIterator[None]:
-        """Show user-facing errors ephemerally; log anything else and apologise."""
-        try:
-            yield
-        except UserError as exc:
-            await _send(interaction, f"⚠️ {exc.message}", ephemeral=True)
-        except Exception as exc:
-            error_id = report_unexpected(log, exc, what)
-            await _send(interaction, apology(error_id), ephemeral=True)
-
     def _is_knowledge_admin(self, interaction: discord.Interaction) -> bool:
         return self._refusal(interaction) is None
 
@@ -233,7 +222,7 @@ class KnowledgeCog(commands.Cog):
         file10: discord.Attachment | None = None,
     ) -> None:
         """Add documents to this server's knowledge base (a document with the same name is replaced)."""
-        async with self._answering(interaction, "adding documents"):
+        async with answering(interaction, "adding documents", log):
             guild_id = self._ensure_admin(interaction)
             attachments = [a for a in (file, file2, file3, file4, file5, file6, file7, file8, file9, file10) if a is not None]
             await interaction.response.defer(ephemeral=True, thinking=True)
@@ -264,23 +253,23 @@ class KnowledgeCog(commands.Cog):
     @knowledge.command(name="list")
     async def list_(self, interaction: discord.Interaction) -> None:
         """List this server's documents: passages, size, who added them and when."""
-        async with self._answering(interaction, "listing documents"):
+        async with answering(interaction, "listing documents", log):
             docs = await self.kb.list_documents(self._guild(interaction))
             if not docs:
-                await _send(interaction, "This server's knowledge base is empty. Admins add documents with `/knowledge add`.", ephemeral=True)
+                await send(interaction, "This server's knowledge base is empty. Admins add documents with `/knowledge add`.", ephemeral=True)
                 return
             embed = discord.Embed(title="Knowledge base", description=fit_lines([document_line(d) for d in docs], _DESCRIPTION_ROOM), colour=EMBED_COLOUR)
             embed.set_footer(text=f"{len(docs)} documents · {sum(d.chunks for d in docs)} passages · {human_size(sum(d.bytes for d in docs))}")
-            await _send(interaction, embed=embed, ephemeral=True)
+            await send(interaction, embed=embed, ephemeral=True)
 
     @knowledge.command(name="remove")
     @app_commands.describe(document="The document's name, as /knowledge list shows it.")
     async def remove(self, interaction: discord.Interaction, document: str) -> None:
         """Remove a document and all its passages from this server's knowledge base."""
-        async with self._answering(interaction, "removing a document"):
+        async with answering(interaction, "removing a document", log):
             guild_id = self._ensure_admin(interaction)
             doc = await self.kb.remove(guild_id, document)
-            await _send(interaction, f"🗑️ Removed **{discord.utils.escape_markdown(doc.name)}** ({doc.chunks} passages).", ephemeral=True)
+            await send(interaction, f"🗑️ Removed **{discord.utils.escape_markdown(doc.name)}** ({doc.chunks} passages).", ephemeral=True)
 
     @remove.autocomplete("document")
     async def _document_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
@@ -296,16 +285,16 @@ class KnowledgeCog(commands.Cog):
     @app_commands.describe(query="What to look for.", count="How many passages to show (1-10).")
     async def search(self, interaction: discord.Interaction, query: str, count: app_commands.Range[int, 1, 10] = 5) -> None:
         """Show the passages of this server's documents that best match a query, with their scores."""
-        async with self._answering(interaction, "searching the knowledge base"):
+        async with answering(interaction, "searching the knowledge base", log):
             guild_id = self._guild(interaction)
             await interaction.response.defer(ephemeral=True, thinking=True)
             sources = await self.kb.search(guild_id, query, k=count)
             if not sources:
-                await _send(interaction, "Nothing found: this server's knowledge base is empty or has no passage that matches.", ephemeral=True)
+                await send(interaction, "Nothing found: this server's knowledge base is empty or has no passage that matches.", ephemeral=True)
                 return
             blocks = [source_block(n, s) for n, s in enumerate(sources, start=1)]
             embed = discord.Embed(title=f"Search: {query[:200]}", description=fit_lines(blocks, _DESCRIPTION_ROOM), colour=EMBED_COLOUR)
-            await _send(interaction, embed=embed, ephemeral=True)
+            await send(interaction, embed=embed, ephemeral=True)
 
     @knowledge.command(name="use")
     @app_commands.describe(
@@ -314,7 +303,7 @@ class KnowledgeCog(commands.Cog):
     )
     async def use(self, interaction: discord.Interaction, state: Literal["on", "off", "inherit"], server: bool = False) -> None:
         """Answer from the knowledge base in this channel (its threads follow), or stop."""
-        async with self._answering(interaction, "switching the knowledge base"):
+        async with answering(interaction, "switching the knowledge base", log):
             self._guild(interaction)
             place = place_of(interaction.channel, interaction.guild_id)
             scope = scope_for(place, server)
@@ -322,15 +311,4 @@ class KnowledgeCog(commands.Cog):
                 ensure_can_change(interaction, scope, self.manager_role)
             enabled = {"on": True, "off": False, "inherit": None}[state]
             line = await self.service.set_knowledge(place, scope, enabled, author_of(interaction.user))
-            await _send(interaction, line, ephemeral=False)
-
-
-async def _send(interaction: discord.Interaction, content: str | None = None, *, embed: discord.Embed | None = None, ephemeral: bool) -> None:
-    """Respond to an interaction, or follow up if it was already answered or deferred."""
-    kwargs: dict[str, object] = {"content": content, "ephemeral": ephemeral, "allowed_mentions": discord.AllowedMentions.none()}
-    if embed is not None:
-        kwargs["embed"] = embed
-    if interaction.response.is_done():
-        await interaction.followup.send(**kwargs)  # type: ignore[arg-type]
-    else:
-        await interaction.response.send_message(**kwargs)  # type: ignore[arg-type]
+            await send(interaction, line, ephemeral=False)

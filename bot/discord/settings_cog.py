@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
-from bot.errors import UserError, apology, report_unexpected
+from bot.discord.respond import answering, send
 from bot.messages import Place, Scope
 from bot.service import ChatService
 from chains.registry import ModelSpec
@@ -86,17 +84,6 @@ class SettingsCog(commands.Cog):
 
     # ------------------------------------------------------------ plumbing
 
-    @asynccontextmanager
-    async def _answering(self, interaction: discord.Interaction, what: str) -> AsyncIterator[None]:
-        """Show user-facing errors ephemerally; log anything else and apologise."""
-        try:
-            yield
-        except UserError as exc:
-            await _send(interaction, f"⚠️ {exc.message}", ephemeral=True)
-        except Exception as exc:
-            error_id = report_unexpected(log, exc, what)
-            await _send(interaction, apology(error_id), ephemeral=True)
-
     def _change(self, interaction: discord.Interaction, server: bool) -> tuple[Place, Scope]:
         """Where a change applies, after checking the person may make it."""
         place = place_of(interaction.channel, interaction.guild_id)
@@ -109,7 +96,7 @@ class SettingsCog(commands.Cog):
     @model.command(name="list")
     async def model_list(self, interaction: discord.Interaction) -> None:
         """List the models you can choose from."""
-        async with self._answering(interaction, "listing models"):
+        async with answering(interaction, "listing models", log):
             place = place_of(interaction.channel, interaction.guild_id)
             current = (await self.service.effective_settings(place)).model.value
             lines = [model_line(spec, current) for spec in self.service.list_models()]
@@ -121,14 +108,14 @@ class SettingsCog(commands.Cog):
                 shown.append(line)
             embed = discord.Embed(title="Models", description="\n".join(shown), colour=EMBED_COLOUR)
             embed.set_footer(text="Pick one with /model set · details with /model info")
-            await _send(interaction, embed=embed, ephemeral=True)
+            await send(interaction, embed=embed, ephemeral=True)
 
     @model.command(name="info")
     @app_commands.describe(name="The model's name, as /model list shows it.")
     async def model_info(self, interaction: discord.Interaction, name: str) -> None:
         """Show a model's provider, context window, prices and weights."""
-        async with self._answering(interaction, "showing a model"):
-            await _send(interaction, embed=model_embed(self.service.get_model(name)), ephemeral=True)
+        async with answering(interaction, "showing a model", log):
+            await send(interaction, embed=model_embed(self.service.get_model(name)), ephemeral=True)
 
     @model.command(name="set")
     @app_commands.describe(
@@ -137,19 +124,19 @@ class SettingsCog(commands.Cog):
     )
     async def model_set(self, interaction: discord.Interaction, name: str, server: bool = False) -> None:
         """Choose the model that answers in this channel or thread."""
-        async with self._answering(interaction, "setting a model"):
+        async with answering(interaction, "setting a model", log):
             place, scope = self._change(interaction, server)
             line = await self.service.set_model(place, scope, name, author_of(interaction.user))
-            await _send(interaction, line, ephemeral=False)
+            await send(interaction, line, ephemeral=False)
 
     @model.command(name="reset")
     @app_commands.describe(server="Reset the server default instead of this channel's model.")
     async def model_reset(self, interaction: discord.Interaction, server: bool = False) -> None:
         """Go back to the inherited model (server default or the bot's default)."""
-        async with self._answering(interaction, "resetting a model"):
+        async with answering(interaction, "resetting a model", log):
             place, scope = self._change(interaction, server)
             line = await self.service.reset_model(place, scope, author_of(interaction.user))
-            await _send(interaction, line, ephemeral=False)
+            await send(interaction, line, ephemeral=False)
 
     @model_set.autocomplete("name")
     @model_info.autocomplete("name")
@@ -169,38 +156,38 @@ class SettingsCog(commands.Cog):
     )
     async def system_set(self, interaction: discord.Interaction, text: str, server: bool = False) -> None:
         """Set the system prompt for this channel or thread."""
-        async with self._answering(interaction, "setting a system prompt"):
+        async with answering(interaction, "setting a system prompt", log):
             place, scope = self._change(interaction, server)
             line = await self.service.set_system_prompt(place, scope, text, author_of(interaction.user))
-            await _send(interaction, line, ephemeral=False)
+            await send(interaction, line, ephemeral=False)
 
     @system.command(name="show")
     async def system_show(self, interaction: discord.Interaction) -> None:
         """Show the system prompt in force here and where it comes from."""
-        async with self._answering(interaction, "showing the system prompt"):
+        async with answering(interaction, "showing the system prompt", log):
             setting = (await self.service.effective_settings(place_of(interaction.channel, interaction.guild_id))).system_prompt
             embed = discord.Embed(
                 title=f"System prompt ({SOURCE_WORDS.get(setting.source, setting.source)})",
                 description=prompt_preview(str(setting.value), 3800),
                 colour=EMBED_COLOUR,
             )
-            await _send(interaction, embed=embed, ephemeral=True)
+            await send(interaction, embed=embed, ephemeral=True)
 
     @system.command(name="reset")
     @app_commands.describe(server="Reset the server default instead of this channel's prompt.")
     async def system_reset(self, interaction: discord.Interaction, server: bool = False) -> None:
         """Go back to the inherited system prompt."""
-        async with self._answering(interaction, "resetting the system prompt"):
+        async with answering(interaction, "resetting the system prompt", log):
             place, scope = self._change(interaction, server)
             line = await self.service.reset_system_prompt(place, scope, author_of(interaction.user))
-            await _send(interaction, line, ephemeral=False)
+            await send(interaction, line, ephemeral=False)
 
     # ------------------------------------------------------------ /settings
 
     @app_commands.command(name="settings")
     async def settings(self, interaction: discord.Interaction) -> None:
         """Show the settings in force here and where each comes from."""
-        async with self._answering(interaction, "showing settings"):
+        async with answering(interaction, "showing settings", log):
             effective = await self.service.effective_settings(place_of(interaction.channel, interaction.guild_id))
             embed = discord.Embed(title="Settings here", colour=EMBED_COLOUR)
             embed.add_field(
@@ -219,21 +206,4 @@ class SettingsCog(commands.Cog):
                 + f" ({SOURCE_WORDS.get(effective.knowledge.source, effective.knowledge.source)})",
                 inline=False,
             )
-            await _send(interaction, embed=embed, ephemeral=True)
-
-
-async def _send(
-    interaction: discord.Interaction,
-    content: str | None = None,
-    *,
-    embed: discord.Embed | None = None,
-    ephemeral: bool,
-) -> None:
-    """Respond to an interaction, or follow up if it was already answered."""
-    kwargs = {"content": content, "ephemeral": ephemeral, "allowed_mentions": discord.AllowedMentions.none()}
-    if embed is not None:
-        kwargs["embed"] = embed
-    if interaction.response.is_done():
-        await interaction.followup.send(**kwargs)
-    else:
-        await interaction.response.send_message(**kwargs)
+            await send(interaction, embed=embed, ephemeral=True)

@@ -1,0 +1,40 @@
+"""Answering slash commands: one way to respond, and one way to show errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import discord
+
+from bot.errors import UserError, apology, report_unexpected
+
+
+async def send(
+    interaction: discord.Interaction,
+    content: str | None = None,
+    *,
+    embed: discord.Embed | None = None,
+    ephemeral: bool,
+) -> None:
+    """Respond to an interaction, or follow up if it was already answered; never pings anyone."""
+    kwargs: dict[str, Any] = {"content": content, "ephemeral": ephemeral, "allowed_mentions": discord.AllowedMentions.none()}
+    if embed is not None:
+        kwargs["embed"] = embed
+    if interaction.response.is_done():
+        await interaction.followup.send(**kwargs)
+    else:
+        await interaction.response.send_message(**kwargs)
+
+
+@asynccontextmanager
+async def answering(interaction: discord.Interaction, what: str, log: logging.Logger) -> AsyncIterator[None]:
+    """Show user-facing errors ephemerally; log anything else with its traceback and apologise."""
+    try:
+        yield
+    except UserError as exc:
+        await send(interaction, f"⚠️ {exc.message}", ephemeral=True)
+    except Exception as exc:
+        await send(interaction, apology(report_unexpected(log, exc, what)), ephemeral=True)
