@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,6 +14,7 @@ from bot.settings import Settings
 from knowledge.base import KnowledgeBase
 from store.models import Message
 from tests.fakes.openai_server import FakeOpenAI
+from tests.fixtures.knowledge import drop_collections
 
 GUILD, CHANNEL = 10, 20
 MOD = Author(3, "mod")
@@ -27,12 +29,24 @@ Game night is every Friday at 20:00 UTC in the lounge. The event code is ZX-4471
 
 
 @pytest.fixture
-async def kb_app(service_settings: Settings, local_embedder) -> AsyncIterator[App]:
-    kb = KnowledgeBase(service_settings, embedder=local_embedder)
-    async with open_app(service_settings, knowledge=kb) as app:
-        report = await kb.add_bytes(GUILD, [("rules.md", RULES)], uploader="mod")
-        assert [r.status for r in report.results] == ["added"], report.summary()
-        yield app
+async def kb_app(service_settings: Settings, chroma_target: str, local_embedder) -> AsyncIterator[App]:
+    """The service with a knowledge base on embedded Chroma, and on the Chroma server when one runs."""
+    if chroma_target == "server" and not service_settings.chroma_host:
+        pytest.skip("no Chroma server: `eval $(scripts/chroma.sh start)` sets CHROMA_HOST")
+    settings = service_settings.model_copy(
+        update={
+            "chroma_host": service_settings.chroma_host if chroma_target == "server" else None,
+            "knowledge_collection_prefix": f"t{uuid.uuid4().hex[:12]}-",  # no other test's collections
+        }
+    )
+    kb = KnowledgeBase(settings, embedder=local_embedder)
+    try:
+        async with open_app(settings, knowledge=kb) as app:
+            report = await kb.add_bytes(GUILD, [("rules.md", RULES)], uploader="mod")
+            assert [r.status for r in report.results] == ["added"], report.summary()
+            yield app
+    finally:
+        drop_collections(settings)
 
 
 def ask(text: str, place: Place = Place(GUILD, CHANNEL)) -> ChatRequest:
