@@ -174,21 +174,20 @@ class ChatService:
         chain = self.registry.fallback_chain(spec.name)
         for position, candidate in enumerate(chain):
             try:
-                sent = self._fit(system_prompt, history, text, sources, candidate)
+                attempt = _Attempt(candidate, self._fit(system_prompt, history, text, sources, candidate))
             except UserError as exc:
-                attempts.append(_Attempt(candidate, [], error=exc.message))
-                break
-            attempt = _Attempt(candidate, sent)
+                # Too long for this model's window: a fallback with a larger one may still fit it.
+                attempt = _Attempt(candidate, [], error=exc.message)
             attempts.append(attempt)
-            async for delta in self._run(attempt, started):
-                yield ReplyDelta(delta)
+            if attempt.sent:
+                async for delta in self._run(attempt, started):
+                    yield ReplyDelta(delta)
             if attempt.error is None:
                 break
-            failure = attempt.error
             next_spec = chain[position + 1] if position + 1 < len(chain) else None
             if attempt.text or next_spec is None or not attempt.fallback_ok:
                 break
-            yield FallbackUsed(failed_model=candidate.name, model=next_spec.name, reason=failure)
+            yield FallbackUsed(failed_model=candidate.name, model=next_spec.name, reason=attempt.error)
 
         result = self._finish(
             request, attempts, sources, conversation_id, user_id, answer_id, leaf_id,

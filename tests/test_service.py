@@ -372,3 +372,14 @@ async def test_concurrent_messages_in_one_place_share_one_settings_read(chat_app
     # A change made meanwhile is seen by the next read.
     await chat_app.service.set_model(place, "channel", "solo", MOD)
     assert (await chat_app.service.effective_settings(place)).model.value == "solo"
+
+
+async def test_a_message_too_long_for_one_window_falls_back_to_a_larger_one(chat_app: App, fake_openai: FakeOpenAI) -> None:
+    svc, place = chat_app.service, Place(GUILD, CHANNEL)
+    await svc.set_model(place, "channel", "tiny-then-big", MOD)
+    events = [e async for e in svc.stream(mention("word " * 400))]
+    [fallback] = [e for e in events if isinstance(e, FallbackUsed)]
+    assert fallback.failed_model == "tiny-then-big" and "too long" in fallback.reason
+    result = events[-1].result
+    assert result.error is None and result.model == "backup" and result.fallback_from == "tiny-then-big"
+    assert [r.model for r in fake_openai.chat_requests] == ["fake-backup"], "nothing was sent to the small model"
