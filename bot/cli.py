@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bot.cli_knowledge import knowledge_app
-from bot.errors import UserError
+from bot.errors import ConfigError, UserError
 from bot.settings import Settings
 
 T = TypeVar("T")
@@ -38,9 +38,9 @@ err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
 def _settings() -> Settings:
     """Read the settings once; a bad value is one clear line, not a traceback."""
     try:
-        return Settings()
-    except Exception as exc:  # pydantic's ValidationError: name the variable and the problem
-        err.print(f"[red]Invalid configuration:[/red] {exc}", markup=True)
+        return Settings.load()
+    except ConfigError as exc:
+        err.print(exc.message, style="red", markup=False)
         raise typer.Exit(2) from None
 
 

@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bot.errors import UserError
+from bot.errors import ConfigError, UserError
 from bot.settings import Settings
 
 T = TypeVar("T")
@@ -42,9 +42,9 @@ _STATUS_STYLE = {"added": "green", "replaced": "cyan", "skipped": "yellow", "ref
 def _settings() -> Settings:
     """Read the settings; a bad value is one clear line."""
     try:
-        settings = Settings()
-    except Exception as exc:  # pydantic's ValidationError names the variable
-        _err.print(f"[red]Invalid configuration:[/red] {exc}")
+        settings = Settings.load()
+    except ConfigError as exc:
+        _err.print(exc.message, style="red", markup=False)
         raise typer.Exit(2) from None
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     return settings

@@ -12,8 +12,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.errors import ConfigError
 
 
 class Settings(BaseSettings):
@@ -54,6 +56,17 @@ class Settings(BaseSettings):
     # names the variables that hold API keys, so they cannot be fields.
     environ: dict[str, str] = Field(default_factory=lambda: dict(os.environ), exclude=True, repr=False)
 
+    @classmethod
+    def load(cls) -> Settings:
+        """Read the environment; a bad value is a ConfigError naming the variable, never its value."""
+        try:
+            return cls()
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{_variable(error['loc'])}: {error['msg']}" for error in exc.errors(include_input=False)
+            )
+            raise ConfigError(f"Invalid configuration: {problems}") from None
+
     @property
     def sqlalchemy_url(self) -> str:
         """The database URL in effect."""
@@ -81,3 +94,9 @@ def _async_url(url: str) -> str:
         if url.startswith(plain):
             return driver + url[len(plain):]
     return url
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    """The environment variable behind a settings field's error location."""
+    name = str(loc[0]) if loc else "?"
+    return name if name.isupper() else f"SWITCHBOARD_{name.upper()}"

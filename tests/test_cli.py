@@ -142,3 +142,10 @@ async def test_run_builds_the_knowledge_cog_with_both_roles(service_settings) ->
     assert isinstance(cog, KnowledgeCog)
     assert (cog.knowledge_role, cog.manager_role) == ("Librarians", "Mods")
     assert cog.kb is app.knowledge and cog.service is app.service
+
+
+def test_a_bad_setting_names_the_variable_but_not_its_value(cli_env: dict[str, str]) -> None:
+    proc = switchboard({**cli_env, "SWITCHBOARD_MAX_RETRIES": "s3cr3t-ish", "CHROMA_PORT": "nope"}, "models", "list")
+    assert proc.returncode == 2
+    assert "SWITCHBOARD_MAX_RETRIES" in proc.stderr and "CHROMA_PORT" in proc.stderr
+    assert "s3cr3t-ish" not in proc.stderr and "Traceback" not in proc.stderr
