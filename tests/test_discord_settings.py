@@ -95,7 +95,7 @@ async def test_model_list_info_and_autocomplete(world: World) -> None:
     listed = await world.alice.slash(world.channel, "model list")
     assert listed.ephemeral
     lines = listed.response.embeds[0].description.splitlines()
-    assert len(lines) == 4
+    assert len(lines) == len(world.bot.service.list_models())
     [main] = [line for line in lines if line.startswith("**main**")]
     assert "openai-compatible" in main and "open weights" in main and "16k context" in main
     assert "$1 in / $2 out per 1M tokens" in main and "in use here" in main
@@ -109,7 +109,7 @@ async def test_model_list_info_and_autocomplete(world: World) -> None:
     choices = await world.alice.autocomplete(world.channel, "model set", "name", "ba")
     assert [c["value"] for c in choices] == ["backup"]
     everything = await world.alice.autocomplete(world.channel, "model set", "name", "")
-    assert sorted(c["value"] for c in everything) == ["backup", "main", "solo", "tiny"]
+    assert sorted(c["value"] for c in everything) == ["backup", "main", "solo", "tiny", "tiny-then-big"]
 
 
 async def test_system_prompt_reaches_the_model_and_resets(world: World, fake_openai: FakeOpenAI) -> None:
