@@ -8,7 +8,7 @@ import simcord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.bot import SwitchboardBot, bot_intents, create_bot
+from bot.discord.bot import SwitchboardBot, bot_intents
 from bot.service import ChatService
 
 
@@ -31,7 +31,7 @@ def test_intents_are_the_few_the_bot_needs() -> None:
 
 
 async def test_extra_cogs_are_added_and_their_commands_synced(chat_service: ChatService) -> None:
-    bot = create_bot(chat_service, extra_cogs=[EchoCog(chat_service)], shard_count=2)
+    bot = SwitchboardBot(chat_service, extra_cogs=[EchoCog(chat_service)], shard_count=2)
     assert isinstance(bot, commands.AutoShardedBot)
     async with simcord.run(bot) as env:
         assert sorted(bot.shards) == [0, 1]
@@ -48,7 +48,7 @@ async def test_extra_cogs_are_added_and_their_commands_synced(chat_service: Chat
 
 
 async def test_without_syncing_the_commands_are_not_published(chat_service: ChatService) -> None:
-    bot = create_bot(chat_service, sync_commands=False, shard_count=1)
+    bot = SwitchboardBot(chat_service, sync_commands=False, shard_count=1)
     async with simcord.run(bot) as env:
         channel = env.create_guild().create_text_channel("general")
         alice = env.guild.add_member(env.create_user("alice"))
@@ -58,7 +58,7 @@ async def test_without_syncing_the_commands_are_not_published(chat_service: Chat
 
 
 def test_bot_keeps_its_dependencies(chat_service: ChatService) -> None:
-    bot = create_bot(chat_service, manager_role="Bot Manager")
+    bot = SwitchboardBot(chat_service, manager_role="Bot Manager")
     assert isinstance(bot, SwitchboardBot)
     assert bot.service is chat_service and bot.manager_role == "Bot Manager"
     assert bot.shard_count is None  # Discord recommends the count when the bot starts

@@ -7,7 +7,7 @@ from datetime import datetime
 import discord
 import pytest
 
-from bot.discord.bot import SwitchboardBot, create_bot
+from bot.discord.bot import SwitchboardBot
 from bot.discord.render import WRITING_MARKER
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.discord import MANAGER_ROLE, PacedService, World
@@ -15,7 +15,7 @@ from tests.fixtures.discord import MANAGER_ROLE, PacedService, World
 
 @pytest.fixture
 def simcord_bot(paced_service: PacedService) -> SwitchboardBot:
-    return create_bot(paced_service, manager_role=MANAGER_ROLE, shard_count=1)  # type: ignore[arg-type]
+    return SwitchboardBot(paced_service, manager_role=MANAGER_ROLE, shard_count=1)  # type: ignore[arg-type]
 
 
 async def test_edits_stay_within_once_per_second_per_message(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import simcord
 
-from bot.discord.bot import SwitchboardBot, create_bot
+from bot.discord.bot import SwitchboardBot
 from bot.discord.knowledge import KnowledgeCog
 from bot.service import ChatService
 from knowledge.base import KnowledgeBase
@@ -19,7 +19,7 @@ GUIDE = b"# Blender guide\n\nError code E-4711 means the lid is not locked. Turn
 def simcord_bot(chat_service: ChatService, kb: KnowledgeBase) -> SwitchboardBot:
     """The real bot with the knowledge cog, as the CLI builds it."""
     cog = KnowledgeCog(kb, chat_service, knowledge_role=LIBRARIAN, manager_role=MANAGER_ROLE)
-    return create_bot(chat_service, manager_role=MANAGER_ROLE, shard_count=1, extra_cogs=[cog])
+    return SwitchboardBot(chat_service, manager_role=MANAGER_ROLE, shard_count=1, extra_cogs=[cog])
 
 
 @pytest.fixture

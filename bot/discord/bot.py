@@ -1,6 +1,6 @@
 """The Discord bot: its dependencies come in through the constructor, as in discord.py's examples.
 
-    bot = create_bot(service, manager_role="Bot Manager", extra_cogs=[KnowledgeCog(...)])
+    bot = SwitchboardBot(service, manager_role="Bot Manager", extra_cogs=[KnowledgeCog(...)])
     await run_bot(token, service, manager_role=...)     # what the CLI calls
 
 The bot is an `AutoShardedBot`: with no `shard_count` Discord recommends one; a process
@@ -86,30 +86,6 @@ class SwitchboardBot(commands.AutoShardedBot):
         log.info("logged in as %s (%s) in %d servers", self.user, getattr(self.user, "id", "?"), len(self.guilds))
 
 
-def create_bot(
-    service: ChatService,
-    *,
-    manager_role: str | None = None,
-    extra_cogs: Sequence[commands.Cog] = (),
-    sync_commands: bool = True,
-    shard_count: int | None = None,
-    shard_ids: Sequence[int] | None = None,
-    clock: Callable[[], float] | None = None,
-    sleep: Callable[[float], Awaitable[object]] | None = None,
-) -> SwitchboardBot:
-    """Build the bot around a chat service; `extra_cogs` are added after the built-in ones."""
-    return SwitchboardBot(
-        service,
-        manager_role=manager_role,
-        extra_cogs=extra_cogs,
-        sync_commands=sync_commands,
-        shard_count=shard_count,
-        shard_ids=shard_ids,
-        clock=clock,
-        sleep=sleep,
-    )
-
-
 async def run_bot(
     token: str,
     service: ChatService,
@@ -120,7 +96,7 @@ async def run_bot(
     shard_ids: Sequence[int] | None = None,
 ) -> None:
     """Log in and serve until the bot is closed, SIGINT/SIGTERM arrives, or the task is cancelled."""
-    bot = create_bot(
+    bot = SwitchboardBot(
         service,
         manager_role=manager_role,
         extra_cogs=extra_cogs,
