@@ -631,14 +631,6 @@ class ChatService:
         self._settings_generation += 1
         return old
 
-    async def setting_changes(self, place: Place, scope: Scope, limit: int = 10) -> list[Any]:
-        """The latest recorded changes of settings at `scope`."""
-        scope_id = {"thread": place.thread_id, "channel": place.channel_id, "guild": place.guild_id}.get(scope)
-        if scope_id is None:
-            return []
-        async with self.sessions() as session:
-            return await SettingsRepository(session).changes(scope, scope_id, limit)
-
 
 def _scope_word(scope: Scope) -> str:
     return {"guild": "server", "global": "bot"}.get(scope, scope)

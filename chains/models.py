@@ -65,10 +65,6 @@ class ChatModelFactory:
         self._cache[spec.name] = (key, model)
         return model
 
-    def forget(self, name: str) -> None:
-        """Drop the cached model called `name` (after its entry changed or its server stopped)."""
-        self._cache.pop(name, None)
-
     async def aclose(self) -> None:
         """Close the shared HTTP connection pool."""
         self._cache.clear()
