@@ -206,7 +206,7 @@ class ChatService:
         """Stream one model's answer into `attempt`, recording usage, timing and failure."""
         try:
             model = await self.models.get(attempt.spec)
-            async for chunk in self._chain(attempt.spec.name, model).astream({"messages": attempt.sent}):
+            async for chunk in self._chain(attempt.spec.name, model).astream(attempt.sent):
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
                     attempt.usage = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))

@@ -20,6 +20,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Literal
 
+import aiohttp
 import httpx
 import httpx2
 import openai
@@ -109,7 +110,12 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
     if isinstance(exc, openai.APIStatusError):
         return _from_status(exc, name, key_env)
     if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | httpx2.TimeoutException | TimeoutError):
-        return ModelFailure("timeout", f"{name} took too long to answer and was given up on.", fallback_ok=True)
+        # openai's aiohttp transport reports every aiohttp connection error as a connect
+        # timeout; the aiohttp error underneath says whether it really was one.
+        real = next((c for c in _causes(exc)[1:] if isinstance(c, aiohttp.ClientError)), None)
+        if real is not None and not isinstance(real, aiohttp.ServerTimeoutError):
+            return _from_aiohttp(real, name, _url_of(exc))
+        return _timed_out(name)
     if isinstance(exc, openai.APIConnectionError):
         # The SDK wraps the transport error; its cause says whether we never connected or lost it.
         for cause in _causes(exc)[1:]:
@@ -117,14 +123,12 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
             if inner is not None:
                 return inner
         return _unreachable(name, "connection failed", _url_of(exc))
+    if isinstance(exc, aiohttp.ClientError):
+        return _from_aiohttp(exc, name, _url_of(exc))
     if isinstance(exc, httpx.ConnectError | httpx2.ConnectError):
         return _unreachable(name, _connect_reason(exc), _url_of(exc))
     if isinstance(exc, httpx.RemoteProtocolError | httpx2.RemoteProtocolError | httpx.ReadError | httpx2.ReadError):
-        return ModelFailure(
-            "server_error",
-            f"{name}'s connection broke off in the middle of the answer. Try again.",
-            fallback_ok=True,
-        )
+        return _broke_off(name)
     if isinstance(exc, httpx.TransportError | httpx2.TransportError):
         return _unreachable(name, "the connection failed", _url_of(exc))
     if isinstance(exc, ConnectionRefusedError):
@@ -174,6 +178,27 @@ def _from_status(exc: openai.APIStatusError, name: str, key_env: str | None) -> 
         return ModelFailure("bad_request", f"{name} was not found at its provider (HTTP 404{why}).", True, status)
     why = f": {detail}" if detail else ""
     return ModelFailure("bad_request", f"{name} refused the request (HTTP {status}{why}).", True, status)
+
+
+def _from_aiohttp(exc: aiohttp.ClientError, name: str, url: str | None) -> ModelFailure:
+    """An error from the aiohttp transport (remote models' HTTP client)."""
+    if isinstance(exc, aiohttp.ServerTimeoutError):
+        return _timed_out(name)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _unreachable(name, _connect_reason(exc), url)
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return _broke_off(name)
+    return _unreachable(name, "the connection failed", url)
+
+
+def _timed_out(name: str) -> ModelFailure:
+    return ModelFailure("timeout", f"{name} took too long to answer and was given up on.", fallback_ok=True)
+
+
+def _broke_off(name: str) -> ModelFailure:
+    return ModelFailure(
+        "server_error", f"{name}'s connection broke off in the middle of the answer. Try again.", fallback_ok=True
+    )
 
 
 def _unreachable(name: str, reason: str, url: str | None) -> ModelFailure:

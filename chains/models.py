@@ -52,7 +52,7 @@ class ChatModelFactory:
         self.settings = settings
         self.local = local
         self._cache: dict[str, tuple[tuple[ModelSpec, str], BaseChatModel]] = {}
-        self._http: openai.DefaultAsyncHttpxClient | None = None
+        self._http: openai.DefaultAioHttpClient | None = None
 
     async def get(self, spec: ModelSpec) -> BaseChatModel:
         """The chat model for `spec` (starting its local server first if it is a llama.cpp model)."""
@@ -95,10 +95,16 @@ class ChatModelFactory:
             raise MissingApiKey(spec.name, "OPENAI_API_KEY" if spec.provider == "openai" else "AZURE_OPENAI_API_KEY")
         return SecretStr(PLACEHOLDER_KEY)
 
-    def _http_client(self) -> openai.DefaultAsyncHttpxClient:
-        """One connection pool for every model, so aclose() can close it."""
+    def _http_client(self) -> openai.DefaultAioHttpClient:
+        """One connection pool for every remote model, so aclose() can close it.
+
+        The openai SDK's aiohttp transport rather than its default httpx one: with hundreds
+        of streams at once, httpcore's pool rescans every connection for each request, and
+        `python -m bench concurrency` finishes 20-30% sooner on aiohttp. (Its errors are
+        mapped loosely; `chains.failures` looks underneath them.)
+        """
         if self._http is None:
-            self._http = openai.DefaultAsyncHttpxClient()
+            self._http = openai.DefaultAioHttpClient()
         return self._http
 
     def _build(self, spec: ModelSpec, base_url: str) -> BaseChatModel:

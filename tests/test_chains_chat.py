@@ -94,7 +94,7 @@ async def test_chain_streams_chunks_and_sends_exactly_the_messages(fake_openai: 
     chain = create_chat_chain(await models.get(spec))
     system, history, question = build_messages(None, [("user", "earlier"), ("assistant", "reply")], "now", [RULES])
     messages = system + history + question
-    chunks = [chunk async for chunk in chain.astream({"messages": messages})]
+    chunks = [chunk async for chunk in chain.astream(messages)]
     await models.aclose()
     assert all(isinstance(c, AIMessageChunk) for c in chunks)
     assert len([c for c in chunks if c.content]) > 3  # really streamed, piece by piece

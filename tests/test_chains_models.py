@@ -5,7 +5,10 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import httpx
+import httpx2
+import openai
 import pytest
 import tiktoken.load
 from langchain_core.language_models import BaseChatModel
@@ -49,7 +52,7 @@ def openai_spec(fake: FakeOpenAI, **extra: object) -> ModelSpec:
 async def stream(model: BaseChatModel, text: str = "hello") -> tuple[str, AIMessageChunk]:
     """Stream a reply the way the service does; return the text and the summed chunk."""
     total: AIMessageChunk | None = None
-    async for chunk in create_chat_chain(model).astream({"messages": [HumanMessage(text)]}):
+    async for chunk in create_chat_chain(model).astream([HumanMessage(text)]):
         assert isinstance(chunk, AIMessageChunk)
         total = chunk if total is None else total + chunk
     assert total is not None
@@ -193,7 +196,7 @@ async def test_nothing_counts_tokens_through_langchain(factory: MakeFactory, fak
     models = factory()
     spec = openai_spec(fake_openai)
     system, history, question = build_messages(None, [("user", "a"), ("assistant", "b")], "c")
-    async for _ in create_chat_chain(await models.get(spec)).astream({"messages": system + history + question}):
+    async for _ in create_chat_chain(await models.get(spec)).astream(system + history + question):
         pass
     assert (await check_model(spec, models)).ok
 
@@ -337,6 +340,29 @@ def test_plain_exceptions_are_classified() -> None:
             raise RuntimeError("wrapped") from inner
     except RuntimeError as outer:
         assert classify_failure(outer, "m").kind == "unreachable"
+
+
+def _raised_as_openai_timeout(cause: BaseException) -> BaseException:
+    """What openai's aiohttp transport raises for any aiohttp connection error: a timeout on top."""
+    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+    try:
+        try:
+            try:
+                raise cause
+            except Exception as exc:
+                raise httpx2.ConnectTimeout(str(exc)) from exc
+        except httpx2.ConnectTimeout as exc:
+            raise openai.APITimeoutError(request=request) from exc
+    except openai.APITimeoutError as outer:
+        return outer
+
+
+def test_aiohttp_errors_under_a_timeout_are_told_apart() -> None:
+    dropped = classify_failure(_raised_as_openai_timeout(aiohttp.ServerDisconnectedError()), "m")
+    assert dropped.kind == "server_error" and "broke off" in dropped.message
+    slow = classify_failure(_raised_as_openai_timeout(aiohttp.SocketTimeoutError("read timed out")), "m")
+    assert slow.kind == "timeout"
+    assert classify_failure(_raised_as_openai_timeout(RuntimeError("x")), "m").kind == "timeout"
 
 
 async def test_check_model_reports_success_and_failure(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:

@@ -138,6 +138,7 @@ class FakeOpenAI:
         self._hangs: deque[float] = deque()
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
+        self._sleepers: set[asyncio.Future[None]] = set()
         self._encoding: tiktoken.Encoding | None = None
         self._active = 0
         self.max_active = 0  # the most requests in flight at once (benchmarks read it)
@@ -183,6 +184,8 @@ class FakeOpenAI:
         """Stop listening and wake any hanging handlers."""
         if self._closing is not None:
             self._closing.set()
+        for waiter in list(self._sleepers):
+            _wake(waiter)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -279,12 +282,22 @@ class FakeOpenAI:
             return queue.popleft() if queue else None
 
     async def _wait(self, seconds: float) -> None:
-        """Sleep, but wake up when the server stops."""
-        if seconds <= 0:
+        """Sleep, but wake up when the server stops.
+
+        A bare future and a timer rather than `wait_for`, which starts a task per sleep: the
+        concurrency benchmark parks hundreds of requests here at once.
+        """
+        if seconds <= 0 or self._closing is None or self._closing.is_set():
             return
-        assert self._closing is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiter)
+        self._sleepers.add(waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._sleepers.discard(waiter)
 
     async def _receive(self, request: web.Request, model: str | None = None) -> tuple[FakeRequest | None, web.Response | None]:
         """Record the request; return an error response when one is due."""
@@ -441,6 +454,18 @@ class FakeOpenAI:
         frames = [chunk({"role": "assistant", "content": "", "refusal": None})]
         frames += [chunk({"content": piece}) for piece in pieces]
         frames.append(chunk({}, finish_reason))
+        tail: list[bytes] = []
+        if include_usage:
+            final = json.loads(chunk({}, choices=False)[6:])
+            final["usage"] = usage
+            tail.append(b"data: " + json.dumps(final).encode() + b"\n\n")
+        tail.append(b"data: [DONE]\n\n")
+        if drop_after is None and self.token_delay <= 0:
+            # Nothing to pace: one write, as a fast server sends a short reply. This keeps the
+            # fake's own cost out of the concurrency benchmark's wall time.
+            await response.write(b"".join(frames + tail))
+            await response.write_eof()
+            return response
         for index, frame in enumerate(frames):
             if drop_after is not None and index >= drop_after:
                 # Abort: the client sees the connection close mid-body.
@@ -450,11 +475,7 @@ class FakeOpenAI:
             if index > 1:
                 await self._wait(self.token_delay)
             await response.write(frame)
-        if include_usage:
-            final = json.loads(chunk({}, choices=False)[6:])
-            final["usage"] = usage
-            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+        await response.write(b"".join(tail))
         await response.write_eof()
         return response
 
@@ -488,6 +509,11 @@ class FakeOpenAI:
                 "usage": {"prompt_tokens": total_tokens, "total_tokens": total_tokens},
             }
         )
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def hash_embedding(text: str, dim: int) -> list[float]:
