@@ -31,7 +31,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from bench._support import bench_settings, fake_model_server, percentile
-from bot.app import open_app
+from bot.app import freeze_startup_heap, open_app
 from bot.messages import Author, ChatRequest, Place
 from store.models import Conversation, Message
 
@@ -88,6 +88,8 @@ async def _wall(call: Callable[[int], Awaitable[object]]) -> float:
 
 async def run() -> float:
     console = Console()
+    # As `switchboard run` does once started (see freeze_startup_heap), for every path alike.
+    freeze_startup_heap()
     with fake_model_server(latency=LATENCY_S) as base_url, bench_settings(base_url) as settings:
         floors = {"raw HTTP (aiohttp, no SDK) x200": await raw_http_wall(base_url)}
         options = {"base_url": base_url, "api_key": "sk-bench", "model": "fake-model", "stream_usage": True}
@@ -99,6 +101,7 @@ async def run() -> float:
             await aio.aclose()
 
         async with open_app(settings, knowledge=False) as sb:
+            freeze_startup_heap()
             await sb.service.answer(ChatRequest(Place(1, 1), Author(1, "warmup"), "warm up"))
             lag: list[float] = []
             walls: list[float] = []

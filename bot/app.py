@@ -7,6 +7,7 @@ Discord bot, the benchmarks and the tests all go through it, so they run the sam
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -51,6 +52,19 @@ async def load_registry(settings: Settings, sessions: async_sessionmaker[AsyncSe
         except ConfigError as exc:
             log.warning("skipping registered model %s: %s", row.name, exc)
     return registry
+
+
+def freeze_startup_heap() -> None:
+    """Keep what is alive now out of the garbage collector's full collections.
+
+    A long-running process calls this once it has started: its imported modules, ORM
+    mappers, registry and clients live until it exits, yet each full collection walks them
+    all. During a burst of 200 replies one such collection stalled every reply for about
+    150 ms (`python -m bench concurrency`); after this it takes under 10 ms. Objects made
+    later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @asynccontextmanager
