@@ -7,6 +7,10 @@ token trimming, the chain, and logging. The database already holds 10,000 logged
 conversations. The two sides alternate request by request so that drift in the
 machine's speed hits both alike.
 
+The bare call is ChatOpenAI as LangChain builds it by default (httpx, the SDK's typed
+chunks). The service's models use the aiohttp transport and read chunks as plain dicts
+(chains.models), which is why a ratio below 1 is possible.
+
 Last line: `overhead: ratio X (goal <= 1.5)`, X = service p50 / bare p50.
 """
 

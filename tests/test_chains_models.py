@@ -20,7 +20,7 @@ from bot.settings import Settings
 from chains.chat import build_messages, create_chat_chain
 from chains.check import check_model
 from chains.failures import ContextTooLong, MissingApiKey, ModelFailure, classify_failure
-from chains.models import ChatModelFactory
+from chains.models import ChatModelFactory, PlainCompletions
 from chains.registry import ModelSpec
 from tests.fakes.openai_server import FakeOpenAI
 
@@ -81,6 +81,27 @@ async def test_openai_model_streams_with_usage(factory: MakeFactory) -> None:
     assert request.stream and request.body["stream_options"] == {"include_usage": True}
     assert request.model == "gpt-4o-mini"
     assert request.body["temperature"] == 0.3 and request.body["max_completion_tokens"] == 200
+
+
+async def test_plain_dict_chunks_match_the_sdk_objects(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
+    """Our models read the provider's JSON as dicts; LangChain must see exactly what the SDK path gives."""
+    spec = openai_spec(fake_openai, max_tokens=50)
+    ours = await factory().get(spec)
+    assert isinstance(ours, ChatOpenAI) and isinstance(ours.async_client, PlainCompletions)
+    async with openai.DefaultAsyncHttpxClient() as http:
+        sdk = ChatOpenAI(
+            base_url=fake_openai.base_url, api_key=KEY, model="gpt-4o-mini", max_tokens=50, stream_usage=True,
+            http_async_client=http,
+        )
+        _, mine = await stream(ours, "same for both")
+        _, theirs = await stream(sdk, "same for both")
+    assert mine.content == theirs.content == "Echo: same for both"
+    assert mine.usage_metadata == theirs.usage_metadata
+    assert mine.response_metadata == theirs.response_metadata
+    first, second = fake_openai.chat_requests
+    assert first.body == second.body  # the same request on the wire
+    invoked = await ours.ainvoke([HumanMessage("not streamed")])
+    assert invoked.content == "Echo: not streamed" and invoked.usage_metadata is not None
 
 
 async def test_openai_compatible_without_key_env_sends_a_placeholder(factory: MakeFactory) -> None:
