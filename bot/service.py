@@ -42,6 +42,7 @@ from bot.messages import (
     Usage,
 )
 from chains.chat import DEFAULT_SYSTEM_PROMPT, build_messages, create_chat_chain, messages_to_dicts
+from chains.dispatch import DispatchGate
 from chains.failures import classify_failure
 from chains.models import ChatModelFactory
 from chains.registry import ModelRegistry, ModelSpec
@@ -150,6 +151,7 @@ class ChatService:
         self._chains: dict[str, tuple[BaseChatModel, Runnable]] = {}
         self._settings_reads: dict[Place, asyncio.Future[EffectiveSettings]] = {}
         self._settings_generation = 0
+        self._dispatch = DispatchGate()
 
     # ----------------------------------------------------------------- chatting
 
@@ -206,6 +208,7 @@ class ChatService:
         """Stream one model's answer into `attempt`, recording usage, timing and failure."""
         try:
             model = await self.models.get(attempt.spec)
+            await self._dispatch.turn()  # so that a burst of messages goes out as it is prepared
             async for chunk in self._chain(attempt.spec.name, model).astream(attempt.sent):
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -121,6 +122,7 @@ class FakeOpenAI:
         embedding_dim: int = 256,
         context_window: int | None = None,
         port: int = 0,
+        record: bool = True,
     ) -> None:
         self.reply: Reply = reply or echo_reply
         self.latency = latency
@@ -131,6 +133,8 @@ class FakeOpenAI:
         # When set, chat requests whose prompt exceeds it get OpenAI's 400 context_length_exceeded.
         self.context_window = context_window
         self.requests: list[FakeRequest] = []
+        # Off when served on its own (benchmarks): nobody reads them and they would pile up.
+        self.record = record
         self._port = port
         self._lock = threading.Lock()  # controls are set from other threads in in_thread mode
         self._failures: deque[_Failure] = deque()
@@ -315,7 +319,8 @@ class FakeOpenAI:
             headers=headers,
             query=dict(request.query),
         )
-        self.requests.append(recorded)
+        if self.record:
+            self.requests.append(recorded)
         denied = self._check_key(request)
         if denied is not None:
             return recorded, denied
@@ -561,7 +566,10 @@ def _error(status: int, message: str, code: str | None, retry_after: float | Non
 
 
 async def _serve(port: int, latency: float, token_delay: float) -> None:
-    async with FakeOpenAI(port=port, latency=latency, token_delay=token_delay) as fake:
+    async with FakeOpenAI(port=port, latency=latency, token_delay=token_delay, record=False) as fake:
+        # What exists now lives until exit: keep it out of full collections (as the bot does).
+        gc.collect()
+        gc.freeze()
         print(f"fake OpenAI listening on {fake.base_url} (Ctrl-C stops)", flush=True)
         await asyncio.Event().wait()
 
