@@ -44,17 +44,19 @@ async def test_a_lone_request_passes_straight_through_every_time() -> None:
         await asyncio.sleep(0)  # the next turn is handed out on the next loop iteration
 
 
-async def test_a_cancelled_waiter_does_not_hold_up_the_rest() -> None:
-    gate = DispatchGate()
-    order: list[str] = []
+def _three_at_the_gate(gate: DispatchGate, order: list[str]) -> list[asyncio.Task[None]]:
+    """Tasks "first", the one to cancel, and "last", in that order at the gate."""
 
     async def one(name: str) -> None:
         await gate.turn()
         order.append(name)
 
-    first = asyncio.create_task(one("first"))
-    doomed = asyncio.create_task(one("doomed"))
-    last = asyncio.create_task(one("last"))
+    return [asyncio.create_task(one(name)) for name in ("first", "cancelled", "last")]
+
+
+async def test_a_cancelled_waiter_does_not_hold_up_the_rest() -> None:
+    order: list[str] = []
+    first, doomed, last = _three_at_the_gate(DispatchGate(), order)
     await asyncio.sleep(0)  # all three reach the gate; "first" goes through
     doomed.cancel()
     await asyncio.wait_for(asyncio.gather(first, last), 1)
@@ -62,16 +64,8 @@ async def test_a_cancelled_waiter_does_not_hold_up_the_rest() -> None:
 
 
 async def test_a_task_cancelled_just_as_its_turn_comes_passes_the_turn_on() -> None:
-    gate = DispatchGate()
     order: list[str] = []
-
-    async def one(name: str) -> None:
-        await gate.turn()
-        order.append(name)
-
-    first = asyncio.create_task(one("first"))
-    unlucky = asyncio.create_task(one("unlucky"))
-    last = asyncio.create_task(one("last"))
+    first, unlucky, last = _three_at_the_gate(DispatchGate(), order)
     await asyncio.sleep(0)  # "first" is through and has queued the next admission
     await asyncio.sleep(0)  # the admission runs: "unlucky" is woken, not yet running
     unlucky.cancel()
