@@ -150,6 +150,8 @@ class ChatService:
         self._known_convs: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation ids known to be stored
         self._chains: dict[str, tuple[BaseChatModel, Runnable]] = {}
         self._settings_reads: dict[Place, asyncio.Future[EffectiveSettings]] = {}
+        self._settings_batch: list[tuple[Place, asyncio.Future[EffectiveSettings]]] = []
+        self._settings_tasks: set[asyncio.Task[None]] = set()
         self._settings_generation = 0
         self._dispatch = DispatchGate()
 
@@ -541,20 +543,58 @@ class ChatService:
         cached = self._settings.get_fresh(place)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        # Many messages in one place at once share one read of its settings.
+        # Many messages in one place at once share one read of its settings, and the places
+        # that miss in the same loop turn (a burst after start-up) are read in one query.
         pending = self._settings_reads.get(place)
         if pending is None:
-            pending = asyncio.ensure_future(self._read_settings(place))
+            loop = asyncio.get_running_loop()
+            pending = loop.create_future()
             self._settings_reads[place] = pending
-            pending.add_done_callback(
-                lambda done: self._settings_reads.pop(place) if self._settings_reads.get(place) is done else None
-            )
+            if not self._settings_batch:
+                loop.call_soon(self._start_settings_read)
+            self._settings_batch.append((place, pending))
         return await asyncio.shield(pending)
 
-    async def _read_settings(self, place: Place) -> EffectiveSettings:
+    def _start_settings_read(self) -> None:
+        batch, self._settings_batch = self._settings_batch, []
+        task = asyncio.ensure_future(self._read_settings(batch))
+        self._settings_tasks.add(task)
+        task.add_done_callback(self._settings_tasks.discard)
+
+    async def _read_settings(self, batch: list[tuple[Place, asyncio.Future[EffectiveSettings]]]) -> None:
         generation = self._settings_generation
-        async with self.sessions() as session:
-            rows = await SettingsRepository(session).rows_for(place.guild_id, place.channel_id, place.thread_id)
+        try:
+            async with self.sessions() as session:
+                rows = await SettingsRepository(session).rows_for_places(
+                    [(place.guild_id, place.channel_id, place.thread_id) for place, _ in batch]
+                )
+        except Exception as exc:
+            for place, future in batch:
+                self._settle(place, future, exc)
+            return
+        expires = time.monotonic() + SETTINGS_TTL_S
+        for place, future in batch:
+            effective = self._resolve_settings(place, rows)
+            if generation == self._settings_generation:  # no change was made while we read
+                self._settings.put(place, (expires, effective))
+            self._settle(place, future, effective)
+
+    def _settle(
+        self, place: Place, future: asyncio.Future[EffectiveSettings], outcome: EffectiveSettings | Exception
+    ) -> None:
+        if self._settings_reads.get(place) is future:
+            del self._settings_reads[place]
+        if future.done():
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+            future.exception()  # every waiter re-raises it; none waiting is no news
+        else:
+            future.set_result(outcome)
+
+    def _resolve_settings(self, place: Place, rows: dict[tuple[str, int], Any]) -> EffectiveSettings:
+        """Each setting from the nearest scope that sets it: thread, channel, server, else global."""
+        scopes = [("thread", place.thread_id), ("channel", place.channel_id), ("guild", place.guild_id)]
         defaults = {
             "model": self.registry.default_model,
             "system_prompt": DEFAULT_SYSTEM_PROMPT,
@@ -563,20 +603,17 @@ class ChatService:
         resolved: dict[str, Setting] = {}
         for name, default in defaults.items():
             resolved[name] = Setting(default, "global")
-            for scope in ("thread", "channel", "guild"):
-                row = rows.get(scope)
+            for scope, scope_id in scopes:
+                row = rows.get((scope, scope_id)) if scope_id is not None else None
                 value = getattr(row, name) if row is not None else None
                 if value is not None:
                     resolved[name] = Setting(value, scope)  # type: ignore[arg-type]
                     break
-        effective = EffectiveSettings(
+        return EffectiveSettings(
             model=resolved["model"],
             system_prompt=resolved["system_prompt"],
             knowledge=resolved["knowledge_enabled"],
         )
-        if generation == self._settings_generation:  # no change was made while we read
-            self._settings.put(place, (time.monotonic() + SETTINGS_TTL_S, effective))
-        return effective
 
     async def set_model(self, place: Place, scope: Scope, name: str, actor: Author) -> str:
         """Choose the model for `scope`; returns a confirmation line."""

@@ -66,14 +66,28 @@ class SettingsRepository:
         self, guild_id: int | None, channel_id: int, thread_id: int | None
     ) -> dict[str, ChannelSetting]:
         """The rows that exist for this place, keyed "thread", "channel", "guild" (one query)."""
-        wanted = [("channel", channel_id), ("thread", thread_id), ("guild", guild_id)]
+        found = await self.rows_for_places([(guild_id, channel_id, thread_id)])
+        wanted = {"thread": thread_id, "channel": channel_id, "guild": guild_id}
+        return {scope: found[(scope, scope_id)] for scope, scope_id in wanted.items() if (scope, scope_id) in found}
+
+    async def rows_for_places(
+        self, places: Iterable[tuple[int | None, int, int | None]]
+    ) -> dict[tuple[str, int], ChannelSetting]:
+        """The rows for any of these (guild, channel, thread) places, keyed (scope, scope id); one query."""
+        ids: dict[str, set[int]] = {"channel": set(), "thread": set(), "guild": set()}
+        for guild_id, channel_id, thread_id in places:
+            for scope, scope_id in (("guild", guild_id), ("channel", channel_id), ("thread", thread_id)):
+                if scope_id is not None:
+                    ids[scope].add(scope_id)
         conditions = [
-            and_(ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id)
-            for scope, scope_id in wanted
-            if scope_id is not None
+            and_(ChannelSetting.scope == scope, ChannelSetting.scope_id.in_(sorted(scope_ids)))
+            for scope, scope_ids in ids.items()
+            if scope_ids
         ]
+        if not conditions:
+            return {}
         rows = (await self.session.scalars(select(ChannelSetting).where(or_(*conditions)))).all()
-        return {row.scope: row for row in rows}
+        return {(row.scope, row.scope_id): row for row in rows}
 
     async def get(self, scope: str, scope_id: int) -> ChannelSetting | None:
         """The settings row of one scope, if any."""

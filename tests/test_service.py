@@ -374,6 +374,30 @@ async def test_concurrent_messages_in_one_place_share_one_settings_read(chat_app
     assert (await chat_app.service.effective_settings(place)).model.value == "solo"
 
 
+async def test_places_that_miss_together_are_read_in_one_query(chat_app: App) -> None:
+    import asyncio
+
+    from sqlalchemy import event
+
+    svc = chat_app.service
+    await svc.set_model(Place(GUILD, 1), "guild", "backup", MOD)
+    await svc.set_model(Place(GUILD, 2), "channel", "solo", MOD)
+    await svc.set_system_prompt(Place(GUILD, 2, 3), "thread", "Be brief.", MOD)
+    await svc.set_model(Place(None, 77), "channel", "tiny", MOD)  # a DM
+    statements: list[str] = []
+    event.listen(chat_app.engine.sync_engine, "before_cursor_execute",
+                 lambda conn, cursor, sql, *rest: statements.append(sql))
+    places = [Place(GUILD, 1), Place(GUILD, 2), Place(GUILD, 2, 3), Place(None, 77), Place(99, 5), Place(GUILD, 2)]
+    got = await asyncio.gather(*(svc.effective_settings(p) for p in places))
+    assert sum("channel_settings" in sql for sql in statements) == 1
+    assert [(s.model.value, s.model.source) for s in got] == [
+        ("backup", "guild"), ("solo", "channel"), ("solo", "channel"), ("tiny", "channel"), ("main", "global"),
+        ("solo", "channel"),
+    ]
+    assert got[2].system_prompt.value == "Be brief." and got[2].system_prompt.source == "thread"
+    assert got[1].system_prompt.source == "global"
+
+
 async def test_a_message_too_long_for_one_window_falls_back_to_a_larger_one(chat_app: App, fake_openai: FakeOpenAI) -> None:
     svc, place = chat_app.service, Place(GUILD, CHANNEL)
     await svc.set_model(place, "channel", "tiny-then-big", MOD)
