@@ -113,9 +113,7 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
         # openai's aiohttp transport reports every aiohttp connection error as a connect
         # timeout; the aiohttp error underneath says whether it really was one.
         real = next((c for c in _causes(exc)[1:] if isinstance(c, aiohttp.ClientError)), None)
-        if real is not None and not isinstance(real, aiohttp.ServerTimeoutError):
-            return _from_aiohttp(real, name, _url_of(exc))
-        return _timed_out(name)
+        return _from_aiohttp(real, name, _url_of(exc)) if real is not None else _timed_out(name)
     if isinstance(exc, openai.APIConnectionError):
         # The SDK wraps the transport error; its cause says whether we never connected or lost it.
         for cause in _causes(exc)[1:]:

@@ -66,8 +66,11 @@ class PlainCompletions:
         self._completions = client.chat.completions
 
     async def create(self, **params: Any) -> Any:
-        options = {key: params.pop(name) for name, key in self._OPTIONS.items() if name in params}
-        options = {key: value for key, value in options.items() if value is not None}
+        options: dict[str, Any] = {}
+        for name, key in self._OPTIONS.items():
+            value = params.pop(name, None)
+            if value is not None:
+                options[key] = value
         return await self._client.post(
             "/chat/completions",
             body=params,
