@@ -18,6 +18,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 SETTINGS_TTL_S = 30.0
 # Recent turns kept in memory so a busy conversation never waits on the log writer.
 TURN_CACHE_SIZE = 50_000
+# Logged as the error of an answer whose reader went away before it was finished.
+STOPPED = "The reply was stopped before it was finished: nobody was reading it any more."
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,22 +179,35 @@ class ChatService:
         system_prompt = settings.system_prompt.value
         attempts: list[_Attempt] = []
         chain = self.registry.fallback_chain(spec.name)
-        for position, candidate in enumerate(chain):
-            try:
-                attempt = _Attempt(candidate, self._fit(system_prompt, history, text, sources, candidate))
-            except UserError as exc:
-                # Too long for this model's window: a fallback with a larger one may still fit it.
-                attempt = _Attempt(candidate, [], error=exc.message)
-            attempts.append(attempt)
-            if attempt.sent:
-                async for delta in self._run(attempt, started):
-                    yield ReplyDelta(delta)
-            if attempt.error is None:
-                break
-            next_spec = chain[position + 1] if position + 1 < len(chain) else None
-            if attempt.text or next_spec is None or not attempt.fallback_ok:
-                break
-            yield FallbackUsed(failed_model=candidate.name, model=next_spec.name, reason=attempt.error)
+        try:
+            for position, candidate in enumerate(chain):
+                try:
+                    attempt = _Attempt(candidate, self._fit(system_prompt, history, text, sources, candidate))
+                except UserError as exc:
+                    # Too long for this model's window: a fallback with a larger one may still fit it.
+                    attempt = _Attempt(candidate, [], error=exc.message)
+                attempts.append(attempt)
+                if attempt.sent:
+                    async with aclosing(self._run(attempt, started)) as deltas:
+                        async for delta in deltas:
+                            yield ReplyDelta(delta)
+                if attempt.error is None:
+                    break
+                next_spec = chain[position + 1] if position + 1 < len(chain) else None
+                if attempt.text or next_spec is None or not attempt.fallback_ok:
+                    break
+                yield FallbackUsed(failed_model=candidate.name, model=next_spec.name, reason=attempt.error)
+        except (GeneratorExit, asyncio.CancelledError):
+            # The reader went away mid-answer (Discord refused the reply, the bot is shutting
+            # down): the model was asked and may have written and billed, so log it anyway.
+            if attempts:
+                if attempts[-1].error is None:
+                    attempts[-1].error = STOPPED
+                self._finish(
+                    request, attempts, sources, conversation_id, user_id, answer_id, leaf_id,
+                    system_prompt, started,
+                )
+            raise
 
         result = self._finish(
             request, attempts, sources, conversation_id, user_id, answer_id, leaf_id,
@@ -285,8 +301,9 @@ class ChatService:
         first = attempts[0].spec.name
         fallback_from = first if final.spec.name != first else None
         usage = final.usage
-        if usage is None and final.sent and ok:
-            # Some OpenAI-compatible servers send no usage: estimate rather than log zeros.
+        if usage is None and final.sent and (ok or final.text):
+            # Some OpenAI-compatible servers send no usage, and a stream cut short never gets
+            # to it: estimate what was billed rather than log nothing.
             usage = Usage(self.tokens.count_messages(final.sent), self.tokens.count_text(reply))
         cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
 

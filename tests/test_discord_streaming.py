@@ -6,9 +6,12 @@ from datetime import datetime
 
 import discord
 import pytest
+from sqlalchemy import select
 
 from bot.discord.bot import SwitchboardBot
 from bot.discord.render import WRITING_MARKER
+from bot.service import STOPPED
+from store.models import Message
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.discord import MANAGER_ROLE, PacedService, World
 
@@ -54,3 +57,23 @@ async def test_edits_stay_within_once_per_second_per_message(
         assert all(gap >= 1.0 for gap in gaps), gaps
     # It really streamed: the first part was edited many times while words arrived.
     assert len(writes[parts[0].id]) >= 5
+
+
+async def test_a_reply_discord_refuses_midway_is_still_logged(
+    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+) -> None:
+    paced_service.env = world.env
+    fake_openai.reply = lambda request: "one two three four five"
+    # The bot loses its right to post here just as the first words are ready.
+    world.env.inject_error("POST", f"/channels/{world.channel.id}/messages", status=403, code=50013)
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} count for me")
+    paced_service.release()
+    await world.env.advance_time(2)
+
+    assert [m for m in world.channel.history() if m.author.id == world.bot.user.id] == []
+    await paced_service.writer.drain()
+    async with paced_service.sessions() as session:
+        [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
+    assert answer.status == "error" and answer.error == STOPPED
+    assert "one two three four five".startswith(answer.content) and answer.content

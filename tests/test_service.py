@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import select
 
@@ -16,7 +18,7 @@ from bot.messages import (
     ReplyFinished,
     ReplyStarted,
 )
-from bot.service import ChatService
+from bot.service import STOPPED, ChatService
 from store.models import Message, SettingChange
 from tests.fakes.openai_server import FakeOpenAI
 
@@ -407,3 +409,48 @@ async def test_a_message_too_long_for_one_window_falls_back_to_a_larger_one(chat
     result = events[-1].result
     assert result.error is None and result.model == "backup" and result.fallback_from == "tiny-then-big"
     assert [r.model for r in fake_openai.chat_requests] == ["fake-backup"], "nothing was sent to the small model"
+
+
+async def test_an_answer_whose_reader_goes_away_is_still_logged(chat_app: App, fake_openai: FakeOpenAI) -> None:
+    # Discord refusing the reply closes the stream after the model has started writing.
+    fake_openai.token_delay = 0.05
+    stream = chat_app.service.stream(mention("tell me a story"))
+    started = await anext(stream)
+    first = await anext(stream)
+    assert isinstance(started, ReplyStarted) and isinstance(first, ReplyDelta)
+    await stream.aclose()
+
+    row = await stored(chat_app, started.message_id)
+    assert row.status == "error" and row.error == STOPPED
+    assert row.content == first.text and row.model_name == "main"
+    # The provider billed what it wrote: estimated, as it never got to send its usage.
+    assert row.prompt_tokens > 0 and row.completion_tokens > 0 and row.cost_usd > 0
+    assert row.request_messages == fake_openai.chat_requests[-1].messages
+    prompt = await stored(chat_app, row.parent_id)
+    assert prompt.content == "tell me a story"
+
+
+async def test_an_answer_cancelled_mid_stream_is_logged_once(chat_app: App, fake_openai: FakeOpenAI) -> None:
+    # Shutting down cancels answers still being written once the grace period is over.
+    fake_openai.token_delay = 0.05
+    seen: dict[str, str] = {}
+    writing = asyncio.Event()
+
+    async def read() -> None:
+        async for event in chat_app.service.stream(mention("tell me a story")):
+            if isinstance(event, ReplyStarted):
+                seen["id"] = event.message_id
+            elif isinstance(event, ReplyDelta):
+                writing.set()
+
+    task = asyncio.create_task(read())
+    await writing.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    row = await stored(chat_app, seen["id"])
+    assert row.status == "error" and row.error == STOPPED and row.content.startswith("Echo:")
+    async with chat_app.sessions() as session:
+        answers = (await session.scalars(select(Message).where(Message.parent_id == row.parent_id))).all()
+    assert [a.id for a in answers] == [row.id]
