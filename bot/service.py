@@ -1,9 +1,9 @@
 """The chat service: the one place that decides how a message is answered.
 
-It picks the model (thread → channel → server default → global default), the system
-prompt, whether to retrieve from the knowledge base, and which history to send; it
-streams the answer through a LangChain chain, falls back when a model fails, and hands
-every exchange to the log writer. It never imports `discord`: the Discord cogs and the
+It picks the model and system prompt in force where the message was written (thread →
+channel → server → global, see `bot.place_settings`), whether to retrieve from the
+knowledge base, and which history to send; it streams the answer through a LangChain
+chain, falls back when a model fails, and hands every exchange to the log writer. It never imports `discord`: the Discord cogs and the
 terminal chat are thin adapters around it.
 
 Build one with `bot.app.open_app(settings)`, which wires the registry, database, log
@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from langchain_core.runnables import Runnable
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.errors import NotFound, UserError
+from bot.lru import LRU
 from bot.messages import (
     Author,
     ChatEvent,
@@ -42,41 +42,23 @@ from bot.messages import (
     Source,
     Usage,
 )
-from chains.chat import DEFAULT_SYSTEM_PROMPT, build_messages, create_chat_chain, messages_to_dicts
+from bot.place_settings import EffectiveSettings, PlaceSettings, scope_word
+from chains.chat import build_messages, create_chat_chain, messages_to_dicts
 from chains.dispatch import DispatchGate
 from chains.failures import classify_failure
 from chains.models import ChatModelFactory
 from chains.registry import ModelRegistry, ModelSpec
 from chains.tokens import TokenCounter, prompt_budget
 from store.exchange_log import ExchangeLog
-from store.repositories import ConversationRepository, SettingsRepository
+from store.repositories import ConversationRepository
 from store.writer import LogWriter
 
 log = logging.getLogger(__name__)
 
-# Settings changed by another process (a second shard, the terminal) show up within this.
-SETTINGS_TTL_S = 30.0
 # Recent turns kept in memory so a busy conversation never waits on the log writer.
 TURN_CACHE_SIZE = 50_000
 # Logged as the error of an answer whose reader went away before it was finished.
 STOPPED = "The reply was stopped before it was finished: nobody was reading it any more."
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """A setting's value and where it comes from."""
-
-    value: Any
-    source: Scope
-
-
-@dataclass(frozen=True, slots=True)
-class EffectiveSettings:
-    """What applies in a place: each value with the scope that set it."""
-
-    model: Setting
-    system_prompt: Setting
-    knowledge: Setting
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,26 +85,6 @@ class _Attempt:
     fallback_ok: bool = True
 
 
-class _LRU(OrderedDict):
-    """A small least-recently-used map."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def get_fresh(self, key: Any) -> Any:
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        return None
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-
-
 class ChatService:
     """Answers chat requests and manages per-place settings."""
 
@@ -145,17 +107,13 @@ class ChatService:
         self.tokens = tokens or TokenCounter()
         self.knowledge = knowledge
         self.clock = clock
-        self._settings: _LRU = _LRU(10_000)  # Place -> (expires_at, EffectiveSettings)
-        self._turns: _LRU = _LRU(TURN_CACHE_SIZE)  # message id -> _Turn
-        self._leaf: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation id -> newest message id
-        self._by_discord: _LRU = _LRU(TURN_CACHE_SIZE)  # discord id -> (conversation, message)
-        self._thread_conv: _LRU = _LRU(TURN_CACHE_SIZE)  # thread or DM channel id -> conversation
-        self._known_convs: _LRU = _LRU(TURN_CACHE_SIZE)  # conversation ids known to be stored
+        self.place_settings = PlaceSettings(session_factory, registry)
+        self._turns: LRU = LRU(TURN_CACHE_SIZE)  # message id -> _Turn
+        self._leaf: LRU = LRU(TURN_CACHE_SIZE)  # conversation id -> newest message id
+        self._by_discord: LRU = LRU(TURN_CACHE_SIZE)  # discord id -> (conversation, message)
+        self._thread_conv: LRU = LRU(TURN_CACHE_SIZE)  # thread or DM channel id -> conversation
+        self._known_convs: LRU = LRU(TURN_CACHE_SIZE)  # conversation ids known to be stored
         self._chains: dict[str, tuple[BaseChatModel, Runnable]] = {}
-        self._settings_reads: dict[Place, asyncio.Future[EffectiveSettings]] = {}
-        self._settings_batch: list[tuple[Place, asyncio.Future[EffectiveSettings]]] = []
-        self._settings_tasks: set[asyncio.Task[None]] = set()
-        self._settings_generation = 0
         self._dispatch = DispatchGate()
 
     # ----------------------------------------------------------------- chatting
@@ -557,92 +515,19 @@ class ChatService:
 
     async def effective_settings(self, place: Place) -> EffectiveSettings:
         """The model, system prompt and knowledge switch in force at `place`, with their sources."""
-        cached = self._settings.get_fresh(place)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
-        # Many messages in one place at once share one read of its settings, and the places
-        # that miss in the same loop turn (a burst after start-up) are read in one query.
-        pending = self._settings_reads.get(place)
-        if pending is None:
-            loop = asyncio.get_running_loop()
-            pending = loop.create_future()
-            self._settings_reads[place] = pending
-            if not self._settings_batch:
-                loop.call_soon(self._start_settings_read)
-            self._settings_batch.append((place, pending))
-        return await asyncio.shield(pending)
-
-    def _start_settings_read(self) -> None:
-        batch, self._settings_batch = self._settings_batch, []
-        task = asyncio.ensure_future(self._read_settings(batch))
-        self._settings_tasks.add(task)
-        task.add_done_callback(self._settings_tasks.discard)
-
-    async def _read_settings(self, batch: list[tuple[Place, asyncio.Future[EffectiveSettings]]]) -> None:
-        generation = self._settings_generation
-        try:
-            async with self.sessions() as session:
-                rows = await SettingsRepository(session).rows_for_places(
-                    [(place.guild_id, place.channel_id, place.thread_id) for place, _ in batch]
-                )
-        except Exception as exc:
-            for place, future in batch:
-                self._settle(place, future, exc)
-            return
-        expires = time.monotonic() + SETTINGS_TTL_S
-        for place, future in batch:
-            effective = self._resolve_settings(place, rows)
-            if generation == self._settings_generation:  # no change was made while we read
-                self._settings.put(place, (expires, effective))
-            self._settle(place, future, effective)
-
-    def _settle(
-        self, place: Place, future: asyncio.Future[EffectiveSettings], outcome: EffectiveSettings | Exception
-    ) -> None:
-        if self._settings_reads.get(place) is future:
-            del self._settings_reads[place]
-        if future.done():
-            return
-        if isinstance(outcome, Exception):
-            future.set_exception(outcome)
-            future.exception()  # every waiter re-raises it; none waiting is no news
-        else:
-            future.set_result(outcome)
-
-    def _resolve_settings(self, place: Place, rows: dict[tuple[str, int], Any]) -> EffectiveSettings:
-        """Each setting from the nearest scope that sets it: thread, channel, server, else global."""
-        scopes = [("thread", place.thread_id), ("channel", place.channel_id), ("guild", place.guild_id)]
-        defaults = {
-            "model": self.registry.default_model,
-            "system_prompt": DEFAULT_SYSTEM_PROMPT,
-            "knowledge_enabled": False,
-        }
-        resolved: dict[str, Setting] = {}
-        for name, default in defaults.items():
-            resolved[name] = Setting(default, "global")
-            for scope, scope_id in scopes:
-                row = rows.get((scope, scope_id)) if scope_id is not None else None
-                value = getattr(row, name) if row is not None else None
-                if value is not None:
-                    resolved[name] = Setting(value, scope)  # type: ignore[arg-type]
-                    break
-        return EffectiveSettings(
-            model=resolved["model"],
-            system_prompt=resolved["system_prompt"],
-            knowledge=resolved["knowledge_enabled"],
-        )
+        return await self.place_settings.effective(place)
 
     async def set_model(self, place: Place, scope: Scope, name: str, actor: Author) -> str:
         """Choose the model for `scope`; returns a confirmation line."""
         spec = self.registry.get(name)
-        old = await self._change(place, scope, "model", spec.name, actor)
-        return f"Model for this {_scope_word(scope)}: **{spec.name}**" + (f" (was: {old})." if old else ".")
+        old = await self.place_settings.change(place, scope, "model", spec.name, actor)
+        return f"Model for this {scope_word(scope)}: **{spec.name}**" + (f" (was: {old})." if old else ".")
 
     async def reset_model(self, place: Place, scope: Scope, actor: Author) -> str:
         """Drop the model chosen for `scope`, so it inherits again."""
-        await self._change(place, scope, "model", None, actor)
+        await self.place_settings.change(place, scope, "model", None, actor)
         now = await self.effective_settings(place)
-        return f"Model for this {_scope_word(scope)} reset; now using **{now.model.value}** (from {now.model.source})."
+        return f"Model for this {scope_word(scope)} reset; now using **{now.model.value}** (from {now.model.source})."
 
     async def set_system_prompt(self, place: Place, scope: Scope, text: str, actor: Author) -> str:
         """Set the system prompt for `scope`."""
@@ -651,43 +536,18 @@ class ChatService:
             raise UserError("The system prompt is empty. To go back to the default, use `/system reset`.")
         if len(text) > 8000:
             raise UserError(f"That system prompt is {len(text)} characters; the limit is 8,000.")
-        await self._change(place, scope, "system_prompt", text, actor)
-        return f"System prompt for this {_scope_word(scope)} set ({len(text)} characters)."
+        await self.place_settings.change(place, scope, "system_prompt", text, actor)
+        return f"System prompt for this {scope_word(scope)} set ({len(text)} characters)."
 
     async def reset_system_prompt(self, place: Place, scope: Scope, actor: Author) -> str:
         """Drop the system prompt set for `scope`, so it inherits again."""
-        await self._change(place, scope, "system_prompt", None, actor)
-        return f"System prompt for this {_scope_word(scope)} reset to the inherited one."
+        await self.place_settings.change(place, scope, "system_prompt", None, actor)
+        return f"System prompt for this {scope_word(scope)} reset to the inherited one."
 
     async def set_knowledge(self, place: Place, scope: Scope, enabled: bool | None, actor: Author) -> str:
         """Turn answering from the knowledge base on or off for `scope` (None: inherit)."""
         if enabled and place.guild_id is None:
             raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")
-        await self._change(place, scope, "knowledge_enabled", enabled, actor)
+        await self.place_settings.change(place, scope, "knowledge_enabled", enabled, actor)
         state = "inherited" if enabled is None else ("on" if enabled else "off")
-        return f"Knowledge base for this {_scope_word(scope)}: **{state}**."
-
-    async def _change(self, place: Place, scope: Scope, field_name: str, value: Any, actor: Author) -> Any:
-        """Write one setting and its change record in one transaction; returns the old value."""
-        scope_id = {"thread": place.thread_id, "channel": place.channel_id, "guild": place.guild_id}.get(scope)
-        if scope_id is None:
-            raise UserError(f"There is no {_scope_word(scope)} here to change settings for.")
-        async with self.sessions() as session, session.begin():
-            old = await SettingsRepository(session).set_field(
-                scope=scope,
-                scope_id=scope_id,
-                guild_id=place.guild_id,
-                field=field_name,
-                value=value,
-                actor_id=actor.id,
-                actor_name=actor.name,
-            )
-        # Every cached place under this scope may have changed, and so may reads in flight.
-        self._settings.clear()
-        self._settings_reads.clear()
-        self._settings_generation += 1
-        return old
-
-
-def _scope_word(scope: Scope) -> str:
-    return {"guild": "server", "global": "bot"}.get(scope, scope)
+        return f"Knowledge base for this {scope_word(scope)}: **{state}**."
