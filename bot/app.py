@@ -61,7 +61,8 @@ def freeze_startup_heap() -> None:
     mappers, registry and clients live until it exits, yet each full collection walks them
     all. During a burst of 200 replies one such collection stalled every reply for about
     150 ms (`python -m bench concurrency`); after this it takes under 10 ms. Objects made
-    later are collected as usual.
+    later are collected as usual. The knowledge base calls it again once Chroma or the
+    local embedding model has loaded (torch alone makes a full collection take ~250 ms).
     """
     gc.collect()
     gc.freeze()
@@ -102,7 +103,8 @@ async def open_app(
         if knowledge is True:
             from knowledge.base import KnowledgeBase
 
-            kb = KnowledgeBase(settings)
+            # Chroma and torch load on first use, long after start-up: freeze them then.
+            kb = KnowledgeBase(settings, on_loaded=freeze_startup_heap)
         elif knowledge:
             kb = knowledge
         if kb is not None:

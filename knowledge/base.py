@@ -134,9 +134,18 @@ def _sha256(data: bytes) -> str:
 class KnowledgeBase:
     """The per-server knowledge bases; cheap to construct, opens Chroma and the embedder on first use."""
 
-    def __init__(self, settings: Settings, *, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        embedder: Embedder | None = None,
+        on_loaded: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_loaded` is called after each heavy part (Chroma's client, a local embedding
+        model) has loaded on first use: what it brought lives until the process exits."""
         self._settings = settings
         self._embedder = embedder
+        self._on_loaded = on_loaded
         self._client: Any = None
         self._lock = threading.Lock()
         self._collections: dict[int, Any] = {}
@@ -153,7 +162,7 @@ class KnowledgeBase:
         """The embedder in use (created on first use; the model itself loads on first encode)."""
         with self._lock:
             if self._embedder is None:
-                self._embedder = create_embedder(self._settings)
+                self._embedder = create_embedder(self._settings, on_load=self._on_loaded)
             return self._embedder
 
     @property
@@ -187,6 +196,8 @@ class KnowledgeBase:
                     path = self._settings.data_dir / "chroma"
                     path.mkdir(parents=True, exist_ok=True)
                     self._client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+                if self._on_loaded is not None:
+                    self._on_loaded()
             return self._client
 
     def _open(self, guild_id: int, *, create: bool, check_model: bool = True) -> Any | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,10 +47,18 @@ def bundled_model_path() -> Path:
 class LocalEmbedder:
     """A sentence-transformers model on this machine, loaded once on first use."""
 
-    def __init__(self, model: str | None = None, *, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        on_load: Callable[[], None] | None = None,
+    ) -> None:
         self._model_name = model or BUNDLED_MODEL
         self._device = device
         self._batch_size = batch_size
+        self._on_load = on_load  # called once the model (and torch with it) has loaded
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -80,6 +88,8 @@ class LocalEmbedder:
                 transformers_logging.disable_progress_bar()
 
                 self._model = SentenceTransformer(str(self._path()), device=self._device, local_files_only=True)
+                if self._on_load is not None:
+                    self._on_load()
             return self._model
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
@@ -150,11 +160,11 @@ class OpenAIEmbedder:
         return self._embed([text])[0]
 
 
-def create_embedder(settings: Settings) -> Embedder:
-    """The embedder the settings ask for; no I/O until first use."""
+def create_embedder(settings: Settings, *, on_load: Callable[[], None] | None = None) -> Embedder:
+    """The embedder the settings ask for; no I/O until first use (`on_load`: a local model has loaded)."""
     provider = settings.embedding_provider.strip().lower()
     if provider == "local":
-        return LocalEmbedder(settings.embedding_model)
+        return LocalEmbedder(settings.embedding_model, on_load=on_load)
     if provider in ("openai", "openai-compatible"):
         key = settings.secret(settings.embedding_api_key_env)
         if key is None and provider == "openai":

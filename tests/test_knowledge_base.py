@@ -305,3 +305,16 @@ def test_openai_embeddings_need_a_key(tmp_path: Path) -> None:
     settings = Settings().model_copy(update={"data_dir": tmp_path, "embedding_provider": "openai", "embedding_api_key_env": "NO_SUCH_KEY", "environ": {}})
     with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
         _ = KnowledgeBase(settings).embedder
+
+
+async def test_heavy_parts_report_once_that_they_have_loaded(kb_settings: Settings) -> None:
+    # The app freezes the heap at that moment: Chroma and torch live until the process exits.
+    loaded: list[str] = []
+    kb = KnowledgeBase(kb_settings, on_loaded=lambda: loaded.append("part"))
+    guild = new_guild_id()
+    await kb.add_bytes(guild, [("guide.md", GUIDE)], uploader="alice")
+    assert loaded == ["part", "part"]  # the Chroma client, and the local embedding model
+    await kb.search(guild, "Why does my blender show E-4711?")
+    await kb.add_bytes(guild, [("shipping.txt", SHIPPING)], uploader="alice")
+    assert loaded == ["part", "part"]
+    await kb.aclose()

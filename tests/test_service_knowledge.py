@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import AsyncIterator
 
@@ -88,3 +89,22 @@ async def test_threads_inherit_the_knowledge_switch_and_other_servers_see_nothin
 async def test_knowledge_cannot_be_turned_on_in_dms(kb_app: App) -> None:
     with pytest.raises(UserError, match="server"):
         await kb_app.service.set_knowledge(Place(None, 5), "channel", True, MOD)
+
+
+async def test_the_app_keeps_what_the_knowledge_base_loads_out_of_full_collections(
+    service_settings: Settings, kb_settings: Settings
+) -> None:
+    settings = service_settings.model_copy(
+        update={
+            "chroma_host": kb_settings.chroma_host,
+            "knowledge_collection_prefix": kb_settings.knowledge_collection_prefix,
+        }
+    )
+    async with open_app(settings) as app:
+        assert app.knowledge is not None
+        before = gc.get_freeze_count()
+        try:
+            await app.knowledge.list_documents(GUILD)  # opens Chroma
+            assert gc.get_freeze_count() > before
+        finally:
+            gc.unfreeze()  # the rest of the test session collects as before
