@@ -95,6 +95,20 @@ def original_edits(world: World) -> list[str]:
     ]
 
 
+async def test_an_upload_that_outlasts_the_interaction_is_reported_by_dm(world: World, kb: KnowledgeBase) -> None:
+    # An interaction's token lasts 15 minutes; after that Discord refuses every edit of its response.
+    world.env.inject_error("PATCH", "/webhooks/*/messages/@original", status=401, code=50027,
+                           message="Invalid Webhook Token", times=None)
+
+    await world.admin.slash(world.channel, "knowledge add", file=("guide.md", GUIDE))
+
+    sent = [(r.path, (r.json or {}).get("content", "")) for r in world.env.http_requests if r.method == "POST"]
+    reports = [(path, content) for path, content in sent if content.startswith("**Knowledge base:** 1 added")]
+    assert len(reports) == 1, sent
+    assert reports[0][0] != f"/channels/{world.channel.id}/messages"  # to the uploader alone, not the channel
+    assert [d.name for d in await kb.list_documents(world.guild.id)] == ["guide.md"]
+
+
 async def test_progress_edits_are_throttled(world: World) -> None:
     cog = world.bot.get_cog("KnowledgeCog")
     files = {f"file{n}" if n > 1 else "file": (f"doc{n}.txt", f"Document number {n} is about topic {n}.".encode()) for n in range(1, 6)}
