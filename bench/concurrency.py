@@ -7,7 +7,10 @@ measured first, in the same run and against the same server, say where the time 
 - raw HTTP: 200 streamed requests with a bare aiohttp session and json.loads (no SDK):
   what the fake server and the machine allow;
 - bare ChatOpenAI, as LangChain builds it by default (httpx), and with the aiohttp
-  transport the service uses: what the mandated client stack costs before any of ours.
+  transport the service uses: what the mandated client stack costs before any of ours;
+- the model exactly as the service builds it (aiohttp, plain-dict chunks) and sends it
+  (one request per loop turn, `chains.dispatch`), with none of the service around it:
+  the service's own share of the wall time is what it adds to this.
 
 While the service runs, a probe measures event-loop lag (how late a 5 ms sleep wakes).
 Afterwards every exchange must be logged exactly once.
@@ -31,8 +34,9 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from bench._support import bench_settings, fake_model_server, percentile
-from bot.app import freeze_startup_heap, open_app
+from bot.app import App, freeze_startup_heap, open_app
 from bot.messages import Author, ChatRequest, Place
+from chains.dispatch import DispatchGate
 from store.models import Conversation, Message
 
 LATENCY_S = 0.5
@@ -79,6 +83,20 @@ async def bare_wall(model: ChatOpenAI) -> float:
     return min([await _wall(call) for _ in range(ROUNDS)])
 
 
+async def service_model_wall(sb: App) -> float:
+    """200 streams of the service's own model object, dispatched as the service does; nothing else."""
+    model = await sb.service.models.get(sb.registry.get("fake"))
+    gate = DispatchGate()
+
+    async def call(i: int) -> None:
+        await gate.turn()
+        async for _ in model.astream([HumanMessage(f"hello {i}")]):
+            pass
+
+    await call(-1)
+    return min([await _wall(call) for _ in range(ROUNDS)])
+
+
 async def _wall(call: Callable[[int], Awaitable[object]]) -> float:
     """Seconds for CONVERSATIONS concurrent calls."""
     t0 = time.perf_counter()
@@ -103,6 +121,7 @@ async def run() -> float:
         async with open_app(settings, knowledge=False) as sb:
             freeze_startup_heap()
             await sb.service.answer(ChatRequest(Place(1, 1), Author(1, "warmup"), "warm up"))
+            floors["the service's model, dispatched alone x200"] = await service_model_wall(sb)
             lag: list[float] = []
             walls: list[float] = []
             results = []
@@ -152,8 +171,8 @@ async def run() -> float:
     table.add_row("Switchboard service x200", f"{wall * 1000:.0f}", f"{wall / LATENCY_S:.2f}")
     table.caption = f"best of {ROUNDS} rounds each; service rounds: {', '.join(f'{w * 1000:.0f}' for w in walls)} ms"
     console.print(table)
-    same_client = floors["bare ChatOpenAI (aiohttp) x200"]
-    console.print(f"service / bare ChatOpenAI on the same transport: {wall / same_client:.2f}")
+    own_model = floors["the service's model, dispatched alone x200"]
+    console.print(f"the service's own share: +{(wall - own_model) * 1000:.0f} ms over its model alone ({wall / own_model:.2f}x)")
     console.print(
         f"event-loop lag: p50 {percentile(lag, 50):.1f} ms, p99 {percentile(lag, 99):.1f} ms, max {max(lag):.1f} ms"
     )
