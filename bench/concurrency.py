@@ -34,7 +34,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from bench._support import bench_settings, fake_model_server, percentile
-from bot.app import App, freeze_startup_heap, open_app
+from bot.app import App, freeze_long_lived_heap, open_app
 from bot.messages import Author, ChatRequest, Place
 from chains.dispatch import DispatchGate
 from store.models import Conversation, Message
@@ -106,8 +106,8 @@ async def _wall(call: Callable[[int], Awaitable[object]]) -> float:
 
 async def run() -> float:
     console = Console()
-    # As `switchboard run` does once started (see freeze_startup_heap), for every path alike.
-    freeze_startup_heap()
+    # As `switchboard run` does once started (see freeze_long_lived_heap), for every path alike.
+    freeze_long_lived_heap()
     with fake_model_server(latency=LATENCY_S) as base_url, bench_settings(base_url) as settings:
         floors = {"raw HTTP (aiohttp, no SDK) x200": await raw_http_wall(base_url)}
         options = {"base_url": base_url, "api_key": "sk-bench", "model": "fake-model", "stream_usage": True}
@@ -119,7 +119,7 @@ async def run() -> float:
             await aio.aclose()
 
         async with open_app(settings, knowledge=False) as sb:
-            freeze_startup_heap()
+            freeze_long_lived_heap()
             await sb.service.answer(ChatRequest(Place(1, 1), Author(1, "warmup"), "warm up"))
             floors["the service's model, dispatched alone x200"] = await service_model_wall(sb)
             lag: list[float] = []

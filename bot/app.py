@@ -54,7 +54,7 @@ async def load_registry(settings: Settings, sessions: async_sessionmaker[AsyncSe
     return registry
 
 
-def freeze_startup_heap() -> None:
+def freeze_long_lived_heap() -> None:
     """Keep what is alive now out of the garbage collector's full collections.
 
     A long-running process calls this once it has started: its imported modules, ORM
@@ -104,7 +104,7 @@ async def open_app(
             from knowledge.base import KnowledgeBase
 
             # Chroma and torch load on first use, long after start-up: freeze them then.
-            kb = KnowledgeBase(settings, on_loaded=freeze_startup_heap)
+            kb = KnowledgeBase(settings, on_loaded=freeze_long_lived_heap)
         elif knowledge:
             kb = knowledge
         if kb is not None:

@@ -89,11 +89,11 @@ def run() -> None:
     _logging(settings)
 
     async def main() -> None:
-        from bot.app import freeze_startup_heap, open_app
+        from bot.app import freeze_long_lived_heap, open_app
         from bot.discord.bot import run_bot
 
         async with open_app(settings) as sb:
-            freeze_startup_heap()
+            freeze_long_lived_heap()
             token = settings.discord_token.get_secret_value()  # type: ignore[union-attr]
             warm = asyncio.create_task(sb.service.warm_up())
             try:
@@ -124,12 +124,12 @@ def chat(
     _logging(settings, quiet=True)
 
     async def main() -> int:
-        from bot.app import freeze_startup_heap, open_app
+        from bot.app import freeze_long_lived_heap, open_app
         from bot.messages import Author, Place
         from bot.terminal import TerminalChat, run_interactive, run_json, user_id_for
 
         async with open_app(settings) as sb:
-            freeze_startup_heap()
+            freeze_long_lived_heap()
             place = Place(guild_id=guild, channel_id=channel, thread_id=thread)
             session = TerminalChat(sb.service, place, Author(user_id_for(user), user))
             warm = asyncio.create_task(sb.service.warm_up(place))
