@@ -12,6 +12,8 @@ measured first, in the same run and against the same server, say where the time 
   (one request per loop turn, `chains.dispatch`), with none of the service around it:
   the service's own share of the wall time is what it adds to this.
 
+Each path also shows the CPU time it took per request: one core runs the event loop, so
+once a burst's requests are out, each response's CPU cost adds to the wall time.
 While the service runs, a probe measures event-loop lag (how late a 5 ms sleep wakes).
 Afterwards every exchange must be logged exactly once.
 
@@ -24,6 +26,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 import openai
@@ -56,7 +59,7 @@ async def loop_lag(stop: asyncio.Event, samples: list[float]) -> None:
         samples.append(max(0.0, (time.perf_counter() - t0 - 0.005) * 1000))
 
 
-async def raw_http_wall(base_url: str) -> float:
+async def raw_http(base_url: str) -> Timing:
     """200 concurrent streamed chat requests with aiohttp alone: the floor under any client."""
     body = {"model": "fake-model", "stream": True, "stream_options": {"include_usage": True}}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -69,10 +72,10 @@ async def raw_http_wall(base_url: str) -> float:
                         json.loads(line[6:])
 
         await call(-1)
-        return min([await _wall(call) for _ in range(ROUNDS)])
+        return await _best(call)
 
 
-async def bare_wall(model: ChatOpenAI) -> float:
+async def bare_chat_openai(model: ChatOpenAI) -> Timing:
     """200 concurrent ChatOpenAI streams, nothing of Switchboard's around them."""
 
     async def call(i: int) -> None:
@@ -80,10 +83,10 @@ async def bare_wall(model: ChatOpenAI) -> float:
             pass
 
     await call(-1)  # open connections' code paths once
-    return min([await _wall(call) for _ in range(ROUNDS)])
+    return await _best(call)
 
 
-async def service_model_wall(sb: App) -> float:
+async def service_model(sb: App) -> Timing:
     """200 streams of the service's own model object, dispatched as the service does; nothing else."""
     model = await sb.service.models.get(sb.registry.get("fake"))
     gate = DispatchGate()
@@ -94,14 +97,25 @@ async def service_model_wall(sb: App) -> float:
             pass
 
     await call(-1)
-    return min([await _wall(call) for _ in range(ROUNDS)])
+    return await _best(call)
 
 
-async def _wall(call: Callable[[int], Awaitable[object]]) -> float:
-    """Seconds for CONVERSATIONS concurrent calls."""
-    t0 = time.perf_counter()
-    await asyncio.gather(*(call(i) for i in range(CONVERSATIONS)))
-    return time.perf_counter() - t0
+@dataclass(frozen=True)
+class Timing:
+    """A path's best round: wall seconds, and this process's CPU seconds (least of the rounds)."""
+
+    wall: float
+    cpu: float
+
+
+async def _best(call: Callable[[int], Awaitable[object]]) -> Timing:
+    """CONVERSATIONS concurrent calls, ROUNDS times."""
+    rounds = []
+    for _ in range(ROUNDS):
+        t0, c0 = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(call(i) for i in range(CONVERSATIONS)))
+        rounds.append((time.perf_counter() - t0, time.process_time() - c0))
+    return Timing(min(w for w, _ in rounds), min(c for _, c in rounds))
 
 
 async def run() -> float:
@@ -109,21 +123,22 @@ async def run() -> float:
     # As `switchboard run` does once started (see freeze_long_lived_heap), for every path alike.
     freeze_long_lived_heap()
     with fake_model_server(latency=LATENCY_S) as base_url, bench_settings(base_url) as settings:
-        floors = {"raw HTTP (aiohttp, no SDK) x200": await raw_http_wall(base_url)}
+        floors = {"raw HTTP (aiohttp, no SDK)": await raw_http(base_url)}
         options = {"base_url": base_url, "api_key": "sk-bench", "model": "fake-model", "stream_usage": True}
-        floors["bare ChatOpenAI (default httpx) x200"] = await bare_wall(ChatOpenAI(**options))
+        floors["bare ChatOpenAI (httpx)"] = await bare_chat_openai(ChatOpenAI(**options))
         aio = openai.DefaultAioHttpClient()
         try:
-            floors["bare ChatOpenAI (aiohttp) x200"] = await bare_wall(ChatOpenAI(http_async_client=aio, **options))
+            floors["bare ChatOpenAI (aiohttp)"] = await bare_chat_openai(ChatOpenAI(http_async_client=aio, **options))
         finally:
             await aio.aclose()
 
         async with open_app(settings, knowledge=False) as sb:
             freeze_long_lived_heap()
             await sb.service.answer(ChatRequest(Place(1, 1), Author(1, "warmup"), "warm up"))
-            floors["the service's model, dispatched alone x200"] = await service_model_wall(sb)
+            floors["the service's model alone"] = await service_model(sb)
             lag: list[float] = []
             walls: list[float] = []
+            cpus: list[float] = []
             results = []
             for round_ in range(ROUNDS):
                 # Each round in channels of its own: settings are read and conversations start afresh.
@@ -137,12 +152,14 @@ async def run() -> float:
                 ]
                 stop = asyncio.Event()
                 probe = asyncio.create_task(loop_lag(stop, lag))
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 results += await asyncio.gather(*(sb.service.answer(r) for r in requests))
                 walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
                 stop.set()
                 await probe
-            wall = min(walls)
+            service = Timing(min(walls), min(cpus))
+            wall = service.wall
 
             failed = [r.error for r in results if r.error]
             if failed:
@@ -164,14 +181,15 @@ async def run() -> float:
                 )
 
     table = Table(title=f"concurrency: {CONVERSATIONS} conversations in {CHANNELS} channels, model latency {LATENCY_S * 1000:.0f} ms")
-    for col in ("path", "wall ms", "wall / latency"):
+    for col in ("path", "wall ms", "wall / latency", "CPU ms / request"):
         table.add_column(col)
-    for name, floor in floors.items():
-        table.add_row(name, f"{floor * 1000:.0f}", f"{floor / LATENCY_S:.2f}")
-    table.add_row("Switchboard service x200", f"{wall * 1000:.0f}", f"{wall / LATENCY_S:.2f}")
+    for name, timing in {**floors, "Switchboard service": service}.items():
+        table.add_row(
+            name, f"{timing.wall * 1000:.0f}", f"{timing.wall / LATENCY_S:.2f}", f"{timing.cpu * 1000 / CONVERSATIONS:.2f}"
+        )
     table.caption = f"best of {ROUNDS} rounds each; service rounds: {', '.join(f'{w * 1000:.0f}' for w in walls)} ms"
     console.print(table)
-    own_model = floors["the service's model, dispatched alone x200"]
+    own_model = floors["the service's model alone"].wall
     console.print(f"the service's own share: +{(wall - own_model) * 1000:.0f} ms over its model alone ({wall / own_model:.2f}x)")
     console.print(
         f"event-loop lag: p50 {percentile(lag, 50):.1f} ms, p99 {percentile(lag, 99):.1f} ms, max {max(lag):.1f} ms"
