@@ -137,6 +137,12 @@ class ChatService:
         system_prompt = settings.system_prompt.value
         attempts: list[_Attempt] = []
         chain = self.registry.fallback_chain(spec.name)
+
+        def finish() -> ChatResult:
+            return self._finish(
+                request, attempts, sources, conversation_id, user_id, answer_id, leaf_id, system_prompt, started
+            )
+
         try:
             for position, candidate in enumerate(chain):
                 try:
@@ -161,17 +167,10 @@ class ChatService:
             if attempts:
                 if attempts[-1].error is None:
                     attempts[-1].error = STOPPED
-                self._finish(
-                    request, attempts, sources, conversation_id, user_id, answer_id, leaf_id,
-                    system_prompt, started,
-                )
+                finish()
             raise
 
-        result = self._finish(
-            request, attempts, sources, conversation_id, user_id, answer_id, leaf_id,
-            system_prompt, started,
-        )
-        yield ReplyFinished(result)
+        yield ReplyFinished(finish())
 
     async def answer(self, request: ChatRequest) -> ChatResult:
         """Answer `request` and return the finished result (no streaming)."""
