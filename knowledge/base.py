@@ -11,83 +11,46 @@ chunk count, uploader, time and content hash in its metadata, and the document l
 read from the first chunk of each document.
 
 Every blocking step (parsing, embedding, Chroma calls) runs in worker threads, never on
-the event loop. Uploads run as a small pipeline: one thread reads and splits files while
-the embedder encodes passages in batches across file boundaries and a writer thread stores
-each finished file, so storing overlaps with encoding.
+the event loop. Uploads are `knowledge.ingest.Upload`, run under the server's lock;
+ranking is `knowledge.ranking.fuse` over a vector search and the keyword index kept here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import queue
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from bot.errors import ConfigError, NotFound, UserError
+from bot.errors import ConfigError, NotFound
 from bot.messages import Source
 from bot.settings import Settings
 from knowledge.embeddings import Embedder, create_embedder
+from knowledge.ingest import (
+    Item,
+    Limits,
+    Progress,
+    Upload,
+    items_from_bytes,
+    items_from_paths,
+    precheck,
+)
 from knowledge.keyword import BM25Index
-from knowledge.loaders import RefusedFile, check_size, is_supported, parse, supported_types_text
-from knowledge.splitter import Chunk, split_sections
-from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressCallback, ProgressUpdate
+from knowledge.ranking import Hit, SearchMode, fuse
+from knowledge.types import DocumentInfo, IngestReport, ProgressCallback, ProgressUpdate
 
 log = logging.getLogger(__name__)
 
-SearchMode = Literal["hybrid", "vector", "keyword"]
-
-_EMBED_BATCH = 64  # passages per encode call: big enough to batch well, small enough for steady progress
-# Passages are sorted by length within a window before batching (as sentence-transformers does
-# within one call), so a batch pads little; the window spans files.
-_EMBED_WINDOW = 1024
-_RRF_K = 60  # the usual reciprocal-rank-fusion constant
 _INDEX_RECHECK_S = 1.0  # how stale another process's writes may look to this one's keyword index
-_PAGE = 5000
+_PAGE = 5000  # passages per read or write of a collection (capped by Chroma's own batch limit)
 _BACKGROUND_REBUILD_AT = 20_000  # passages; smaller keyword indexes rebuild in well under a second
-
-
-@dataclass(slots=True)
-class _Item:
-    """One file to ingest: its name, size and how to read it."""
-
-    name: str
-    size: int
-    read: Callable[[], bytes]
-    refused: str | None = None
-    skipped: str | None = None
-
-
-@dataclass(slots=True)
-class _Prepared:
-    """A file read, checked and split, waiting for its vectors."""
-
-    index: int
-    name: str
-    data_hash: str
-    size: int
-    chunks: list[Chunk]
-    replaces: DocumentInfo | None
-    doc_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    vectors: list[Any] = field(default_factory=list)
-    done: int = 0
-    refused: bool = False
-
-    def __post_init__(self) -> None:
-        self.vectors = [None] * len(self.chunks)
-
-    @property
-    def embedded(self) -> bool:
-        return self.done == len(self.chunks)
 
 
 @dataclass(slots=True)
@@ -100,35 +63,8 @@ class _IndexEntry:
     checked_at: float
 
 
-@dataclass(slots=True)
-class _Progress:
-    """Counters shared by the pipeline's threads."""
-
-    files_total: int
-    emit: ProgressCallback | None
-    files_done: int = 0
-    chunks_done: int = 0
-    chunks_total: int = 0
-    current: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def update(self, *, finished: FileResult | None = None, chunks_done: int = 0, chunks_total: int = 0, current: str | None = None) -> None:
-        with self.lock:
-            self.files_done += finished is not None
-            self.chunks_done += chunks_done
-            self.chunks_total += chunks_total
-            self.current = current or self.current
-            snapshot = ProgressUpdate(self.files_done, self.files_total, self.chunks_done, self.chunks_total, self.current, finished)
-        if self.emit is not None:
-            self.emit(snapshot)
-
-
 def _new_revision() -> str:
     return uuid.uuid4().hex
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class KnowledgeBase:
@@ -290,274 +226,35 @@ class KnowledgeBase:
 
     async def add_files(self, guild_id: int, paths: Sequence[Path], *, uploader: str, progress: ProgressCallback | None = None) -> IngestReport:
         """Add files and folders (recursively); one result per file, never raising for one bad file."""
-        items = await asyncio.to_thread(self._items_from_paths, paths)
+        items = await asyncio.to_thread(items_from_paths, paths)
         return await self._ingest(guild_id, items, uploader, progress)
 
     async def add_bytes(self, guild_id: int, files: Sequence[tuple[str, bytes]], *, uploader: str, progress: ProgressCallback | None = None) -> IngestReport:
         """Add uploaded files given as (name, content) pairs, e.g. Discord attachments."""
-        items = [_Item(name, len(data), (lambda data=data: data)) for name, data in files]
-        return await self._ingest(guild_id, items, uploader, progress)
+        return await self._ingest(guild_id, items_from_bytes(files), uploader, progress)
 
     def precheck(self, name: str, size: int) -> str | None:
         """Why a file of this name and size would be refused, known before reading it (None if it may go ahead)."""
-        try:
-            check_size(name, size, self.max_file_bytes)
-            if not is_supported(name):
-                parse(name, b"", max_bytes=self.max_file_bytes)  # raises the refusal that lists the supported types
-        except RefusedFile as exc:
-            return exc.message
-        return None
+        return precheck(name, size, self.max_file_bytes)
 
-    def _items_from_paths(self, paths: Sequence[Path]) -> list[_Item]:
-        items: list[_Item] = []
-        for path in paths:
-            path = Path(path)
-            if path.is_dir():
-                for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                    relative = file.relative_to(path)
-                    if any(part.startswith(".") for part in relative.parts):
-                        continue  # .git, .DS_Store and friends
-                    item = _item_for_file(file, relative.as_posix())
-                    if item.refused is None and not is_supported(file.name):
-                        item.skipped = f"not a supported type ({supported_types_text()})"
-                    items.append(item)
-            elif path.exists():
-                items.append(_item_for_file(path, path.name))
-            else:
-                items.append(_Item(path.name or str(path), 0, bytes, refused=f"{path} does not exist."))
-        return items
-
-    async def _ingest(self, guild_id: int, items: list[_Item], uploader: str, progress: ProgressCallback | None) -> IngestReport:
+    async def _ingest(self, guild_id: int, items: list[Item], uploader: str, progress: ProgressCallback | None) -> IngestReport:
         emit = _threadsafe(progress) if progress is not None else None
         return await asyncio.to_thread(self._ingest_sync, guild_id, items, uploader, emit)
 
-    def _ingest_sync(self, guild_id: int, items: list[_Item], uploader: str, emit: ProgressCallback | None) -> IngestReport:
-        """Read, split, embed and store the files; an all-or-nothing commit per file."""
-        state = _Progress(files_total=len(items), emit=emit)
-        results: list[FileResult | None] = [None] * len(items)
-
-        def finish(index: int, result: FileResult) -> None:
-            results[index] = result
-            state.update(finished=result)
-
+    def _ingest_sync(self, guild_id: int, items: list[Item], uploader: str, emit: ProgressCallback | None) -> IngestReport:
+        """Run the upload under the server's lock; a new revision and keyword index if anything went in."""
+        limits = Limits(self.max_file_bytes, self.max_guild_bytes, self._settings.knowledge_chunk_chars)
         with self._guild_locks[guild_id]:
             collection = self._open(guild_id, create=True)
             docs = {d.name: d for d in self._documents_sync(collection)}
-            prepared_q: queue.Queue[_Prepared | None] = queue.Queue(maxsize=64)
-            abort = threading.Event()
-            reader = threading.Thread(
-                target=self._read_files, args=(items, docs, prepared_q, finish, state, abort), name="knowledge-reader", daemon=True
+            upload = Upload(
+                collection, self.embedder, limits, uploader=uploader, store_page=min(_PAGE, self._max_batch()), emit=emit
             )
-            reader.start()
-            try:
-                self._embed_and_store(collection, prepared_q, uploader, docs, finish, state)
-            finally:
-                abort.set()  # an unexpected error above must not leave the reader blocked on a full queue
-                reader.join()
-            if any(r is not None and r.status in ("added", "replaced") for r in results):
+            results = upload.run(items, docs)
+            if any(r.status in ("added", "replaced") for r in results):
                 self._bump_revision(guild_id, collection)
                 self._rebuild_index(guild_id, collection)
-        return IngestReport([r if r is not None else FileResult(items[i].name, "refused", "was not processed") for i, r in enumerate(results)])
-
-    def _embed_and_store(
-        self,
-        collection: Any,
-        prepared_q: queue.Queue[_Prepared | None],
-        uploader: str,
-        docs: dict[str, DocumentInfo],
-        finish: Callable[[int, FileResult], None],
-        state: _Progress,
-    ) -> None:
-        """Encode passages in length-sorted windows across files; hand each finished file to the writer."""
-        writes: list[Future[None]] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="knowledge-writer") as writer:
-            pending: deque[_Prepared] = deque()
-            waiting: list[tuple[_Prepared, int]] = []  # (file, chunk number) not yet embedded
-            done_reading = False
-            while True:
-                # Fill a window across files, but start on a good share of one rather than wait for a slow reader.
-                while not done_reading and len(waiting) < _EMBED_WINDOW:
-                    try:
-                        item = prepared_q.get(block=len(waiting) < _EMBED_WINDOW // 4)
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        done_reading = True
-                    else:
-                        pending.append(item)
-                        waiting.extend((item, n) for n in range(len(item.chunks)))
-                if not waiting:
-                    if done_reading:
-                        break
-                    continue
-                window, waiting = waiting[:_EMBED_WINDOW], waiting[_EMBED_WINDOW:]
-                window.sort(key=lambda pn: len(pn[0].chunks[pn[1]].text), reverse=True)
-                for start in range(0, len(window), _EMBED_BATCH):
-                    batch = [(p, n) for p, n in window[start:start + _EMBED_BATCH] if not p.refused]
-                    if batch:
-                        self._embed_batch(batch, finish, state)
-                while pending and (pending[0].embedded or pending[0].refused):
-                    ready = pending.popleft()
-                    if not ready.refused:
-                        writes.append(writer.submit(self._commit, collection, ready, uploader, docs, finish))
-                waiting = [(p, n) for p, n in waiting if not p.refused]
-            for write in writes:
-                write.result()
-
-    def _read_files(
-        self,
-        items: list[_Item],
-        docs: dict[str, DocumentInfo],
-        out: queue.Queue[_Prepared | None],
-        finish: Callable[[int, FileResult], None],
-        state: _Progress,
-        abort: threading.Event,
-    ) -> None:
-        """Reader thread: check, read and split each file; decide add, replace, skip or refuse."""
-
-        def put(item: _Prepared | None) -> bool:
-            while not abort.is_set():
-                try:
-                    out.put(item, timeout=0.5)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        try:
-            by_hash = {d.content_hash: d for d in docs.values()}
-            total = sum(d.bytes for d in docs.values())
-            for index, item in enumerate(items):
-                state.update(current=item.name)
-                if item.refused or item.skipped:
-                    status = "refused" if item.refused else "skipped"
-                    finish(index, FileResult(item.name, status, item.refused or item.skipped))
-                    continue
-                try:
-                    refusal = self.precheck(item.name, item.size)
-                    if refusal is not None:
-                        raise RefusedFile(refusal)
-                    data = item.read()
-                    digest = _sha256(data)
-                    same = by_hash.get(digest)
-                    if same is not None:
-                        why = "unchanged since it was added" if same.name == item.name else f"same content as {same.name}, which is already in the knowledge base"
-                        finish(index, FileResult(item.name, "skipped", why, document_id=same.id))
-                        continue
-                    replaces = docs.get(item.name)
-                    after = total - (replaces.bytes if replaces else 0) + len(data)
-                    if after > self.max_guild_bytes:
-                        raise RefusedFile(
-                            f"{item.name} would bring this server's knowledge base to {after / 1048576:.1f} MB, over its {self.max_guild_bytes / 1048576:.0f} MB limit. Remove some documents first."
-                        )
-                    chunks = split_sections(parse(item.name, data, max_bytes=self.max_file_bytes), self._settings.knowledge_chunk_chars)
-                    if not chunks:
-                        raise RefusedFile(f"{item.name} has no readable text.")
-                except RefusedFile as exc:
-                    finish(index, FileResult(item.name, "refused", exc.message))
-                    continue
-                except OSError as exc:
-                    finish(index, FileResult(item.name, "refused", f"{item.name} could not be read ({exc.strerror or exc})."))
-                    continue
-                except Exception as exc:  # a parser bug must not sink the batch
-                    log.exception("reading %s failed", item.name)
-                    finish(index, FileResult(item.name, "refused", f"{item.name} could not be read ({type(exc).__name__})."))
-                    continue
-                total = after
-                prepared = _Prepared(index, item.name, digest, len(data), chunks, replaces)
-                # Later files of the batch see this one (same name twice, or duplicate content).
-                placeholder = DocumentInfo(prepared.doc_id, item.name, len(chunks), len(data), "", datetime.now(UTC), digest)
-                by_hash[digest] = placeholder
-                docs[item.name] = placeholder
-                state.update(chunks_total=len(chunks), current=item.name)
-                if not put(prepared):
-                    return
-        finally:
-            put(None)
-
-    def _embed_batch(self, batch: list[tuple[_Prepared, int]], finish: Callable[[int, FileResult], None], state: _Progress) -> None:
-        """Encode one batch of passages; a failure refuses only the files that fail on their own."""
-        try:
-            parts = [(batch, self.embedder.embed_documents([p.chunks[n].text for p, n in batch]))]
-        except Exception:
-            # Retry file by file so one bad file does not sink the others in its batch.
-            groups: dict[int, list[tuple[_Prepared, int]]] = {}
-            for prepared, n in batch:
-                groups.setdefault(id(prepared), []).append((prepared, n))
-            parts = []
-            for group in groups.values():
-                try:
-                    parts.append((group, self.embedder.embed_documents([p.chunks[n].text for p, n in group])))
-                except Exception as exc:
-                    prepared = group[0][0]
-                    if isinstance(exc, UserError):
-                        reason = exc.message
-                    else:
-                        log.exception("embedding %s failed", prepared.name)
-                        reason = f"embedding failed ({type(exc).__name__}: {exc})"
-                    prepared.refused = True
-                    finish(prepared.index, FileResult(prepared.name, "refused", reason))
-        for part, vectors in parts:
-            for (prepared, n), vector in zip(part, vectors, strict=True):
-                prepared.vectors[n] = vector
-                prepared.done += 1
-        state.update(chunks_done=sum(len(part) for part, _ in parts))
-
-    def _commit(self, collection: Any, prepared: _Prepared, uploader: str, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None]) -> None:
-        """Writer thread: store one file's passages, then drop the version it replaces."""
-        now = time.time()
-        ids = [f"{prepared.doc_id}-{n}" for n in range(len(prepared.chunks))]
-        metadatas: list[dict[str, Any]] = []
-        for n, chunk in enumerate(prepared.chunks):
-            meta: dict[str, Any] = {
-                "doc_id": prepared.doc_id,
-                "name": prepared.name,
-                "position": n,
-                "uploader": uploader,
-                "added_at": now,
-                "hash": _sha256(chunk.text.encode())[:16],
-                "doc_hash": prepared.data_hash,
-                "doc_bytes": prepared.size,
-                "doc_chunks": len(prepared.chunks),
-            }
-            if chunk.location:
-                meta["location"] = chunk.location
-            metadatas.append(meta)
-        step = min(_PAGE, self._max_batch())
-        try:
-            for start in range(0, len(ids), step):
-                stop = start + step
-                collection.add(
-                    ids=ids[start:stop],
-                    embeddings=[v for v in prepared.vectors[start:stop]],
-                    documents=[c.text for c in prepared.chunks[start:stop]],
-                    metadatas=metadatas[start:stop],
-                )
-        except Exception as exc:
-            log.exception("storing %s failed", prepared.name)
-            try:
-                collection.delete(where={"doc_id": prepared.doc_id})
-            except Exception:
-                log.exception("could not clean up the partial %s", prepared.name)
-            if prepared.replaces is not None:
-                docs[prepared.name] = prepared.replaces
-            finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not be stored ({type(exc).__name__}); the knowledge base is unchanged."))
-            return
-        if prepared.replaces is not None:
-            try:
-                collection.delete(where={"doc_id": prepared.replaces.id})
-            except Exception as exc:
-                # Keep the old version rather than two: undo the new one.
-                log.exception("dropping the old version of %s failed", prepared.name)
-                try:
-                    collection.delete(where={"doc_id": prepared.doc_id})
-                except Exception:
-                    log.exception("could not undo the new version of %s", prepared.name)
-                docs[prepared.name] = prepared.replaces
-                finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not replace the stored version ({type(exc).__name__}); the knowledge base is unchanged."))
-                return
-        status = "replaced" if prepared.replaces is not None else "added"
-        finish(prepared.index, FileResult(prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id))
+        return IngestReport(results)
 
     def _max_batch(self) -> int:
         try:
@@ -590,18 +287,18 @@ class KnowledgeBase:
         vector, keyword = await asyncio.gather(vector_task, keyword_task)
         return fuse(vector or [], keyword or [], k=k, cutoff=cutoff)
 
-    def _vector_hits(self, collection: Any, query: str, n: int) -> list[_Hit]:
+    def _vector_hits(self, collection: Any, query: str, n: int) -> list[Hit]:
         vector = self.embedder.embed_query(query)
         result = collection.query(query_embeddings=[vector], n_results=n, include=["documents", "metadatas", "distances"])
         hits = []
         for chunk_id, text, meta, distance in zip(result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True):
-            hits.append(_Hit(chunk_id, text or "", meta or {}, similarity=1.0 - float(distance)))
+            hits.append(Hit(chunk_id, text or "", meta or {}, similarity=1.0 - float(distance)))
         return hits
 
-    def _keyword_hits(self, guild_id: int, collection: Any, query: str, n: int) -> list[_Hit]:
+    def _keyword_hits(self, guild_id: int, collection: Any, query: str, n: int) -> list[Hit]:
         entry = self._index_for(guild_id, collection)
         return [
-            _Hit(entry.ids[h.row], entry.texts[h.row], entry.metadatas[h.row], coverage=h.coverage)
+            Hit(entry.ids[h.row], entry.texts[h.row], entry.metadatas[h.row], coverage=h.coverage)
             for h in entry.index.search(query, n)
         ]
 
@@ -695,7 +392,7 @@ class KnowledgeBase:
                     break
                 offset += _PAGE
             docs = {m.get("doc_id") for _, _, m in rows}
-            state = _Progress(files_total=len(docs), emit=emit, chunks_total=len(rows))
+            state = Progress(files_total=len(docs), emit=emit, chunks_total=len(rows))
             staging_name = f"{name}-reindex"
             try:
                 client.delete_collection(staging_name)
@@ -722,56 +419,8 @@ class KnowledgeBase:
             self._client = None
 
 
-@dataclass(slots=True)
-class _Hit:
-    chunk_id: str
-    text: str
-    metadata: dict[str, Any]
-    similarity: float | None = None
-    coverage: float | None = None
-
-
 async def _none() -> None:
     return None
-
-
-def fuse(vector: Sequence[_Hit], keyword: Sequence[_Hit], *, k: int, cutoff: float | None) -> list[Source]:
-    """Reciprocal-rank fusion of the two rankings; relevance is the better of similarity and keyword coverage."""
-    fused: dict[str, float] = defaultdict(float)
-    hits: dict[str, _Hit] = {}
-    similarity: dict[str, float] = {}
-    coverage: dict[str, float] = {}
-    for rank, hit in enumerate(vector, start=1):
-        fused[hit.chunk_id] += 1.0 / (_RRF_K + rank)
-        hits[hit.chunk_id] = hit
-        similarity[hit.chunk_id] = hit.similarity or 0.0
-    for rank, hit in enumerate(keyword, start=1):
-        fused[hit.chunk_id] += 1.0 / (_RRF_K + rank)
-        hits.setdefault(hit.chunk_id, hit)
-        coverage[hit.chunk_id] = hit.coverage or 0.0
-    sources: list[Source] = []
-    for chunk_id in sorted(fused, key=lambda c: fused[c], reverse=True):
-        relevance = max(similarity.get(chunk_id, 0.0), coverage.get(chunk_id, 0.0) * _COVERAGE_WEIGHT)
-        if cutoff is not None and relevance < cutoff:
-            continue
-        hit = hits[chunk_id]
-        sources.append(Source(chunk_id, str(hit.metadata.get("name", "?")), hit.metadata.get("location"), round(relevance, 4), hit.text))
-        if len(sources) == k:
-            break
-    return sources
-
-
-# Keyword coverage is on a different scale from cosine similarity: a passage holding every
-# query word (coverage 1) is about as sure a match as a similarity of 0.7.
-_COVERAGE_WEIGHT = 0.7
-
-
-def _item_for_file(path: Path, name: str) -> _Item:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return _Item(name, 0, bytes, refused=f"{name} could not be read ({exc.strerror or exc}).")
-    return _Item(name, size, path.read_bytes)
 
 
 def _document_info(meta: dict[str, Any]) -> DocumentInfo:

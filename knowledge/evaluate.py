@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from knowledge.base import KnowledgeBase, SearchMode
+from knowledge.base import KnowledgeBase
+from knowledge.ranking import SearchMode
 
 
 @dataclass(frozen=True, slots=True)
