@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import httpx2  # the openai SDK's own HTTP package: its client options are typed with it
 import openai
 from langchain_core.language_models import BaseChatModel
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 # Ollama, vLLM and llama.cpp ignore the key, but the openai client insists on one.
 PLACEHOLDER_KEY = "not-needed"
+# How long an idle connection to a model server is kept for the next request. The SDK's
+# default (5 s) is shorter than the pause between most messages of a conversation, so
+# nearly every answer would open a new connection (and a TLS handshake) first.
+KEEPALIVE_S = 60.0
 
 
 class CompatibleChatOpenAI(ChatOpenAI):
@@ -143,7 +148,9 @@ class ChatModelFactory:
         mapped loosely; `chains.failures` looks underneath them.)
         """
         if self._http is None:
-            self._http = openai.DefaultAioHttpClient()
+            defaults = openai.DEFAULT_CONNECTION_LIMITS
+            limits = httpx2.Limits(max_connections=defaults.max_connections, keepalive_expiry=KEEPALIVE_S)
+            self._http = openai.DefaultAioHttpClient(limits=limits)
         return self._http
 
     def _build(self, spec: ModelSpec, base_url: str) -> BaseChatModel:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable
 
@@ -15,6 +16,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessageChunk, HumanMessage
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 
+import chains.models
 from bot.errors import ConfigError, UserError
 from bot.settings import Settings
 from chains.chat import build_messages, create_chat_chain
@@ -81,6 +83,22 @@ async def test_openai_model_streams_with_usage(factory: MakeFactory) -> None:
     assert request.stream and request.body["stream_options"] == {"include_usage": True}
     assert request.model == "gpt-4o-mini"
     assert request.body["temperature"] == 0.3 and request.body["max_completion_tokens"] == 200
+
+
+async def test_idle_connections_are_kept_for_the_next_message(
+    factory: MakeFactory, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within KEEPALIVE_S the next answer reuses the connection; after it, a new one is opened."""
+    assert chains.models.KEEPALIVE_S >= 30  # longer than most pauses between messages
+    monkeypatch.setattr(chains.models, "KEEPALIVE_S", 0.5)
+    model = await factory().get(openai_spec(fake_openai))
+    await stream(model, "first")
+    await asyncio.sleep(0.1)
+    await stream(model, "soon after")
+    await asyncio.sleep(1.2)
+    await stream(model, "much later")
+    first, soon, later = (r.client_port for r in fake_openai.chat_requests)
+    assert first is not None and soon == first and later != first
 
 
 async def test_plain_dict_chunks_match_the_sdk_objects(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:

@@ -74,6 +74,7 @@ class FakeRequest:
     body: dict[str, Any]
     headers: dict[str, str] = field(repr=False)
     query: dict[str, str] = field(default_factory=dict)
+    client_port: int | None = None  # the client's end of the connection: which requests shared one
 
     @property
     def stream(self) -> bool:
@@ -318,6 +319,7 @@ class FakeOpenAI:
             body=body,
             headers=headers,
             query=dict(request.query),
+            client_port=_client_port(request),
         )
         if self.record:
             self.requests.append(recorded)
@@ -546,6 +548,11 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return "" if content is None else str(content)
+
+
+def _client_port(request: web.Request) -> int | None:
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return peer[1] if isinstance(peer, tuple) else None
 
 
 def _presented_key(request: web.Request) -> str:
