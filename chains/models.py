@@ -160,8 +160,11 @@ class ChatModelFactory:
             "timeout": self.settings.request_timeout,
             "max_retries": self.settings.max_retries,
             "stream_usage": True,
-            # A stalled stream counts against the same limit as a slow request.
-            "stream_chunk_timeout": self.settings.request_timeout,
+            # A stalled stream is given up on by the transport itself: `timeout` is also the
+            # limit for each socket read, streamed or not. LangChain's own per-chunk limit
+            # would wrap every chunk in `asyncio.wait_for` (a task per chunk), which was two
+            # thirds of langchain-openai's CPU time per streamed reply.
+            "stream_chunk_timeout": None,
             # llama.cpp's server drops kept-alive connections after a stream now and then:
             # its models get a client without keep-alive.
             "http_async_client": (
