@@ -101,6 +101,7 @@ def run() -> None:
                     token,
                     sb.service,
                     manager_role=settings.manager_role,
+                    messages_per_minute=settings.messages_per_minute,
                     extra_cogs=extra_cogs(sb),
                     shard_count=settings.shard_count,
                     shard_ids=settings.shard_ids,

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     manager_role: str | None = Field(default=None, description="Role name that may change channel settings besides Manage Channels.")
     knowledge_role: str | None = Field(default=None, description="Role name that may manage the knowledge base besides Manage Server.")
     max_local_models: int = Field(default=2, ge=1, description="How many local llama.cpp models stay loaded at once.")
+    messages_per_minute: int = Field(default=20, ge=0, description="Messages one person may address to the bot in Discord per minute; 0 for no limit.")
     request_timeout: float = Field(default=60.0, gt=0, description="Seconds before a model request is given up.")
     max_retries: int = Field(default=2, ge=0, description="Retries of a failed model request before its fallback answers.")
     log_level: str = Field(default="INFO")

@@ -10,7 +10,9 @@ import pytest
 import simcord
 
 from bot.app import App
+from bot.discord.bot import SwitchboardBot
 from bot.discord.render import WRITING_MARKER, split_text
+from bot.service import ChatService
 from tests.fakes.openai_server import FakeOpenAI, FakeRequest
 from tests.fixtures.discord import World
 
@@ -272,3 +274,23 @@ async def test_after_a_restart_a_thread_from_an_answer_continues_it(
     assert conversation(fake_openai.chat_requests[-1]) == [
         "tell me about tea", "Echo: tell me about tea", "what about green tea?"
     ]
+
+
+async def test_a_person_over_the_message_limit_is_told_once_then_skipped_until_the_minute_is_over(
+    world: World, chat_service: ChatService, fake_openai: FakeOpenAI
+) -> None:
+    await world.env.restart_bot(SwitchboardBot(chat_service, messages_per_minute=2, shard_count=1))
+    mention = world.bot.user.mention
+    for n in range(1, 5):
+        await world.alice.send(world.channel, f"{mention} question {n}")
+    await world.bob.send(world.channel, f"{mention} my own question")  # the limit is per person
+
+    contents = [m.content for m in bot_messages(world)]
+    assert contents[:2] == ["Echo: question 1", "Echo: question 2"]
+    assert contents[2].startswith("⏳ You are sending me messages faster than I answer them (2 a minute).")
+    assert contents[3:] == ["Echo: my own question"]  # question 4 got no second notice
+    assert [r.last_user_text for r in fake_openai.chat_requests] == ["question 1", "question 2", "my own question"]
+
+    await world.env.advance_time(61)
+    await world.alice.send(world.channel, f"{mention} question 5")
+    assert bot_messages(world)[-1].content == "Echo: question 5"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -14,6 +15,7 @@ from discord.ext import commands
 from bot.discord.checks import author_of, place_of
 from bot.discord.render import StreamingReply, footer_lines
 from bot.errors import UserError, apology, report_unexpected
+from bot.lru import LRU
 from bot.messages import (
     ChatRequest,
     ChatResult,
@@ -35,6 +37,8 @@ _CHAT_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 SHUTDOWN_GRACE_S = 10.0
 
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
+# People warned that they are over the per-person limit, kept until their window ends.
+_WARNED_SIZE = 10_000
 
 
 class _ChannelSink:
@@ -85,14 +89,24 @@ class ChatCog(commands.Cog):
         bot: commands.Bot,
         service: ChatService,
         *,
+        messages_per_minute: int = 0,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
     ) -> None:
+        """`messages_per_minute`: how many messages one person may address to the bot (0: no limit)."""
         self.bot = bot
         self.service = service
+        self.messages_per_minute = messages_per_minute
         self.clock = clock
         self.sleep = sleep
         self._answering: set[asyncio.Task[None]] = set()
+        # Per person, across channels: it protects the model budget from one person's flood.
+        self._per_person = (
+            commands.CooldownMapping.from_cooldown(messages_per_minute, 60.0, commands.BucketType.user)
+            if messages_per_minute > 0
+            else None
+        )
+        self._warned: LRU = LRU(_WARNED_SIZE)  # user id -> when their window ends
 
     async def cog_unload(self) -> None:
         """Let answers being written finish (briefly) before the connection closes."""
@@ -111,6 +125,8 @@ class ChatCog(commands.Cog):
             return
         if not await self._addressed(message):
             return
+        if await self._over_the_limit(message):
+            return
         task = asyncio.current_task()
         if task is not None:
             self._answering.add(task)
@@ -119,6 +135,28 @@ class ChatCog(commands.Cog):
         finally:
             if task is not None:
                 self._answering.discard(task)
+
+    async def _over_the_limit(self, message: discord.Message) -> bool:
+        """Whether the author has used up their messages for this minute; says so once per minute."""
+        if self._per_person is None:
+            return False
+        # The message's own time (as discord.py's command cooldowns use), not the clock's.
+        now = message.created_at.timestamp()
+        retry_after = self._per_person.update_rate_limit(message, now)
+        if retry_after is None:
+            return False
+        warned_until = self._warned.get_fresh(message.author.id)
+        if warned_until is None or warned_until <= now:
+            self._warned.put(message.author.id, now + retry_after)
+            notice = (
+                f"⏳ You are sending me messages faster than I answer them ({self.messages_per_minute} a minute). "
+                f"I will skip the ones you send in the next {math.ceil(retry_after)} s."
+            )
+            try:
+                await message.reply(notice, mention_author=False, allowed_mentions=QUIET_MENTIONS)
+            except discord.HTTPException:
+                log.debug("could not tell %s about the message limit", message.author.id, exc_info=True)
+        return True
 
     async def _addressed(self, message: discord.Message) -> bool:
         """Whether the message is for the bot: a DM, a mention, a reply to it, or a thread it is in."""
