@@ -71,9 +71,8 @@ class SwitchboardBot(commands.AutoShardedBot):
 
     async def setup_hook(self) -> None:
         """Add the cogs and publish the slash commands."""
-        await self.add_cog(ChatCog(
-                self, self.service, messages_per_minute=self.messages_per_minute, clock=self.clock, sleep=self.sleep
-            ))
+        chat = ChatCog(self, self.service, messages_per_minute=self.messages_per_minute, clock=self.clock, sleep=self.sleep)
+        await self.add_cog(chat)
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
         for cog in self.extra_cogs:
             await self.add_cog(cog)
