@@ -190,7 +190,7 @@ async def run() -> float:
     table.caption = f"best of {ROUNDS} rounds each; service rounds: {', '.join(f'{w * 1000:.0f}' for w in walls)} ms"
     console.print(table)
     own_model = floors["the service's model alone"].wall
-    console.print(f"the service's own share: +{(wall - own_model) * 1000:.0f} ms over its model alone ({wall / own_model:.2f}x)")
+    console.print(f"the service's own share: {(wall - own_model) * 1000:+.0f} ms over its model alone ({wall / own_model:.2f}x)")
     console.print(
         f"event-loop lag: p50 {percentile(lag, 50):.1f} ms, p99 {percentile(lag, 99):.1f} ms, max {max(lag):.1f} ms"
     )
