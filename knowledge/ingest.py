@@ -376,13 +376,7 @@ class Upload:
                 )
         except Exception as exc:
             log.exception("storing %s failed", prepared.name)
-            try:
-                collection.delete(where={"doc_id": prepared.doc_id})
-            except Exception:
-                log.exception("could not clean up the partial %s", prepared.name)
-            if prepared.replaces is not None:
-                docs[prepared.name] = prepared.replaces
-            finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not be stored ({type(exc).__name__}); the knowledge base is unchanged."))
+            self._undo(prepared, docs, finish, f"{prepared.name} could not be stored ({type(exc).__name__})")
             return
         if prepared.replaces is not None:
             try:
@@ -390,12 +384,17 @@ class Upload:
             except Exception as exc:
                 # Keep the old version rather than two: undo the new one.
                 log.exception("dropping the old version of %s failed", prepared.name)
-                try:
-                    collection.delete(where={"doc_id": prepared.doc_id})
-                except Exception:
-                    log.exception("could not undo the new version of %s", prepared.name)
-                docs[prepared.name] = prepared.replaces
-                finish(prepared.index, FileResult(prepared.name, "refused", f"{prepared.name} could not replace the stored version ({type(exc).__name__}); the knowledge base is unchanged."))
+                self._undo(prepared, docs, finish, f"{prepared.name} could not replace the stored version ({type(exc).__name__})")
                 return
         status = "replaced" if prepared.replaces is not None else "added"
         finish(prepared.index, FileResult(prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id))
+
+    def _undo(self, prepared: _Prepared, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None], refusal: str) -> None:
+        """Remove what was stored of this file, keep the version it was to replace, and refuse it."""
+        try:
+            self.collection.delete(where={"doc_id": prepared.doc_id})
+        except Exception:
+            log.exception("could not remove the new version of %s", prepared.name)
+        if prepared.replaces is not None:
+            docs[prepared.name] = prepared.replaces
+        finish(prepared.index, FileResult(prepared.name, "refused", f"{refusal}; the knowledge base is unchanged."))
