@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -164,3 +165,61 @@ async def test_finish_waits_out_the_throttle() -> None:
     await reply.finish("Hello")
     assert clock.sleeps == [0.75]
     assert [(m, t, c) for m, t, c in sink.writes] == [(0, 0.0, "Hel" + WRITING_MARKER), (0, 1.0, "Hello")]
+
+
+@dataclass
+class FlakySink(ListSink):
+    """A ListSink whose writes raise `failure` while it is set (and are then not made)."""
+
+    failure: Exception | None = None
+    attempts: list[float] = field(default_factory=list)
+
+    async def send(self, content: str, after: int | None) -> int:
+        self.attempts.append(self.clock.now)
+        if self.failure is not None:
+            raise self.failure
+        return await super().send(content, after)
+
+    async def edit(self, message: int, content: str) -> None:
+        self.attempts.append(self.clock.now)
+        if self.failure is not None:
+            raise self.failure
+        await super().edit(message, content)
+
+
+class Outage(Exception):
+    pass
+
+
+async def test_a_passing_failure_skips_updates_for_an_interval_and_the_finish_shows_everything() -> None:
+    clock = FakeClock()
+    sink = FlakySink(clock)
+    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage))
+    await reply.update("one")
+    sink.failure = Outage()
+    text = "one"
+    for word in ["two", "three", "four", "five", "six", "seven", "eight", "nine"]:
+        clock.now += 0.25
+        text += " " + word
+        await reply.update(text)  # fails, or is held back: never raises
+    # Two seconds of failing edits, tried once per interval rather than once per word.
+    assert sink.attempts == [0.0, 1.0, 2.0]
+    sink.failure = None
+    clock.now += 0.25  # 2.25: still held since the failure at 2.0
+    await reply.finish(text, footer="-# done")
+    assert clock.sleeps == [0.75]
+    assert sink.contents == {0: "one two three four five six seven eight nine\n-# done"}
+
+
+async def test_a_failure_that_is_not_passing_is_raised() -> None:
+    clock = FakeClock()
+    sink = FlakySink(clock)
+    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage))
+    await reply.update("one")
+    sink.failure = LookupError("message deleted")
+    clock.now += 1
+    with pytest.raises(LookupError):
+        await reply.update("one two")
+    failed_first = StreamingReply(FlakySink(clock, failure=Outage()), clock=clock, sleep=clock.sleep)
+    with pytest.raises(Outage):  # without a `passing` rule every failure is final
+        await failed_first.update("one")

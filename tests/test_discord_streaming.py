@@ -77,3 +77,72 @@ async def test_a_reply_discord_refuses_midway_is_still_logged(
         [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
     assert answer.status == "error" and answer.error == STOPPED
     assert "one two three four five".startswith(answer.content) and answer.content
+
+
+
+async def test_an_outage_midway_skips_edits_and_the_answer_still_arrives_whole(
+    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+) -> None:
+    paced_service.env = world.env
+    words = [f"word{i:02d}" for i in range(16)]
+    fake_openai.reply = lambda request: " ".join(words)
+    edits = f"/channels/{world.channel.id}/messages/*"
+
+    def patches() -> int:
+        return sum(1 for r in world.env.http_requests if r.method == "PATCH")
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} count for me")
+    for _ in range(4):
+        paced_service.release()
+        await world.env.advance_time(0.25)
+    before = patches()
+    # Discord answers 500 to every edit for two seconds (discord.py has given up retrying).
+    world.env.inject_error("PATCH", edits, status=500, times=None)
+    for _ in range(8):
+        paced_service.release()
+        await world.env.advance_time(0.25)
+    during = patches() - before
+    world.env.backend.faults.clear()
+    for _ in range(4):
+        paced_service.release()
+        await world.env.advance_time(0.25)
+    await world.env.advance_time(2)
+
+    assert 1 <= during <= 3  # tried about once a second, not once per word
+    [part] = [m for m in world.channel.history() if m.author.id == world.bot.user.id]
+    assert part.content.split() == words  # no marker, no apology
+    await paced_service.writer.drain()
+    async with paced_service.sessions() as session:
+        [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
+    assert answer.status == "ok" and answer.content == " ".join(words)
+
+
+async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
+    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+) -> None:
+    paced_service.env = world.env
+    words = [f"word{i:02d}" for i in range(12)]
+    fake_openai.reply = lambda request: " ".join(words)
+    cleaners = world.guild.create_role("Cleaners", permissions=discord.Permissions(manage_messages=True))
+    cleaner = world.guild.add_member(world.env.create_user("cleaner"), roles=[cleaners])
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} count for me")
+    for _ in range(4):
+        paced_service.release()
+        await world.env.advance_time(0.5)
+    [part] = [m for m in world.channel.history() if m.author.id == world.bot.user.id]
+    await cleaner.delete(part)
+    writes_before = len(world.env.http_requests)
+    for _ in range(8):
+        paced_service.release()
+        await world.env.advance_time(0.5)
+    await world.env.advance_time(2)
+
+    assert [m for m in world.channel.history() if m.author.id == world.bot.user.id] == []  # no apology either
+    after = [(r.method, r.path) for r in world.env.http_requests[writes_before:]]
+    assert after == [("PATCH", f"/channels/{world.channel.id}/messages/{part.id}")]  # one try, then it stopped
+    await paced_service.writer.drain()
+    async with paced_service.sessions() as session:
+        [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
+    assert answer.status == "error" and answer.error == STOPPED
+    assert " ".join(words).startswith(answer.content) and answer.content != " ".join(words)

@@ -9,6 +9,7 @@ import re
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
 
+import aiohttp
 import discord
 from discord.ext import commands
 
@@ -203,7 +204,7 @@ class ChatCog(commands.Cog):
     async def answer(self, message: discord.Message) -> None:
         """Stream the service's answer to `message` into one or more reply messages."""
         reply: StreamingReply[discord.Message] = StreamingReply(
-            _ChannelSink(message), clock=self.clock, sleep=self.sleep
+            _ChannelSink(message), clock=self.clock, sleep=self.sleep, passing=discord_hiccup
         )
         typing = _Typing(message.channel)
         text = ""
@@ -242,6 +243,12 @@ class ChatCog(commands.Cog):
             await typing.stop()
             log.warning("no permission to answer in channel %s", message.channel.id)
             return
+        except discord.NotFound:
+            # Someone deleted the answer (or its channel) while it was being written: they
+            # do not want it. The model's stream is closed and the exchange logged as stopped.
+            await typing.stop()
+            log.info("the answer to message %s was deleted while being written; stopped", message.id)
+            return
         except Exception as exc:
             await typing.stop()
             error_id = report_unexpected(log, exc, f"answering message {message.id}")
@@ -260,6 +267,17 @@ class ChatCog(commands.Cog):
         except discord.HTTPException:
             log.warning("could not show a problem to the user in channel %s", message.channel.id, exc_info=True)
             return list(reply.messages)
+
+
+def discord_hiccup(exc: Exception) -> bool:
+    """Whether Discord failed for now rather than for good: a 5xx, a long rate limit, a dropped connection.
+
+    discord.py has already retried these before raising, so the answer skips this edit and
+    shows the text with a later one instead of giving up.
+    """
+    if isinstance(exc, discord.HTTPException):
+        return exc.status >= 500
+    return isinstance(exc, discord.RateLimited | OSError | aiohttp.ClientError)
 
 
 def prompt_text(message: discord.Message, me: discord.abc.User | None) -> str:

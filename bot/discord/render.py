@@ -8,6 +8,7 @@ tested without a gateway and, under simcord, follow its virtual clock.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -190,27 +191,46 @@ class StreamingReply(Generic[M]):
         sleep: Callable[[float], Awaitable[object]] | None = None,
         interval: float = EDIT_INTERVAL,
         limit: int = MESSAGE_LIMIT,
+        passing: Callable[[Exception], bool] | None = None,
     ) -> None:
         self.sink = sink
         self.clock = clock or _monotonic
         self.sleep = sleep or asyncio.sleep
         self.interval = interval
         self.limit = limit
+        # Which failures of the sink are passing (an outage, a dropped connection) rather
+        # than final (the message is gone, the permission lost): see `update`.
+        self.passing = passing or (lambda exc: False)
         self.messages: list[M] = []
         self._shown: list[str] = []
         self._written_at: list[float] = []
+        self._held_until = -math.inf
 
     @property
     def started(self) -> bool:
         return bool(self.messages)
 
     async def update(self, text: str) -> None:
-        """Show `text` so far with the writing marker, skipping edits that come too soon."""
-        if text:
+        """Show `text` so far with the writing marker, skipping edits that come too soon.
+
+        A passing failure only skips this update: what it would have shown is shown by a
+        later update or the finish, tried no sooner than one interval later (so an outage
+        is not hammered once per token). Other failures are raised.
+        """
+        if not text or self.clock() < self._held_until:
+            return
+        try:
             await self._render(layout(text, writing=True, limit=self.limit), final=False)
+        except Exception as exc:
+            if not self.passing(exc):
+                raise
+            self._held_until = self.clock() + self.interval
 
     async def finish(self, text: str, footer: str = "") -> list[M]:
         """Show the final `text` and `footer` without the marker; waits out the throttle."""
+        held = self._held_until - self.clock()
+        if held > 0:
+            await self.sleep(held)
         await self._render(layout(text, footer=footer, limit=self.limit), final=True)
         return list(self.messages)
 
