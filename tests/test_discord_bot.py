@@ -1,6 +1,8 @@
-"""Building the bot: intents, sharding, extra cogs and their slash commands."""
+"""Building and starting the bot: intents, sharding, extra cogs, slash commands, and log-in failures."""
 
 from __future__ import annotations
+
+import socket
 
 import discord
 import pytest
@@ -8,8 +10,10 @@ import simcord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.bot import SwitchboardBot, bot_intents
+from bot.discord.bot import SwitchboardBot, bot_intents, run_bot
+from bot.errors import ConfigError, UserError
 from bot.service import ChatService
+from tests.fakes.discord_edge import FakeDiscordEdge
 
 
 class EchoCog(commands.Cog):
@@ -62,3 +66,40 @@ def test_bot_keeps_its_dependencies(chat_service: ChatService) -> None:
     assert isinstance(bot, SwitchboardBot)
     assert bot.service is chat_service and bot.manager_role == "Bot Manager"
     assert bot.shard_count is None  # Discord recommends the count when the bot starts
+
+
+# Starting up: discord.py's real log-in and gateway code against a fake Discord edge.
+
+
+async def test_a_wrong_token_is_one_message_saying_where_to_get_a_new_one(
+    chat_service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FakeDiscordEdge(token="right.token") as edge:
+        monkeypatch.setattr(discord.http.Route, "BASE", edge.api_url)
+        with pytest.raises(ConfigError, match="Discord refused the token: check DISCORD_TOKEN"):
+            await run_bot("wrong.token", chat_service)
+    assert edge.identified == []
+
+
+async def test_a_missing_message_content_intent_says_where_to_turn_it_on(
+    chat_service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FakeDiscordEdge(token="right.token", close_code=4014) as edge:
+        monkeypatch.setattr(discord.http.Route, "BASE", edge.api_url)
+        with pytest.raises(ConfigError, match="Message Content intent: turn it on under Bot"):
+            await run_bot("right.token", chat_service)  # the shard count comes from the edge
+    # It got as far as publishing its commands and identifying with the intents it needs.
+    assert {"model", "system", "settings"} <= {command["name"] for command in edge.synced_commands}
+    [identify] = edge.identified
+    assert identify["intents"] == bot_intents().value and identify["shard"] == [0, 1]
+
+
+async def test_an_unreachable_discord_is_one_message_not_a_traceback(
+    chat_service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
+    with pytest.raises(UserError, match=r"Could not reach Discord \(.*127\.0\.0\.1.*\)\. The bot needs HTTPS access"):
+        await run_bot("some.token", chat_service)

@@ -14,12 +14,13 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 
+import aiohttp
 import discord
 from discord.ext import commands
 
 from bot.discord.chat import ChatCog
 from bot.discord.settings_cog import SettingsCog
-from bot.errors import ConfigError
+from bot.errors import ConfigError, UserError
 from bot.service import ChatService
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,12 @@ async def run_bot(
         raise ConfigError(
             "The bot needs the Message Content intent: turn it on under Bot → Privileged Gateway Intents "
             "in the Discord developer portal."
+        ) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        # Once connected, discord.py reconnects by itself; this is the log-in failing.
+        raise UserError(
+            f"Could not reach Discord ({exc or type(exc).__name__}). The bot needs HTTPS access to discord.com: "
+            "check this machine's network connection."
         ) from None
     finally:
         for sig in installed:
