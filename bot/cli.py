@@ -11,10 +11,12 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from bot.cli_common import load_settings, run_async
 from bot.cli_knowledge import knowledge_app
-from bot.errors import ConfigError, UserError
+from bot.errors import UserError
 from bot.settings import Settings
 
 T = TypeVar("T")
@@ -36,12 +38,7 @@ err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
 
 
 def _settings() -> Settings:
-    """Read the settings once; a bad value is one clear line, not a traceback."""
-    try:
-        return Settings.load()
-    except ConfigError as exc:
-        err.print(exc.message, style="red", markup=False)
-        raise typer.Exit(2) from None
+    return load_settings(err)
 
 
 def _logging(settings: Settings, quiet: bool = False) -> None:
@@ -52,15 +49,8 @@ def _logging(settings: Settings, quiet: bool = False) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-def _run(coro: Callable[[], Awaitable[T]]) -> T:
-    """Run an async command; user errors are one red line and exit code 1."""
-    try:
-        return asyncio.run(coro())
-    except UserError as exc:
-        err.print(f"[red]{exc.message}[/red]", markup=True, highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+def _run(work: Callable[[], Awaitable[T]]) -> T:
+    return run_async(work, err)
 
 
 def extra_cogs(sb: Any) -> list[Any]:
@@ -161,9 +151,9 @@ def models_list() -> None:
                 default = " *" if spec.name == sb.registry.default_model else ""
                 weights = ("open" if spec.open_weights else "closed") + (", local" if spec.is_local else "")
                 table.add_row(
-                    spec.name + default, spec.provider, spec.model or (spec.bundled or str(spec.path or "")),
+                    escape(spec.name) + default, spec.provider, escape(spec.model or (spec.bundled or str(spec.path or ""))),
                     weights, f"{spec.context_window:,}", f"{spec.input_price:g} / {spec.output_price:g}",
-                    spec.fallback or "",
+                    escape(spec.fallback or ""),
                 )
             Console().print(table)
             Console().print("* default model")
@@ -191,8 +181,8 @@ def models_check(
                 table.add_column(column)
             for res in results:
                 table.add_row(
-                    res.name, "[green]yes[/green]" if res.ok else "[red]no[/red]",
-                    f"{res.latency_ms:.0f} ms" if res.latency_ms is not None else "", res.detail,
+                    escape(res.name), "[green]yes[/green]" if res.ok else "[red]no[/red]",
+                    f"{res.latency_ms:.0f} ms" if res.latency_ms is not None else "", escape(res.detail),
                 )
             Console().print(table)
             return 0 if all(r.ok for r in results) else 1
@@ -226,7 +216,7 @@ def models_add_gguf(
             ModelSpec(**{**spec, "name": name, "origin": "database"})  # validate before storing
             async with sb.sessions() as session, session.begin():
                 await ModelRepository(session).add(name, spec, created_by="cli")
-        Console().print(f"Registered [bold]{name}[/bold] ({path}). Choose it with `/model set {name}`.")
+        Console().print(f"Registered [bold]{escape(name)}[/bold] ({escape(str(path))}). Choose it with `/model set {name}`.")
 
     _run(main)
 

@@ -5,7 +5,6 @@ A typer sub-app that `bot.cli` mounts; it builds its own `KnowledgeBase` from th
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -15,6 +14,7 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,7 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bot.errors import ConfigError, UserError
+from bot.cli_common import load_settings, run_async
 from bot.settings import Settings
 
 T = TypeVar("T")
@@ -41,24 +41,13 @@ _STATUS_STYLE = {"added": "green", "replaced": "cyan", "skipped": "yellow", "ref
 
 def _settings() -> Settings:
     """Read the settings; a bad value is one clear line."""
-    try:
-        settings = Settings.load()
-    except ConfigError as exc:
-        _err.print(exc.message, style="red", markup=False)
-        raise typer.Exit(2) from None
+    settings = load_settings(_err)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     return settings
 
 
 def _run(work: Callable[[], Awaitable[T]]) -> T:
-    """Run an async command; user errors are one red line and exit code 1."""
-    try:
-        return asyncio.run(work())
-    except UserError as exc:
-        _err.print(f"[red]{exc.message}[/red]", highlight=False)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+    return run_async(work, _err)
 
 
 @knowledge_app.command("add")
@@ -97,7 +86,7 @@ def add(
             table.add_column(column)
         for result in report.results:
             style = _STATUS_STYLE[result.status]
-            table.add_row(result.name, f"[{style}]{result.status}[/{style}]", str(result.chunks or ""), result.reason or "")
+            table.add_row(escape(result.name), f"[{style}]{result.status}[/{style}]", str(result.chunks or ""), escape(result.reason or ""))
         _out.print(table)
         _out.print(report.summary().splitlines()[0])
         return 1 if report.by_status("refused") else 0
@@ -136,7 +125,7 @@ def list_(
         for column in ("document", "passages", "size", "added by", "added"):
             table.add_column(column)
         for d in docs:
-            table.add_row(d.name, str(d.chunks), human_size(d.bytes), d.uploader, d.added_at.strftime("%Y-%m-%d %H:%M UTC"))
+            table.add_row(escape(d.name), str(d.chunks), human_size(d.bytes), escape(d.uploader), d.added_at.strftime("%Y-%m-%d %H:%M UTC"))
         _out.print(table)
         _out.print(f"{len(docs)} documents, {sum(d.chunks for d in docs)} passages, {human_size(sum(d.bytes for d in docs))}")
 
@@ -159,7 +148,7 @@ def remove(
             doc = await kb.remove(guild, document)
         finally:
             await kb.aclose()
-        _out.print(f"Removed {doc.name} ({doc.chunks} passages).")
+        _out.print(f"Removed {doc.name} ({doc.chunks} passages).", markup=False)
 
     _run(work)
 
@@ -194,7 +183,7 @@ def search(
             _out.print("Nothing found.")
         for n, source in enumerate(sources, start=1):
             where = f" ({source.location})" if source.location else ""
-            _out.print(f"[bold][{n}] {source.document}{where}[/bold]  score {source.score:.3f}  [dim]{source.chunk_id}[/dim]", highlight=False)
+            _out.print(f"[bold]\\[{n}] {escape(source.document + where)}[/bold]  score {source.score:.3f}  [dim]{escape(source.chunk_id)}[/dim]", highlight=False)
             _out.print(source.text, highlight=False, markup=False)
             _out.print()
 

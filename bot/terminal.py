@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bot.errors import UserError, apology, report_unexpected
@@ -266,7 +267,7 @@ async def _stream_to_console(chat: TerminalChat, line: str, console: Console) ->
                 out.write(event.text)
                 out.flush()
             elif isinstance(event, FallbackUsed):
-                console.print(f"\n[yellow]{event.failed_model} failed ({event.reason}); {event.model} answers instead.[/yellow]")
+                console.print(f"\n{event.failed_model} failed ({event.reason}); {event.model} answers instead.", style="yellow", markup=False)
             elif isinstance(event, ReplyFinished):
                 r = event.result
                 out.write("\n")
@@ -294,7 +295,7 @@ def _models_table(service: ChatService) -> Table:
         name = spec.name + (" (default)" if spec.name == service.registry.default_model else "")
         weights = ("open" if spec.open_weights else "closed") + (", local" if spec.is_local else "")
         table.add_row(
-            name, spec.provider, weights, f"{spec.context_window:,}",
-            f"${spec.input_price:g} / ${spec.output_price:g}", spec.description or "",
+            escape(name), spec.provider, weights, f"{spec.context_window:,}",
+            f"${spec.input_price:g} / ${spec.output_price:g}", escape(spec.description or ""),
         )
     return table

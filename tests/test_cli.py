@@ -131,6 +131,15 @@ def test_bad_config_is_one_clear_message(cli_env: dict[str, str], tmp_path: Path
     assert "Traceback" not in proc.stderr
 
 
+def test_error_messages_are_shown_exactly_as_written(cli_env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "odd.toml"
+    config.write_text('default_model = "a"\n[models]\na = "not a table"\n')
+    proc = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "models", "list")
+    assert proc.returncode == 1
+    # The table's name in brackets survives: it is not taken for rich markup.
+    assert "models.a must be a table ([models.a])." in proc.stderr
+
+
 async def test_run_builds_the_knowledge_cog_with_both_roles(service_settings) -> None:
     from bot.app import open_app
     from bot.cli import extra_cogs

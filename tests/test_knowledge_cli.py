@@ -37,28 +37,29 @@ def test_add_list_search_remove(cli_env: Settings, tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)
     (docs / "guide.md").write_text(GUIDE)
-    (docs / "sub" / "ship.txt").write_text("Parcels ship from Rotterdam within three days.")
+    # Brackets in a name are shown as they are, not taken for rich markup.
+    (docs / "sub" / "[eu] ship.txt").write_text("Parcels ship from Rotterdam within three days.")
     bad = tmp_path / "notes.txt"
     bad.write_bytes(bytes(range(256)) * 4)
 
     added = runner.invoke(knowledge_app, ["add", str(docs), str(bad), "--guild", "42", "--as", "ops"])
     assert added.exit_code == 1, added.output  # one file was refused
-    assert "guide.md" in added.stdout and "sub/ship.txt" in added.stdout and "binary data" in added.stdout
+    assert "guide.md" in added.stdout and "sub/[eu] ship.txt" in added.stdout and "binary data" in added.stdout
     assert "2 added, 1 refused" in added.stdout
 
     listed = runner.invoke(knowledge_app, ["list", "--guild", "42", "--json"])
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.stdout)
-    assert [(r["name"], r["chunks"], r["uploader"]) for r in rows] == [("guide.md", 1, "ops"), ("sub/ship.txt", 1, "ops")]
+    assert [(r["name"], r["chunks"], r["uploader"]) for r in rows] == [("guide.md", 1, "ops"), ("sub/[eu] ship.txt", 1, "ops")]
     table = runner.invoke(knowledge_app, ["list", "--guild", "42"])
-    assert "2 documents, 2 passages" in table.stdout
+    assert "2 documents, 2 passages" in table.stdout and "sub/[eu] ship.txt" in table.stdout
 
     found = runner.invoke(knowledge_app, ["search", "E-4711", "--guild", "42", "-k", "1", "--json"])
     assert found.exit_code == 0, found.output
     hits = json.loads(found.stdout)
     assert hits[0]["document"] == "guide.md" and hits[0]["location"] == "# Blender guide" and hits[0]["score"] > 0
     text = runner.invoke(knowledge_app, ["search", "where do parcels ship from", "--guild", "42"])
-    assert "[1] sub/ship.txt" in text.stdout
+    assert "[1] sub/[eu] ship.txt" in text.stdout
 
     again = runner.invoke(knowledge_app, ["add", str(docs / "guide.md"), "--guild", "42"])
     assert again.exit_code == 0 and "skipped" in again.stdout
