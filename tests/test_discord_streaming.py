@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
+from types import SimpleNamespace
 
 import discord
 import pytest
 from sqlalchemy import select
 
 from bot.discord.bot import SwitchboardBot
+from bot.discord.chat import discord_hiccup
 from bot.discord.render import WRITING_MARKER
 from bot.service import STOPPED
 from store.models import Message
@@ -146,3 +148,18 @@ async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
         [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
     assert answer.status == "error" and answer.error == STOPPED
     assert " ".join(words).startswith(answer.content) and answer.content != " ".join(words)
+
+
+@pytest.mark.parametrize(
+    ("failure", "passing"),
+    [
+        (discord.HTTPException(SimpleNamespace(status=503, reason="Service Unavailable"), "down"), True),
+        (discord.HTTPException(SimpleNamespace(status=429, reason="Too Many Requests"), "slow down"), True),
+        (ConnectionResetError("reset by peer"), True),
+        (discord.NotFound(SimpleNamespace(status=404, reason="Not Found"), {"code": 10008, "message": "Unknown Message"}), False),
+        (discord.Forbidden(SimpleNamespace(status=403, reason="Forbidden"), {"code": 50013, "message": "Missing Permissions"}), False),
+        (discord.HTTPException(SimpleNamespace(status=400, reason="Bad Request"), "too long"), False),
+    ],
+)
+def test_which_discord_failures_an_answer_writes_through(failure: Exception, passing: bool) -> None:
+    assert discord_hiccup(failure) is passing

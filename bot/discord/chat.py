@@ -276,7 +276,7 @@ def discord_hiccup(exc: Exception) -> bool:
     shows the text with a later one instead of giving up.
     """
     if isinstance(exc, discord.HTTPException):
-        return exc.status >= 500
+        return exc.status >= 500 or exc.status == 429
     return isinstance(exc, discord.RateLimited | OSError | aiohttp.ClientError)
 
 
