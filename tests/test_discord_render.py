@@ -169,21 +169,29 @@ async def test_finish_waits_out_the_throttle() -> None:
 
 @dataclass
 class FlakySink(ListSink):
-    """A ListSink whose writes raise `failure` while it is set (and are then not made)."""
+    """A ListSink whose writes raise `failure` while it is set (and are then not made).
+
+    With `times`, only the next that many writes fail.
+    """
 
     failure: Exception | None = None
+    times: int | None = None
     attempts: list[float] = field(default_factory=list)
 
-    async def send(self, content: str, after: int | None) -> int:
+    def _attempt(self) -> None:
         self.attempts.append(self.clock.now)
-        if self.failure is not None:
-            raise self.failure
+        if self.failure is None or self.times == 0:
+            return
+        if self.times is not None:
+            self.times -= 1
+        raise self.failure
+
+    async def send(self, content: str, after: int | None) -> int:
+        self._attempt()
         return await super().send(content, after)
 
     async def edit(self, message: int, content: str) -> None:
-        self.attempts.append(self.clock.now)
-        if self.failure is not None:
-            raise self.failure
+        self._attempt()
         await super().edit(message, content)
 
 
@@ -223,3 +231,20 @@ async def test_a_failure_that_is_not_passing_is_raised() -> None:
     failed_first = StreamingReply(FlakySink(clock, failure=Outage()), clock=clock, sleep=clock.sleep)
     with pytest.raises(Outage):  # without a `passing` rule every failure is final
         await failed_first.update("one")
+
+
+async def test_the_finish_is_tried_again_after_a_passing_failure_then_given_up() -> None:
+    clock = FakeClock()
+    sink = FlakySink(clock)
+    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage))
+    await reply.update("one")
+    sink.failure, sink.times = Outage(), 2
+    await reply.finish("one two")
+    # Throttle (1 s), then one and two intervals after each failure.
+    assert sink.attempts == [0.0, 1.0, 2.0, 4.0]
+    assert sink.contents == {0: "one two"}
+
+    sink.failure, sink.times = Outage(), None
+    with pytest.raises(Outage):
+        await reply.finish("one two three")
+    assert len(sink.attempts) == 4 + 3

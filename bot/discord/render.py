@@ -22,6 +22,8 @@ MESSAGE_LIMIT = 2000
 # keeps a streaming answer well inside that and still looks live.
 EDIT_INTERVAL = 1.0
 WRITING_MARKER = " ⏳"
+# How many times the final edit is tried when it fails for a passing reason (see finish).
+FINISH_ATTEMPTS = 3
 # A message must have visible content; a zero-width space stands in for blank parts.
 BLANK = "\u200b"
 
@@ -227,11 +229,23 @@ class StreamingReply(Generic[M]):
             self._held_until = self.clock() + self.interval
 
     async def finish(self, text: str, footer: str = "") -> list[M]:
-        """Show the final `text` and `footer` without the marker; waits out the throttle."""
-        held = self._held_until - self.clock()
-        if held > 0:
-            await self.sleep(held)
-        await self._render(layout(text, footer=footer, limit=self.limit), final=True)
+        """Show the final `text` and `footer` without the marker; waits out the throttle.
+
+        The finish is what the person reads, so a passing failure is tried again, one and
+        then two intervals later, before it is raised.
+        """
+        contents = layout(text, footer=footer, limit=self.limit)
+        for attempt in range(FINISH_ATTEMPTS):
+            held = self._held_until - self.clock()
+            if held > 0:
+                await self.sleep(held)
+            try:
+                await self._render(contents, final=True)
+                break
+            except Exception as exc:
+                if attempt == FINISH_ATTEMPTS - 1 or not self.passing(exc):
+                    raise
+                self._held_until = self.clock() + self.interval * 2**attempt
         return list(self.messages)
 
     async def _render(self, contents: list[str], *, final: bool) -> None:
