@@ -156,11 +156,23 @@ async def test_failing_model_shows_a_clear_message(world: World, fake_openai: Fa
     assert "Traceback" not in answer.content and "Error code" not in answer.content
 
 
+async def test_a_final_edit_discord_fails_once_is_tried_again(world: World, fake_openai: FakeOpenAI) -> None:
+    world.env.inject_error("PATCH", "/channels/*/messages/*", status=500)  # an outage, not our bug
+
+    await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
+
+    [answer] = bot_messages(world)
+    assert answer.content == "Echo: hi"
+    patches = [r for r in world.env.http_requests if r.method == "PATCH"]
+    assert len(patches) == 2
+
+
 async def test_unexpected_failure_is_logged_and_apologised_for(
     world: World, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Discord refuses the final edit once: nothing a person can fix, so an apology with an id.
-    world.env.inject_error("PATCH", "/channels/*/messages/*", status=500)
+    # Discord rejects the final edit's body once (our bug): nothing a person can fix, so an
+    # apology with an id.
+    world.env.inject_error("PATCH", "/channels/*/messages/*", status=400, code=50035, message="Invalid Form Body")
 
     with caplog.at_level(logging.ERROR, logger="bot.discord.chat"):
         await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
