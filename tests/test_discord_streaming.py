@@ -81,7 +81,6 @@ async def test_a_reply_discord_refuses_midway_is_still_logged(
     assert "one two three four five".startswith(answer.content) and answer.content
 
 
-
 async def test_an_outage_midway_skips_edits_and_the_answer_still_arrives_whole(
     world: World, paced_service: PacedService, fake_openai: FakeOpenAI
 ) -> None:
