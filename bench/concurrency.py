@@ -38,8 +38,8 @@ from sqlalchemy import func, select
 
 from bench._support import bench_settings, fake_model_server, percentile
 from bot.app import App, freeze_long_lived_heap, open_app
-from bot.messages import Author, ChatRequest, Place
 from chains.dispatch import DispatchGate
+from core.messages import Author, ChatRequest, Place
 from store.models import Conversation, Message
 
 LATENCY_S = 0.5

@@ -39,9 +39,9 @@ from rich.table import Table
 
 from bench._support import percentile
 from bot.app import open_app
-from bot.messages import Author, ChatRequest, Place, ReplyDelta, ReplyFinished
-from bot.settings import Settings
 from chains.chat import DEFAULT_SYSTEM_PROMPT, build_messages, messages_to_dicts
+from core.messages import Author, ChatRequest, Place, ReplyDelta, ReplyFinished
+from core.settings import Settings
 
 ROUNDS = 8
 WARMUP = 2

@@ -27,8 +27,8 @@ from rich.table import Table
 
 from bench._support import bench_settings, fake_model_server, percentile
 from bot.app import open_app
-from bot.messages import Author, ChatRequest, Place
 from chains.chat import DEFAULT_SYSTEM_PROMPT
+from core.messages import Author, ChatRequest, Place
 from store.repositories import ConversationRepository
 
 CONVERSATIONS = 10_000

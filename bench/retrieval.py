@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._corpus import WORDS, passages, rare_words
-from bot.settings import Settings
+from core.settings import Settings
 from knowledge.base import KnowledgeBase
 from knowledge.embeddings import LocalEmbedder
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.errors import ConfigError
 from bot.service import ChatService
-from bot.settings import Settings
 from chains.registry import ModelRegistry, ModelSpec
+from core.errors import ConfigError
+from core.settings import Settings
 from store.db import create_engine, create_session_factory, upgrade_database
 from store.repositories import ModelRepository
 from store.writer import LogWriter

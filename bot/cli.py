@@ -16,8 +16,8 @@ from rich.table import Table
 
 from bot.cli_common import load_settings, run_async
 from bot.cli_knowledge import knowledge_app
-from bot.errors import UserError
-from bot.settings import Settings
+from core.errors import UserError
+from core.settings import Settings
 
 T = TypeVar("T")
 
@@ -116,8 +116,8 @@ def chat(
 
     async def main() -> int:
         from bot.app import freeze_long_lived_heap, open_app
-        from bot.messages import Author, Place
         from bot.terminal import TerminalChat, run_interactive, run_json, user_id_for
+        from core.messages import Author, Place
 
         async with open_app(settings) as sb:
             freeze_long_lived_heap()

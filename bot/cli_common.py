@@ -14,8 +14,8 @@ from typing import TypeVar
 import typer
 from rich.console import Console
 
-from bot.errors import ConfigError, UserError
-from bot.settings import Settings
+from core.errors import ConfigError, UserError
+from core.settings import Settings
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bot.cli_common import load_settings, run_async
-from bot.settings import Settings
+from core.settings import Settings
 
 T = TypeVar("T")
 

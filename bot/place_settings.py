@@ -17,11 +17,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.errors import UserError
-from bot.lru import LRU
-from bot.messages import Author, Place, Scope
 from chains.chat import DEFAULT_SYSTEM_PROMPT
 from chains.registry import ModelRegistry
+from core.cache import LRU
+from core.errors import UserError
+from core.messages import Author, Place, Scope
 from store.repositories import SettingsRepository
 
 # Settings changed by another process (a second shard, the terminal) show up within this.
@@ -60,7 +60,7 @@ class PlaceSettings:
 
     async def effective(self, place: Place) -> EffectiveSettings:
         """The model, system prompt and knowledge switch in force at `place`, with their sources."""
-        cached = self._cache.get_fresh(place)
+        cached = self._cache.get(place)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
         pending = self._reads.get(place)

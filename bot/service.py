@@ -26,9 +26,16 @@ from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.errors import NotFound, UserError
-from bot.lru import LRU
-from bot.messages import (
+from bot.place_settings import EffectiveSettings, PlaceSettings, scope_word
+from chains.chat import build_messages, create_chat_chain, messages_to_dicts
+from chains.dispatch import DispatchGate
+from chains.failures import classify_failure
+from chains.models import ChatModelFactory
+from chains.registry import ModelRegistry, ModelSpec
+from chains.tokens import TokenCounter, prompt_budget
+from core.cache import LRU
+from core.errors import NotFound, UserError
+from core.messages import (
     Author,
     ChatEvent,
     ChatRequest,
@@ -42,13 +49,6 @@ from bot.messages import (
     Source,
     Usage,
 )
-from bot.place_settings import EffectiveSettings, PlaceSettings, scope_word
-from chains.chat import build_messages, create_chat_chain, messages_to_dicts
-from chains.dispatch import DispatchGate
-from chains.failures import classify_failure
-from chains.models import ChatModelFactory
-from chains.registry import ModelRegistry, ModelSpec
-from chains.tokens import TokenCounter, prompt_budget
 from store.exchange_log import ExchangeLog
 from store.repositories import ConversationRepository
 from store.writer import LogWriter
@@ -363,7 +363,7 @@ class ChatService:
         running_key = place.thread_id if place.thread_id is not None else (place.channel_id if place.is_dm else None)
         if running_key is None:
             return uuid.uuid4().hex, None
-        cached = self._thread_conv.get_fresh(running_key)  # "" remembers "none here"
+        cached = self._thread_conv.get(running_key)  # "" remembers "none here"
         if cached:
             return cached, await self._leaf_of(cached)
         conv = None
@@ -388,10 +388,10 @@ class ChatService:
 
     async def _leaf_of(self, conversation_id: str) -> str | None:
         """The newest message of a conversation; None if it has none (it is new)."""
-        leaf = self._leaf.get_fresh(conversation_id)
+        leaf = self._leaf.get(conversation_id)
         if leaf is not None:
             return leaf
-        if self._known_convs.get_fresh(conversation_id) is None:
+        if self._known_convs.get(conversation_id) is None:
             await self.writer.drain(timeout=2.0)  # it may still be on its way to the database
         async with self.sessions() as session:
             messages = await ConversationRepository(session).messages(conversation_id)
@@ -401,7 +401,7 @@ class ChatService:
         return messages[-1].id
 
     async def _find_discord(self, discord_id: int) -> tuple[str, str] | None:
-        found = self._by_discord.get_fresh(discord_id)
+        found = self._by_discord.get(discord_id)
         if found is not None:
             return found or None  # () marks a known miss
         async with self.sessions() as session:
@@ -417,7 +417,7 @@ class ChatService:
         turns: list[_Turn] = []
         cursor: str | None = leaf_id
         while cursor is not None:
-            turn = self._turns.get_fresh(cursor)
+            turn = self._turns.get(cursor)
             if turn is None:
                 break
             turns.append(turn)
@@ -452,7 +452,7 @@ class ChatService:
 
     async def has_conversation(self, thread_id: int) -> bool:
         """Whether the bot has a conversation in this thread (or started it from an answer)."""
-        cached = self._thread_conv.get_fresh(thread_id)
+        cached = self._thread_conv.get(thread_id)
         if cached is not None:
             return bool(cached)  # "" remembers a miss; starting a conversation replaces it
         async with self.sessions() as session:

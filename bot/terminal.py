@@ -20,8 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bot.errors import UserError, apology, report_unexpected
-from bot.messages import (
+from bot.service import ChatService
+from core.errors import UserError, apology, report_unexpected
+from core.messages import (
     Author,
     ChatEvent,
     ChatRequest,
@@ -32,7 +33,6 @@ from bot.messages import (
     ReplyFinished,
     Scope,
 )
-from bot.service import ChatService
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import Runnable
 
-from bot.messages import Source
+from core.messages import Source
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are Switchboard, a helpful assistant in a Discord server. Answer clearly and keep it "

@@ -25,7 +25,7 @@ import httpx
 import httpx2
 import openai
 
-from bot.errors import ConfigError, UserError
+from core.errors import ConfigError, UserError
 
 FailureKind = Literal[
     "rate_limited", "bad_key", "unreachable", "timeout", "context_too_long", "server_error", "bad_request", "unknown"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bot.errors import ConfigError
+from core.errors import ConfigError
 
 GGUF_MAGIC = b"GGUF"
 BUNDLED_PACKAGES: dict[str, tuple[str, str]] = {

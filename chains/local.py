@@ -31,7 +31,6 @@ from typing import IO, Any
 
 import httpx
 
-from bot.errors import ConfigError, UserError
 from chains.gguf import (
     BUNDLED_SAMPLING,
     GGUFCorrupt,
@@ -45,6 +44,7 @@ from chains.gguf import (
     read_gguf_info,
     resolve_gguf,
 )
+from core.errors import ConfigError, UserError
 
 __all__ = [
     "GGUFCorrupt",

@@ -21,10 +21,10 @@ from langchain_core.language_models import BaseChatModel
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 from pydantic import SecretStr
 
-from bot.errors import ConfigError
-from bot.settings import Settings
 from chains.failures import MissingApiKey
 from chains.registry import ModelSpec
+from core.errors import ConfigError
+from core.settings import Settings
 
 if TYPE_CHECKING:
     from chains.local import LocalServers

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bot.errors import ConfigError, NotFound
+from core.errors import ConfigError, NotFound
 
 Provider = Literal["openai", "azure-openai", "openai-compatible", "llama.cpp"]
 Origin = Literal["config", "database", "builtin"]

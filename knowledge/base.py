@@ -29,9 +29,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot.errors import ConfigError, NotFound
-from bot.messages import Source
-from bot.settings import Settings
+from core.errors import ConfigError, NotFound
+from core.messages import Source
+from core.settings import Settings
 from knowledge.embeddings import Embedder, create_embedder
 from knowledge.ingest import (
     Item,

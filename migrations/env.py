@@ -2,7 +2,7 @@
 
 The URL comes from the caller (`store.db.upgrade_database` passes it as the config
 attribute "url"), else from `sqlalchemy.url` in the ini file, else from the
-environment through `bot.settings.Settings` (the alembic CLI case).
+environment through `core.settings.Settings` (the alembic CLI case).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def database_url() -> str:
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
     if url:
         return str(url)
-    from bot.settings import Settings
+    from core.settings import Settings
 
     return Settings().sqlalchemy_url
 

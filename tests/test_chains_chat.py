@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 
-from bot.messages import Source
-from bot.settings import Settings
 from chains.chat import (
     DEFAULT_SYSTEM_PROMPT,
     REFERENCE_INSTRUCTIONS,
@@ -16,6 +14,8 @@ from chains.chat import (
 )
 from chains.models import ChatModelFactory
 from chains.registry import ModelSpec
+from core.messages import Source
+from core.settings import Settings
 from tests.fakes.openai_server import FakeOpenAI
 
 RULES = Source(chunk_id="c1", document="rules.md", location="## Bans", score=0.9, text="Spamming gets a 1-day ban.")

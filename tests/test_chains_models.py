@@ -17,13 +17,13 @@ from langchain_core.messages import AIMessageChunk, HumanMessage
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 
 import chains.models
-from bot.errors import ConfigError, UserError
-from bot.settings import Settings
 from chains.chat import build_messages, create_chat_chain
 from chains.check import check_model
 from chains.failures import ContextTooLong, MissingApiKey, ModelFailure, classify_failure
 from chains.models import ChatModelFactory, PlainCompletions
 from chains.registry import ModelSpec
+from core.errors import ConfigError, UserError
+from core.settings import Settings
 from tests.fakes.openai_server import FakeOpenAI
 
 KEY = "sk-test-0123456789abcdef"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.errors import ConfigError, NotFound
 from chains.registry import ModelRegistry, ModelSpec
+from core.errors import ConfigError, NotFound
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-from bot.errors import UserError
 from chains.failures import ContextTooLong
 from chains.registry import ModelSpec
 from chains.tokens import TokenCounter, prompt_budget, reply_reserve, split_turns
+from core.errors import UserError
 
 
 @cache

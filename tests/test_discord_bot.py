@@ -11,8 +11,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.bot import SwitchboardBot, bot_intents, run_bot
-from bot.errors import ConfigError, UserError
 from bot.service import ChatService
+from core.errors import ConfigError, UserError
 from tests.fakes.discord_edge import FakeDiscordEdge
 
 

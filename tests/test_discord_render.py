@@ -17,7 +17,7 @@ from bot.discord.render import (
     layout,
     split_text,
 )
-from bot.messages import FallbackUsed, Source
+from core.messages import FallbackUsed, Source
 
 # Text made of the characters that matter to the splitter: fences, breaks, words.
 pieces = st.sampled_from(["```", "```python\n", "`", "\n", " ", "\n\n", "word", "x" * 300, "é", "🙂", "\t"])

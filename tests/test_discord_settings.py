@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import discord
 
-from bot.messages import Place
 from bot.service import ChatService
+from core.messages import Place
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.discord import MANAGER_ROLE, World
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import knowledge.base as base_module
-from bot.errors import ConfigError, NotFound
-from bot.settings import Settings
+from core.errors import ConfigError, NotFound
+from core.settings import Settings
 from knowledge.base import KnowledgeBase
 from knowledge.embeddings import LocalEmbedder
 from knowledge.types import ProgressUpdate

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bot.cli_knowledge import human_size, knowledge_app
-from bot.settings import Settings
+from core.settings import Settings
 from tests.fixtures.knowledge import drop_collections, knowledge_settings
 
 GUIDE = "# Blender guide\n\nError code E-4711 means the lid is not locked.\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from bot.app import open_app
-from bot.messages import Author, ChatRequest, Place, ReplyDelta, ReplyFinished
-from bot.settings import Settings
+from core.messages import Author, ChatRequest, Place, ReplyDelta, ReplyFinished
+from core.settings import Settings
 from store.models import Message
 from tests.fixtures.local import local_server_children, process_running
 

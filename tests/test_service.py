@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import select
 
 from bot.app import App
-from bot.errors import NotFound, UserError
-from bot.messages import (
+from bot.service import STOPPED, ChatService
+from core.errors import NotFound, UserError
+from core.messages import (
     Author,
     ChatRequest,
     FallbackUsed,
@@ -18,7 +19,6 @@ from bot.messages import (
     ReplyFinished,
     ReplyStarted,
 )
-from bot.service import STOPPED, ChatService
 from store.models import Message, SettingChange
 from tests.fakes.openai_server import FakeOpenAI
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from bot.app import App, open_app
-from bot.errors import UserError
-from bot.messages import Author, ChatRequest, Place
-from bot.settings import Settings
+from core.errors import UserError
+from core.messages import Author, ChatRequest, Place
+from core.settings import Settings
 from knowledge.base import KnowledgeBase
 from store.models import Message
 from tests.fakes.openai_server import FakeOpenAI

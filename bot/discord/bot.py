@@ -20,8 +20,8 @@ from discord.ext import commands
 
 from bot.discord.chat import ChatCog
 from bot.discord.settings_cog import SettingsCog
-from bot.errors import ConfigError, UserError
 from bot.service import ChatService
+from core.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, place_of
 from bot.discord.render import StreamingReply, footer_lines
-from bot.errors import UserError, apology, report_unexpected
-from bot.lru import LRU
-from bot.messages import (
+from bot.service import ChatService
+from core.cache import LRU
+from core.errors import UserError, apology, report_unexpected
+from core.messages import (
     ChatRequest,
     ChatResult,
     FallbackUsed,
@@ -25,7 +26,6 @@ from bot.messages import (
     ReplyFinished,
     ReplyStarted,
 )
-from bot.service import ChatService
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class ChatCog(commands.Cog):
         retry_after = self._per_person.update_rate_limit(message, now)
         if retry_after is None:
             return False
-        warned_until = self._warned.get_fresh(message.author.id)
+        warned_until = self._warned.get(message.author.id)
         if warned_until is None or warned_until <= now:
             self._warned.put(message.author.id, now + retry_after)
             notice = (

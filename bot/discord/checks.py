@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import discord
 
-from bot.errors import PermissionDenied, UserError
-from bot.messages import Author, Place, Scope
+from core.errors import PermissionDenied, UserError
+from core.messages import Author, Place, Scope
 
 
 def place_of(channel: discord.abc.Messageable | discord.abc.GuildChannel | None, guild_id: int | None) -> Place:

@@ -21,9 +21,9 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
 from bot.discord.respond import answering, send
-from bot.errors import PermissionDenied, UserError
-from bot.messages import Source
 from bot.service import ChatService
+from core.errors import PermissionDenied, UserError
+from core.messages import Source
 from knowledge.base import KnowledgeBase
 from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressUpdate
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from bot.messages import FallbackUsed, Source
+from core.messages import FallbackUsed, Source
 
 MESSAGE_LIMIT = 2000
 # Discord allows about five edits per five seconds per channel; once a second per message

@@ -9,7 +9,7 @@ from typing import Any
 
 import discord
 
-from bot.errors import UserError, apology, report_unexpected
+from core.errors import UserError, apology, report_unexpected
 
 
 async def send(

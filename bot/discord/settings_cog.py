@@ -10,9 +10,9 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
 from bot.discord.respond import answering, send
-from bot.messages import Place, Scope
 from bot.service import ChatService
 from chains.registry import ModelSpec
+from core.messages import Place, Scope
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from bot.errors import ConfigError
+from core.errors import ConfigError
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,71 @@
+"""An exchange as it is logged: one prompt and the answers given to it.
+
+The chat service builds an `Exchange` when an answer is finished (or stopped); `store`
+maps it to rows (`store.exchange_log`). Everything a later fine-tune, comparison or
+privacy request needs is here: the exact messages each model was sent, which stored
+messages went into it, and what kind of answer each one is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from core.messages import Place
+
+# What a stored message is. Answers to one prompt are siblings; only these kinds exist:
+# - "prompt": what a person wrote;
+# - "answer": the answer the conversation continues from;
+# - "attempt": a model that failed before its fallback answered (kept for the record);
+# - "alternative": another answer to the same prompt, asked for on purpose (a retry);
+# - "comparison", "battle": answers given side by side, or anonymously in a blind battle.
+MessageKind = Literal["prompt", "answer", "attempt", "alternative", "comparison", "battle"]
+MESSAGE_KINDS: tuple[MessageKind, ...] = ("prompt", "answer", "attempt", "alternative", "comparison", "battle")
+
+Status = Literal["ok", "error", "fallback"]
+Origin = Literal["discord", "terminal"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedAnswer:
+    """One model's answer (or failed attempt) to the exchange's prompt."""
+
+    id: str
+    kind: MessageKind
+    model_name: str
+    provider: str
+    provider_model: str
+    content: str
+    # The exact messages sent, in OpenAI's role/content form.
+    request_messages: list[dict[str, Any]]
+    # The stored messages those were built from, oldest first (history turns, then the prompt).
+    input_ids: tuple[str, ...]
+    status: Status
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    cost_usd: float | None = None
+    fallback_from: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """A prompt, the answers to it, and where it happened."""
+
+    conversation_id: str
+    place: Place
+    origin: Origin
+    prompt_id: str
+    # The message the prompt follows (the previous answer); None when it starts the conversation.
+    parent_id: str | None
+    author_id: int
+    author_name: str
+    text: str
+    system_prompt: str
+    answers: tuple[LoggedAnswer, ...]
+    source_ids: tuple[str, ...] = ()
+    discord_message_id: int | None = None
+    # False when the prompt is already stored (another answer to it, such as a retry).
+    new_prompt: bool = True
