@@ -1,0 +1,92 @@
+"""How the adapters say things: sizes, prices, models and settings changes, in words.
+
+The service returns facts (a `SettingChange`, a `ModelSpec`); the CLI, the terminal
+chat and the Discord cogs phrase them here, so every face of the bot says the same
+thing the same way. Text is Discord-flavoured Markdown where it says so; nothing here
+imports `discord` or `rich`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chains.registry import ModelSpec
+from core.messages import Scope
+
+# How each source of a setting is called, as in "(server default)".
+SOURCE_WORDS: dict[str, str] = {
+    "thread": "set for this thread",
+    "channel": "set for this channel",
+    "guild": "server default",
+    "global": "bot default",
+}
+
+
+def scope_word(scope: Scope) -> str:
+    """How a person calls a scope."""
+    return {"guild": "server", "global": "bot"}.get(scope, scope)
+
+
+def human_size(size: int) -> str:
+    """Bytes for people: 1536 → "1.5 KB"."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def context_size(tokens: int) -> str:
+    """A context window for people: 128000 → "128k", 8192 → "8k", 1048576 → "1M"."""
+    for size, unit in ((1_048_576, "M"), (1_000_000, "M"), (1024, "k"), (1000, "k")):
+        if tokens >= size and tokens % size == 0:
+            return f"{tokens // size}{unit}"
+    return f"{round(tokens / 1000)}k" if tokens >= 1000 else str(tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelFacts:
+    """One model as every list of models shows it."""
+
+    name: str
+    provider: str
+    weights: str  # "open" or "closed", with ", local" when it runs here
+    context: str  # "8,192"
+    price: str  # "free", or "$0.15 in / $0.6 out per 1M tokens"
+    description: str
+    fallback: str
+    is_default: bool
+
+
+def price(spec: ModelSpec) -> str:
+    """What a million tokens cost, in and out."""
+    if not spec.input_price and not spec.output_price:
+        return "free"
+    return f"${spec.input_price:g} in / ${spec.output_price:g} out per 1M tokens"
+
+
+def model_facts(spec: ModelSpec, default_model: str) -> ModelFacts:
+    """The facts of one model that the model lists show."""
+    return ModelFacts(
+        name=spec.name,
+        provider=spec.provider,
+        weights=("open" if spec.open_weights else "closed") + (", local" if spec.is_local else ""),
+        context=f"{spec.context_window:,}",
+        price=price(spec),
+        description=spec.description,
+        fallback=spec.fallback or "",
+        is_default=spec.name == default_model,
+    )
+
+
+def models_text(specs: list[ModelSpec], default_model: str) -> str:
+    """The model list as plain text, a line per model (the terminal's `/model list`)."""
+    lines = []
+    for spec in specs:
+        facts = model_facts(spec, default_model)
+        mark = " (default)" if facts.is_default else ""
+        lines.append(
+            f"{facts.name}{mark}: {facts.provider}, {facts.weights} weights, {facts.context} tokens, {facts.price}"
+        )
+    return "\n".join(lines)
