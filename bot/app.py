@@ -1,8 +1,10 @@
 """Wiring: build every long-lived part from the settings, once, and close them again.
 
 `open_app(settings)` is the only place that creates clients (database engine, log
-writer, local model servers, model factory, knowledge base). The CLI commands, the
-Discord bot, the benchmarks and the tests all go through it, so they run the same code.
+writer, local model servers, model factory, knowledge base) and the service's parts. The
+CLI commands, the Discord bot, the benchmarks and the tests all go through it, so they
+run the same code. It is also the only place that reads `Settings`: the parts below it
+take small config objects (`chains.models.ClientConfig`, the knowledge base's config).
 """
 
 from __future__ import annotations
@@ -16,12 +18,18 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.service import ChatService
-from chains.registry import ModelRegistry, ModelSpec
-from core.errors import ConfigError
+from bot.service.chat import ChatService
+from bot.service.conversations import ConversationIndex
+from bot.service.limits import PersonLimit
+from bot.service.models import ModelCatalog
+from bot.service.place_settings import PlaceSettings
+from chains.answer import Answerer
+from chains.models import ClientConfig
+from chains.registry import ModelRegistry
+from chains.tokens import TokenCounter
 from core.settings import Settings
 from store.db import create_engine, create_session_factory, upgrade_database
-from store.repositories import ModelRepository
+from store.exchange_log import ExchangeLog
 from store.writer import LogWriter
 
 log = logging.getLogger(__name__)
@@ -41,17 +49,11 @@ class App:
     knowledge: Any | None  # knowledge.base.KnowledgeBase
 
 
-async def load_registry(settings: Settings, sessions: async_sessionmaker[AsyncSession]) -> ModelRegistry:
-    """The registry from the TOML file, plus the models registered at run time."""
-    registry = ModelRegistry.from_toml(settings.config)
-    async with sessions() as session:
-        stored = await ModelRepository(session).list()
-    for row in stored:
-        try:
-            registry.add(ModelSpec(**{**row.spec, "name": row.name, "origin": "database"}))
-        except ConfigError as exc:
-            log.warning("skipping registered model %s: %s", row.name, exc)
-    return registry
+def client_config(settings: Settings) -> ClientConfig:
+    """How model clients behave, from the settings."""
+    return ClientConfig(
+        request_timeout=settings.request_timeout, max_retries=settings.max_retries, secret=settings.secret
+    )
 
 
 def freeze_long_lived_heap() -> None:
@@ -88,7 +90,10 @@ async def open_app(
         engine = create_engine(url)
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
-        registry = await load_registry(settings, sessions)
+        registry = ModelRegistry.from_toml(settings.config)
+        catalog = ModelCatalog(registry, sessions)
+        await catalog.refresh()
+        stack.push_async_callback(catalog.aclose)
 
         writer = LogWriter(sessions, logger=logging.getLogger("switchboard.log_writer"))
         await writer.start()
@@ -96,7 +101,7 @@ async def open_app(
 
         local = LocalServers(max_loaded=settings.max_local_models)
         stack.push_async_callback(local.aclose)
-        models = ChatModelFactory(settings, local)
+        models = ChatModelFactory(client_config(settings), local)
         stack.push_async_callback(models.aclose)
 
         kb = None
@@ -111,6 +116,13 @@ async def open_app(
             stack.push_async_callback(kb.aclose)
 
         service = ChatService(
-            registry=registry, models=models, session_factory=sessions, writer=writer, knowledge=kb
+            catalog=catalog,
+            answerer=Answerer(models, TokenCounter()),
+            conversations=ConversationIndex(sessions, writer),
+            place_settings=PlaceSettings(sessions, registry),
+            exchange_log=ExchangeLog(writer),
+            writer=writer,
+            limits=PersonLimit(settings.messages_per_minute),
+            knowledge=kb,
         )
         yield App(settings, engine, sessions, writer, registry, service, local, kb)

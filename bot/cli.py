@@ -14,9 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bot.cli_common import load_settings, run_async
+from bot.cli_common import load_settings, models_table, run_async
 from bot.cli_knowledge import knowledge_app
-from core.errors import UserError
 from core.settings import Settings
 
 T = TypeVar("T")
@@ -91,7 +90,6 @@ def run() -> None:
                     token,
                     sb.service,
                     manager_role=settings.manager_role,
-                    messages_per_minute=settings.messages_per_minute,
                     extra_cogs=extra_cogs(sb),
                     shard_count=settings.shard_count,
                     shard_ids=settings.shard_ids,
@@ -144,19 +142,8 @@ def models_list() -> None:
         from bot.app import open_app
 
         async with open_app(settings, knowledge=False) as sb:
-            table = Table(title=f"Models ({settings.config})")
-            for column in ("name", "provider", "model", "weights", "context", "in/out $ per M", "fallback"):
-                table.add_column(column)
-            for spec in sb.registry.all():
-                default = " *" if spec.name == sb.registry.default_model else ""
-                weights = ("open" if spec.open_weights else "closed") + (", local" if spec.is_local else "")
-                table.add_row(
-                    escape(spec.name) + default, spec.provider, escape(spec.model or (spec.bundled or str(spec.path or ""))),
-                    weights, f"{spec.context_window:,}", f"{spec.input_price:g} / {spec.output_price:g}",
-                    escape(spec.fallback or ""),
-                )
-            Console().print(table)
-            Console().print("* default model")
+            service = sb.service
+            Console().print(models_table(service.list_models(), service.default_model, f"Models ({settings.config})"))
 
     _run(main)
 
@@ -171,11 +158,9 @@ def models_check(
 
     async def main() -> int:
         from bot.app import open_app
-        from chains.check import check_model
 
         async with open_app(settings, knowledge=False) as sb:
-            specs = [sb.registry.get(n) for n in name] if name else sb.registry.all()
-            results = await asyncio.gather(*(check_model(spec, sb.service.models) for spec in specs))
+            results = await sb.service.check_models(name or None)
             table = Table(title="Model check")
             for column in ("model", "ok", "latency", "detail"):
                 table.add_column(column)
@@ -202,20 +187,11 @@ def models_add_gguf(
 
     async def main() -> None:
         from bot.app import open_app
-        from chains.local import gguf_spec, validate_gguf
-        from chains.registry import ModelSpec
-        from store.repositories import ModelRepository
 
-        with err.status(f"Loading {path} to check it…"):
-            await validate_gguf(path)
-        options: dict[str, Any] = {"context_size": context_size} if context_size else {}
-        spec = gguf_spec(name, path, **options)
         async with open_app(settings, knowledge=False) as sb:
-            if name in sb.registry.names() and sb.registry.get(name).origin == "config":
-                raise UserError(f"`{name}` is already a model in {settings.config}; choose another --name.")
-            ModelSpec(**{**spec, "name": name, "origin": "database"})  # validate before storing
-            async with sb.sessions() as session, session.begin():
-                await ModelRepository(session).add(name, spec, created_by="cli")
+            with err.status(f"Loading {path} to check it…"):
+                spec = await sb.service.gguf_model(name, path, context_size=context_size)
+            await sb.service.register_model(spec, created_by="cli")
         Console().print(f"Registered [bold]{escape(name)}[/bold] ({escape(str(path))}). Choose it with `/model set {name}`.")
 
     _run(main)

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from bot.present import model_facts
 from core.errors import ConfigError, UserError
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from chains.registry import ModelSpec
 
 T = TypeVar("T")
 
@@ -43,3 +49,24 @@ def run_async(work: Callable[[], Awaitable[T]], err: Console) -> T:
 def show_error(err: Console, message: str) -> None:
     """One error line, in red, exactly as written."""
     err.print(message, style="red", markup=False, highlight=False)
+
+
+def models_table(specs: list[ModelSpec], default_model: str, title: str = "Models") -> Table:
+    """The model list as a table (`switchboard models list` and the terminal's `/model list`)."""
+    table = Table(title=title)
+    for column in ("name", "provider", "model", "weights", "context", "price", "fallback", "description"):
+        table.add_column(column)
+    for spec in specs:
+        facts = model_facts(spec, default_model)
+        table.add_row(
+            escape(facts.name) + (" *" if facts.is_default else ""),
+            facts.provider,
+            escape(spec.model or spec.bundled or str(spec.path or "")),
+            facts.weights + (", local" if facts.local else ""),
+            facts.context,
+            facts.price,
+            escape(facts.fallback),
+            escape(facts.description),
+        )
+    table.caption = "* default model"
+    return table

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bot.service.place_settings import SettingChange
 from chains.registry import ModelSpec
-from core.messages import Scope
+from core.messages import scope_word
 
 # How each source of a setting is called, as in "(server default)".
 SOURCE_WORDS: dict[str, str] = {
@@ -20,11 +21,6 @@ SOURCE_WORDS: dict[str, str] = {
     "guild": "server default",
     "global": "bot default",
 }
-
-
-def scope_word(scope: Scope) -> str:
-    """How a person calls a scope."""
-    return {"guild": "server", "global": "bot"}.get(scope, scope)
 
 
 def human_size(size: int) -> str:
@@ -51,7 +47,8 @@ class ModelFacts:
 
     name: str
     provider: str
-    weights: str  # "open" or "closed", with ", local" when it runs here
+    weights: str  # "open" or "closed"
+    local: bool  # runs on this machine (llama.cpp)
     context: str  # "8,192"
     price: str  # "free", or "$0.15 in / $0.6 out per 1M tokens"
     description: str
@@ -71,7 +68,8 @@ def model_facts(spec: ModelSpec, default_model: str) -> ModelFacts:
     return ModelFacts(
         name=spec.name,
         provider=spec.provider,
-        weights=("open" if spec.open_weights else "closed") + (", local" if spec.is_local else ""),
+        weights="open" if spec.open_weights else "closed",
+        local=spec.is_local,
         context=f"{spec.context_window:,}",
         price=price(spec),
         description=spec.description,
@@ -86,7 +84,25 @@ def models_text(specs: list[ModelSpec], default_model: str) -> str:
     for spec in specs:
         facts = model_facts(spec, default_model)
         mark = " (default)" if facts.is_default else ""
+        local = ", local" if facts.local else ""
         lines.append(
-            f"{facts.name}{mark}: {facts.provider}, {facts.weights} weights, {facts.context} tokens, {facts.price}"
+            f"{facts.name}{mark}: {facts.provider}, {facts.weights} weights{local}, {facts.context} tokens, {facts.price}"
         )
     return "\n".join(lines)
+
+
+def change_line(change: SettingChange) -> str:
+    """What a settings command says it did (Discord Markdown; the terminal shows it as is)."""
+    where = f"this {scope_word(change.scope)}"
+    if change.name == "model":
+        if change.new is None:
+            now = change.now
+            return f"Model for {where} reset; now using **{now.value}** (from {now.source})."
+        was = f" (was: {change.old})." if change.old else "."
+        return f"Model for {where}: **{change.new}**{was}"
+    if change.name == "system_prompt":
+        if change.new is None:
+            return f"System prompt for {where} reset to the inherited one."
+        return f"System prompt for {where} set ({len(str(change.new))} characters)."
+    state = "inherited" if change.new is None else ("on" if change.new else "off")
+    return f"Knowledge base for {where}: **{state}**."

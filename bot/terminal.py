@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import shlex
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -17,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from bot.cli_common import models_table
+from bot.present import change_line, models_text
 from bot.service import ChatService
 from core.errors import UserError, apology, report_unexpected
 from core.messages import (
@@ -81,6 +82,9 @@ class TerminalChat:
     async def send(self, text: str) -> AsyncIterator[ChatEvent]:
         """Send a message in the current conversation (starting one if needed)."""
         request = ChatRequest(self.place, self.author, text, conversation_id=self.conversation_id)
+        admission = self.service.admit(request)  # the service exempts the terminal today
+        if not admission.allowed:
+            raise UserError(f"Too many messages: wait {math.ceil(admission.retry_after)} s.")
         async for event in self.service.stream(request):
             if isinstance(event, ReplyFinished):
                 self.conversation_id = event.result.conversation_id
@@ -121,40 +125,25 @@ class TerminalChat:
             ]
             return CommandResult(head, True, "\n".join(lines))
         if head == "model" and sub == "list":
-            return CommandResult(name, True, models_text(svc))
+            return CommandResult(name, True, models_text(svc.list_models(), svc.default_model))
         if head == "model" and sub == "set" and len(words) > 2:
-            return CommandResult(name, True, await svc.set_model(place, self.scope, words[2], who))
+            return CommandResult(name, True, change_line(await svc.set_model(place, self.scope, words[2], who)))
         if head == "model" and sub == "info" and len(words) > 2:
-            spec = svc.get_model(words[2])
+            spec = await svc.get_model(words[2])
             info = json.dumps(spec.to_public_dict(), indent=2, default=str)
             return CommandResult(name, True, info)
         if head == "model" and sub == "reset":
-            return CommandResult(name, True, await svc.reset_model(place, self.scope, who))
+            return CommandResult(name, True, change_line(await svc.reset_model(place, self.scope, who)))
         if head == "system" and sub == "set" and rest:
-            return CommandResult(name, True, await svc.set_system_prompt(place, self.scope, rest, who))
+            return CommandResult(name, True, change_line(await svc.set_system_prompt(place, self.scope, rest, who)))
         if head == "system" and sub == "show":
             eff = await svc.effective_settings(place)
             return CommandResult(name, True, f"(from {eff.system_prompt.source})\n{eff.system_prompt.value}")
         if head == "system" and sub == "reset":
-            return CommandResult(name, True, await svc.reset_system_prompt(place, self.scope, who))
+            return CommandResult(name, True, change_line(await svc.reset_system_prompt(place, self.scope, who)))
         if head == "knowledge" and sub in {"on", "off"}:
-            return CommandResult(name, True, await svc.set_knowledge(place, self.scope, sub == "on", who))
+            return CommandResult(name, True, change_line(await svc.set_knowledge(place, self.scope, sub == "on", who)))
         raise UserError(f"Unknown or incomplete command `/{' '.join(words)}`. Type /help for the list.")
-
-
-def models_text(service: ChatService) -> str:
-    """The model list as plain text."""
-    lines = []
-    default = service.registry.default_model
-    for spec in service.list_models():
-        tags = [spec.provider]
-        tags.append("open weights" if spec.open_weights else "closed weights")
-        if spec.is_local:
-            tags.append("local")
-        price = f"${spec.input_price:g}/${spec.output_price:g} per M tokens" if (spec.input_price or spec.output_price) else "free"
-        mark = " (default)" if spec.name == default else ""
-        lines.append(f"{spec.name}{mark}: {', '.join(tags)}, {spec.context_window:,} tokens, {price}")
-    return "\n".join(lines)
 
 
 def result_json(result: ChatResult) -> dict[str, Any]:
@@ -250,7 +239,7 @@ async def run_interactive(
         if line.startswith("/"):
             result = await chat.command(line)
             if line.strip() == "/model list" and result.ok:
-                console.print(_models_table(chat.service))
+                console.print(models_table(chat.service.list_models(), chat.service.default_model))
             else:
                 console.print(result.message, style=None if result.ok else "red", markup=False)
             if result.quit:
@@ -285,17 +274,3 @@ async def _stream_to_console(chat: TerminalChat, line: str, console: Console) ->
         console.print(exc.message, style="red", markup=False)
     except Exception as exc:
         console.print(apology(report_unexpected(log, exc, "answering in the terminal")), style="red", markup=False)
-
-
-def _models_table(service: ChatService) -> Table:
-    table = Table(title="Models")
-    for column in ("name", "provider", "weights", "context", "price in/out per M", "description"):
-        table.add_column(column)
-    for spec in service.list_models():
-        name = spec.name + (" (default)" if spec.name == service.registry.default_model else "")
-        weights = ("open" if spec.open_weights else "closed") + (", local" if spec.is_local else "")
-        table.add_row(
-            escape(name), spec.provider, weights, f"{spec.context_window:,}",
-            f"${spec.input_price:g} / ${spec.output_price:g}", escape(spec.description or ""),
-        )
-    return table

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from langchain_core.messages import HumanMessage
@@ -49,8 +48,3 @@ async def check_model(spec: ModelSpec, factory: ChatModelFactory, limit_s: float
     shown = reply if len(reply) <= 40 else reply[:39] + "…"
     tokens = f", {usage['input_tokens']}+{usage['output_tokens']} tokens" if usage else ""
     return CheckResult(spec.name, ok=True, latency_ms=latency_ms, detail=f"answered {shown!r}{tokens}")
-
-
-async def check_models(specs: Sequence[ModelSpec], factory: ChatModelFactory, limit_s: float = CHECK_TIMEOUT) -> list[CheckResult]:
-    """Check several models at once, results in the order given."""
-    return list(await asyncio.gather(*(check_model(spec, factory, limit_s) for spec in specs)))

@@ -318,16 +318,15 @@ def _launch_for(spec: Any, info: GGUFInfo) -> _Launch:
     ctx = getattr(spec, "context_size", None) or default_context_size(info)
     parallel = getattr(spec, "parallel", None) or 1
     threads = getattr(spec, "threads", None) or default_threads()
-    port = getattr(spec, "port", None)
     if ctx < 16 or parallel < 1 or threads < 0:
         raise ConfigError(f"Model `{spec.name}`: context_size, parallel and threads must be positive.")
     sampling = tuple(sorted(BUNDLED_SAMPLING.get(getattr(spec, "bundled", None) or "", {}).items()))
-    return _Launch(path=info.path, ctx=int(ctx), parallel=int(parallel), threads=int(threads), port=port, sampling=sampling)
+    return _Launch(path=info.path, ctx=int(ctx), parallel=int(parallel), threads=int(threads), port=None, sampling=sampling)
 
 
 def _spec_key(spec: Any) -> tuple[Any, ...]:
     """The registry fields that decide how a model's server runs."""
-    return tuple(getattr(spec, field, None) for field in ("path", "bundled", "context_size", "parallel", "threads", "port"))
+    return tuple(getattr(spec, field, None) for field in ("path", "bundled", "context_size", "parallel", "threads"))
 
 
 class LocalServers:
@@ -376,8 +375,6 @@ class LocalServers:
             try:
                 server = await _start_server(name, launch, self.startup_timeout)
             except PortInUse:
-                if getattr(spec, "port", None) is not None:
-                    raise
                 # The port we hoped to keep was taken meanwhile: any free one will do.
                 launch = dataclasses.replace(launch, port=None)
                 server = await _start_server(name, launch, self.startup_timeout)
@@ -467,13 +464,6 @@ class LocalServers:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-
-    def kill_all(self) -> None:
-        """Synchronous variant of aclose for exit paths that cannot await (signal handlers, atexit)."""
-        self._closed = True
-        for server in list(self._servers.values()):
-            server.kill_now()
-        self._servers.clear()
 
     async def __aenter__(self) -> LocalServers:
         return self

@@ -4,7 +4,7 @@ Every provider speaks the OpenAI wire format, so every model is a `ChatOpenAI` (
 `AzureChatOpenAI`), reading the provider's JSON as plain dicts (`PlainCompletions`) over
 one shared aiohttp connection pool. Failed requests are retried by the openai client
 itself (exponential backoff with jitter, honouring Retry-After, on 408/409/429/5xx,
-connection errors and timeouts) up to `settings.max_retries` times; after that the
+connection errors and timeouts) up to `ClientConfig.max_retries` times; after that the
 caller's fallback answers.
 
 Nothing here counts tokens through LangChain (`get_num_tokens*` would fetch a tiktoken
@@ -13,6 +13,8 @@ vocabulary); `chains.tokens` counts offline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx2  # the openai SDK's own HTTP package: its client options are typed with it
@@ -24,7 +26,6 @@ from pydantic import SecretStr
 from chains.failures import MissingApiKey
 from chains.registry import ModelSpec
 from core.errors import ConfigError
-from core.settings import Settings
 
 if TYPE_CHECKING:
     from chains.local import LocalServers
@@ -89,11 +90,21 @@ class PlainCompletions:
         return getattr(self._completions, name)
 
 
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """How model clients behave: time limits, retries, and where API keys come from."""
+
+    request_timeout: float = 60.0  # seconds before a request (or a stalled stream) is given up
+    max_retries: int = 2  # retries of a failed request before the caller's fallback answers
+    # The value of an environment variable, by name (None when unset); keys are never stored.
+    secret: Callable[[str], SecretStr | None] = lambda name: None
+
+
 class ChatModelFactory:
     """Builds (and caches) one chat model per registry entry."""
 
-    def __init__(self, settings: Settings, local: LocalServers | None = None) -> None:
-        self.settings = settings
+    def __init__(self, config: ClientConfig, local: LocalServers | None = None) -> None:
+        self.config = config
         self.local = local
         self._cache: dict[str, tuple[tuple[ModelSpec, str], BaseChatModel]] = {}
         self._http: openai.DefaultAioHttpClient | None = None
@@ -131,7 +142,7 @@ class ChatModelFactory:
     def _api_key(self, spec: ModelSpec) -> SecretStr:
         """The key from the variable the entry names; a placeholder for servers that need none."""
         if spec.api_key_env:
-            key = self.settings.secret(spec.api_key_env)
+            key = self.config.secret(spec.api_key_env)
             if key is None:
                 raise MissingApiKey(spec.name, spec.api_key_env)
             return key
@@ -157,8 +168,8 @@ class ChatModelFactory:
         options: dict[str, Any] = {
             "model": spec.model,
             "api_key": self._api_key(spec),
-            "timeout": self.settings.request_timeout,
-            "max_retries": self.settings.max_retries,
+            "timeout": self.config.request_timeout,
+            "max_retries": self.config.max_retries,
             "stream_usage": True,
             # A stalled stream is given up on by the transport itself: `timeout` is also the
             # limit for each socket read, streamed or not. LangChain's own per-chunk limit

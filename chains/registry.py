@@ -41,6 +41,17 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
 
 
+class Lineage(BaseModel):
+    """Where a registered model came from: what it was made from, how, from which data, by whom."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base_model: str | None = None  # the registry name of the model it was made from
+    source: str | None = None  # how it was made: "gguf-file", "openai-fine-tune", "lora", ...
+    dataset_hash: str | None = None  # the hash of the dataset snapshot it was trained on
+    created_by: str | None = None  # who registered it ("cli", a Discord user id, a job id)
+
+
 class ModelSpec(BaseModel):
     """One model the bot can talk to, and what it costs."""
 
@@ -66,6 +77,7 @@ class ModelSpec(BaseModel):
     context_size: int | None = Field(default=None, gt=0)
     threads: int | None = Field(default=None, gt=0)
     parallel: int | None = Field(default=None, gt=0)
+    lineage: Lineage | None = None
     origin: Origin = "config"
 
     @model_validator(mode="before")
@@ -278,6 +290,40 @@ class ModelRegistry:
         if users:
             raise ConfigError(f"Model '{name}' is the fallback of {', '.join(users)}; change those first.")
         del self._specs[name]
+
+    def sync_registered(self, specs: Iterable[ModelSpec]) -> dict[str, str]:
+        """Make the run-time models exactly `specs` (another process may have added or removed some).
+
+        Config and built-in models stay as they are (they never fall back to run-time ones).
+        A run-time model that cannot be used here (its name is taken by the config, or its
+        fallback is unknown) is left out; returns {name: why} for those. Fallbacks that go
+        round in a circle change nothing and name every model given.
+        """
+        kept = {name: spec for name, spec in self._specs.items() if spec.origin != "database"}
+        skipped: dict[str, str] = {}
+        wanted = {spec.name: spec for spec in specs}
+        for name, spec in wanted.items():
+            if name in kept:
+                skipped[name] = f"the name is taken by a model in {self.source}"
+                continue
+            if spec.origin != "database":
+                spec = spec.model_copy(update={"origin": "database"})
+            kept[name] = spec
+        # Drop entries whose fallback is gone, until every chain ends in a known model.
+        changed = True
+        while changed:
+            changed = False
+            for name, spec in list(kept.items()):
+                if spec.origin == "database" and spec.fallback and spec.fallback not in kept:
+                    skipped[name] = f"its fallback '{spec.fallback}' is not a known model"
+                    del kept[name]
+                    changed = True
+        try:
+            self._check_fallbacks(kept.values(), specs=kept)
+        except ConfigError as exc:
+            return {name: str(exc) for name in wanted}
+        self._specs = kept
+        return skipped
 
     def _check_fallbacks(self, entries: Iterable[ModelSpec], specs: dict[str, ModelSpec] | None = None) -> None:
         """Every fallback names a known model, and no chain loops."""

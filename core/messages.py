@@ -12,6 +12,11 @@ from typing import Literal
 Scope = Literal["thread", "channel", "guild", "global"]
 
 
+def scope_word(scope: Scope) -> str:
+    """How a person calls a scope: "server" for a guild, "bot" for the global defaults."""
+    return {"guild": "server", "global": "bot"}.get(scope, scope)
+
+
 @dataclass(frozen=True, slots=True)
 class Place:
     """Where a message was said. In a thread, `channel_id` is the thread's parent channel."""
@@ -43,6 +48,8 @@ class ChatRequest:
     # Discord: the user's own message id, and the id of the message it replies to (if any).
     discord_message_id: int | None = None
     reply_to_discord_id: int | None = None
+    # Discord: when the message was sent (seconds since the epoch, by Discord's clock).
+    sent_at: float | None = None
     # Terminal: the conversation to continue (None starts a new one).
     conversation_id: str | None = None
 

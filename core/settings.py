@@ -9,7 +9,6 @@ API keys named by the model registry's `api_key_env` are looked up through
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationError
@@ -79,10 +78,6 @@ class Settings(BaseSettings):
         """The value of the environment variable `name`, kept secret; None if unset or empty."""
         value = self.environ.get(name, "").strip()
         return SecretStr(value) if value else None
-
-    def with_environ(self, environ: Mapping[str, str]) -> Settings:
-        """A copy that looks up secrets in `environ` (tests and tools use this)."""
-        return self.model_copy(update={"environ": dict(environ)})
 
 
 def _async_url(url: str) -> str:

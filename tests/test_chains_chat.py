@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage
 
+from bot.app import client_config
 from chains.chat import (
     DEFAULT_SYSTEM_PROMPT,
     REFERENCE_INSTRUCTIONS,
@@ -89,7 +90,7 @@ def test_messages_to_dicts() -> None:
 
 async def test_chain_streams_chunks_and_sends_exactly_the_messages(fake_openai: FakeOpenAI) -> None:
     fake_openai.token_delay = 0.001
-    models = ChatModelFactory(Settings(environ={}, max_retries=0))
+    models = ChatModelFactory(client_config(Settings(environ={}, max_retries=0)))
     spec = ModelSpec(name="m", provider="openai-compatible", model="fake-model", base_url=fake_openai.base_url)
     chain = create_chat_chain(await models.get(spec))
     system, history, question = build_messages(None, [("user", "earlier"), ("assistant", "reply")], "now", [RULES])

@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessageChunk, HumanMessage
 from langchain_openai import AzureChatOpenAI, ChatOpenAI
 
 import chains.models
+from bot.app import client_config
 from chains.chat import build_messages, create_chat_chain
 from chains.check import check_model
 from chains.failures import ContextTooLong, MissingApiKey, ModelFailure, classify_failure
@@ -39,7 +40,7 @@ async def factory() -> AsyncIterator[MakeFactory]:
     def make(local: object = None, **overrides: object) -> ChatModelFactory:
         options: dict[str, object] = {"max_retries": 0, "request_timeout": 10.0, **overrides}
         settings = Settings(environ={"OPENAI_API_KEY": KEY, "AZURE_OPENAI_API_KEY": KEY}, **options)
-        made.append(ChatModelFactory(settings, local))  # type: ignore[arg-type]
+        made.append(ChatModelFactory(client_config(settings), local))  # type: ignore[arg-type]
         return made[-1]
 
     yield make
@@ -207,7 +208,7 @@ async def test_models_are_cached_per_spec(factory: MakeFactory, fake_openai: Fak
 
 
 async def test_missing_key_names_the_variable(fake_openai: FakeOpenAI) -> None:
-    models = ChatModelFactory(Settings(environ={}))
+    models = ChatModelFactory(client_config(Settings(environ={})))
     spec = openai_spec(fake_openai)
     with pytest.raises(MissingApiKey) as caught:
         await models.get(spec)
@@ -418,5 +419,5 @@ async def test_check_model_reports_success_and_failure(factory: MakeFactory, fak
     fake_openai.hang(30)
     slow = await check_model(spec, models, limit_s=0.3)
     assert not slow.ok and "took too long" in slow.detail
-    missing = await check_model(spec, ChatModelFactory(Settings(environ={})))
+    missing = await check_model(spec, ChatModelFactory(client_config(Settings(environ={}))))
     assert not missing.ok and missing.detail == "Model 'gpt-4o-mini' needs an API key: set OPENAI_API_KEY."

@@ -13,6 +13,7 @@ from bot.app import App
 from bot.discord.bot import SwitchboardBot
 from bot.discord.render import WRITING_MARKER, split_text
 from bot.service import ChatService
+from bot.service.limits import PersonLimit
 from tests.fakes.openai_server import FakeOpenAI, FakeRequest
 from tests.fixtures.discord import World
 
@@ -291,7 +292,8 @@ async def test_after_a_restart_a_thread_from_an_answer_continues_it(
 async def test_a_person_over_the_message_limit_is_told_once_then_skipped_until_the_minute_is_over(
     world: World, chat_service: ChatService, fake_openai: FakeOpenAI
 ) -> None:
-    await world.env.restart_bot(SwitchboardBot(chat_service, messages_per_minute=2, shard_count=1))
+    chat_service.limits = PersonLimit(2)
+    await world.env.restart_bot(SwitchboardBot(chat_service, shard_count=1))
     mention = world.bot.user.mention
     for n in range(1, 5):
         await world.alice.send(world.channel, f"{mention} question {n}")

@@ -9,6 +9,7 @@ import discord
 import pytest
 from sqlalchemy import select
 
+from bot.app import App
 from bot.discord.bot import SwitchboardBot
 from bot.discord.chat import discord_hiccup
 from bot.discord.render import WRITING_MARKER
@@ -62,7 +63,7 @@ async def test_edits_stay_within_once_per_second_per_message(
 
 
 async def test_a_reply_discord_refuses_midway_is_still_logged(
-    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+    world: World, paced_service: PacedService, chat_app: App, fake_openai: FakeOpenAI
 ) -> None:
     paced_service.env = world.env
     fake_openai.reply = lambda request: "one two three four five"
@@ -75,14 +76,14 @@ async def test_a_reply_discord_refuses_midway_is_still_logged(
 
     assert [m for m in world.channel.history() if m.author.id == world.bot.user.id] == []
     await paced_service.writer.drain()
-    async with paced_service.sessions() as session:
+    async with chat_app.sessions() as session:
         [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
     assert answer.status == "error" and answer.error == STOPPED
     assert "one two three four five".startswith(answer.content) and answer.content
 
 
 async def test_an_outage_midway_skips_edits_and_the_answer_still_arrives_whole(
-    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+    world: World, paced_service: PacedService, chat_app: App, fake_openai: FakeOpenAI
 ) -> None:
     paced_service.env = world.env
     words = [f"word{i:02d}" for i in range(16)]
@@ -113,13 +114,13 @@ async def test_an_outage_midway_skips_edits_and_the_answer_still_arrives_whole(
     [part] = [m for m in world.channel.history() if m.author.id == world.bot.user.id]
     assert part.content.split() == words  # no marker, no apology
     await paced_service.writer.drain()
-    async with paced_service.sessions() as session:
+    async with chat_app.sessions() as session:
         [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
     assert answer.status == "ok" and answer.content == " ".join(words)
 
 
 async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
-    world: World, paced_service: PacedService, fake_openai: FakeOpenAI
+    world: World, paced_service: PacedService, chat_app: App, fake_openai: FakeOpenAI
 ) -> None:
     paced_service.env = world.env
     words = [f"word{i:02d}" for i in range(12)]
@@ -143,7 +144,7 @@ async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
     after = [(r.method, r.path) for r in world.env.http_requests[writes_before:]]
     assert after == [("PATCH", f"/channels/{world.channel.id}/messages/{part.id}")]  # one try, then it stopped
     await paced_service.writer.drain()
-    async with paced_service.sessions() as session:
+    async with chat_app.sessions() as session:
         [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
     assert answer.status == "error" and answer.error == STOPPED
     assert " ".join(words).startswith(answer.content) and answer.content != " ".join(words)

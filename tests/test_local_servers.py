@@ -26,7 +26,10 @@ from chains.local import (
     LocalServerError,
     LocalServers,
     PortInUse,
+    _Launch,
+    _start_server,
     local_http_client,
+    resolve_gguf,
     validate_gguf,
 )
 from chains.registry import ModelSpec
@@ -171,9 +174,11 @@ async def test_a_taken_port_is_reported(local_servers: LocalServers) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        spec = SimpleNamespace(name="fixed", path=None, bundled=BUNDLED, context_size=512, parallel=None, threads=None, port=port)
+        # A restarted server asks for the port it had; here another program holds it.
+        path = resolve_gguf(SimpleNamespace(path=None, bundled=BUNDLED))
+        launch = _Launch(path=path, ctx=512, parallel=1, threads=1, port=port)
         with pytest.raises(PortInUse, match=f"Port {port} on 127.0.0.1 is already in use"):
-            await local_servers.ensure(spec)
+            await _start_server("fixed", launch, local_servers.startup_timeout)
     assert local_server_children() == []
 
 

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from bot.app import App
+from bot.present import change_line
 from bot.service import STOPPED, ChatService
 from core.errors import NotFound, UserError
 from core.messages import (
@@ -141,7 +142,7 @@ async def test_settings_resolution_sources_and_change_log(chat_app: App) -> None
 
     await svc.set_model(place, "guild", "backup", MOD)
     assert (await svc.effective_settings(place)).model.source == "guild"
-    message = await svc.set_model(place, "channel", "solo", MOD)
+    message = change_line(await svc.set_model(place, "channel", "solo", MOD))
     assert "solo" in message and "was" not in message
     await svc.set_system_prompt(place, "thread", "Answer like a pirate.", MOD)
     eff = await svc.effective_settings(place)
@@ -224,7 +225,7 @@ async def test_history_is_trimmed_to_the_context_window(chat_app: App, fake_open
     contents = " ".join(m["content"] for m in sent)
     assert "turn 11" in contents and "turn 0 " not in contents, "oldest turns go first"
     assert sent[0]["role"] == "system"
-    assert chat_app.service.tokens.count_messages(sent) <= 300 - 50
+    assert chat_app.service.answerer.tokens.count_messages(sent) <= 300 - 50
 
 
 async def test_a_message_too_long_for_any_window_is_explained(chat_app: App) -> None:
@@ -351,8 +352,9 @@ async def test_warm_up_readies_the_model_in_force_and_never_raises(chat_app: App
     svc, place = chat_app.service, Place(GUILD, CHANNEL)
     await svc.set_model(place, "channel", "solo", MOD)
     await svc.warm_up(place)
-    assert "solo" in svc.models._cache and "main" not in svc.models._cache
-    svc.registry.add(svc.registry.get("solo").model_copy(update={"name": "keyless", "provider": "openai", "base_url": None, "api_key_env": "NO_SUCH_KEY"}))
+    assert "solo" in svc.answerer.models._cache and "main" not in svc.answerer.models._cache
+    keyless = (await svc.get_model("solo")).model_copy(update={"name": "keyless", "provider": "openai", "base_url": None, "api_key_env": "NO_SUCH_KEY"})
+    await svc.register_model(keyless, created_by="test")
     await svc.set_model(place, "channel", "keyless", MOD)
     await svc.warm_up(place)  # a missing key is only logged here; the first request reports it
     result = await svc.answer(mention("hi"))

@@ -44,7 +44,6 @@ class SwitchboardBot(commands.AutoShardedBot):
         service: ChatService,
         *,
         manager_role: str | None = None,
-        messages_per_minute: int = 0,
         extra_cogs: Sequence[commands.Cog] = (),
         sync_commands: bool = True,
         shard_count: int | None = None,
@@ -64,7 +63,6 @@ class SwitchboardBot(commands.AutoShardedBot):
         )
         self.service = service
         self.manager_role = manager_role
-        self.messages_per_minute = messages_per_minute
         self.extra_cogs = list(extra_cogs)
         self.sync_commands = sync_commands
         self.clock = clock
@@ -72,7 +70,7 @@ class SwitchboardBot(commands.AutoShardedBot):
 
     async def setup_hook(self) -> None:
         """Add the cogs and publish the slash commands."""
-        chat = ChatCog(self, self.service, messages_per_minute=self.messages_per_minute, clock=self.clock, sleep=self.sleep)
+        chat = ChatCog(self, self.service, clock=self.clock, sleep=self.sleep)
         await self.add_cog(chat)
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
         for cog in self.extra_cogs:
@@ -95,7 +93,6 @@ async def run_bot(
     service: ChatService,
     *,
     manager_role: str | None = None,
-    messages_per_minute: int = 0,
     extra_cogs: Sequence[commands.Cog] = (),
     shard_count: int | None = None,
     shard_ids: Sequence[int] | None = None,
@@ -104,7 +101,6 @@ async def run_bot(
     bot = SwitchboardBot(
         service,
         manager_role=manager_role,
-        messages_per_minute=messages_per_minute,
         extra_cogs=extra_cogs,
         shard_count=shard_count,
         shard_ids=shard_ids,

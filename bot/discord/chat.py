@@ -16,7 +16,7 @@ from discord.ext import commands
 from bot.discord.checks import author_of, place_of
 from bot.discord.render import StreamingReply, footer_lines
 from bot.service import ChatService
-from core.cache import LRU
+from bot.service.limits import Admission
 from core.errors import UserError, apology, report_unexpected
 from core.messages import (
     ChatRequest,
@@ -38,8 +38,6 @@ _CHAT_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 SHUTDOWN_GRACE_S = 10.0
 
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
-# People warned that they are over the per-person limit, kept until their window ends.
-_WARNED_SIZE = 10_000
 
 
 class _ChannelSink:
@@ -90,24 +88,14 @@ class ChatCog(commands.Cog):
         bot: commands.Bot,
         service: ChatService,
         *,
-        messages_per_minute: int = 0,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
     ) -> None:
-        """`messages_per_minute`: how many messages one person may address to the bot (0: no limit)."""
         self.bot = bot
         self.service = service
-        self.messages_per_minute = messages_per_minute
         self.clock = clock
         self.sleep = sleep
         self._answering: set[asyncio.Task[None]] = set()
-        # Per person, across channels: it protects the model budget from one person's flood.
-        self._per_person = (
-            commands.CooldownMapping.from_cooldown(messages_per_minute, 60.0, commands.BucketType.user)
-            if messages_per_minute > 0
-            else None
-        )
-        self._warned: LRU = LRU(_WARNED_SIZE)  # user id -> when their window ends
 
     async def cog_unload(self) -> None:
         """Let answers being written finish (briefly) before the connection closes."""
@@ -126,38 +114,31 @@ class ChatCog(commands.Cog):
             return
         if not await self._addressed(message):
             return
-        if await self._over_the_limit(message):
+        request = self.request_for(message)
+        admission = self.service.admit(request)
+        if not admission.allowed:
+            if admission.notify:
+                await self._tell_over_the_limit(message, admission)
             return
         task = asyncio.current_task()
         if task is not None:
             self._answering.add(task)
         try:
-            await self.answer(message)
+            await self.answer(message, request)
         finally:
             if task is not None:
                 self._answering.discard(task)
 
-    async def _over_the_limit(self, message: discord.Message) -> bool:
-        """Whether the author has used up their messages for this minute; says so once per minute."""
-        if self._per_person is None:
-            return False
-        # The message's own time (as discord.py's command cooldowns use), not the clock's.
-        now = message.created_at.timestamp()
-        retry_after = self._per_person.update_rate_limit(message, now)
-        if retry_after is None:
-            return False
-        warned_until = self._warned.get(message.author.id)
-        if warned_until is None or warned_until <= now:
-            self._warned.put(message.author.id, now + retry_after)
-            notice = (
-                f"⏳ You are sending me messages faster than I answer them ({self.messages_per_minute} a minute). "
-                f"I will skip the ones you send in the next {math.ceil(retry_after)} s."
-            )
-            try:
-                await message.reply(notice, mention_author=False, allowed_mentions=QUIET_MENTIONS)
-            except discord.HTTPException:
-                log.debug("could not tell %s about the message limit", message.author.id, exc_info=True)
-        return True
+    async def _tell_over_the_limit(self, message: discord.Message, admission: Admission) -> None:
+        """Say once per window that the author's further messages are skipped for a while."""
+        notice = (
+            f"⏳ You are sending me messages faster than I answer them ({admission.per_minute} a minute). "
+            f"I will skip the ones you send in the next {math.ceil(admission.retry_after)} s."
+        )
+        try:
+            await message.reply(notice, mention_author=False, allowed_mentions=QUIET_MENTIONS)
+        except discord.HTTPException:
+            log.debug("could not tell %s about the message limit", message.author.id, exc_info=True)
 
     async def _addressed(self, message: discord.Message) -> bool:
         """Whether the message is for the bot: a DM, a mention, a reply to it, or a thread it is in."""
@@ -197,11 +178,13 @@ class ChatCog(commands.Cog):
             text=prompt_text(message, self.bot.user),
             discord_message_id=message.id,
             reply_to_discord_id=reply_to,
+            # The message's own time (as discord.py's command cooldowns use), not the clock's.
+            sent_at=message.created_at.timestamp(),
         )
 
     # -------------------------------------------------------------- answering
 
-    async def answer(self, message: discord.Message) -> None:
+    async def answer(self, message: discord.Message, request: ChatRequest) -> None:
         """Stream the service's answer to `message` into one or more reply messages."""
         reply: StreamingReply[discord.Message] = StreamingReply(
             _ChannelSink(message), clock=self.clock, sleep=self.sleep, passing=discord_hiccup
@@ -213,7 +196,6 @@ class ChatCog(commands.Cog):
         result: ChatResult | None = None
         try:
             await typing.start()
-            request = self.request_for(message)
             # aclosing: if Discord fails mid-answer, the model's stream is closed right away.
             async with aclosing(self.service.stream(request)) as events:
                 async for event in events:

@@ -21,6 +21,7 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
 from bot.discord.respond import answering, send
+from bot.present import change_line
 from bot.service import ChatService
 from core.errors import PermissionDenied, UserError
 from core.messages import Source
@@ -310,5 +311,5 @@ class KnowledgeCog(commands.Cog):
             if not self._is_knowledge_admin(interaction):
                 ensure_can_change(interaction, scope, self.manager_role)
             enabled = {"on": True, "off": False, "inherit": None}[state]
-            line = await self.service.set_knowledge(place, scope, enabled, author_of(interaction.user))
-            await send(interaction, line, ephemeral=False)
+            change = await self.service.set_knowledge(place, scope, enabled, author_of(interaction.user))
+            await send(interaction, change_line(change), ephemeral=False)

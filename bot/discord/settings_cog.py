@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -10,18 +11,15 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
 from bot.discord.respond import answering, send
+from bot.present import SOURCE_WORDS, change_line, context_size, price
 from bot.service import ChatService
-from chains.registry import ModelSpec
 from core.messages import Place, Scope
+
+if TYPE_CHECKING:
+    from chains.registry import ModelSpec
 
 log = logging.getLogger(__name__)
 
-SOURCE_WORDS: dict[str, str] = {
-    "thread": "set for this thread",
-    "channel": "set for this channel",
-    "guild": "server default",
-    "global": "bot default",
-}
 # An embed description holds 4,096 characters; keep room for the "and N more" line.
 _DESCRIPTION_ROOM = 3900
 _PROMPT_PREVIEW = 300
@@ -29,26 +27,11 @@ _AUTOCOMPLETE_MAX = 25
 EMBED_COLOUR = discord.Colour.blurple()
 
 
-def context_size(tokens: int) -> str:
-    """A context window for people: 128000 → "128k", 8192 → "8k", 1048576 → "1M"."""
-    for size, unit in ((1_048_576, "M"), (1_000_000, "M"), (1024, "k"), (1000, "k")):
-        if tokens >= size and tokens % size == 0:
-            return f"{tokens // size}{unit}"
-    return f"{round(tokens / 1000)}k" if tokens >= 1000 else str(tokens)
-
-
-def price(spec: ModelSpec) -> str:
-    """What a million tokens cost, in and out."""
-    if not spec.input_price and not spec.output_price:
-        return "free"
-    return f"${spec.input_price:g} in / ${spec.output_price:g} out per 1M tokens"
-
-
 def model_line(spec: ModelSpec, current: str | None = None) -> str:
     """One model as a line of the /model list."""
-    weights = "open weights" if spec.open_weights else "closed weights"
     where = "runs locally" if spec.is_local else spec.provider
     here = " ← **in use here**" if spec.name == current else ""
+    weights = "open weights" if spec.open_weights else "closed weights"
     return f"**{spec.name}** · {where} · {weights} · {context_size(spec.context_window)} context · {price(spec)}{here}"
 
 
@@ -115,7 +98,7 @@ class SettingsCog(commands.Cog):
     async def model_info(self, interaction: discord.Interaction, name: str) -> None:
         """Show a model's provider, context window, prices and weights."""
         async with answering(interaction, "showing a model", log):
-            await send(interaction, embed=model_embed(self.service.get_model(name)), ephemeral=True)
+            await send(interaction, embed=model_embed(await self.service.get_model(name)), ephemeral=True)
 
     @model.command(name="set")
     @app_commands.describe(
@@ -126,8 +109,8 @@ class SettingsCog(commands.Cog):
         """Choose the model that answers in this channel or thread."""
         async with answering(interaction, "setting a model", log):
             place, scope = self._change(interaction, server)
-            line = await self.service.set_model(place, scope, name, author_of(interaction.user))
-            await send(interaction, line, ephemeral=False)
+            change = await self.service.set_model(place, scope, name, author_of(interaction.user))
+            await send(interaction, change_line(change), ephemeral=False)
 
     @model.command(name="reset")
     @app_commands.describe(server="Reset the server default instead of this channel's model.")
@@ -135,8 +118,8 @@ class SettingsCog(commands.Cog):
         """Go back to the inherited model (server default or the bot's default)."""
         async with answering(interaction, "resetting a model", log):
             place, scope = self._change(interaction, server)
-            line = await self.service.reset_model(place, scope, author_of(interaction.user))
-            await send(interaction, line, ephemeral=False)
+            change = await self.service.reset_model(place, scope, author_of(interaction.user))
+            await send(interaction, change_line(change), ephemeral=False)
 
     @model_set.autocomplete("name")
     @model_info.autocomplete("name")
@@ -158,8 +141,8 @@ class SettingsCog(commands.Cog):
         """Set the system prompt for this channel or thread."""
         async with answering(interaction, "setting a system prompt", log):
             place, scope = self._change(interaction, server)
-            line = await self.service.set_system_prompt(place, scope, text, author_of(interaction.user))
-            await send(interaction, line, ephemeral=False)
+            change = await self.service.set_system_prompt(place, scope, text, author_of(interaction.user))
+            await send(interaction, change_line(change), ephemeral=False)
 
     @system.command(name="show")
     async def system_show(self, interaction: discord.Interaction) -> None:
@@ -179,8 +162,8 @@ class SettingsCog(commands.Cog):
         """Go back to the inherited system prompt."""
         async with answering(interaction, "resetting the system prompt", log):
             place, scope = self._change(interaction, server)
-            line = await self.service.reset_system_prompt(place, scope, author_of(interaction.user))
-            await send(interaction, line, ephemeral=False)
+            change = await self.service.reset_system_prompt(place, scope, author_of(interaction.user))
+            await send(interaction, change_line(change), ephemeral=False)
 
     # ------------------------------------------------------------ /settings
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -21,7 +21,7 @@ from chains.chat import DEFAULT_SYSTEM_PROMPT
 from chains.registry import ModelRegistry
 from core.cache import LRU
 from core.errors import UserError
-from core.messages import Author, Place, Scope
+from core.messages import Author, Place, Scope, scope_word
 from store.repositories import SettingsRepository
 
 # Settings changed by another process (a second shard, the terminal) show up within this.
@@ -35,6 +35,25 @@ class Setting:
 
     value: Any
     source: Scope
+
+
+SettingName = Literal["model", "system_prompt", "knowledge"]
+# The column each setting is stored in.
+_COLUMNS: dict[SettingName, str] = {"model": "model", "system_prompt": "system_prompt", "knowledge": "knowledge_enabled"}
+
+
+@dataclass(frozen=True, slots=True)
+class SettingChange:
+    """What a settings command did: which setting, where, from what to what, and what applies now.
+
+    The adapters phrase it (`bot.present.change_line`); `new` None means the scope inherits again.
+    """
+
+    name: SettingName
+    scope: Scope
+    old: Any
+    new: Any
+    now: Setting  # the value in force at the place afterwards, with its source
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +71,7 @@ class PlaceSettings:
     def __init__(self, session_factory: async_sessionmaker[AsyncSession], registry: ModelRegistry) -> None:
         self.sessions = session_factory
         self.registry = registry  # its default model is the global one, and may change at run time
-        self._cache: LRU = LRU(CACHED_PLACES)  # Place -> (expires_at, EffectiveSettings)
+        self._cache: LRU[Place, tuple[float, EffectiveSettings]] = LRU(CACHED_PLACES)
         self._reads: dict[Place, asyncio.Future[EffectiveSettings]] = {}
         self._batch: list[tuple[Place, asyncio.Future[EffectiveSettings]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -73,8 +92,8 @@ class PlaceSettings:
             self._batch.append((place, pending))
         return await asyncio.shield(pending)
 
-    async def change(self, place: Place, scope: Scope, field_name: str, value: Any, actor: Author) -> Any:
-        """Write one setting and its change record in one transaction; returns the old value."""
+    async def change(self, place: Place, scope: Scope, name: SettingName, value: Any, actor: Author) -> SettingChange:
+        """Write one setting and its change record in one transaction; says what changed."""
         scope_id = {"thread": place.thread_id, "channel": place.channel_id, "guild": place.guild_id}.get(scope)
         if scope_id is None:
             raise UserError(f"There is no {scope_word(scope)} here to change settings for.")
@@ -83,7 +102,7 @@ class PlaceSettings:
                 scope=scope,
                 scope_id=scope_id,
                 guild_id=place.guild_id,
-                field=field_name,
+                field=_COLUMNS[name],
                 value=value,
                 actor_id=actor.id,
                 actor_name=actor.name,
@@ -92,7 +111,8 @@ class PlaceSettings:
         self._cache.clear()
         self._reads.clear()
         self._generation += 1
-        return old
+        now = await self.effective(place)
+        return SettingChange(name=name, scope=scope, old=old, new=value, now=getattr(now, name))
 
     def _start_read(self) -> None:
         batch, self._batch = self._batch, []
@@ -154,7 +174,3 @@ class PlaceSettings:
             knowledge=resolved["knowledge_enabled"],
         )
 
-
-def scope_word(scope: Scope) -> str:
-    """How a person calls a scope."""
-    return {"guild": "server", "global": "bot"}.get(scope, scope)

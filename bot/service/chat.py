@@ -1,0 +1,364 @@
+"""The chat service: the one place that decides how a message is answered.
+
+For each message it picks the model and system prompt in force where the message was
+written (thread → channel → server → global, `PlaceSettings`), which conversation it
+continues and the history that brings (`ConversationIndex`), whether to retrieve from the
+knowledge base, and then asks the model through the answer unit (`chains.answer`), falling
+back when a model fails. Every exchange goes to the log as an `Exchange` record. It never
+imports `discord`: the Discord cogs and the terminal chat are thin adapters around it.
+
+Build one with `bot.app.open_app(settings)`, which wires every part together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.service.conversations import ConversationIndex, Turn
+from bot.service.limits import Admission, PersonLimit
+from bot.service.models import ModelCatalog
+from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
+from chains.answer import Answerer, Attempt, Prompt, with_fallbacks
+from chains.chat import messages_to_dicts
+from chains.check import CheckResult, check_model
+from chains.registry import Lineage, ModelSpec
+from core.errors import ConfigError, NotFound, UserError
+from core.exchange import Exchange, LoggedAnswer, Status
+from core.messages import (
+    Author,
+    ChatEvent,
+    ChatRequest,
+    ChatResult,
+    Place,
+    ReplyFinished,
+    ReplyStarted,
+    Scope,
+    Source,
+)
+from store.exchange_log import ExchangeLog
+from store.repositories import ConversationRepository
+from store.writer import LogWriter
+
+log = logging.getLogger(__name__)
+
+# Logged as the error of an answer whose reader went away before it was finished.
+STOPPED = "The reply was stopped before it was finished: nobody was reading it any more."
+SYSTEM_PROMPT_LIMIT = 8000
+
+
+class Retriever(Protocol):
+    """What the service needs of the knowledge base."""
+
+    async def retrieve(self, guild_id: int, query: str) -> Sequence[Source]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """Everything about one request that its log record needs, besides the attempts."""
+
+    request: ChatRequest
+    conversation_id: str
+    leaf_id: str | None
+    history: list[Turn]
+    prompt_id: str
+    answer_id: str
+    system_prompt: str
+    sources: list[Source]
+    started: float
+
+
+class ChatService:
+    """Answers chat requests and changes per-place settings."""
+
+    def __init__(
+        self,
+        *,
+        catalog: ModelCatalog,
+        answerer: Answerer,
+        conversations: ConversationIndex,
+        place_settings: PlaceSettings,
+        exchange_log: ExchangeLog,
+        writer: LogWriter,
+        limits: PersonLimit | None = None,
+        knowledge: Retriever | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.catalog = catalog
+        self.answerer = answerer
+        self.conversations = conversations
+        self.place_settings = place_settings
+        self.exchange_log = exchange_log
+        self.writer = writer
+        self.limits = limits or PersonLimit(0)
+        self.knowledge = knowledge
+        self.clock = clock
+
+    # ----------------------------------------------------------------- chatting
+
+    def admit(self, request: ChatRequest) -> Admission:
+        """Whether `request` may be answered now (the per-person limit); adapters ask first."""
+        return self.limits.admit(request)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
+        """Answer `request`, yielding the reply as it is written; logs the exchange."""
+        started = self.clock()
+        text = request.text.strip()
+        if not text:
+            raise UserError("There is nothing to answer: the message is empty.")
+        settings = await self.place_settings.effective(request.place)
+        spec = await self._model_for(settings)
+        where = await self.conversations.resolve(request)
+        history = await self.conversations.history(where.leaf_id, limit=max(8, spec.context_window // 16))
+        sources = await self._retrieve(request, settings, text)
+        asked = _Asked(
+            request=request,
+            conversation_id=where.conversation_id,
+            leaf_id=where.leaf_id,
+            history=history,
+            prompt_id=uuid.uuid4().hex,
+            answer_id=uuid.uuid4().hex,
+            system_prompt=settings.system_prompt.value,
+            sources=sources,
+            started=started,
+        )
+        yield ReplyStarted(model=spec.name, conversation_id=asked.conversation_id, message_id=asked.answer_id)
+
+        prompt = Prompt(asked.system_prompt, [(t.role, t.content) for t in history], text, sources)
+        attempts: list[Attempt] = []
+        chain = self.catalog.registry.fallback_chain(spec.name)
+        try:
+            async with aclosing(with_fallbacks(self.answerer, chain, prompt, attempts, started)) as events:
+                async for event in events:
+                    yield event
+        except (GeneratorExit, asyncio.CancelledError):
+            # The reader went away mid-answer (Discord refused the reply, the bot is shutting
+            # down): the model was asked and may have written and billed, so log it anyway.
+            if attempts:
+                if attempts[-1].error is None:
+                    attempts[-1].error = STOPPED
+                self._finish(asked, attempts)
+            raise
+        yield ReplyFinished(self._finish(asked, attempts))
+
+    async def answer(self, request: ChatRequest) -> ChatResult:
+        """Answer `request` and return the finished result (no streaming)."""
+        async for event in self.stream(request):
+            if isinstance(event, ReplyFinished):
+                return event.result
+        raise RuntimeError("the reply stream ended without a result")
+
+    def _finish(self, asked: _Asked, attempts: list[Attempt]) -> ChatResult:
+        """Turn the attempts into a result, remember the turn and log the exchange."""
+        latency_ms = (self.clock() - asked.started) * 1000
+        final = attempts[-1]
+        ok = final.ok
+        first = attempts[0].spec.name
+        fallback_from = first if final.spec.name != first else None
+        usage = self.answerer.billed(final)
+        cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
+
+        history_ids = [turn.id for turn in asked.history]
+        answers: list[LoggedAnswer] = []
+        for attempt in attempts:
+            is_final = attempt is final
+            attempt_usage = usage if is_final else attempt.usage
+            status: Status = "ok" if attempt.ok else "error"
+            if is_final and ok and fallback_from:
+                status = "fallback"
+            used = history_ids[len(history_ids) - attempt.history_used :] if attempt.history_used else []
+            answers.append(
+                LoggedAnswer(
+                    id=asked.answer_id if is_final else uuid.uuid4().hex,
+                    kind="answer" if is_final else "attempt",
+                    model_name=attempt.spec.name,
+                    provider=attempt.spec.provider,
+                    provider_model=attempt.spec.model,
+                    content=attempt.reply,
+                    request_messages=messages_to_dicts(attempt.sent),
+                    input_ids=(*used, asked.prompt_id) if attempt.sent else (),
+                    status=status,
+                    error=attempt.error,
+                    prompt_tokens=attempt_usage.prompt_tokens if attempt_usage else None,
+                    completion_tokens=attempt_usage.completion_tokens if attempt_usage else None,
+                    latency_ms=latency_ms if is_final else None,
+                    ttft_ms=attempt.ttft_ms,
+                    cost_usd=cost if is_final else None,
+                    fallback_from=fallback_from if is_final else None,
+                )
+            )
+        request = asked.request
+        self.exchange_log.add(
+            Exchange(
+                conversation_id=asked.conversation_id,
+                place=request.place,
+                origin="discord" if request.discord_message_id is not None else "terminal",
+                prompt_id=asked.prompt_id,
+                parent_id=asked.leaf_id,
+                author_id=request.author.id,
+                author_name=request.author.name,
+                text=request.text,
+                system_prompt=asked.system_prompt,
+                answers=tuple(answers),
+                source_ids=tuple(s.chunk_id for s in asked.sources),
+                discord_message_id=request.discord_message_id,
+            )
+        )
+        reply = final.reply
+        self.conversations.remember(
+            asked.conversation_id,
+            Turn(asked.prompt_id, asked.conversation_id, "user", request.text, asked.leaf_id),
+            Turn(asked.answer_id, asked.conversation_id, "assistant", reply, asked.prompt_id),
+        )
+        return ChatResult(
+            reply=reply,
+            model=final.spec.name if ok else None,
+            conversation_id=asked.conversation_id,
+            message_id=asked.answer_id,
+            latency_ms=latency_ms,
+            ttft_ms=final.ttft_ms,
+            usage=usage,
+            cost_usd=cost,
+            fallback_from=fallback_from,
+            error=None if ok else final.error,
+            sources=tuple(asked.sources),
+        )
+
+    async def _retrieve(self, request: ChatRequest, settings: EffectiveSettings, text: str) -> list[Source]:
+        if not settings.knowledge.value or self.knowledge is None or request.place.guild_id is None:
+            return []
+        try:
+            return list(await self.knowledge.retrieve(request.place.guild_id, text))
+        except UserError:
+            raise
+        except Exception:
+            # An answer without references beats no answer; the failure is in the log.
+            log.exception("knowledge retrieval failed for guild %s", request.place.guild_id)
+            return []
+
+    # ------------------------------------------------------ conversations
+
+    async def link_discord_messages(
+        self, message_id: str, conversation_id: str, discord_message_ids: Sequence[int]
+    ) -> None:
+        """Record that `discord_message_ids` carry answer `message_id`, so replies continue it."""
+        ids = list(discord_message_ids)
+        self.conversations.link_carriers(message_id, conversation_id, ids)
+
+        async def write(session: AsyncSession) -> None:
+            await ConversationRepository(session).link_discord_messages(message_id, conversation_id, ids)
+
+        self.writer.submit(write, f"link discord messages of {message_id}")
+
+    async def is_conversation_message(self, discord_message_id: int) -> bool:
+        """Whether this Discord message is part of one of our answers."""
+        return await self.conversations.find_carrier(discord_message_id) is not None
+
+    async def has_conversation(self, thread_id: int) -> bool:
+        """Whether the bot has a conversation in this thread (or started it from an answer)."""
+        return await self.conversations.has_conversation(thread_id)
+
+    # ---------------------------------------------------------------- models
+
+    async def warm_up(self, place: Place | None = None) -> None:
+        """Get the model in force at `place` (default: the global default) ready to answer.
+
+        For a local model this starts its llama.cpp server, which takes seconds; doing
+        it while the person is still typing keeps their first answer quick. Failures are
+        only logged: the first real request reports them properly.
+        """
+        try:
+            if place is None:
+                spec = self.catalog.registry.default
+            else:
+                spec = await self._model_for(await self.effective_settings(place))
+            await self.answerer.models.get(spec)
+        except Exception as exc:
+            log.info("warm-up failed (%s); the first request will retry", exc)
+
+    @property
+    def default_model(self) -> str:
+        """The bot's default model (what a place that sets none uses)."""
+        return self.catalog.registry.default_model
+
+    def list_models(self) -> list[ModelSpec]:
+        """Every model that can be chosen."""
+        return self.catalog.all()
+
+    async def get_model(self, name: str) -> ModelSpec:
+        """The model called `name` (NotFound with suggestions otherwise)."""
+        return await self.catalog.get(name)
+
+    async def check_models(self, names: Sequence[str] | None = None) -> list[CheckResult]:
+        """Send each model (default: all) a tiny prompt now; one result per model, in order."""
+        specs = [await self.catalog.get(name) for name in names] if names else self.catalog.all()
+        return list(await asyncio.gather(*(check_model(spec, self.answerer.models) for spec in specs)))
+
+    async def gguf_model(self, name: str, path: Path, *, context_size: int | None = None) -> ModelSpec:
+        """A model entry for a local GGUF file, once llama.cpp has shown that it loads it."""
+        from chains.local import gguf_spec, validate_gguf
+
+        self.catalog.ensure_name_free(name)  # before the slow part
+        await validate_gguf(path)
+        entry = gguf_spec(name, path, context_size=context_size)
+        try:
+            return ModelSpec(**entry, lineage=Lineage(source="gguf-file"))
+        except ValidationError as exc:
+            raise ConfigError(f"Cannot register {path.name} as '{name}': {exc.errors()[0]['msg']}.") from None
+
+    async def register_model(self, spec: ModelSpec, created_by: str) -> ModelSpec:
+        """Register a model (a GGUF file, a fine-tune) so every process can choose it."""
+        return await self.catalog.register(spec, created_by)
+
+    async def _model_for(self, settings: EffectiveSettings) -> ModelSpec:
+        try:
+            return await self.catalog.get(settings.model.value)
+        except NotFound:
+            raise UserError(
+                f"This {settings.model.source}'s model `{settings.model.value}` is no longer configured. "
+                "Ask a moderator to pick another with `/model set` or `/model reset`."
+            ) from None
+
+    # ---------------------------------------------------------------- settings
+
+    async def effective_settings(self, place: Place) -> EffectiveSettings:
+        """The model, system prompt and knowledge switch in force at `place`, with their sources."""
+        return await self.place_settings.effective(place)
+
+    async def set_model(self, place: Place, scope: Scope, name: str, actor: Author) -> SettingChange:
+        """Choose the model for `scope`."""
+        spec = await self.catalog.get(name)
+        return await self.place_settings.change(place, scope, "model", spec.name, actor)
+
+    async def reset_model(self, place: Place, scope: Scope, actor: Author) -> SettingChange:
+        """Drop the model chosen for `scope`, so it inherits again."""
+        return await self.place_settings.change(place, scope, "model", None, actor)
+
+    async def set_system_prompt(self, place: Place, scope: Scope, text: str, actor: Author) -> SettingChange:
+        """Set the system prompt for `scope`."""
+        text = text.strip()
+        if not text:
+            raise UserError("The system prompt is empty. To go back to the default, use `/system reset`.")
+        if len(text) > SYSTEM_PROMPT_LIMIT:
+            raise UserError(f"That system prompt is {len(text)} characters; the limit is {SYSTEM_PROMPT_LIMIT:,}.")
+        return await self.place_settings.change(place, scope, "system_prompt", text, actor)
+
+    async def reset_system_prompt(self, place: Place, scope: Scope, actor: Author) -> SettingChange:
+        """Drop the system prompt set for `scope`, so it inherits again."""
+        return await self.place_settings.change(place, scope, "system_prompt", None, actor)
+
+    async def set_knowledge(self, place: Place, scope: Scope, enabled: bool | None, actor: Author) -> SettingChange:
+        """Turn answering from the knowledge base on or off for `scope` (None: inherit)."""
+        if enabled and place.guild_id is None:
+            raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")
+        return await self.place_settings.change(place, scope, "knowledge", enabled, actor)
