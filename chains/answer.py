@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage
@@ -82,7 +83,7 @@ class Answerer:
         self.models = models
         self.tokens = tokens
         self.clock = clock
-        self._chains: dict[str, tuple[BaseChatModel, Runnable]] = {}
+        self._chains: dict[str, tuple[BaseChatModel, Runnable[Any, Any]]] = {}
         self._dispatch = DispatchGate()
 
     def prepare(self, spec: ModelSpec, prompt: Prompt) -> Attempt:
@@ -102,7 +103,7 @@ class Answerer:
             return Attempt(spec, [], error=exc.message)
         return Attempt(spec, sent, history_used=len(sent) - len(system) - len(question))
 
-    async def stream(self, attempt: Attempt, started: float | None = None) -> AsyncIterator[str]:
+    async def stream(self, attempt: Attempt, started: float | None = None) -> AsyncGenerator[str, None]:
         """Stream the model's answer into `attempt`, yielding each piece of text as it arrives.
 
         Times count from `started` (a `clock()` reading; default: now). A failure ends the
@@ -171,7 +172,7 @@ class Answerer:
             return died
         return exc
 
-    def _chain(self, name: str, model: BaseChatModel) -> Runnable:
+    def _chain(self, name: str, model: BaseChatModel) -> Runnable[Any, Any]:
         """The chat chain around `model`, built once per model object."""
         cached = self._chains.get(name)
         if cached is None or cached[0] is not model:
@@ -186,7 +187,7 @@ async def with_fallbacks(
     prompt: Prompt,
     attempts: list[Attempt],
     started: float,
-) -> AsyncIterator[ReplyDelta | FallbackUsed]:
+) -> AsyncGenerator[ReplyDelta | FallbackUsed, None]:
     """Ask each model of `chain` in turn until one answers; each try is appended to `attempts`.
 
     The next model is asked only when the last one failed before writing anything and its

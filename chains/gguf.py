@@ -77,7 +77,9 @@ class GGUFInfo:
         embd = self.metadata.get(f"{arch}.embedding_length")
         heads = self.metadata.get(f"{arch}.attention.head_count")
         kv_heads = self.metadata.get(f"{arch}.attention.head_count_kv", heads)
-        if not all(isinstance(v, int) and v > 0 for v in (layers, embd, heads, kv_heads)):
+        if not (
+            isinstance(layers, int) and isinstance(embd, int) and isinstance(heads, int) and isinstance(kv_heads, int)
+        ) or min(layers, embd, heads, kv_heads) <= 0:
             return 0
         kv_dim = embd * kv_heads // heads
         return 2 * 2 * n_ctx * layers * kv_dim  # K and V, 2 bytes each

@@ -77,10 +77,10 @@ class PlainCompletions:
             value = params.pop(name, None)
             if value is not None:
                 options[key] = value
-        return await self._client.post(
+        return await self._client.post(  # type: ignore[call-overload]  # options is a RequestOptions dict
             "/chat/completions",
             body=params,
-            options=options,  # type: ignore[arg-type]
+            options=options,
             cast_to=object,
             stream=bool(params.get("stream")),
             stream_cls=openai.AsyncStream[object],
@@ -186,7 +186,7 @@ class ChatModelFactory:
             options["temperature"] = spec.temperature
         if spec.max_tokens is not None:
             options["max_tokens"] = spec.max_tokens
-        model: ChatOpenAI
+        model: ChatOpenAI | AzureChatOpenAI
         if spec.provider == "azure-openai":
             model = AzureChatOpenAI(
                 azure_endpoint=base_url,
