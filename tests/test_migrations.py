@@ -18,15 +18,14 @@ from sqlalchemy import Column, Integer, MetaData, inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from store.db import (
+from migrations import (
     alembic_config,
-    create_engine,
-    create_session_factory,
     database_revision,
     downgrade_database,
     migrations_dir,
     upgrade_database,
 )
+from store.db import create_engine, create_session_factory
 from store.models import Base, Message
 from tests.fixtures.store import sqlite_url
 
