@@ -28,7 +28,8 @@ from chains.models import ClientConfig
 from chains.registry import ModelRegistry
 from chains.tokens import TokenCounter
 from core.settings import Settings
-from store.db import create_engine, create_session_factory, upgrade_database
+from migrations import upgrade_database
+from store.db import create_engine, create_session_factory
 from store.exchange_log import ExchangeLog
 from store.writer import LogWriter
 

@@ -204,7 +204,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     _logging(settings, quiet=True)
 
     async def main() -> None:
-        from store.db import upgrade_database
+        from migrations import upgrade_database
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await upgrade_database(settings.sqlalchemy_url, revision)
@@ -220,7 +220,7 @@ def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, 
     _logging(settings, quiet=True)
 
     async def main() -> None:
-        from store.db import downgrade_database
+        from migrations import downgrade_database
 
         await downgrade_database(settings.sqlalchemy_url, revision)
         Console().print(f"Database downgraded to {revision}.")

@@ -1,6 +1,6 @@
 """Alembic environment (async template): runs the revisions against one database.
 
-The URL comes from the caller (`store.db.upgrade_database` passes it as the config
+The URL comes from the caller (`migrations.upgrade_database` passes it as the config
 attribute "url"), else from `sqlalchemy.url` in the ini file, else from the
 environment through `core.settings.Settings` (the alembic CLI case).
 """

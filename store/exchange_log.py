@@ -1,67 +1,82 @@
-"""Exchanges waiting to be logged, written in as few statements as possible.
+"""Exchanges waiting to be logged, mapped to rows and written in as few statements as possible.
 
-At a busy moment many exchanges finish while the log writer is still busy with the
-last write; they are all written by the next write, as one insert of conversations and
-one of messages, instead of two statements each. The chat service builds each
-`core.exchange.Exchange`; this maps it to rows and decides how they reach the database.
+An `Exchange` (core.exchange) becomes: its conversation row (an insert that skips a
+stored one), the prompt row (unless the prompt is already stored), one row per answer
+or failed attempt, and the answers' `message_inputs` links. At a busy moment many
+exchanges finish while the log writer is still busy with the last write; they are all
+written by the next write, as one insert each of conversations, messages and inputs.
 """
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from core.exchange import Exchange
-from store.repositories import ConversationRepository
+from store.models import utcnow
+from store.repositories import MESSAGE_COLUMNS, ConversationRepository
 from store.writer import LogWriter, WriteOp
 
+_TICK = timedelta(microseconds=1)
+# A message row with every column unset: rows built on it all have the same keys.
+_BLANK: dict[str, Any] = dict.fromkeys(MESSAGE_COLUMNS)
 
-def conversation_row(exchange: Exchange) -> dict[str, Any]:
-    """The exchange's conversation, created by the first exchange that reaches the database."""
+
+def exchange_rows(
+    exchange: Exchange, at: datetime
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(conversation row, message rows, input rows) of one exchange; its messages from `at` on.
+
+    Each message is 1 µs after the one before, so the rows keep their order.
+    """
     place = exchange.place
-    return {
+    where = {
+        "conversation_id": exchange.conversation_id,
+        "guild_id": place.guild_id,
+        "channel_id": place.channel_id,
+        "thread_id": place.thread_id,
+    }
+    conversation = {
         "id": exchange.conversation_id,
         "guild_id": place.guild_id,
         "channel_id": place.channel_id,
         "thread_id": place.thread_id,
         "started_by": exchange.author_id,
         "origin": exchange.origin,
+        "created_at": at,
     }
-
-
-def message_rows(exchange: Exchange) -> list[dict[str, Any]]:
-    """The prompt (unless it is stored already) and each answer, in order."""
-    place = exchange.place
-    common = {
-        "conversation_id": exchange.conversation_id,
-        "guild_id": place.guild_id,
-        "channel_id": place.channel_id,
-        "thread_id": place.thread_id,
-    }
-    rows: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
     if exchange.new_prompt:
-        rows.append(
+        messages.append(
             {
-                **common,
+                **_BLANK,
+                **where,
                 "id": exchange.prompt_id,
                 "parent_id": exchange.parent_id,
                 "role": "user",
+                "kind": "prompt",
                 "content": exchange.text,
                 "author_id": exchange.author_id,
                 "author_name": exchange.author_name,
                 "discord_message_id": exchange.discord_message_id,
+                "created_at": at,
             }
         )
-    source_ids = list(exchange.source_ids)
+        at += _TICK
+    inputs: list[dict[str, Any]] = []
     for answer in exchange.answers:
-        rows.append(
+        messages.append(
             {
-                **common,
+                **_BLANK,
+                **where,
                 "id": answer.id,
                 "parent_id": exchange.prompt_id,
                 "role": "assistant",
+                "kind": answer.kind,
                 "content": answer.content,
+                "created_at": at,
                 "model_name": answer.model_name,
                 "provider": answer.provider,
                 "provider_model": answer.provider_model,
@@ -75,10 +90,15 @@ def message_rows(exchange: Exchange) -> list[dict[str, Any]]:
                 "status": answer.status,
                 "error": answer.error,
                 "fallback_from": answer.fallback_from,
-                "source_ids": source_ids,
+                "source_ids": list(exchange.source_ids),
             }
         )
-    return rows
+        at += _TICK
+        inputs.extend(
+            {"answer_id": answer.id, "position": position, "input_id": input_id}
+            for position, input_id in enumerate(answer.input_ids)
+        )
+    return conversation, messages, inputs
 
 
 class ExchangeLog:
@@ -86,26 +106,43 @@ class ExchangeLog:
 
     def __init__(self, writer: LogWriter) -> None:
         self.writer = writer
-        self._waiting: list[Exchange] = []
+        self._waiting: list[tuple[Exchange, datetime]] = []
+        # The time the next message may have: times only go forward, so the log keeps
+        # the order exchanges finished in, even when the clock does not move between two.
+        self._next_at = utcnow()
 
-    def add(self, exchange: Exchange) -> None:
-        """Log one exchange: its conversation (created unless stored) and its messages, in order."""
+    def add(self, exchange: Exchange, what: str | None = None) -> None:
+        """Log one exchange; `what` names it in the log writer's error messages."""
+        # Stamped now, when it finished, not when it is written: a retried or delayed
+        # write keeps the times, and with them the order.
+        at = max(utcnow(), self._next_at)
+        self._next_at = at + _TICK * (int(exchange.new_prompt) + len(exchange.answers) or 1)
         first = not self._waiting
-        self._waiting.append(exchange)
+        self._waiting.append((exchange, at))
         if first:
             # One write is queued for everything that arrives before it runs.
-            self.writer.submit(self._write_waiting(), f"log exchange {exchange.prompt_id}")
+            self.writer.submit(self._write_waiting(), what or f"log exchange {exchange.prompt_id}")
 
     def _write_waiting(self) -> WriteOp:
-        taken: list[Exchange] | None = None
+        taken: list[tuple[Exchange, datetime]] | None = None
 
         async def write(session: AsyncSession) -> None:
             nonlocal taken
             if taken is None:
                 # Taken on the first attempt; a retry writes the same exchanges again.
                 taken, self._waiting = self._waiting, []
+            conversations: dict[str, dict[str, Any]] = {}
+            messages: list[dict[str, Any]] = []
+            inputs: list[dict[str, Any]] = []
+            for exchange, at in taken:
+                conversation, rows, links = exchange_rows(exchange, at)
+                # Sent with every exchange (an insert that skips stored rows), so the log
+                # never depends on knowing whether an earlier write got through.
+                conversations.setdefault(conversation["id"], conversation)
+                messages += rows
+                inputs += links
             repo = ConversationRepository(session)
-            await repo.ensure([conversation_row(exchange) for exchange in taken])
-            await repo.add_messages([row for exchange in taken for row in message_rows(exchange)])
+            await repo.ensure(conversations.values())
+            await repo.insert_rows(messages, inputs)
 
         return write

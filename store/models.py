@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Dialect,
     Float,
@@ -26,13 +27,10 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
 )
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-SettingScope = Literal["guild", "channel", "thread"]
-SettingField = Literal["model", "system_prompt", "knowledge_enabled"]
-Role = Literal["user", "assistant"]
-Origin = Literal["discord", "terminal"]
-Status = Literal["ok", "error", "fallback"]
+from core.exchange import MESSAGE_KINDS
 
 SETTING_SCOPES: tuple[str, ...] = ("guild", "channel", "thread")
 SETTING_FIELDS: tuple[str, ...] = ("model", "system_prompt", "knowledge_enabled")
@@ -152,31 +150,53 @@ class Conversation(Base):
     )
 
 
+def default_kind(role: str | None) -> str:
+    """The kind of a message logged without one: a person's prompt, or the answer to it."""
+    return "prompt" if role == "user" else "answer"
+
+
+def _kind_default(context: DefaultExecutionContext) -> str:
+    """Column default for `kind`, from the row's `role`."""
+    return default_kind(context.get_current_parameters().get("role"))
+
+
 class Message(Base):
-    """One user prompt or assistant answer; `parent_id` links it to what it follows."""
+    """One prompt, or one answer to it (of a `kind`); `parent_id` links it to what it follows."""
 
     __tablename__ = "messages"
+    __table_args__ = (
+        # Named (ck_messages_kind), so SQLite batch mode carries it over and can drop it.
+        CheckConstraint(
+            "kind IN (" + ", ".join(f"'{kind}'" for kind in MESSAGE_KINDS) + ")", name="kind"
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     conversation_id: Mapped[str] = mapped_column(
         String(32), ForeignKey("conversations.id", ondelete="CASCADE"), index=True
     )
-    # SET NULL: forgetting one message must not delete the replies other people built on it.
+    # CASCADE: deleting a message deletes what derives from it (its answers, and the
+    # rest of the line built on it), so nothing keeps a forgotten message's words.
+    # SQLite refuses a cascade more than 1,000 levels deep, so delete through
+    # ConversationRepository.delete_messages / delete, which go newest first.
     parent_id: Mapped[str | None] = mapped_column(
-        String(32), ForeignKey("messages.id", ondelete="SET NULL"), index=True
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True
     )
     role: Mapped[str] = mapped_column(String(16))
+    # core.exchange.MESSAGE_KINDS; the answer a conversation continues from is "answer".
+    kind: Mapped[str] = mapped_column(String(16), default=_kind_default)
     content: Mapped[str] = mapped_column(Text)
     author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     author_name: Mapped[str | None] = mapped_column(String(200))
-    guild_id: Mapped[int | None] = mapped_column(BigInteger)
-    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Indexed, like created_at and model_name: the export filters on them.
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     thread_id: Mapped[int | None] = mapped_column(BigInteger)
     discord_message_id: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
     # Assistant answers only: what a later fine-tune or comparison needs.
-    model_name: Mapped[str | None] = mapped_column(String(200))
+    model_name: Mapped[str | None] = mapped_column(String(200), index=True)
     provider: Mapped[str | None] = mapped_column(String(64))
     provider_model: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
@@ -192,6 +212,24 @@ class Message(Base):
     source_ids: Mapped[list[str] | None] = mapped_column(JSONValue)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")
+
+
+class MessageInput(Base):
+    """One stored message that went into an answer: the answer's input at `position`.
+
+    So "which answers used this person's words" is one query on `input_id`.
+    """
+
+    __tablename__ = "message_inputs"
+
+    answer_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    )
+    # 0 is the oldest history turn; the prompt comes last.
+    position: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    input_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
 
 
 class DiscordMessage(Base):

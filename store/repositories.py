@@ -9,7 +9,18 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Integer, and_, delete, func, insert, literal_column, or_, select
+from sqlalchemy import (
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -24,8 +35,10 @@ from store.models import (
     Conversation,
     DiscordMessage,
     Message,
+    MessageInput,
     RegisteredModel,
     SettingChange,
+    default_kind,
     new_id,
     utcnow,
 )
@@ -35,6 +48,10 @@ _SECRET_KEYS = frozenset(
     {"api_key", "apikey", "key", "password", "secret", "token", "access_token", "authorization"}
 )
 _FIELD_TYPES: dict[str, type] = {"model": str, "system_prompt": str, "knowledge_enabled": bool}
+# Every messages column, in one order: rows that all carry every column insert as one batch.
+MESSAGE_COLUMNS: tuple[str, ...] = tuple(sorted(MESSAGE_FIELDS))
+# Ids per IN (...) list: well under SQLite's 32,766 bound parameters.
+_IDS_PER_QUERY = 5_000
 
 
 def _insert_ignoring_conflicts(session: AsyncSession, table: Any) -> Insert:
@@ -220,9 +237,80 @@ class ConversationRepository:
         return await self.session.get(Conversation, id)
 
     async def delete(self, id: str) -> bool:
-        """Delete a conversation with its messages and Discord links; False if it did not exist."""
+        """Delete a conversation with its messages and Discord links; False if it did not exist.
+
+        What derives from its messages goes too (the parent links cascade), even a line
+        continued in another conversation, such as a thread started from one of its answers.
+        """
+        await self._delete_lines(select(Message.id).where(Message.conversation_id == id))
         result = await self.session.execute(delete(Conversation).where(Conversation.id == id))
         return bool(result.rowcount)
+
+    async def delete_messages(self, message_ids: Iterable[str]) -> int:
+        """Delete these messages and everything that derives from them; returns how many went.
+
+        Counted: the given messages that exist and their descendants (their answers, the
+        line built on them). Their input links and Discord links go with them. The
+        database would cascade on its own; the rows are deleted one by one, newest
+        first, so that SQLite never has to walk a cascade deeper than it allows.
+        """
+        ids = list(dict.fromkeys(message_ids))
+        deleted = 0
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            deleted += await self._delete_lines(select(Message.id).where(Message.id.in_(chunk)))
+        return deleted
+
+    async def _delete_lines(self, roots: Select[tuple[str]]) -> int:
+        """Delete the messages `roots` selects and their descendants, newest first."""
+        line = roots.cte("doomed", recursive=True)
+        # UNION, not UNION ALL: each message is walked once, however many roots lead to it.
+        line = line.union(select(Message.id).join(line, Message.parent_id == line.c.id))
+        # Newest first: SQLite runs each level of an ON DELETE CASCADE as a nested trigger
+        # and refuses more than 1,000 levels, so the database must never walk a long line.
+        result = await self.session.scalars(
+            select(Message.id)
+            .where(Message.id.in_(select(line.c.id)))
+            .order_by(Message.created_at.desc(), Message.id.desc())
+        )
+        doomed = result.all()
+        table = Message.__table__
+        if self.session.get_bind().dialect.name == "postgresql":
+            # PostgreSQL cascades after the statement, when the listed rows are gone: a
+            # few large DELETEs, newest first, leave it nothing to walk.
+            for start in range(0, len(doomed), _IDS_PER_QUERY):
+                chunk = doomed[start : start + _IDS_PER_QUERY]
+                await self.session.execute(delete(table).where(table.c.id.in_(chunk)))
+        elif doomed:
+            # SQLite cascades row by row, so one row per DELETE (one executemany), newest
+            # first: each row's descendants are gone by the time it is deleted.
+            await self.session.execute(
+                delete(table).where(table.c.id == bindparam("doomed_id")),
+                [{"doomed_id": id} for id in doomed],
+            )
+        return len(doomed)
+
+    async def answers_using(self, message_ids: Iterable[str]) -> list[str]:
+        """Ids of the answers whose inputs include any of these messages, oldest first."""
+        ids = list(dict.fromkeys(message_ids))
+        found: dict[str, tuple[Any, str]] = {}
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            used = select(MessageInput.answer_id).where(MessageInput.input_id.in_(chunk))
+            rows = await self.session.execute(
+                select(Message.id, Message.created_at).where(Message.id.in_(used))
+            )
+            found.update((row.id, (row.created_at, row.id)) for row in rows)
+        return sorted(found, key=found.__getitem__)
+
+    async def inputs_of(self, answer_id: str) -> list[str]:
+        """The ids of the stored messages an answer was built from, in order."""
+        rows = await self.session.scalars(
+            select(MessageInput.input_id)
+            .where(MessageInput.answer_id == answer_id)
+            .order_by(MessageInput.position)
+        )
+        return list(rows.all())
 
     async def latest_for_thread(self, thread_id: int) -> Conversation | None:
         """The most recent conversation held in a Discord thread."""
@@ -290,11 +378,18 @@ class ConversationRepository:
         return list(rows.all())
 
     def add_message(self, **fields: Any) -> Message:
-        """Add one message to the session (an id and created_at are filled in if missing)."""
+        """Add one message to the session (id, created_at and kind are filled in if missing)."""
         unknown = set(fields) - MESSAGE_FIELDS
         if unknown:
             raise ValueError(f"unknown message fields: {sorted(unknown)}")
-        message = Message(**{"id": new_id(), "created_at": utcnow(), **fields})
+        message = Message(
+            **{
+                "id": new_id(),
+                "created_at": utcnow(),
+                "kind": default_kind(fields.get("role")),
+                **fields,
+            }
+        )
         self.session.add(message)
         return message
 
@@ -302,7 +397,8 @@ class ConversationRepository:
         """Insert many messages in one statement; returns their ids in order.
 
         Missing ids are generated; missing `created_at` are filled with strictly
-        increasing times, so rows given together keep their order.
+        increasing times, so rows given together keep their order; a missing `kind` is
+        "prompt" for a user row and "answer" for an assistant row.
         """
         now = utcnow()
         prepared: list[dict[str, Any]] = []
@@ -310,21 +406,29 @@ class ConversationRepository:
             unknown = set(row) - MESSAGE_FIELDS
             if unknown:
                 raise ValueError(f"unknown message fields: {sorted(unknown)}")
-            prepared.append(
-                {
-                    **row,
-                    "id": row.get("id") or new_id(),
-                    "created_at": row.get("created_at") or now + timedelta(microseconds=index),
-                }
-            )
-        if prepared:
-            # Every row gets every column, so the executemany is a single batch.
-            columns = sorted(MESSAGE_FIELDS)
-            await self.session.execute(
-                insert(Message.__table__),
-                [{name: row.get(name) for name in columns} for row in prepared],
-            )
+            complete = {name: row.get(name) for name in MESSAGE_COLUMNS}
+            complete["id"] = complete["id"] or new_id()
+            complete["created_at"] = complete["created_at"] or now + timedelta(microseconds=index)
+            complete["kind"] = complete["kind"] or default_kind(complete["role"])
+            prepared.append(complete)
+        await self.insert_rows(prepared)
         return [row["id"] for row in prepared]
+
+    async def insert_rows(
+        self,
+        messages: list[dict[str, Any]],
+        inputs: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Insert complete message rows and their input links: one executemany each.
+
+        No checks and no defaults: each message row carries every column of
+        `MESSAGE_COLUMNS` (that is what makes one batch of it), each input row
+        answer_id, position and input_id. For the exchange log's hot path.
+        """
+        if messages:
+            await self.session.execute(insert(Message.__table__), messages)
+        if inputs:
+            await self.session.execute(insert(MessageInput.__table__), inputs)
 
     async def link_discord_messages(
         self, message_id: str, conversation_id: str, discord_message_ids: Iterable[int]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import shutil
 import textwrap
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +16,33 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Column, Integer, MetaData, inspect
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    column,
+    delete,
+    insert,
+    inspect,
+    select,
+)
+from sqlalchemy import table as sql_table
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from store.db import (
+from migrations import (
     alembic_config,
-    create_engine,
-    create_session_factory,
     database_revision,
     downgrade_database,
     migrations_dir,
     upgrade_database,
 )
-from store.models import Base, Message
+from store.db import create_engine, create_session_factory
+from store.models import Base, Message, MessageInput, UTCDateTime
 from tests.fixtures.store import sqlite_url
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +51,7 @@ TABLES = {
     "setting_changes",
     "conversations",
     "messages",
+    "message_inputs",
     "discord_messages",
     "registered_models",
 }
@@ -188,3 +204,224 @@ async def test_a_failing_revision_leaves_sqlite_as_it_was(tmp_path: Path) -> Non
 
     assert "half_done" not in await table_names(url)
     assert await database_revision(url) == head_revision()
+
+
+# --- 0002: message kinds, message_inputs, cascading parent links ------------------------
+
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+# 0001's messages table, written without the models (they describe head).
+V1_MESSAGES = sql_table(
+    "messages",
+    column("id", String),
+    column("conversation_id", String),
+    column("parent_id", String),
+    column("role", String),
+    column("content", Text),
+    column("author_id", BigInteger),
+    column("created_at", UTCDateTime()),
+    column("model_name", String),
+    column("status", String),
+    column("request_messages", JSON(none_as_null=True)),
+)
+V1_CONVERSATIONS = sql_table(
+    "conversations",
+    column("id", String),
+    column("origin", String),
+    column("created_at", UTCDateTime()),
+)
+V1_DISCORD = sql_table(
+    "discord_messages",
+    column("discord_message_id", BigInteger),
+    column("message_id", String),
+    column("conversation_id", String),
+)
+SYSTEM = {"role": "system", "content": "Be brief."}
+
+
+def sent(*turns: str) -> list[dict[str, str]]:
+    """request_messages as 0001 stored them: the system prompt, then the turns."""
+    return [SYSTEM, *({"role": "user", "content": turn} for turn in turns)]
+
+
+# (id, conversation, parent, role, content, request_messages); created_at in this order.
+V1_ROWS: list[tuple[str, str, str | None, str, str, list[dict[str, str]] | None]] = [
+    ("u1", "c1", None, "user", "What is 2+2?", None),
+    ("a1x", "c1", "u1", "assistant", "", sent("What is 2+2?")),  # failed; a fallback followed
+    ("a1", "c1", "u1", "assistant", "4", sent("What is 2+2?")),
+    ("u2", "c1", "a1", "user", "Times 3?", None),
+    ("a2", "c1", "u2", "assistant", "12", sent("What is 2+2?", "4", "Times 3?")),
+    ("u3", "c1", "a2", "user", "And now?", None),
+    ("a3", "c1", "u3", "assistant", "Still 12.", sent("And now?")),  # older turns trimmed
+    # A thread started from a1 continues its line in another conversation.
+    ("u4", "c2", "a1", "user", "In a thread", None),
+    ("a4", "c2", "u4", "assistant", "Yes", None),  # nothing stored: the whole line
+    # An answer that failed with no fallback (no text), which a person replied to.
+    ("u5", "c3", None, "user", "Hello?", None),
+    ("a5", "c3", "u5", "assistant", "", sent("Hello?")),
+    ("u6", "c3", "a5", "user", "Anyone?", None),
+    ("a6", "c3", "u6", "assistant", "Here.", sent("Hello?", "Anyone?")),
+]
+EXPECTED_KINDS = {
+    "u1": "prompt", "a1x": "attempt", "a1": "answer", "u2": "prompt", "a2": "answer",
+    "u3": "prompt", "a3": "answer", "u4": "prompt", "a4": "answer", "u5": "prompt",
+    "a5": "answer", "u6": "prompt", "a6": "answer",
+}  # fmt: skip
+EXPECTED_INPUTS = {
+    "a1x": ["u1"],
+    "a1": ["u1"],
+    "a2": ["u1", "a1", "u2"],
+    "a3": ["u3"],
+    "a4": ["u1", "a1", "u4"],
+    "a5": ["u5"],
+    "a6": ["u5", "u6"],  # a5 has no text, so it was not replayed
+}
+
+
+def mid(name: str) -> str:
+    """A 32-character message id that reads as its short name."""
+    return name.ljust(32, "_")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database on each backend: SQLite always, PostgreSQL when configured."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "switchboard.db")
+    return request.getfixturevalue("postgres_url")
+
+
+async def seed_v1(url: str) -> None:
+    """Conversations as 0001 stored them, with fallbacks, a thread and a trimmed history."""
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(V1_CONVERSATIONS),
+                [{"id": mid(c), "origin": "discord", "created_at": T0} for c in ("c1", "c2", "c3")],
+            )
+            await connection.execute(
+                insert(V1_MESSAGES),
+                [
+                    {"id": mid(name), "conversation_id": mid(conv),
+                     "parent_id": mid(parent) if parent else None, "role": role,
+                     "content": content, "author_id": 7 if role == "user" else None,
+                     "created_at": T0 + timedelta(seconds=index),
+                     "model_name": "m" if role == "assistant" else None,
+                     "status": "ok" if content or role == "user" else "error",
+                     "request_messages": request}
+                    for index, (name, conv, parent, role, content, request) in enumerate(V1_ROWS)
+                ],
+            )  # fmt: skip
+            await connection.execute(
+                insert(V1_DISCORD),
+                [{"discord_message_id": 900, "message_id": mid("a1"), "conversation_id": mid("c1")}],
+            )
+    finally:
+        await engine.dispose()
+
+
+async def fetch(url: str, statement: Any) -> list[Any]:
+    """The rows a query returns on the database at `url`."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            return list((await connection.execute(statement)).all())
+    finally:
+        await engine.dispose()
+
+
+async def v1_snapshot(url: str) -> list[Any]:
+    """Every 0001 column of every message, in id order."""
+    return await fetch(url, select(V1_MESSAGES).order_by(V1_MESSAGES.c.id))
+
+
+async def kinds_and_inputs(url: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The kind of each message and the inputs of each answer, by short name."""
+    kinds = await fetch(url, select(Message.id, Message.kind))
+    links = await fetch(
+        url,
+        select(MessageInput.answer_id, MessageInput.input_id).order_by(
+            MessageInput.answer_id, MessageInput.position
+        ),
+    )
+    inputs: dict[str, list[str]] = {}
+    for answer_id, input_id in links:
+        inputs.setdefault(answer_id.rstrip("_"), []).append(input_id.rstrip("_"))
+    return {id.rstrip("_"): kind for id, kind in kinds}, inputs
+
+
+async def parent_ondelete(url: str) -> str | None:
+    """The ON DELETE rule of messages.parent_id."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            keys = await connection.run_sync(lambda sync: inspect(sync).get_foreign_keys("messages"))
+    finally:
+        await engine.dispose()
+    (parent,) = [key for key in keys if key["constrained_columns"] == ["parent_id"]]
+    return (parent.get("options") or {}).get("ondelete")
+
+
+async def test_0002_backfills_and_downgrades_keeping_the_data(empty_database_url: str) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0001")
+    await seed_v1(url)
+    before = await v1_snapshot(url)
+
+    await upgrade_database(url, "0002")
+    assert await kinds_and_inputs(url) == (EXPECTED_KINDS, EXPECTED_INPUTS)
+    assert (await parent_ondelete(url) or "").upper() == "CASCADE"
+    assert await differences(url, Base.metadata) == []
+
+    await downgrade_database(url, "0001")
+    assert await v1_snapshot(url) == before
+    assert "message_inputs" not in await table_names(url)
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda sync: inspect(sync).get_columns("messages"))
+    finally:
+        await engine.dispose()
+    assert "kind" not in {c["name"] for c in columns}
+    assert (await parent_ondelete(url) or "").upper() == "SET NULL"
+
+    # Up again: the same kinds and links, rebuilt from the kept rows.
+    await upgrade_database(url)
+    assert await kinds_and_inputs(url) == (EXPECTED_KINDS, EXPECTED_INPUTS)
+    assert await v1_snapshot(url) == before
+
+
+async def test_0002_deleting_a_prompt_deletes_what_derives_from_it(empty_database_url: str) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0001")
+    await seed_v1(url)
+    await upgrade_database(url)
+
+    # Plain SQL, so this is the database's own cascade (foreign keys on, as the app runs).
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(delete(Message).where(Message.id == mid("u1")))
+    finally:
+        await engine.dispose()
+
+    kinds, inputs = await kinds_and_inputs(url)
+    # u1's answers, the line built on them (u2..a3), and the thread continued from a1 (c2).
+    assert set(kinds) == {"u5", "a5", "u6", "a6"}
+    assert inputs == {"a5": ["u5"], "a6": ["u5", "u6"]}
+    assert await fetch(url, select(V1_DISCORD)) == []
+    # The conversations stay: deleting messages is not deleting a conversation.
+    assert len(await fetch(url, select(V1_CONVERSATIONS))) == 3
+
+
+async def test_0002_offline_sql_renders() -> None:
+    """`alembic upgrade --sql` for PostgreSQL: the kinds backfill is SQL, the links are skipped.
+
+    (SQLite's batch mode must read the table it recreates, so it has no offline mode.)
+    """
+    output = io.StringIO()
+    config = alembic_config("postgresql+asyncpg://nobody@nowhere/switchboard")
+    config.output_buffer = output
+    await asyncio.to_thread(command.upgrade, config, "0001:0002", sql=True)
+    script = output.getvalue()
+    assert "message_inputs" in script and "'attempt'" in script

@@ -7,10 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from store.models import ChannelSetting, DiscordMessage, Message, new_id
+from store.models import ChannelSetting, DiscordMessage, Message, MessageInput, new_id
 from store.repositories import ConversationRepository, ModelRepository, SettingsRepository
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -335,6 +336,111 @@ async def test_deleting_a_conversation_cascades(any_session_factory: Sessions) -
         assert await repo.find_by_discord_message(800) == (kept["conversation"], kept["a2"])
         remaining = await session.scalars(select(DiscordMessage.discord_message_id))
         assert remaining.all() == [800]
+
+
+async def test_kinds_default_from_the_role_and_are_checked(any_session_factory: Sessions) -> None:
+    async with any_session_factory() as session:
+        ids = await two_answers_and_a_reply(session)
+        repo = ConversationRepository(session)
+        (attempt,) = await repo.add_messages(
+            [{"conversation_id": ids["conversation"], "parent_id": ids["u2"], "role": "assistant",
+              "kind": "attempt", "content": ""}]
+        )  # fmt: skip
+        await session.commit()
+        kinds = dict((await session.execute(select(Message.id, Message.kind))).tuples().all())
+        by_name = {name: kinds[id] for name, id in ids.items() if id in kinds}
+        assert by_name == {"u1": "prompt", "a1": "answer", "a1b": "answer", "u2": "prompt", "a2": "answer"}
+        assert kinds[attempt] == "attempt"
+
+    async with any_session_factory() as session:
+        with pytest.raises(IntegrityError):
+            await ConversationRepository(session).add_messages(
+                [{"conversation_id": ids["conversation"], "role": "assistant", "kind": "guess",
+                  "content": "?"}]
+            )  # fmt: skip
+
+
+async def link_inputs(session: AsyncSession, inputs: dict[str, list[str]]) -> None:
+    """Record which stored messages went into each answer."""
+    await ConversationRepository(session).insert_rows(
+        [],
+        [{"answer_id": answer, "position": position, "input_id": input_id}
+         for answer, used in inputs.items() for position, input_id in enumerate(used)],
+    )  # fmt: skip
+
+
+async def test_answers_using_and_delete_messages(any_session_factory: Sessions) -> None:
+    async with any_session_factory() as session:
+        ids = await two_answers_and_a_reply(session)
+        kept = await two_answers_and_a_reply(session)
+        for line in (ids, kept):
+            await link_inputs(session, {line["a1"]: [line["u1"]], line["a1b"]: [line["u1"]],
+                                        line["a2"]: [line["u1"], line["a1"], line["u2"]]})  # fmt: skip
+        repo = ConversationRepository(session)
+        await repo.link_discord_messages(ids["a2"], ids["conversation"], [700])
+        await session.commit()
+
+    async with any_session_factory() as session:
+        repo = ConversationRepository(session)
+        assert await repo.answers_using([ids["u1"]]) == [ids["a1"], ids["a1b"], ids["a2"]]
+        assert await repo.answers_using([ids["u2"], ids["a1"], ids["u2"]]) == [ids["a2"]]
+        assert await repo.answers_using([ids["a2"], "f" * 32]) == []
+        assert await repo.answers_using([]) == []
+        assert await repo.inputs_of(ids["a2"]) == [ids["u1"], ids["a1"], ids["u2"]]
+
+        # Bob's reply goes, and the answer built on it with its links and Discord message.
+        assert await repo.delete_messages([ids["u2"]]) == 2
+        await session.commit()
+        assert await repo.get_message(ids["a2"]) is None
+        assert await repo.inputs_of(ids["a2"]) == []
+        assert await repo.find_by_discord_message(700) is None
+        assert await repo.answers_using([ids["u1"]]) == [ids["a1"], ids["a1b"]]
+
+        # Alice's prompt takes both its answers with it; asking twice is harmless.
+        assert await repo.delete_messages([ids["u1"], ids["a1"], ids["u1"]]) == 3
+        assert await repo.delete_messages([ids["u1"], "f" * 32]) == 0
+        assert await repo.delete_messages([]) == 0
+        await session.commit()
+        assert await repo.messages(ids["conversation"]) == []
+        assert await repo.get(ids["conversation"]) is not None
+
+        # The other conversation is untouched.
+        assert len(await repo.messages(kept["conversation"])) == 5
+        assert await repo.answers_using([kept["u1"]]) == [kept["a1"], kept["a1b"], kept["a2"]]
+        links = await session.scalar(select(func.count()).select_from(MessageInput))
+        assert links == 5
+
+
+async def long_line(session: AsyncSession, length: int) -> tuple[str, list[str]]:
+    """A conversation that is one line of `length` messages, each replying to the last."""
+    repo = ConversationRepository(session)
+    conversation = await repo.create(guild_id=GUILD, channel_id=CHANNEL, thread_id=THREAD,
+                                     started_by=ALICE)  # fmt: skip
+    ids = [new_id() for _ in range(length)]
+    await repo.add_messages(
+        [{"id": id, "conversation_id": conversation.id, "parent_id": ids[i - 1] if i else None,
+          "role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"}
+         for i, id in enumerate(ids)]
+    )  # fmt: skip
+    return conversation.id, ids
+
+
+async def test_a_line_longer_than_sqlite_cascades_deletes(any_session_factory: Sessions) -> None:
+    """SQLite refuses a cascade over 1,000 levels deep; the repository deletes newest first."""
+    async with any_session_factory() as session:
+        _, first = await long_line(session, 2_400)
+        second, _ = await long_line(session, 2_400)
+        _, kept = await long_line(session, 10)
+        await session.commit()
+
+    async with any_session_factory() as session:
+        repo = ConversationRepository(session)
+        assert await repo.delete_messages([first[1]]) == 2_399
+        assert await repo.delete(second) is True
+        await session.commit()
+        assert await repo.count_messages() == 1 + 10
+        assert await repo.get_message(first[0]) is not None
+        assert await repo.get_message(kept[-1]) is not None
 
 
 # --- registered models ----------------------------------------------------------------

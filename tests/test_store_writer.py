@@ -200,28 +200,37 @@ def test_bad_settings_are_refused() -> None:
 
 
 async def test_exchange_log_writes_all_waiting_exchanges_in_one_write(session_factory: Sessions) -> None:
+    from core.exchange import Exchange, LoggedAnswer
+    from core.messages import Place
     from store.exchange_log import ExchangeLog
 
     writer = LogWriter(session_factory)
     log = ExchangeLog(writer)
-    conversation = {"id": new_id(), "guild_id": 1, "channel_id": 2, "thread_id": None, "started_by": 3, "origin": "discord"}
+    conversation_id = new_id()
+
+    def exchange(text: str, answers: int = 1) -> Exchange:
+        prompt = new_id()
+        return Exchange(
+            conversation_id=conversation_id, place=Place(guild_id=1, channel_id=2), origin="discord",
+            prompt_id=prompt, parent_id=None, author_id=3, author_name="carol", text=text,
+            system_prompt="Be brief.",
+            answers=tuple(
+                LoggedAnswer(id=new_id(), kind="answer", model_name="m", provider="p", provider_model="pm",
+                             content=f"a-{text}", request_messages=[{"role": "user", "content": text}],
+                             input_ids=(prompt,), status="ok")
+                for _ in range(answers)
+            ),
+        )  # fmt: skip
+
     for i in range(50):
-        prompt, answer = new_id(), new_id()
-        log.add(
-            conversation,
-            [
-                {"id": prompt, "conversation_id": conversation["id"], "role": "user", "content": f"q{i}"},
-                {"id": answer, "conversation_id": conversation["id"], "parent_id": prompt, "role": "assistant", "content": f"a{i}"},
-            ],
-            f"exchange {i}",
-        )
+        log.add(exchange(f"q{i}"), f"exchange {i}")
     assert writer.submitted == 1, "exchanges waiting together are one write"
     await writer.start()
     await writer.drain(timeout=60)
-    log.add(conversation, [{"id": new_id(), "conversation_id": conversation["id"], "role": "user", "content": "later"}], "later")
+    log.add(exchange("later", answers=0), "later")
     await writer.drain(timeout=60)
     await writer.aclose()
     assert writer.submitted == 2 and writer.failed == 0
     async with session_factory() as session:
         assert await session.scalar(select(func.count()).select_from(Message)) == 101
-        assert await conversation_ids(session_factory) == [conversation["id"]]
+        assert await conversation_ids(session_factory) == [conversation_id]
