@@ -158,3 +158,21 @@ def test_a_bad_setting_names_the_variable_but_not_its_value(cli_env: dict[str, s
     assert proc.returncode == 2
     assert "SWITCHBOARD_MAX_RETRIES" in proc.stderr and "CHROMA_PORT" in proc.stderr
     assert "s3cr3t-ish" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_models_add_gguf_registers_a_file_for_every_process(cli_env: dict[str, str], tmp_path: Path) -> None:
+    from chains.gguf import bundled_models
+
+    gguf = bundled_models()["smollm2-135m-instruct"]
+    added = switchboard(cli_env, "models", "add-gguf", str(gguf), "--name", "my-smol", "--context-size", "1024")
+    assert added.returncode == 0, added.stderr
+    assert "Registered my-smol" in added.stdout
+    # Another process sees it (the registry reads the models registered in the database).
+    listing = switchboard(cli_env, "models", "list")
+    assert "my-smol" in listing.stdout and "1,024" in listing.stdout
+
+    taken = switchboard(cli_env, "models", "add-gguf", str(gguf), "--name", "main")
+    assert taken.returncode == 1 and "`main` is already a model in" in taken.stderr
+    missing = switchboard(cli_env, "models", "add-gguf", str(tmp_path / "nope.gguf"), "--name", "nope")
+    assert missing.returncode == 1 and "nope.gguf" in missing.stderr and "Traceback" not in missing.stderr
