@@ -45,7 +45,12 @@ async def test_extra_cogs_are_added_and_their_commands_synced(chat_service: Chat
 
         result = await alice.slash(channel, "ping")
         assert result.response.content == f"pong ({len(chat_service.list_models())} models)"
-        assert {"model set", "system show", "settings", "ping"} <= set(alice.available_commands(channel))
+        assert {"settings", "ping"} <= set(alice.available_commands(channel))
+        # The moderators' groups are shown to moderators (Manage Channels) by default.
+        mods = guild.create_role("Mods", permissions=discord.Permissions(manage_channels=True))
+        mod = guild.add_member(env.create_user("mod"), roles=[mods])
+        assert {"model set", "system show", "settings", "ping"} <= set(mod.available_commands(channel))
+        assert "model set" not in alice.available_commands(channel)
 
         await alice.send(channel, f"{bot.user.mention} hi from shard one")
         assert channel.last_message.content == "Echo: hi from shard one"
@@ -90,6 +95,10 @@ async def test_a_missing_message_content_intent_says_where_to_turn_it_on(
             await run_bot("right.token", chat_service)  # the shard count comes from the edge
     # It got as far as publishing its commands and identifying with the intents it needs.
     assert {"model", "system", "settings"} <= {command["name"] for command in edge.synced_commands}
+    # The moderators' groups are hidden from other members by default; /settings is for everyone.
+    shown_to = {command["name"]: command.get("default_member_permissions") for command in edge.synced_commands}
+    moderators = discord.Permissions(manage_channels=True).value
+    assert shown_to["model"] == shown_to["system"] == moderators and shown_to["settings"] is None
     [identify] = edge.identified
     assert identify["intents"] == bot_intents().value and identify["shard"] == [0, 1]
 

@@ -18,6 +18,7 @@ def field(embed: discord.Embed, name_start: str) -> str:
 async def test_member_without_permission_is_refused_and_nothing_changes(
     world: World, chat_service: ChatService
 ) -> None:
+    world.open_to_everyone("model", "system")
     result = await world.alice.slash(world.channel, "model set", name="solo")
 
     assert result.ephemeral
@@ -42,6 +43,7 @@ async def test_moderator_sets_the_model_and_settings_show_it(world: World, fake_
 
 
 async def test_manager_role_may_change_settings(world: World) -> None:
+    world.open_to_everyone("model", "system")
     result = await world.manager.slash(world.channel, "system set", text="Answer like a pirate.")
     assert not result.ephemeral and "System prompt for this channel set" in result.response.content
 
@@ -51,6 +53,7 @@ async def test_manager_role_may_change_settings(world: World) -> None:
 
 
 async def test_server_default_needs_manage_server(world: World, chat_service: ChatService) -> None:
+    world.open_to_everyone("model", "system")
     refused = await world.mod.slash(world.channel, "model set", name="backup", server=True)
     assert refused.ephemeral and "Manage Server" in refused.response.content
 
@@ -92,6 +95,7 @@ async def test_unknown_model_is_a_clear_ephemeral_error(world: World) -> None:
 
 
 async def test_model_list_info_and_autocomplete(world: World) -> None:
+    world.open_to_everyone("model", "system")
     listed = await world.alice.slash(world.channel, "model list")
     assert listed.ephemeral
     lines = listed.response.embeds[0].description.splitlines()
@@ -113,6 +117,7 @@ async def test_model_list_info_and_autocomplete(world: World) -> None:
 
 
 async def test_system_prompt_reaches_the_model_and_resets(world: World, fake_openai: FakeOpenAI) -> None:
+    world.open_to_everyone("model", "system")
     await world.mod.slash(world.channel, "system set", text="Always answer in French.")
     await world.alice.send(world.channel, f"{world.bot.user.mention} hello")
     assert fake_openai.chat_requests[-1].messages[0]["content"].startswith("Always answer in French.")

@@ -25,6 +25,8 @@ _DESCRIPTION_ROOM = 3900
 _PROMPT_PREVIEW = 300
 _AUTOCOMPLETE_MAX = 25
 EMBED_COLOUR = discord.Colour.blurple()
+# Who sees the moderators' command groups by default.
+MODERATORS = discord.Permissions(manage_channels=True)
 
 
 def model_line(spec: ModelSpec, current: str | None = None) -> str:
@@ -58,8 +60,14 @@ def prompt_preview(text: str, limit: int = _PROMPT_PREVIEW) -> str:
 class SettingsCog(commands.Cog):
     """Choose the model and the system prompt per channel, thread or server, and show what applies."""
 
-    model = app_commands.Group(name="model", description="Choose the language model that answers here.")
-    system = app_commands.Group(name="system", description="Set the instructions the model follows here.")
+    # Shown to moderators only by default (a server admin can open them to others under
+    # Server Settings → Integrations); who may change what is still checked on every use.
+    model = app_commands.Group(
+        name="model", description="Choose the language model that answers here.", default_permissions=MODERATORS
+    )
+    system = app_commands.Group(
+        name="system", description="Set the instructions the model follows here.", default_permissions=MODERATORS
+    )
 
     def __init__(self, service: ChatService, *, manager_role: str | None = None) -> None:
         self.service = service
