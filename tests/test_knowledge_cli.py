@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bot.cli_knowledge import human_size, knowledge_app
+from bot.cli_knowledge import knowledge_app
+from bot.present import human_size
 from core.settings import Settings
 from tests.fixtures.knowledge import drop_collections, knowledge_settings
 
