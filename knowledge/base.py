@@ -31,7 +31,7 @@ from typing import Any
 
 from core.errors import ConfigError, NotFound
 from core.messages import Source
-from core.settings import Settings
+from knowledge.config import KnowledgeConfig
 from knowledge.embeddings import Embedder, create_embedder
 from knowledge.ingest import (
     Item,
@@ -72,14 +72,14 @@ class KnowledgeBase:
 
     def __init__(
         self,
-        settings: Settings,
+        config: KnowledgeConfig,
         *,
         embedder: Embedder | None = None,
         on_loaded: Callable[[], None] | None = None,
     ) -> None:
         """`on_loaded` is called after each heavy part (Chroma's client, a local embedding
         model) has loaded on first use: what it brought lives until the process exits."""
-        self._settings = settings
+        self._config = config
         self._embedder = embedder
         self._on_loaded = on_loaded
         self._client: Any = None
@@ -94,24 +94,29 @@ class KnowledgeBase:
     # -- set-up -----------------------------------------------------------------------
 
     @property
+    def config(self) -> KnowledgeConfig:
+        """Where the collections live, the upload limits and the retrieval cut-offs in use."""
+        return self._config
+
+    @property
     def embedder(self) -> Embedder:
         """The embedder in use (created on first use; the model itself loads on first encode)."""
         with self._lock:
             if self._embedder is None:
-                self._embedder = create_embedder(self._settings, on_load=self._on_loaded)
+                self._embedder = create_embedder(self._config.embedding, on_load=self._on_loaded)
             return self._embedder
 
     @property
     def max_file_bytes(self) -> int:
-        return int(self._settings.knowledge_max_file_mb * 1024 * 1024)
+        return self._config.max_file_bytes
 
     @property
     def max_guild_bytes(self) -> int:
-        return int(self._settings.knowledge_max_guild_mb * 1024 * 1024)
+        return self._config.max_guild_bytes
 
     def collection_name(self, guild_id: int) -> str:
         """The Chroma collection that holds this server's passages."""
-        return f"{self._settings.knowledge_collection_prefix}guild-{guild_id}"
+        return f"{self._config.collection_prefix}guild-{guild_id}"
 
     def _get_client(self) -> Any:
         with self._lock:
@@ -120,16 +125,16 @@ class KnowledgeBase:
                 from chromadb.config import Settings as ChromaSettings
 
                 chroma_settings = ChromaSettings(anonymized_telemetry=False)
-                host = self._settings.chroma_host
+                host, port = self._config.chroma_host, self._config.chroma_port
                 if host:
                     try:
-                        self._client = chromadb.HttpClient(host=host, port=self._settings.chroma_port, settings=chroma_settings)
+                        self._client = chromadb.HttpClient(host=host, port=port, settings=chroma_settings)
                     except Exception as exc:  # chromadb raises plain ValueError/ConnectError here
                         raise ConfigError(
-                            f"Cannot reach the Chroma server at {host}:{self._settings.chroma_port} ({exc}). Start it, or unset CHROMA_HOST to use the embedded store."
+                            f"Cannot reach the Chroma server at {host}:{port} ({exc}). Start it, or unset CHROMA_HOST to use the embedded store."
                         ) from exc
                 else:
-                    path = self._settings.data_dir / "chroma"
+                    path = self._config.chroma_path
                     path.mkdir(parents=True, exist_ok=True)
                     self._client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
                 if self._on_loaded is not None:
@@ -243,7 +248,7 @@ class KnowledgeBase:
 
     def _ingest_sync(self, guild_id: int, items: list[Item], uploader: str, emit: ProgressCallback | None) -> IngestReport:
         """Run the upload under the server's lock; a new revision and keyword index if anything went in."""
-        limits = Limits(self.max_file_bytes, self.max_guild_bytes, self._settings.knowledge_chunk_chars)
+        limits = Limits(self.max_file_bytes, self.max_guild_bytes, self._config.chunk_chars)
         with self._guild_locks[guild_id]:
             collection = self._open(guild_id, create=True)
             docs = {d.name: d for d in self._documents_sync(collection)}
@@ -270,7 +275,7 @@ class KnowledgeBase:
 
     async def retrieve(self, guild_id: int, query: str) -> list[Source]:
         """The passages to put into a prompt: hybrid search, top-k, relevance cut-off."""
-        return await self._hybrid(guild_id, query, self._settings.knowledge_top_k, cutoff=self._settings.knowledge_min_relevance, mode="hybrid")
+        return await self._hybrid(guild_id, query, self._config.top_k, cutoff=self._config.min_relevance, mode="hybrid")
 
     async def _hybrid(self, guild_id: int, query: str, k: int, *, cutoff: float | None, mode: SearchMode) -> list[Source]:
         if not query.strip() or k <= 0:

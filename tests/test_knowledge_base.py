@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 import knowledge.base as base_module
+from bot.app import knowledge_config
 from core.errors import ConfigError, NotFound
 from core.settings import Settings
 from knowledge.base import KnowledgeBase
@@ -78,6 +81,17 @@ async def test_chunks_carry_their_provenance(kb: KnowledgeBase) -> None:
     assert sorted(rows["ids"]) == [f"{doc_id}-0", f"{doc_id}-1"]
 
 
+def test_the_knowledge_package_does_not_read_the_settings() -> None:
+    # knowledge/ takes its small config objects; only the wiring (bot.app) knows Settings.
+    code = (
+        "import sys, knowledge.base, knowledge.evaluate, knowledge.embeddings, knowledge.ingest; "
+        "print(sorted(m for m in sys.modules if m == 'core.settings' or m == 'bot' or m.startswith('bot.')))"
+    )
+    repo = Path(__file__).resolve().parent.parent  # `-c` puts the working folder first on the path
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert result.stdout.strip() == "[]"
+
+
 async def test_same_name_replaces_and_same_content_is_skipped(kb: KnowledgeBase) -> None:
     guild = new_guild_id()
     await kb.add_bytes(guild, [("faq.txt", b"The office opens at nine.")], uploader="a")
@@ -126,7 +140,7 @@ async def test_bad_files_are_refused_and_the_rest_go_in(kb: KnowledgeBase) -> No
 
 async def test_size_caps(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
     settings = kb_settings.model_copy(update={"knowledge_max_file_mb": 1000 / 1048576, "knowledge_max_guild_mb": 1500 / 1048576})
-    kb = KnowledgeBase(settings, embedder=local_embedder)
+    kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     guild = new_guild_id()
     report = await kb.add_bytes(guild, [("big.txt", b"word " * 300), ("a.txt", b"alpha " * 150), ("b.txt", b"beta " * 150)], uploader="x")
     assert [r.status for r in report.results] == ["refused", "added", "refused"]
@@ -239,9 +253,9 @@ async def test_embedding_runs_off_the_event_loop(kb: KnowledgeBase, local_embedd
 
 async def test_another_model_is_a_clear_error_until_reindexed(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
     guild = new_guild_id()
-    first = KnowledgeBase(kb_settings, embedder=local_embedder)
+    first = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     await first.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
-    other = KnowledgeBase(kb_settings, embedder=RenamedEmbedder(local_embedder, "local:another-model"))
+    other = KnowledgeBase(knowledge_config(kb_settings), embedder=RenamedEmbedder(local_embedder, "local:another-model"))
     with pytest.raises(ConfigError, match="switchboard knowledge reindex") as caught:
         await other.retrieve(guild, "warranty")
     assert "local:all-MiniLM-L6-v2" in caught.value.message and "local:another-model" in caught.value.message
@@ -250,15 +264,15 @@ async def test_another_model_is_a_clear_error_until_reindexed(kb_settings: Setti
     assert updates[-1].chunks_done == 3
     assert (await other.search(guild, "E-4711", k=1))[0].document == "guide.md"
     assert [d.name for d in await other.list_documents(guild)] == ["guide.md", "shipping.txt"]
-    fresh = KnowledgeBase(kb_settings, embedder=local_embedder)
+    fresh = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     with pytest.raises(ConfigError, match="reindex"):
         await fresh.list_documents(guild)
 
 
 async def test_changes_from_another_process_reach_the_keyword_index(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
     guild = new_guild_id()
-    writer = KnowledgeBase(kb_settings, embedder=local_embedder)
-    reader = KnowledgeBase(kb_settings, embedder=local_embedder)
+    writer = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
+    reader = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     reader.index_recheck_s = 0
     await writer.add_bytes(guild, [("guide.md", GUIDE)], uploader="x")
     assert {s.document for s in await reader.search(guild, "Rotterdam", k=5, mode="keyword")} == set()
@@ -276,7 +290,7 @@ async def test_empty_and_blank_queries(kb: KnowledgeBase) -> None:
 
 def test_unreachable_chroma_server_is_a_config_error(tmp_path: Path, local_embedder: LocalEmbedder) -> None:
     settings = Settings().model_copy(update={"data_dir": tmp_path, "chroma_host": "127.0.0.1", "chroma_port": 9})
-    kb = KnowledgeBase(settings, embedder=local_embedder)
+    kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     with pytest.raises(ConfigError, match="CHROMA_HOST"):
         asyncio.run(kb.list_documents(1))
 
@@ -286,7 +300,7 @@ async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) 
         "embedding_provider": "openai-compatible", "embedding_base_url": fake_openai.base_url,
         "embedding_model": "text-embedding-3-small", "embedding_api_key_env": "EMBED_KEY", "environ": {"EMBED_KEY": "sk-test"},
     })
-    kb = KnowledgeBase(settings)
+    kb = KnowledgeBase(knowledge_config(settings))
     assert kb.embedder.name == "openai-compatible:text-embedding-3-small"
     guild = new_guild_id()
     report = await kb.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
@@ -304,13 +318,13 @@ async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) 
 def test_openai_embeddings_need_a_key(tmp_path: Path) -> None:
     settings = Settings().model_copy(update={"data_dir": tmp_path, "embedding_provider": "openai", "embedding_api_key_env": "NO_SUCH_KEY", "environ": {}})
     with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
-        _ = KnowledgeBase(settings).embedder
+        _ = KnowledgeBase(knowledge_config(settings)).embedder
 
 
 async def test_heavy_parts_report_once_that_they_have_loaded(kb_settings: Settings) -> None:
     # The app freezes the heap at that moment: Chroma and torch live until the process exits.
     loaded: list[str] = []
-    kb = KnowledgeBase(kb_settings, on_loaded=lambda: loaded.append("part"))
+    kb = KnowledgeBase(knowledge_config(kb_settings), on_loaded=lambda: loaded.append("part"))
     guild = new_guild_id()
     await kb.add_bytes(guild, [("guide.md", GUIDE)], uploader="alice")
     assert loaded == ["part", "part"]  # the Chroma client, and the local embedding model

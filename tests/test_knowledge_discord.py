@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import simcord
 
+from bot.app import knowledge_config
 from bot.discord.bot import SwitchboardBot
 from bot.discord.knowledge import KnowledgeCog
 from bot.service import ChatService
@@ -76,7 +77,7 @@ async def test_knowledge_role_may_upload_list_search_and_remove(world: World, li
 
 
 async def test_oversized_and_unsupported_attachments_are_refused_before_download(world: World, kb_settings, chat_service: ChatService, local_embedder) -> None:  # noqa: ANN001
-    small = KnowledgeBase(kb_settings.model_copy(update={"knowledge_max_file_mb": 100 / 1048576}), embedder=local_embedder)
+    small = KnowledgeBase(knowledge_config(kb_settings.model_copy(update={"knowledge_max_file_mb": 100 / 1048576})), embedder=local_embedder)
     world.bot.get_cog("KnowledgeCog").kb = small
     result = await world.admin.slash(world.channel, "knowledge add", file=("big.md", b"x" * 500), file2=("deck.pptx", b"PK"), file3=("ok.txt", b"fine"))
     content = result.response.content
