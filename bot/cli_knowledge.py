@@ -89,6 +89,7 @@ def add(
                     label += f" · {update.current}"
                 bar.update(task, total=max(update.chunks_total, 1), completed=update.chunks_done, description=label)
 
+            # The terminal knows the uploader by the name given with --as alone.
             report = await kb.add_files(guild, paths, uploader=uploader, progress=show)
         table = Table(title=f"Knowledge base of server {guild}")
         for column in ("file", "result", "passages", "detail"):
@@ -115,7 +116,7 @@ def list_(
         if json_mode:
             rows = [
                 {"id": d.id, "name": d.name, "chunks": d.chunks, "bytes": d.bytes, "uploader": d.uploader,
-                 "added_at": d.added_at.isoformat(), "content_hash": d.content_hash}
+                 "uploader_id": d.uploader_id, "added_at": d.added_at.isoformat(), "content_hash": d.content_hash}
                 for d in docs
             ]
             print(json.dumps(rows, ensure_ascii=False))

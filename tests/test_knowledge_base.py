@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 import knowledge.base as base_module
+import knowledge.ingest as ingest_module
 from bot.app import knowledge_config
-from core.errors import ConfigError, NotFound
+from core.errors import ConfigError, NotFound, UserError
 from core.settings import Settings
 from knowledge.base import KnowledgeBase
 from knowledge.embeddings import LocalEmbedder
-from knowledge.types import ProgressUpdate
+from knowledge.types import ProgressUpdate, RemoteFile
 from tests.fixtures.knowledge import encrypt_pdf, make_docx, make_pdf, make_zip_bomb, new_guild_id
 
 GUIDE = b"# Blender guide\n\nError code E-4711 means the lid is not locked.\n\n## Warranty\n\nThe blender has a two year warranty.\n"
@@ -78,7 +79,85 @@ async def test_chunks_carry_their_provenance(kb: KnowledgeBase) -> None:
     for meta in metas:
         assert meta["doc_id"] == doc_id and meta["name"] == "guide.md" and meta["uploader"] == "alice#1"
         assert meta["added_at"] > 0 and len(meta["hash"]) == 16 and len(meta["doc_hash"]) == 64
+        assert meta["uploader_name"] == "alice#1" and "uploader_id" not in meta  # no id: added without one
     assert sorted(rows["ids"]) == [f"{doc_id}-0", f"{doc_id}-1"]
+
+
+async def test_uploader_name_and_id_are_kept_apart(kb: KnowledgeBase) -> None:
+    guild = new_guild_id()
+    await kb.add_bytes(guild, [("guide.md", GUIDE)], uploader="Alice Smith", uploader_id=123456789012345678)
+    meta = _chroma_rows(kb, guild)["metadatas"][0]
+    assert (meta["uploader_name"], meta["uploader_id"]) == ("Alice Smith", 123456789012345678)
+    [doc] = await kb.list_documents(guild)
+    assert (doc.uploader_name, doc.uploader_id) == ("Alice Smith", 123456789012345678)
+    assert doc.uploader == "Alice Smith (123456789012345678)"  # what the lists show, as before
+
+
+async def test_documents_stored_with_the_uploader_as_one_text_still_list(kb: KnowledgeBase) -> None:
+    # Chunks written before uploader_name and uploader_id existed hold only "uploader": "name (id)".
+    guild = new_guild_id()
+    await kb.add_bytes(guild, [("new.txt", SHIPPING)], uploader="bob", uploader_id=42)
+    old = {"position": 0, "added_at": 1_700_000_000.0, "hash": "0" * 16, "doc_bytes": 10, "doc_chunks": 1}
+    rows = [
+        ("discord.md", "Alice Smith (123456789012345678)"),
+        ("terminal.md", "ops"),
+        ("team.md", "support (EU)"),  # brackets without an id are part of the name
+    ]
+    texts = [f"old document {name}" for name, _ in rows]
+    collection = kb._open(guild, create=True)
+    collection.add(
+        ids=[f"old{n}-0" for n in range(len(rows))],
+        embeddings=list(kb.embedder.embed_documents(texts)),
+        documents=texts,
+        metadatas=[{**old, "doc_id": f"old{n}", "name": name, "uploader": who, "doc_hash": str(n) * 64} for n, (name, who) in enumerate(rows)],
+    )
+    docs = {d.name: d for d in await kb.list_documents(guild)}
+    assert {name: (d.uploader_name, d.uploader_id, d.uploader) for name, d in docs.items()} == {
+        "discord.md": ("Alice Smith", 123456789012345678, "Alice Smith (123456789012345678)"),
+        "terminal.md": ("ops", None, "ops"),
+        "team.md": ("support (EU)", None, "support (EU)"),
+        "new.txt": ("bob", 42, "bob (42)"),
+    }
+
+
+async def test_remote_files_are_checked_once_and_only_those_that_pass_are_fetched(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    real_precheck = ingest_module.precheck
+
+    def counting_precheck(name: str, size: int, max_file_bytes: int) -> str | None:
+        checked.append(name)
+        return real_precheck(name, size, max_file_bytes)
+
+    monkeypatch.setattr(ingest_module, "precheck", counting_precheck)
+    fetched: list[str] = []
+
+    def remote(name: str, data: bytes, *, size: int | None = None, failure: str | None = None) -> RemoteFile:
+        async def read() -> bytes:
+            fetched.append(name)
+            if failure is not None:
+                raise UserError(failure)
+            return data
+
+        return RemoteFile(name, len(data) if size is None else size, read)
+
+    lost = "lost.txt could not be downloaded from Discord (503); try again."
+    files = [
+        remote("deck.pptx", b"PK\x03\x04"),
+        remote("guide.md", GUIDE),
+        remote("lost.txt", b"never arrives", failure=lost),
+        remote("huge.txt", b"", size=1 << 40),
+        remote("shipping.txt", SHIPPING),
+    ]
+    guild = new_guild_id()
+    report = await kb.add_remote(guild, files, uploader="alice", uploader_id=7)
+    assert [(r.name, r.status) for r in report.results] == [
+        ("deck.pptx", "refused"), ("guide.md", "added"), ("lost.txt", "refused"), ("huge.txt", "refused"), ("shipping.txt", "added"),
+    ]
+    reasons = [r.reason or "" for r in report.results]
+    assert ".docx" in reasons[0] and reasons[2] == lost and "limit per file" in reasons[3]
+    assert fetched == ["guide.md", "lost.txt", "shipping.txt"]  # nothing refused up front was downloaded
+    assert sorted(checked) == sorted(f.name for f in files)  # each file checked once
+    assert [(d.name, d.uploader_id) for d in await kb.list_documents(guild)] == [("guide.md", 7), ("shipping.txt", 7)]
 
 
 def test_the_knowledge_package_does_not_read_the_settings() -> None:

@@ -38,6 +38,19 @@ async def test_admin_uploads_and_gets_a_report(world: World, kb: KnowledgeBase) 
     docs = await kb.list_documents(world.guild.id)
     assert [(d.name, d.chunks) for d in docs] == [("guide.md", 1)]
     assert docs[0].uploader.startswith("admin")
+    assert (docs[0].uploader_name, docs[0].uploader_id) == ("admin", world.admin.id)
+
+
+async def test_an_attachment_that_cannot_be_downloaded_is_refused_alone(world: World, kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> None:
+    cdn = world.env.backend.cdn
+    stored = cdn.get
+    monkeypatch.setattr(cdn, "get", lambda url: None if url.endswith("/lost.txt") else stored(url))  # Discord answers 404
+    result = await world.admin.slash(world.channel, "knowledge add", file=("lost.txt", b"never arrives"), file2=("guide.md", GUIDE))
+    content = result.response.content
+    assert "1 added, 1 refused" in content
+    assert "lost.txt**: refused — lost.txt could not be downloaded from Discord (404); try again." in content
+    assert content.index("lost.txt") < content.index("guide.md")  # in the order given
+    assert [d.name for d in await kb.list_documents(world.guild.id)] == ["guide.md"]
 
 
 async def test_members_without_permission_cannot_change_it(world: World, kb: KnowledgeBase) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import discord
@@ -25,7 +25,7 @@ from bot.service import ChatService
 from core.errors import PermissionDenied, UserError
 from core.messages import Source
 from knowledge.base import KnowledgeBase
-from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressUpdate
+from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressUpdate, RemoteFile
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,18 @@ def fit_lines(lines: list[str], room: int) -> str:
         shown.append(line)
         used += len(line) + 1
     return "\n".join(shown)
+
+
+def _download(attachment: discord.Attachment) -> Callable[[], Awaitable[bytes]]:
+    """Read an attachment's bytes; a failed download is a UserError that refuses this file alone."""
+
+    async def read() -> bytes:
+        try:
+            return await attachment.read()
+        except discord.HTTPException as exc:
+            raise UserError(f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again.") from exc
+
+    return read
 
 
 class _ThrottledEditor:
@@ -228,27 +240,16 @@ class KnowledgeCog(commands.Cog):
             await interaction.response.defer(ephemeral=True, thinking=True)
             editor = _ThrottledEditor(interaction, self.clock)
             editor.show(f"⏳ Adding {len(attachments)} document{'s' if len(attachments) != 1 else ''}…")
-            # Refuse what is too big or of the wrong type before downloading it.
-            early: dict[int, FileResult] = {}
-            uploads: list[tuple[int, str, bytes]] = []
-            for n, attachment in enumerate(attachments):
-                refusal = self.kb.precheck(attachment.filename, attachment.size)
-                if refusal is not None:
-                    early[n] = FileResult(attachment.filename, "refused", refusal)
-                    continue
-                try:
-                    uploads.append((n, attachment.filename, await attachment.read()))
-                except discord.HTTPException as exc:
-                    early[n] = FileResult(attachment.filename, "refused", f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again.")
-            report = await self.kb.add_bytes(
+            # The knowledge base refuses what is too big or of the wrong type before it is downloaded.
+            uploader = author_of(interaction.user)
+            report = await self.kb.add_remote(
                 guild_id,
-                [(name, data) for _, name, data in uploads],
-                uploader=f"{interaction.user.display_name} ({interaction.user.id})",
+                [RemoteFile(a.filename, a.size, _download(a)) for a in attachments],
+                uploader=uploader.name,
+                uploader_id=uploader.id,
                 progress=lambda update: editor.show(progress_text(update)),
             )
-            results = dict(early)
-            results.update({n: result for (n, _, _), result in zip(uploads, report.results, strict=True)})
-            await editor.finish(report_text(IngestReport([results[n] for n in sorted(results)])))
+            await editor.finish(report_text(report))
 
     @knowledge.command(name="list")
     async def list_(self, interaction: discord.Interaction) -> None:
