@@ -70,10 +70,6 @@ class FileResult:
     bytes: int = 0
     document_id: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.status != "refused"
-
     def describe(self) -> str:
         """One line for a person: `name: added (12 passages)`."""
         if self.status in ("added", "replaced"):
@@ -114,11 +110,6 @@ class ProgressUpdate:
     chunks_total: int
     current: str | None = None
     finished: FileResult | None = None  # set when this update reports a file that just finished
-
-    def describe(self) -> str:
-        """One line for a progress message."""
-        line = f"{self.files_done}/{self.files_total} files, {self.chunks_done}/{self.chunks_total} passages embedded"
-        return f"{line} — {self.current}" if self.current and self.files_done < self.files_total else line
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]

@@ -19,8 +19,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
+from bot.discord.checks import author_of, ensure_can_change, permission_refusal, place_of, scope_for
 from bot.discord.respond import answering, send
+from bot.present import human_size
 from bot.service import ChatService
 from core.errors import PermissionDenied, UserError
 from core.messages import Source
@@ -36,28 +37,7 @@ _AUTOCOMPLETE_MAX = 25
 _PASSAGE_PREVIEW = 350
 EDIT_INTERVAL_S = 1.0  # Discord rate-limits edits; once a second is plenty for a progress line
 _STATUS_ICON = {"added": "✅", "replaced": "♻️", "skipped": "⏭️", "refused": "❌"}
-
-
-def knowledge_refusal(*, in_guild: bool, guild_permissions: discord.Permissions | None, role_names: list[str], knowledge_role: str | None) -> str | None:
-    """Why this person may not change the knowledge base (None when they may)."""
-    if not in_guild:
-        return "The knowledge base belongs to a server: use this command in one of its channels."
-    if knowledge_role and any(name.casefold() == knowledge_role.casefold() for name in role_names):
-        return None
-    if guild_permissions is not None and guild_permissions.manage_guild:
-        return None
-    role_hint = f" or the **{knowledge_role}** role" if knowledge_role else ""
-    return f"Changing the knowledge base needs the **Manage Server** permission{role_hint}."
-
-
-def human_size(size: int) -> str:
-    """Bytes for people: 1536 → "1.5 KB"."""
-    value = float(size)
-    for unit in ("B", "KB", "MB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
+_IN_A_SERVER = "The knowledge base belongs to a server: use this command in one of its channels."
 
 
 def result_line(result: FileResult) -> str:
@@ -188,13 +168,10 @@ class KnowledgeCog(commands.Cog):
         return self._refusal(interaction) is None
 
     def _refusal(self, interaction: discord.Interaction) -> str | None:
-        member = interaction.user if isinstance(interaction.user, discord.Member) else None
-        return knowledge_refusal(
-            in_guild=interaction.guild_id is not None,
-            guild_permissions=member.guild_permissions if member is not None else None,
-            role_names=[role.name for role in member.roles] if member is not None else [],
-            knowledge_role=self.knowledge_role,
-        )
+        """Why this person may not change the knowledge base (None when they may)."""
+        if interaction.guild_id is None:
+            return _IN_A_SERVER
+        return permission_refusal(interaction, doing="Changing the knowledge base", needs="manage_guild", role=self.knowledge_role)
 
     def _ensure_admin(self, interaction: discord.Interaction) -> int:
         """The guild id, after checking the person may change its knowledge base."""
@@ -207,7 +184,7 @@ class KnowledgeCog(commands.Cog):
     @staticmethod
     def _guild(interaction: discord.Interaction) -> int:
         if interaction.guild_id is None:
-            raise UserError("The knowledge base belongs to a server: use this command in one of its channels.")
+            raise UserError(_IN_A_SERVER)
         return interaction.guild_id
 
     # ------------------------------------------------------------ commands
