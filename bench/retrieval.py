@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench._corpus import WORDS, passages, rare_words
+from bot.app import knowledge_config
 from core.settings import Settings
 from knowledge.base import KnowledgeBase
 from knowledge.embeddings import LocalEmbedder
@@ -115,7 +116,7 @@ async def run() -> float:
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-retrieval-") as tmp:
         settings = Settings().model_copy(update={"data_dir": Path(tmp), "chroma_host": None, "knowledge_collection_prefix": "bench-", "embedding_provider": "local", "embedding_model": None})
         embedder = LocalEmbedder()
-        kb = KnowledgeBase(settings, embedder=embedder)
+        kb = KnowledgeBase(knowledge_config(settings), embedder=embedder)
         with console.status("loading the model…"):
             model = embedder.load()
         for guild_id, size in enumerate(SIZES, start=1):

@@ -28,6 +28,7 @@ from chains.models import ClientConfig
 from chains.registry import ModelRegistry
 from chains.tokens import TokenCounter
 from core.settings import Settings
+from knowledge.config import EmbeddingConfig, KnowledgeConfig
 from migrations import upgrade_database
 from store.db import create_engine, create_session_factory
 from store.exchange_log import ExchangeLog
@@ -54,6 +55,30 @@ def client_config(settings: Settings) -> ClientConfig:
     """How model clients behave, from the settings."""
     return ClientConfig(
         request_timeout=settings.request_timeout, max_retries=settings.max_retries, secret=settings.secret
+    )
+
+
+def knowledge_config(settings: Settings) -> KnowledgeConfig:
+    """The knowledge base's share of the settings (the API key read from the environment)."""
+    embedding = EmbeddingConfig(
+        provider=settings.embedding_provider,
+        model=settings.embedding_model,
+        base_url=settings.embedding_base_url,
+        api_key=settings.secret(settings.embedding_api_key_env),
+        api_key_env=settings.embedding_api_key_env,
+        timeout=settings.request_timeout,
+    )
+    return KnowledgeConfig(
+        chroma_path=settings.data_dir / "chroma",
+        chroma_host=settings.chroma_host,
+        chroma_port=settings.chroma_port,
+        collection_prefix=settings.knowledge_collection_prefix,
+        max_file_bytes=int(settings.knowledge_max_file_mb * 1024 * 1024),
+        max_guild_bytes=int(settings.knowledge_max_guild_mb * 1024 * 1024),
+        chunk_chars=settings.knowledge_chunk_chars,
+        top_k=settings.knowledge_top_k,
+        min_relevance=settings.knowledge_min_relevance,
+        embedding=embedding,
     )
 
 
@@ -110,7 +135,7 @@ async def open_app(
             from knowledge.base import KnowledgeBase
 
             # Chroma and torch load on first use, long after start-up: freeze them then.
-            kb = KnowledgeBase(settings, on_loaded=freeze_long_lived_heap)
+            kb = KnowledgeBase(knowledge_config(settings), on_loaded=freeze_long_lived_heap)
         elif knowledge:
             kb = knowledge
         if kb is not None:

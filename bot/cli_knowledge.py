@@ -1,6 +1,7 @@
 """`switchboard knowledge ...`: fill and inspect a server's knowledge base from the terminal.
 
-A typer sub-app that `bot.cli` mounts; it builds its own `KnowledgeBase` from the settings.
+A typer sub-app that `bot.cli` mounts; every command works on the knowledge base that
+`bot.app.open_app` builds, as the bot does.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,7 +27,11 @@ from rich.progress import (
 from rich.table import Table
 
 from bot.cli_common import load_settings, run_async
+from bot.present import human_size
 from core.settings import Settings
+
+if TYPE_CHECKING:
+    from knowledge.base import KnowledgeBase
 
 T = TypeVar("T")
 
@@ -46,8 +51,19 @@ def _settings() -> Settings:
     return settings
 
 
-def _run(work: Callable[[], Awaitable[T]]) -> T:
-    return run_async(work, _err)
+def _with_knowledge(work: Callable[[KnowledgeBase], Awaitable[T]]) -> T:
+    """Open the app from the settings, run `work` on its knowledge base, close it all; a user error is one line."""
+    from bot.app import open_app
+
+    settings = _settings()
+
+    async def opened() -> T:
+        async with open_app(settings) as app:
+            kb: KnowledgeBase = app.knowledge
+            _ = kb.embedder  # a bad embedding configuration fails here, before any work on the knowledge base
+            return await work(kb)
+
+    return run_async(opened, _err)
 
 
 @knowledge_app.command("add")
@@ -57,30 +73,24 @@ def add(
     uploader: Annotated[str, typer.Option("--as", help="Who added them, as shown by `list`.")] = "terminal",
 ) -> None:
     """Add documents (.txt .md .pdf .html .docx); a file with the same name is replaced."""
-    from knowledge.base import KnowledgeBase
     from knowledge.types import ProgressUpdate
 
-    kb = KnowledgeBase(_settings())
-
-    async def work() -> int:
-        _ = kb.embedder  # a bad embedding configuration fails here, before any work
+    async def work(kb: KnowledgeBase) -> int:
         columns = (
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("passages"), TimeElapsedColumn(), TimeRemainingColumn(),
         )
-        try:
-            with Progress(*columns, console=_err, transient=False) as bar:
-                task = bar.add_task("Reading", total=None)
+        with Progress(*columns, console=_err, transient=False) as bar:
+            task = bar.add_task("Reading", total=None)
 
-                def show(update: ProgressUpdate) -> None:
-                    label = f"{update.files_done}/{update.files_total} files"
-                    if update.current and update.files_done < update.files_total:
-                        label += f" · {update.current}"
-                    bar.update(task, total=max(update.chunks_total, 1), completed=update.chunks_done, description=label)
+            def show(update: ProgressUpdate) -> None:
+                label = f"{update.files_done}/{update.files_total} files"
+                if update.current and update.files_done < update.files_total:
+                    label += f" · {update.current}"
+                bar.update(task, total=max(update.chunks_total, 1), completed=update.chunks_done, description=label)
 
-                report = await kb.add_files(guild, paths, uploader=uploader, progress=show)
-        finally:
-            await kb.aclose()
+            # The terminal knows the uploader by the name given with --as alone.
+            report = await kb.add_files(guild, paths, uploader=uploader, progress=show)
         table = Table(title=f"Knowledge base of server {guild}")
         for column in ("file", "result", "passages", "detail"):
             table.add_column(column)
@@ -91,7 +101,7 @@ def add(
         _out.print(report.summary().splitlines()[0])
         return 1 if report.by_status("refused") else 0
 
-    raise typer.Exit(_run(work))
+    raise typer.Exit(_with_knowledge(work))
 
 
 @knowledge_app.command("list")
@@ -100,20 +110,13 @@ def list_(
     json_mode: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List a server's documents: passages, size, who added them and when."""
-    from knowledge.base import KnowledgeBase
 
-    kb = KnowledgeBase(_settings())
-
-    async def work() -> None:
-        _ = kb.embedder  # a bad embedding configuration fails here
-        try:
-            docs = await kb.list_documents(guild)
-        finally:
-            await kb.aclose()
+    async def work(kb: KnowledgeBase) -> None:
+        docs = await kb.list_documents(guild)
         if json_mode:
             rows = [
                 {"id": d.id, "name": d.name, "chunks": d.chunks, "bytes": d.bytes, "uploader": d.uploader,
-                 "added_at": d.added_at.isoformat(), "content_hash": d.content_hash}
+                 "uploader_id": d.uploader_id, "added_at": d.added_at.isoformat(), "content_hash": d.content_hash}
                 for d in docs
             ]
             print(json.dumps(rows, ensure_ascii=False))
@@ -129,7 +132,7 @@ def list_(
         _out.print(table)
         _out.print(f"{len(docs)} documents, {sum(d.chunks for d in docs)} passages, {human_size(sum(d.bytes for d in docs))}")
 
-    _run(work)
+    _with_knowledge(work)
 
 
 @knowledge_app.command("remove")
@@ -138,19 +141,12 @@ def remove(
     guild: GuildOption,
 ) -> None:
     """Remove a document and all its passages."""
-    from knowledge.base import KnowledgeBase
 
-    kb = KnowledgeBase(_settings())
-
-    async def work() -> None:
-        _ = kb.embedder  # a bad embedding configuration fails here
-        try:
-            doc = await kb.remove(guild, document)
-        finally:
-            await kb.aclose()
+    async def work(kb: KnowledgeBase) -> None:
+        doc = await kb.remove(guild, document)
         _out.print(f"Removed {doc.name} ({doc.chunks} passages).", markup=False)
 
-    _run(work)
+    _with_knowledge(work)
 
 
 @knowledge_app.command("search")
@@ -162,19 +158,12 @@ def search(
     json_mode: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Show the passages that best match a query, with their scores."""
-    from knowledge.base import KnowledgeBase
-
     if mode not in ("hybrid", "vector", "keyword"):
         _err.print("[red]--mode must be hybrid, vector or keyword.[/red]")
         raise typer.Exit(2)
-    kb = KnowledgeBase(_settings())
 
-    async def work() -> None:
-        _ = kb.embedder  # a bad embedding configuration fails here
-        try:
-            sources = await kb.search(guild, query, k=k, mode=mode)  # type: ignore[arg-type]
-        finally:
-            await kb.aclose()
+    async def work(kb: KnowledgeBase) -> None:
+        sources = await kb.search(guild, query, k=k, mode=mode)  # type: ignore[arg-type]
         if json_mode:
             rows = [{"chunk_id": s.chunk_id, "document": s.document, "location": s.location, "score": s.score, "text": s.text} for s in sources]
             print(json.dumps(rows, ensure_ascii=False))
@@ -187,39 +176,22 @@ def search(
             _out.print(source.text, highlight=False, markup=False)
             _out.print()
 
-    _run(work)
+    _with_knowledge(work)
 
 
 @knowledge_app.command("reindex")
 def reindex(guild: GuildOption) -> None:
     """Re-embed a server's passages with the configured embedding model (after changing models)."""
-    from knowledge.base import KnowledgeBase
     from knowledge.types import ProgressUpdate
 
-    kb = KnowledgeBase(_settings())
+    async def work(kb: KnowledgeBase) -> None:
+        with Progress(TextColumn("Re-embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=_err) as bar:
+            task = bar.add_task("reindex", total=None)
 
-    async def work() -> None:
-        _ = kb.embedder  # a bad embedding configuration fails here
-        try:
-            with Progress(TextColumn("Re-embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=_err) as bar:
-                task = bar.add_task("reindex", total=None)
+            def show(update: ProgressUpdate) -> None:
+                bar.update(task, total=max(update.chunks_total, 1), completed=update.chunks_done)
 
-                def show(update: ProgressUpdate) -> None:
-                    bar.update(task, total=max(update.chunks_total, 1), completed=update.chunks_done)
-
-                count = await kb.reindex(guild, progress=show)
-        finally:
-            await kb.aclose()
+            count = await kb.reindex(guild, progress=show)
         _out.print(f"Re-embedded {count} passages of server {guild} with {kb.embedder.name}.")
 
-    _run(work)
-
-
-def human_size(size: int) -> str:
-    """Bytes for people: 1536 → "1.5 KB"."""
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"
+    _with_knowledge(work)

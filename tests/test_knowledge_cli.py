@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bot.cli_knowledge import human_size, knowledge_app
+from bot.cli_knowledge import knowledge_app
+from bot.present import human_size
 from core.settings import Settings
 from tests.fixtures.knowledge import drop_collections, knowledge_settings
 
@@ -51,6 +52,7 @@ def test_add_list_search_remove(cli_env: Settings, tmp_path: Path) -> None:
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.stdout)
     assert [(r["name"], r["chunks"], r["uploader"]) for r in rows] == [("guide.md", 1, "ops"), ("sub/[eu] ship.txt", 1, "ops")]
+    assert [r["uploader_id"] for r in rows] == [None, None]  # the terminal knows a name, no Discord id
     table = runner.invoke(knowledge_app, ["list", "--guild", "42"])
     assert "2 documents, 2 passages" in table.stdout and "sub/[eu] ship.txt" in table.stdout
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import simcord
 
+from bot.app import knowledge_config
 from bot.discord.bot import SwitchboardBot
 from bot.discord.knowledge import KnowledgeCog
 from bot.service import ChatService
@@ -37,6 +38,19 @@ async def test_admin_uploads_and_gets_a_report(world: World, kb: KnowledgeBase) 
     docs = await kb.list_documents(world.guild.id)
     assert [(d.name, d.chunks) for d in docs] == [("guide.md", 1)]
     assert docs[0].uploader.startswith("admin")
+    assert (docs[0].uploader_name, docs[0].uploader_id) == ("admin", world.admin.id)
+
+
+async def test_an_attachment_that_cannot_be_downloaded_is_refused_alone(world: World, kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> None:
+    cdn = world.env.backend.cdn
+    stored = cdn.get
+    monkeypatch.setattr(cdn, "get", lambda url: None if url.endswith("/lost.txt") else stored(url))  # Discord answers 404
+    result = await world.admin.slash(world.channel, "knowledge add", file=("lost.txt", b"never arrives"), file2=("guide.md", GUIDE))
+    content = result.response.content
+    assert "1 added, 1 refused" in content
+    assert "lost.txt**: refused — lost.txt could not be downloaded from Discord (404); try again." in content
+    assert content.index("lost.txt") < content.index("guide.md")  # in the order given
+    assert [d.name for d in await kb.list_documents(world.guild.id)] == ["guide.md"]
 
 
 async def test_members_without_permission_cannot_change_it(world: World, kb: KnowledgeBase) -> None:
@@ -76,7 +90,7 @@ async def test_knowledge_role_may_upload_list_search_and_remove(world: World, li
 
 
 async def test_oversized_and_unsupported_attachments_are_refused_before_download(world: World, kb_settings, chat_service: ChatService, local_embedder) -> None:  # noqa: ANN001
-    small = KnowledgeBase(kb_settings.model_copy(update={"knowledge_max_file_mb": 100 / 1048576}), embedder=local_embedder)
+    small = KnowledgeBase(knowledge_config(kb_settings.model_copy(update={"knowledge_max_file_mb": 100 / 1048576})), embedder=local_embedder)
     world.bot.get_cog("KnowledgeCog").kb = small
     result = await world.admin.slash(world.channel, "knowledge add", file=("big.md", b"x" * 500), file2=("deck.pptx", b"PK"), file3=("ok.txt", b"fine"))
     content = result.response.content

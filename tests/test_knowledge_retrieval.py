@@ -63,10 +63,10 @@ async def test_exact_codes_and_names_are_found(corpus_kb: KnowledgeBase, query: 
 
 
 async def test_retrieve_applies_top_k_and_the_relevance_cut_off(corpus_kb: KnowledgeBase) -> None:
-    settings = corpus_kb._settings
+    config = corpus_kb.config
     sources = await corpus_kb.retrieve(1, "How long is the warranty on the X200 blender?")
-    assert 1 <= len(sources) <= settings.knowledge_top_k
-    assert all(s.score >= settings.knowledge_min_relevance for s in sources)
+    assert 1 <= len(sources) <= config.top_k
+    assert all(s.score >= config.min_relevance for s in sources)
     assert sources[0].document == "blender-x200.md" and sources[0].location == "## Warranty"
     for question in UNANSWERABLE:
         assert await corpus_kb.retrieve(1, question) == [], question

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bot.app import App, open_app
+from bot.app import App, knowledge_config, open_app
 from core.errors import UserError
 from core.messages import Author, ChatRequest, Place
 from core.settings import Settings
@@ -40,7 +40,7 @@ async def kb_app(service_settings: Settings, chroma_target: str, local_embedder)
             "knowledge_collection_prefix": f"t{uuid.uuid4().hex[:12]}-",  # no other test's collections
         }
     )
-    kb = KnowledgeBase(settings, embedder=local_embedder)
+    kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     try:
         async with open_app(settings, knowledge=kb) as app:
             report = await kb.add_bytes(GUILD, [("rules.md", RULES)], uploader="mod")

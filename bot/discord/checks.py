@@ -1,6 +1,8 @@
-"""Who may change the bot's settings where, and translating Discord places into service ones."""
+"""Who may change the bot's settings and a server's knowledge base, and translating Discord places into service ones."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import discord
 
@@ -31,40 +33,38 @@ def scope_for(place: Place, server: bool) -> Scope:
     return "thread" if place.thread_id is not None else "channel"
 
 
-def settings_refusal(
-    *,
-    scope: Scope,
-    in_guild: bool,
-    channel_permissions: discord.Permissions | None,
-    guild_permissions: discord.Permissions | None,
-    role_names: list[str],
-    manager_role: str | None,
+_PERMISSION_WORDS: dict[str, str] = {"manage_guild": "Manage Server", "manage_channels": "Manage Channels"}
+
+
+def permission_refusal(
+    interaction: discord.Interaction, *, doing: str, needs: Literal["manage_guild", "manage_channels"], role: str | None
 ) -> str | None:
-    """Why this person may not change settings at `scope` (None when they may)."""
-    if not in_guild:
-        return None  # a DM has one person in it: their own settings
-    if manager_role and any(name.casefold() == manager_role.casefold() for name in role_names):
+    """Why the person behind `interaction` may not be `doing` something (None when they may).
+
+    They may with the `needs` permission or with the role named `role`; `doing` starts the
+    refusal, as in "Changing the knowledge base".
+    """
+    member = interaction.user if isinstance(interaction.user, discord.Member) else None
+    if role and member is not None and any(r.name.casefold() == role.casefold() for r in member.roles):
         return None
-    role_hint = f" or the **{manager_role}** role" if manager_role else ""
-    if scope == "guild":
-        if guild_permissions is not None and guild_permissions.manage_guild:
-            return None
-        return f"Changing the server default needs the **Manage Server** permission{role_hint}."
-    if channel_permissions is not None and channel_permissions.manage_channels:
+    # Manage Channels counts in the channel the command was used in; Manage Server server-wide.
+    if needs == "manage_channels":
+        permissions = interaction.permissions
+    else:
+        permissions = member.guild_permissions if member is not None else None
+    if permissions is not None and getattr(permissions, needs):
         return None
-    return f"Changing this {scope}'s settings needs the **Manage Channels** permission{role_hint}."
+    role_hint = f" or the **{role}** role" if role else ""
+    return f"{doing} needs the **{_PERMISSION_WORDS[needs]}** permission{role_hint}."
 
 
 def ensure_can_change(interaction: discord.Interaction, scope: Scope, manager_role: str | None) -> None:
     """Raise PermissionDenied unless the person behind `interaction` may change settings at `scope`."""
-    member = interaction.user if isinstance(interaction.user, discord.Member) else None
-    refusal = settings_refusal(
-        scope=scope,
-        in_guild=interaction.guild_id is not None,
-        channel_permissions=interaction.permissions,
-        guild_permissions=member.guild_permissions if member is not None else None,
-        role_names=[role.name for role in member.roles] if member is not None else [],
-        manager_role=manager_role,
-    )
+    if interaction.guild_id is None:
+        return  # a DM has one person in it: their own settings
+    if scope == "guild":
+        refusal = permission_refusal(interaction, doing="Changing the server default", needs="manage_guild", role=manager_role)
+    else:
+        refusal = permission_refusal(interaction, doing=f"Changing this {scope}'s settings", needs="manage_channels", role=manager_role)
     if refusal is not None:
         raise PermissionDenied(refusal)

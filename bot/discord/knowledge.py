@@ -12,21 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
+from bot.discord.checks import author_of, ensure_can_change, permission_refusal, place_of, scope_for
 from bot.discord.respond import answering, send
-from bot.present import change_line
+from bot.present import change_line, human_size
 from bot.service import ChatService
 from core.errors import PermissionDenied, UserError
 from core.messages import Source
 from knowledge.base import KnowledgeBase
-from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressUpdate
+from knowledge.types import DocumentInfo, FileResult, IngestReport, ProgressUpdate, RemoteFile
 
 log = logging.getLogger(__name__)
 
@@ -37,28 +37,7 @@ _AUTOCOMPLETE_MAX = 25
 _PASSAGE_PREVIEW = 350
 EDIT_INTERVAL_S = 1.0  # Discord rate-limits edits; once a second is plenty for a progress line
 _STATUS_ICON = {"added": "✅", "replaced": "♻️", "skipped": "⏭️", "refused": "❌"}
-
-
-def knowledge_refusal(*, in_guild: bool, guild_permissions: discord.Permissions | None, role_names: list[str], knowledge_role: str | None) -> str | None:
-    """Why this person may not change the knowledge base (None when they may)."""
-    if not in_guild:
-        return "The knowledge base belongs to a server: use this command in one of its channels."
-    if knowledge_role and any(name.casefold() == knowledge_role.casefold() for name in role_names):
-        return None
-    if guild_permissions is not None and guild_permissions.manage_guild:
-        return None
-    role_hint = f" or the **{knowledge_role}** role" if knowledge_role else ""
-    return f"Changing the knowledge base needs the **Manage Server** permission{role_hint}."
-
-
-def human_size(size: int) -> str:
-    """Bytes for people: 1536 → "1.5 KB"."""
-    value = float(size)
-    for unit in ("B", "KB", "MB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GB"
+_IN_A_SERVER = "The knowledge base belongs to a server: use this command in one of its channels."
 
 
 def result_line(result: FileResult) -> str:
@@ -107,6 +86,18 @@ def fit_lines(lines: list[str], room: int) -> str:
         shown.append(line)
         used += len(line) + 1
     return "\n".join(shown)
+
+
+def _download(attachment: discord.Attachment) -> Callable[[], Awaitable[bytes]]:
+    """Read an attachment's bytes; a failed download is a UserError that refuses this file alone."""
+
+    async def read() -> bytes:
+        try:
+            return await attachment.read()
+        except discord.HTTPException as exc:
+            raise UserError(f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again.") from exc
+
+    return read
 
 
 class _ThrottledEditor:
@@ -177,13 +168,10 @@ class KnowledgeCog(commands.Cog):
         return self._refusal(interaction) is None
 
     def _refusal(self, interaction: discord.Interaction) -> str | None:
-        member = interaction.user if isinstance(interaction.user, discord.Member) else None
-        return knowledge_refusal(
-            in_guild=interaction.guild_id is not None,
-            guild_permissions=member.guild_permissions if member is not None else None,
-            role_names=[role.name for role in member.roles] if member is not None else [],
-            knowledge_role=self.knowledge_role,
-        )
+        """Why this person may not change the knowledge base (None when they may)."""
+        if interaction.guild_id is None:
+            return _IN_A_SERVER
+        return permission_refusal(interaction, doing="Changing the knowledge base", needs="manage_guild", role=self.knowledge_role)
 
     def _ensure_admin(self, interaction: discord.Interaction) -> int:
         """The guild id, after checking the person may change its knowledge base."""
@@ -196,7 +184,7 @@ class KnowledgeCog(commands.Cog):
     @staticmethod
     def _guild(interaction: discord.Interaction) -> int:
         if interaction.guild_id is None:
-            raise UserError("The knowledge base belongs to a server: use this command in one of its channels.")
+            raise UserError(_IN_A_SERVER)
         return interaction.guild_id
 
     # ------------------------------------------------------------ commands
@@ -229,27 +217,16 @@ class KnowledgeCog(commands.Cog):
             await interaction.response.defer(ephemeral=True, thinking=True)
             editor = _ThrottledEditor(interaction, self.clock)
             editor.show(f"⏳ Adding {len(attachments)} document{'s' if len(attachments) != 1 else ''}…")
-            # Refuse what is too big or of the wrong type before downloading it.
-            early: dict[int, FileResult] = {}
-            uploads: list[tuple[int, str, bytes]] = []
-            for n, attachment in enumerate(attachments):
-                refusal = self.kb.precheck(attachment.filename, attachment.size)
-                if refusal is not None:
-                    early[n] = FileResult(attachment.filename, "refused", refusal)
-                    continue
-                try:
-                    uploads.append((n, attachment.filename, await attachment.read()))
-                except discord.HTTPException as exc:
-                    early[n] = FileResult(attachment.filename, "refused", f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again.")
-            report = await self.kb.add_bytes(
+            # The knowledge base refuses what is too big or of the wrong type before it is downloaded.
+            uploader = author_of(interaction.user)
+            report = await self.kb.add_remote(
                 guild_id,
-                [(name, data) for _, name, data in uploads],
-                uploader=f"{interaction.user.display_name} ({interaction.user.id})",
+                [RemoteFile(a.filename, a.size, _download(a)) for a in attachments],
+                uploader=uploader.name,
+                uploader_id=uploader.id,
                 progress=lambda update: editor.show(progress_text(update)),
             )
-            results = dict(early)
-            results.update({n: result for (n, _, _), result in zip(uploads, report.results, strict=True)})
-            await editor.finish(report_text(IngestReport([results[n] for n in sorted(results)])))
+            await editor.finish(report_text(report))
 
     @knowledge.command(name="list")
     async def list_(self, interaction: discord.Interaction) -> None:
