@@ -23,10 +23,26 @@ def simcord_bot(chat_service: ChatService, kb: KnowledgeBase) -> SwitchboardBot:
     return SwitchboardBot(chat_service, manager_role=MANAGER_ROLE, shard_count=1, extra_cogs=[cog])
 
 
+@pytest.fixture(autouse=True)
+def opened(world: World) -> World:
+    """These tests are about the bot's own checks: the server lets every member see /knowledge."""
+    world.open_to_everyone("knowledge")
+    return world
+
+
 @pytest.fixture
 def librarian(world: World) -> simcord.MemberActor:
     role = world.guild.create_role(LIBRARIAN)
     return world.guild.add_member(world.env.create_user("librarian"), roles=[role])
+
+
+async def test_only_knowledge_admins_see_the_commands_by_default(world: World) -> None:
+    world.guild.set_command_permissions(
+        int(world.env.backend.find_command("knowledge", world.guild.id)["id"]), {}
+    )  # back to what Discord does until a server admin opens it
+    assert "knowledge add" in world.admin.available_commands(world.channel)
+    assert "knowledge add" not in world.alice.available_commands(world.channel)
+    assert "knowledge list" not in world.mod.available_commands(world.channel)
 
 
 async def test_admin_uploads_and_gets_a_report(world: World, kb: KnowledgeBase) -> None:

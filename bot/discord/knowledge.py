@@ -145,7 +145,15 @@ class _ThrottledEditor:
 class KnowledgeCog(commands.Cog):
     """Fill a server's knowledge base from Discord and choose where the bot answers from it."""
 
-    knowledge = app_commands.Group(name="knowledge", description="The server's knowledge base: documents the bot answers from.", guild_only=True)
+    # The knowledge admins' group: shown to people with Manage Server by default. A server
+    # admin can open it to the knowledge role, moderators or everyone under Server Settings →
+    # Integrations; who may do what is still checked on every use.
+    knowledge = app_commands.Group(
+        name="knowledge",
+        description="The server's knowledge base: documents the bot answers from.",
+        guild_only=True,
+        default_permissions=discord.Permissions(manage_guild=True),
+    )
 
     def __init__(
         self,
