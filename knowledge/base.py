@@ -219,7 +219,7 @@ class KnowledgeBase:
             collection = self._open(guild_id, create=False)
             docs = [] if collection is None else self._documents_sync(collection)
             doc = _find_document(docs, document)
-            if doc is None:
+            if doc is None or collection is None:
                 raise NotFound(f"There is no document called {document!r} in this server's knowledge base. `/knowledge list` shows what is there.")
             collection.delete(where={"doc_id": doc.id})
             self._bump_revision(guild_id, collection)

@@ -86,7 +86,7 @@ class LocalEmbedder:
                 from transformers.utils import logging as transformers_logging
 
                 # A "Loading weights" bar on every start is noise in a terminal and in the bot's log.
-                transformers_logging.disable_progress_bar()
+                transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
                 self._model = SentenceTransformer(str(self._path()), device=self._device, local_files_only=True)
                 if self._on_load is not None:
@@ -98,12 +98,16 @@ class LocalEmbedder:
         if not texts:
             return np.zeros((0, 0), dtype=np.float32)
         model = self.load()
-        return model.encode(list(texts), batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vectors: np.ndarray = model.encode(
+            list(texts), batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+        return vectors
 
     def embed_query(self, text: str) -> np.ndarray:
         """The vector of one question, normalised."""
         model = self.load()
-        return model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)[0]
+        vectors: np.ndarray = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors[0])
 
 
 class OpenAIEmbedder:
@@ -160,7 +164,8 @@ class OpenAIEmbedder:
 
     def embed_query(self, text: str) -> np.ndarray:
         """The vector of one question, normalised."""
-        return self._embed([text])[0]
+        vectors: np.ndarray = self._embed([text])
+        return np.asarray(vectors[0])
 
 
 def create_embedder(config: EmbeddingConfig, *, on_load: Callable[[], None] | None = None) -> Embedder:

@@ -28,7 +28,8 @@ class Quality:
 
 def load_questions(path: Path) -> list[dict[str, Any]]:
     """The labelled questions of a JSON file with a "questions" list of {q, relevant}."""
-    return json.loads(path.read_text(encoding="utf-8"))["questions"]
+    questions: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))["questions"]
+    return questions
 
 
 async def evaluate(kb: KnowledgeBase, guild_id: int, questions: list[dict[str, Any]], *, k: int, mode: SearchMode) -> Quality:

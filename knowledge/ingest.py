@@ -35,6 +35,7 @@ from knowledge.splitter import Chunk, split_sections
 from knowledge.types import (
     DocumentInfo,
     FileResult,
+    FileStatus,
     ProgressCallback,
     ProgressUpdate,
     uploader_text,
@@ -155,7 +156,12 @@ def items_from_paths(paths: Sequence[Path], max_file_bytes: int) -> list[Item]:
 
 def items_from_bytes(files: Sequence[tuple[str, bytes]], max_file_bytes: int) -> list[Item]:
     """The files to ingest from (name, content) pairs."""
-    return [checked_item(name, len(data), (lambda data=data: data), max_file_bytes) for name, data in files]
+    return [checked_item(name, len(data), _reader(data), max_file_bytes) for name, data in files]
+
+
+def _reader(data: bytes) -> Callable[[], bytes]:
+    """A reader for bytes already in memory."""
+    return lambda: data
 
 
 def _item_for_file(path: Path, name: str, max_file_bytes: int, *, skip_unsupported: bool = False) -> Item:
@@ -291,7 +297,7 @@ class Upload:
             for index, item in enumerate(items):
                 state.update(current=item.name)
                 if item.refused or item.skipped:
-                    status = "refused" if item.refused else "skipped"
+                    status: FileStatus = "refused" if item.refused else "skipped"
                     finish(index, FileResult(item.name, status, item.refused or item.skipped))
                     continue
                 try:
@@ -414,7 +420,7 @@ class Upload:
                 log.exception("dropping the old version of %s failed", prepared.name)
                 self._undo(prepared, docs, finish, f"{prepared.name} could not replace the stored version ({type(exc).__name__})")
                 return
-        status = "replaced" if prepared.replaces is not None else "added"
+        status: FileStatus = "replaced" if prepared.replaces is not None else "added"
         finish(prepared.index, FileResult(prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id))
 
     def _undo(self, prepared: _Prepared, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None], refusal: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -23,6 +23,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -84,6 +85,11 @@ class Base(DeclarativeBase):
     """Declarative base with the naming conventions on its metadata."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's table, for Core statements (plain INSERTs on the logging hot path)."""
+    return cast(Table, model.__table__)
 
 
 class ChannelSetting(Base):
@@ -157,7 +163,8 @@ def default_kind(role: str | None) -> str:
 
 def _kind_default(context: DefaultExecutionContext) -> str:
     """Column default for `kind`, from the row's `role`."""
-    return default_kind(context.get_current_parameters().get("role"))
+    parameters: dict[str, Any] = context.get_current_parameters()  # type: ignore[no-untyped-call]
+    return default_kind(parameters.get("role"))
 
 
 class Message(Base):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Integer,
@@ -23,6 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.sql.dml import Insert
@@ -40,6 +41,7 @@ from store.models import (
     SettingChange,
     default_kind,
     new_id,
+    table_of,
     utcnow,
 )
 
@@ -85,7 +87,11 @@ class SettingsRepository:
         """The rows that exist for this place, keyed "thread", "channel", "guild" (one query)."""
         found = await self.rows_for_places([(guild_id, channel_id, thread_id)])
         wanted = {"thread": thread_id, "channel": channel_id, "guild": guild_id}
-        return {scope: found[(scope, scope_id)] for scope, scope_id in wanted.items() if (scope, scope_id) in found}
+        return {
+            scope: found[(scope, scope_id)]
+            for scope, scope_id in wanted.items()
+            if scope_id is not None and (scope, scope_id) in found
+        }
 
     async def rows_for_places(
         self, places: Iterable[tuple[int | None, int, int | None]]
@@ -135,7 +141,7 @@ class SettingsRepository:
         # Insert-if-missing first, so two concurrent first writes cannot both insert,
         # then lock the row (FOR UPDATE on PostgreSQL; SQLite's write lock is already held).
         await self.session.execute(
-            _insert_ignoring_conflicts(self.session, ChannelSetting.__table__).values(
+            _insert_ignoring_conflicts(self.session, table_of(ChannelSetting)).values(
                 id=new_id(), scope=scope, scope_id=scope_id, guild_id=guild_id, updated_at=utcnow()
             )
         )
@@ -146,7 +152,7 @@ class SettingsRepository:
             .execution_options(populate_existing=True)
         )
         assert row is not None
-        old = getattr(row, field)
+        old: object | None = getattr(row, field)
         if old != value or type(old) is not type(value):
             setattr(row, field, value)
             row.updated_at = utcnow()
@@ -213,8 +219,8 @@ class ConversationRepository:
         # A plain INSERT (no unit-of-work flush) is much cheaper on the logging hot path;
         # then the object joins the session as if loaded, so later changes are tracked.
         await self.session.execute(
-            insert(Conversation.__table__),
-            [{c.key: getattr(conversation, c.key) for c in Conversation.__table__.columns}],
+            insert(table_of(Conversation)),
+            [{c.key: getattr(conversation, c.key) for c in table_of(Conversation).columns}],
         )
         make_transient_to_detached(conversation)
         self.session.add(conversation)
@@ -229,7 +235,7 @@ class ConversationRepository:
         unique = {row["id"]: {**row, "created_at": row.get("created_at") or now} for row in rows}
         if unique:
             await self.session.execute(
-                _insert_ignoring_conflicts(self.session, Conversation.__table__), list(unique.values())
+                _insert_ignoring_conflicts(self.session, table_of(Conversation)), list(unique.values())
             )
 
     async def get(self, id: str) -> Conversation | None:
@@ -244,7 +250,7 @@ class ConversationRepository:
         """
         await self._delete_lines(select(Message.id).where(Message.conversation_id == id))
         result = await self.session.execute(delete(Conversation).where(Conversation.id == id))
-        return bool(result.rowcount)
+        return bool(cast(CursorResult[Any], result).rowcount)
 
     async def delete_messages(self, message_ids: Iterable[str]) -> int:
         """Delete these messages and everything that derives from them; returns how many went.
@@ -261,7 +267,7 @@ class ConversationRepository:
             deleted += await self._delete_lines(select(Message.id).where(Message.id.in_(chunk)))
         return deleted
 
-    async def _delete_lines(self, roots: Select[tuple[str]]) -> int:
+    async def _delete_lines(self, roots: Select[Any]) -> int:
         """Delete the messages `roots` selects and their descendants, newest first."""
         line = roots.cte("doomed", recursive=True)
         # UNION, not UNION ALL: each message is walked once, however many roots lead to it.
@@ -274,7 +280,7 @@ class ConversationRepository:
             .order_by(Message.created_at.desc(), Message.id.desc())
         )
         doomed = result.all()
-        table = Message.__table__
+        table = table_of(Message)
         if self.session.get_bind().dialect.name == "postgresql":
             # PostgreSQL cascades after the statement, when the listed rows are gone: a
             # few large DELETEs, newest first, leave it nothing to walk.
@@ -426,9 +432,9 @@ class ConversationRepository:
         answer_id, position and input_id. For the exchange log's hot path.
         """
         if messages:
-            await self.session.execute(insert(Message.__table__), messages)
+            await self.session.execute(insert(table_of(Message)), messages)
         if inputs:
-            await self.session.execute(insert(MessageInput.__table__), inputs)
+            await self.session.execute(insert(table_of(MessageInput)), inputs)
 
     async def link_discord_messages(
         self, message_id: str, conversation_id: str, discord_message_ids: Iterable[int]
@@ -444,7 +450,7 @@ class ConversationRepository:
         ]
         if values:
             await self.session.execute(
-                _insert_ignoring_conflicts(self.session, DiscordMessage.__table__), values
+                _insert_ignoring_conflicts(self.session, table_of(DiscordMessage)), values
             )
 
     async def discord_messages_for(self, message_id: str) -> list[int]:
@@ -500,4 +506,4 @@ class ModelRepository:
         result = await self.session.execute(
             delete(RegisteredModel).where(RegisteredModel.name == name)
         )
-        return bool(result.rowcount)
+        return bool(cast(CursorResult[Any], result).rowcount)
