@@ -26,8 +26,12 @@ WORDS = (
 _SYLLABLES = "ka to ri men sa lo ber vin dal or es un tra pel gor fi nu zel mar qui".split()
 # A long tail of rarer words (names, jargon), as real documents have: 8,400 made-up words
 # drawn with Zipf-like frequencies.
-RARE_WORDS = [a + b for a in _SYLLABLES for b in _SYLLABLES] + [a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in _SYLLABLES]
-_RARE_CUMULATIVE = list(itertools.accumulate(1 / (rank + 1) ** 1.07 for rank in range(len(RARE_WORDS))))
+RARE_WORDS = [a + b for a in _SYLLABLES for b in _SYLLABLES] + [
+    a + b + c for a in _SYLLABLES for b in _SYLLABLES for c in _SYLLABLES
+]
+_RARE_CUMULATIVE = list(
+    itertools.accumulate(1 / (rank + 1) ** 1.07 for rank in range(len(RARE_WORDS)))
+)
 
 
 def rare_words(rng: random.Random, count: int) -> list[str]:
@@ -40,10 +44,16 @@ def sentence(rng: random.Random, rare: float = 0.0) -> str:
     size = rng.randint(8, 20)
     words = [rng.choice(WORDS) for _ in range(size)]
     if rare:
-        for i, word in zip(rng.sample(range(size), round(size * rare)), rare_words(rng, round(size * rare)), strict=True):
+        for i, word in zip(
+            rng.sample(range(size), round(size * rare)),
+            rare_words(rng, round(size * rare)),
+            strict=True,
+        ):
             words[i] = word
     if rng.random() < 0.3:
-        words.insert(rng.randrange(len(words)), f"{rng.choice('ABCDEFGH')}-{rng.randint(100, 9999)}")
+        words.insert(
+            rng.randrange(len(words)), f"{rng.choice('ABCDEFGH')}-{rng.randint(100, 9999)}"
+        )
     if rng.random() < 0.2:
         words.insert(rng.randrange(len(words)), str(rng.randint(2, 500)))
     text = " ".join(words)
@@ -72,4 +82,6 @@ def write_corpus(folder: Path, *, files: int, sections: int, seed: int = 7) -> l
 
 def passages(rng: random.Random, count: int) -> list[str]:
     """`count` passage texts of about one chunk each, a quarter of their words from the long tail."""
-    return [" ".join(sentence(rng, rare=0.25) for _ in range(rng.randint(5, 9))) for _ in range(count)]
+    return [
+        " ".join(sentence(rng, rare=0.25) for _ in range(rng.randint(5, 9))) for _ in range(count)
+    ]

@@ -31,8 +31,15 @@ def fake_model_server(latency: float = 0.0, token_delay: float = 0.0) -> Iterato
     """The fake OpenAI server in its own process (so it does not share our event loop); yields base_url."""
     port = free_port()
     cmd = [
-        sys.executable, "-m", "tests.fakes.openai_server",
-        "--port", str(port), "--latency", str(latency), "--token-delay", str(token_delay),
+        sys.executable,
+        "-m",
+        "tests.fakes.openai_server",
+        "--port",
+        str(port),
+        "--latency",
+        str(latency),
+        "--token-delay",
+        str(token_delay),
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -45,7 +52,9 @@ def fake_model_server(latency: float = 0.0, token_delay: float = 0.0) -> Iterato
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"fake model server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+                raise RuntimeError(
+                    f"fake model server did not start: {proc.stderr.read().decode() if proc.stderr else ''}"
+                )
             time.sleep(0.05)
         yield base_url
     finally:

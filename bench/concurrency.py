@@ -130,11 +130,18 @@ async def run() -> float:
     freeze_long_lived_heap()
     with fake_model_server(latency=LATENCY_S) as base_url, bench_settings(base_url) as settings:
         floors = {"raw HTTP (aiohttp, no SDK)": await raw_http(base_url)}
-        options = {"base_url": base_url, "api_key": "sk-bench", "model": "fake-model", "stream_usage": True}
+        options = {
+            "base_url": base_url,
+            "api_key": "sk-bench",
+            "model": "fake-model",
+            "stream_usage": True,
+        }
         floors["bare ChatOpenAI (httpx)"] = await bare_chat_openai(ChatOpenAI(**options))
         aio = openai.DefaultAioHttpClient()
         try:
-            floors["bare ChatOpenAI (aiohttp)"] = await bare_chat_openai(ChatOpenAI(http_async_client=aio, **options))
+            floors["bare ChatOpenAI (aiohttp)"] = await bare_chat_openai(
+                ChatOpenAI(http_async_client=aio, **options)
+            )
         finally:
             await aio.aclose()
 
@@ -173,35 +180,46 @@ async def run() -> float:
             await sb.writer.drain()
             async with sb.sessions() as session:
                 answers = await session.scalar(
-                    select(func.count()).select_from(Message).where(Message.id.in_([r.message_id for r in results]))
+                    select(func.count())
+                    .select_from(Message)
+                    .where(Message.id.in_([r.message_id for r in results]))
                 )
                 user_rows = await session.scalar(
-                    select(func.count()).select_from(Message).where(
-                        Message.role == "user", Message.content.like("question %")
-                    )
+                    select(func.count())
+                    .select_from(Message)
+                    .where(Message.role == "user", Message.content.like("question %"))
                 )
                 convs = await session.scalar(
-                    select(func.count()).select_from(Conversation).where(
-                        Conversation.id.in_([r.conversation_id for r in results])
-                    )
+                    select(func.count())
+                    .select_from(Conversation)
+                    .where(Conversation.id.in_([r.conversation_id for r in results]))
                 )
 
-    table = Table(title=f"concurrency: {CONVERSATIONS} conversations in {CHANNELS} channels, model latency {LATENCY_S * 1000:.0f} ms")
+    table = Table(
+        title=f"concurrency: {CONVERSATIONS} conversations in {CHANNELS} channels, model latency {LATENCY_S * 1000:.0f} ms"
+    )
     for col in ("path", "wall ms", "wall / latency", "CPU ms / request"):
         table.add_column(col)
     for name, timing in {**floors, "Switchboard service": service}.items():
         table.add_row(
-            name, f"{timing.wall * 1000:.0f}", f"{timing.wall / LATENCY_S:.2f}", f"{timing.cpu * 1000 / CONVERSATIONS:.2f}"
+            name,
+            f"{timing.wall * 1000:.0f}",
+            f"{timing.wall / LATENCY_S:.2f}",
+            f"{timing.cpu * 1000 / CONVERSATIONS:.2f}",
         )
     table.caption = f"best of {ROUNDS} rounds each; service rounds: {', '.join(f'{w * 1000:.0f}' for w in walls)} ms"
     console.print(table)
     own_model = floors["the service's model alone"].wall
-    console.print(f"the service's own share: {(wall - own_model) * 1000:+.0f} ms over its model alone ({wall / own_model:.2f}x)")
+    console.print(
+        f"the service's own share: {(wall - own_model) * 1000:+.0f} ms over its model alone ({wall / own_model:.2f}x)"
+    )
     console.print(
         f"event-loop lag: p50 {percentile(lag, 50):.1f} ms, p99 {percentile(lag, 99):.1f} ms, max {max(lag):.1f} ms"
     )
     expected = CONVERSATIONS * ROUNDS
-    console.print(f"logged: {answers} answers, {user_rows} prompts, {convs} conversations (expected {expected} each)")
+    console.print(
+        f"logged: {answers} answers, {user_rows} prompts, {convs} conversations (expected {expected} each)"
+    )
     if not answers == user_rows == convs == expected:
         raise RuntimeError("not every exchange was logged exactly once")
     return wall / own_model

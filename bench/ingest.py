@@ -47,19 +47,31 @@ def main() -> int:
         texts = [
             chunk.text
             for path in paths
-            for chunk in split_sections(parse(path.name, path.read_bytes(), max_bytes=1 << 30), CHUNK_CHARS)
+            for chunk in split_sections(
+                parse(path.name, path.read_bytes(), max_bytes=1 << 30), CHUNK_CHARS
+            )
         ]
-        console.print(f"corpus: {len(paths)} files, {len(texts):,} passages, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB")
+        console.print(
+            f"corpus: {len(paths)} files, {len(texts):,} passages, {sum(p.stat().st_size for p in paths) / 1e6:.1f} MB"
+        )
 
         embedder = LocalEmbedder()
         with console.status("loading the model for the baseline…"):
             model = embedder.load()
-            model.encode(texts[:64], batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+            model.encode(
+                texts[:64], batch_size=32, normalize_embeddings=True, show_progress_bar=False
+            )
 
         def raw() -> float:
             def encode() -> float:
                 start = time.perf_counter()
-                model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+                model.encode(
+                    texts,
+                    batch_size=32,
+                    normalize_embeddings=True,
+                    convert_to_numpy=True,
+                    show_progress_bar=False,
+                )
                 return time.perf_counter() - start
 
             with ThreadPoolExecutor(max_workers=1) as pool:
@@ -76,7 +88,9 @@ def main() -> int:
         def command(round_: int) -> float:
             start = time.perf_counter()
             result = CliRunner().invoke(
-                knowledge_app, ["add", str(root / "corpus"), "--guild", "1"], env={**env, "SWITCHBOARD_DATA_DIR": str(root / f"data{round_}")}
+                knowledge_app,
+                ["add", str(root / "corpus"), "--guild", "1"],
+                env={**env, "SWITCHBOARD_DATA_DIR": str(root / f"data{round_}")},
             )
             elapsed = time.perf_counter() - start
             if result.exit_code != 0:
@@ -84,7 +98,9 @@ def main() -> int:
                 raise SystemExit(f"the command failed with exit code {result.exit_code}")
             if f"{len(texts)} passages stored" not in result.output:
                 console.print(result.output[-2000:])
-                raise SystemExit("the command stored a different number of passages than the baseline encodes")
+                raise SystemExit(
+                    "the command stored a different number of passages than the baseline encodes"
+                )
             return elapsed
 
         raws: list[float] = []
@@ -92,7 +108,9 @@ def main() -> int:
         for round_ in range(ROUNDS):
             with console.status(f"raw encode ({round_ + 1}/{ROUNDS})…"):
                 raws.append(raw())
-            with console.status(f"switchboard knowledge add ({round_ + 1}/{ROUNDS}), into a fresh data folder…"):
+            with console.status(
+                f"switchboard knowledge add ({round_ + 1}/{ROUNDS}), into a fresh data folder…"
+            ):
                 commands.append(command(round_))
 
     # Other work on a shared machine only ever slows a run down: compare each side's best.
@@ -102,7 +120,9 @@ def main() -> int:
     for column in ("round", "raw encode s", "passages/s", "knowledge add s", "passages/s"):
         table.add_column(column, justify="right")
     for n, (r, c) in enumerate(zip(raws, commands, strict=True), start=1):
-        table.add_row(str(n), f"{r:.2f}", f"{len(texts) / r:.1f}", f"{c:.2f}", f"{len(texts) / c:.1f}")
+        table.add_row(
+            str(n), f"{r:.2f}", f"{len(texts) / r:.1f}", f"{c:.2f}", f"{len(texts) / c:.1f}"
+        )
     console.print(table)
     ratio = command_rate / raw_rate
     print(f"ingest: ratio {ratio:.3f} (goal >= {GOAL})")

@@ -95,7 +95,9 @@ def _settings(folder: Path) -> Settings:
     return Settings(config=config, data_dir=folder / "data", environ=env, max_local_models=1)
 
 
-async def direct(client: httpx.AsyncClient, base_url: str, messages: list[dict[str, object]]) -> Sample:
+async def direct(
+    client: httpx.AsyncClient, base_url: str, messages: list[dict[str, object]]
+) -> Sample:
     """The request sent straight to the llama.cpp server, streamed with a raw HTTP client."""
     body = {
         "model": "smol",
@@ -127,7 +129,9 @@ async def direct(client: httpx.AsyncClient, base_url: str, messages: list[dict[s
 
 async def service_side(service: object, round_no: int) -> Sample:
     """The same question through ChatService.stream, in a new conversation."""
-    request = ChatRequest(Place(guild_id=1, channel_id=1000 + round_no), Author(7, "bench"), QUESTION)
+    request = ChatRequest(
+        Place(guild_id=1, channel_id=1000 + round_no), Author(7, "bench"), QUESTION
+    )
     start = time.perf_counter()
     first = last = 0.0
     result = None
@@ -175,10 +179,22 @@ async def run() -> float:
                             target.append(sample)
             await sb.writer.drain()
 
-    table = Table(title=f"local: bundled SmolLM2-135M, {ROUNDS} requests per side, max_tokens {MAX_TOKENS}, temperature 0")
-    for col in ("path", "p50 TTFT ms", "p90 TTFT ms", "p50 tokens/s (end to end)", "p50 decode tokens/s", "tokens"):
+    table = Table(
+        title=f"local: bundled SmolLM2-135M, {ROUNDS} requests per side, max_tokens {MAX_TOKENS}, temperature 0"
+    )
+    for col in (
+        "path",
+        "p50 TTFT ms",
+        "p90 TTFT ms",
+        "p50 tokens/s (end to end)",
+        "p50 decode tokens/s",
+        "tokens",
+    ):
         table.add_column(col)
-    for name, samples in (("direct to llama.cpp (httpx)", direct_samples), ("Switchboard ChatService.stream", service_samples)):
+    for name, samples in (
+        ("direct to llama.cpp (httpx)", direct_samples),
+        ("Switchboard ChatService.stream", service_samples),
+    ):
         table.add_row(
             name,
             f"{percentile([s.ttft_s * 1000 for s in samples], 50):.1f}",
@@ -190,7 +206,9 @@ async def run() -> float:
     console.print(table)
     console.print(f"openai client retries on the service side: {retries.count}")
     openai_log.removeHandler(retries)
-    return percentile([s.tokens_per_s for s in service_samples], 50) / percentile([s.tokens_per_s for s in direct_samples], 50)
+    return percentile([s.tokens_per_s for s in service_samples], 50) / percentile(
+        [s.tokens_per_s for s in direct_samples], 50
+    )
 
 
 def main() -> int:

@@ -46,11 +46,50 @@ async def seed(sessions, conversations: int) -> None:
             rows = []
             for i in range(start, min(start + batch, conversations)):
                 cid = uuid.uuid4().hex
-                await repo.create(id=cid, guild_id=1, channel_id=100 + i % 50, thread_id=None, started_by=i, origin="discord")
+                await repo.create(
+                    id=cid,
+                    guild_id=1,
+                    channel_id=100 + i % 50,
+                    thread_id=None,
+                    started_by=i,
+                    origin="discord",
+                )
                 user_id, answer_id = uuid.uuid4().hex, uuid.uuid4().hex
-                common = {"conversation_id": cid, "guild_id": 1, "channel_id": 100 + i % 50, "thread_id": None}
-                rows.append({**common, "id": user_id, "parent_id": None, "role": "user", "content": f"question {i}", "author_id": i, "author_name": f"user{i}"})
-                rows.append({**common, "id": answer_id, "parent_id": user_id, "role": "assistant", "content": f"answer {i}", "model_name": "fake", "provider": "openai-compatible", "provider_model": "fake-model", "status": "ok", "request_messages": [{"role": "user", "content": f"question {i}"}], "prompt_tokens": 10, "completion_tokens": 10, "latency_ms": 5.0, "cost_usd": 0.0})
+                common = {
+                    "conversation_id": cid,
+                    "guild_id": 1,
+                    "channel_id": 100 + i % 50,
+                    "thread_id": None,
+                }
+                rows.append(
+                    {
+                        **common,
+                        "id": user_id,
+                        "parent_id": None,
+                        "role": "user",
+                        "content": f"question {i}",
+                        "author_id": i,
+                        "author_name": f"user{i}",
+                    }
+                )
+                rows.append(
+                    {
+                        **common,
+                        "id": answer_id,
+                        "parent_id": user_id,
+                        "role": "assistant",
+                        "content": f"answer {i}",
+                        "model_name": "fake",
+                        "provider": "openai-compatible",
+                        "provider_model": "fake-model",
+                        "status": "ok",
+                        "request_messages": [{"role": "user", "content": f"question {i}"}],
+                        "prompt_tokens": 10,
+                        "completion_tokens": 10,
+                        "latency_ms": 5.0,
+                        "cost_usd": 0.0,
+                    }
+                )
             await repo.add_messages(rows)
 
 
@@ -60,12 +99,16 @@ async def run() -> float:
         async with open_app(settings, knowledge=False) as sb:
             with console.status(f"logging {CONVERSATIONS:,} conversations first…"):
                 await seed(sb.sessions, CONVERSATIONS)
-            bare = ChatOpenAI(base_url=base_url, api_key="sk-bench", model="fake-model", stream_usage=True)
+            bare = ChatOpenAI(
+                base_url=base_url, api_key="sk-bench", model="fake-model", stream_usage=True
+            )
             service = sb.service
             # Each round continues one of 50 conversations (history grows), as in a busy server.
             conversations: list[str | None] = [None] * 50
             # The bare side sends what the service sends: the same growing conversations.
-            transcripts: list[list[BaseMessage]] = [[SystemMessage(DEFAULT_SYSTEM_PROMPT)] for _ in range(50)]
+            transcripts: list[list[BaseMessage]] = [
+                [SystemMessage(DEFAULT_SYSTEM_PROMPT)] for _ in range(50)
+            ]
             bare_ms: list[float] = []
             service_ms: list[float] = []
             for i in range(WARMUP + ROUNDS):
@@ -78,7 +121,9 @@ async def run() -> float:
                 t1 = time.perf_counter()
                 transcripts[slot] += [HumanMessage(question), AIMessage(reply)]
                 request = ChatRequest(
-                    Place(guild_id=1, channel_id=100 + slot), Author(7, "bench"), question,
+                    Place(guild_id=1, channel_id=100 + slot),
+                    Author(7, "bench"),
+                    question,
                     conversation_id=conversations[slot],
                 )
                 result = await service.answer(request)

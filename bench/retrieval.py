@@ -53,12 +53,26 @@ def fill(kb: KnowledgeBase, guild_id: int, size: int, seed: int) -> None:
         metadatas = []
         for n in range(start, stop):
             doc, position = divmod(n, 20)
-            metadatas.append({
-                "doc_id": f"doc{doc}", "name": f"doc-{doc}.md", "position": position, "uploader": "bench",
-                "added_at": 0.0, "hash": f"{n:016x}", "doc_hash": f"{doc:064x}", "doc_bytes": 12000, "doc_chunks": 20,
-                "location": f"## Section {position}",
-            })
-        collection.add(ids=[f"doc{n // 20}-{n % 20}" for n in range(start, stop)], embeddings=vectors[start:stop], documents=texts, metadatas=metadatas)
+            metadatas.append(
+                {
+                    "doc_id": f"doc{doc}",
+                    "name": f"doc-{doc}.md",
+                    "position": position,
+                    "uploader": "bench",
+                    "added_at": 0.0,
+                    "hash": f"{n:016x}",
+                    "doc_hash": f"{doc:064x}",
+                    "doc_bytes": 12000,
+                    "doc_chunks": 20,
+                    "location": f"## Section {position}",
+                }
+            )
+        collection.add(
+            ids=[f"doc{n // 20}-{n % 20}" for n in range(start, stop)],
+            embeddings=vectors[start:stop],
+            documents=texts,
+            metadatas=metadatas,
+        )
     kb._bump_revision(guild_id, collection)
 
 
@@ -67,23 +81,38 @@ def questions(count: int, seed: int) -> list[str]:
     starts = ("How do I", "What is the", "Why does the", "When should I", "Where can I find the")
     out = []
     for _ in range(count):
-        words = " ".join([rng.choice(WORDS) for _ in range(rng.randint(2, 5))] + rare_words(rng, rng.randint(1, 2)))
+        words = " ".join(
+            [rng.choice(WORDS) for _ in range(rng.randint(2, 5))]
+            + rare_words(rng, rng.randint(1, 2))
+        )
         code = f" {rng.choice('ABCDEFGH')}-{rng.randint(100, 9999)}" if rng.random() < 0.3 else ""
         out.append(f"{rng.choice(starts)} {words}{code}?")
     return out
 
 
-async def measure(kb: KnowledgeBase, model: object, guild_id: int, top_k: int) -> tuple[list[float], list[float], list[float], list[float]]:
+async def measure(
+    kb: KnowledgeBase, model: object, guild_id: int, top_k: int
+) -> tuple[list[float], list[float], list[float], list[float]]:
     collection = kb._open(guild_id, create=False)
     service: list[float] = []
     encode: list[float] = []
     query: list[float] = []
     for n, question in enumerate(questions(WARMUP + QUERIES, seed=guild_id)):
+
         def bare(question: str = question) -> tuple[float, float]:
             start = time.perf_counter()
-            vector = model.encode([question], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)[0]  # type: ignore[attr-defined]
+            vector = model.encode(
+                [question],
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )[0]  # type: ignore[attr-defined]
             encoded = time.perf_counter()
-            collection.query(query_embeddings=[vector], n_results=top_k, include=["documents", "metadatas", "distances"])
+            collection.query(
+                query_embeddings=[vector],
+                n_results=top_k,
+                include=["documents", "metadatas", "distances"],
+            )
             return encoded - start, time.perf_counter() - encoded
 
         async def ours(question: str = question) -> float:
@@ -114,7 +143,15 @@ async def run() -> float:
     for column in ("passages", "retrieve()", "encode + query", "encode", "query", "ratio"):
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-retrieval-") as tmp:
-        settings = Settings().model_copy(update={"data_dir": Path(tmp), "chroma_host": None, "knowledge_collection_prefix": "bench-", "embedding_provider": "local", "embedding_model": None})
+        settings = Settings().model_copy(
+            update={
+                "data_dir": Path(tmp),
+                "chroma_host": None,
+                "knowledge_collection_prefix": "bench-",
+                "embedding_provider": "local",
+                "embedding_model": None,
+            }
+        )
         embedder = LocalEmbedder()
         kb = KnowledgeBase(knowledge_config(settings), embedder=embedder)
         with console.status("loading the model…"):
@@ -125,14 +162,22 @@ async def run() -> float:
             with console.status("building the keyword index…"):
                 start = time.perf_counter()
                 await kb.retrieve(guild_id, "warm up the keyword index")
-                console.print(f"{size:,} passages: keyword index built in {time.perf_counter() - start:.1f} s")
+                console.print(
+                    f"{size:,} passages: keyword index built in {time.perf_counter() - start:.1f} s"
+                )
             with console.status(f"timing {QUERIES} questions at {size:,} passages…"):
-                service, baseline, encode, query = await measure(kb, model, guild_id, settings.knowledge_top_k)
+                service, baseline, encode, query = await measure(
+                    kb, model, guild_id, settings.knowledge_top_k
+                )
             ratio = statistics.median(service) / statistics.median(baseline)
             worst = max(worst, ratio)
             table.add_row(
-                f"{size:,}", f"{statistics.median(service) * 1000:.2f}", f"{statistics.median(baseline) * 1000:.2f}",
-                f"{statistics.median(encode) * 1000:.2f}", f"{statistics.median(query) * 1000:.2f}", f"{ratio:.3f}",
+                f"{size:,}",
+                f"{statistics.median(service) * 1000:.2f}",
+                f"{statistics.median(baseline) * 1000:.2f}",
+                f"{statistics.median(encode) * 1000:.2f}",
+                f"{statistics.median(query) * 1000:.2f}",
+                f"{ratio:.3f}",
             )
         await kb.aclose()
     console.print(table)

@@ -54,7 +54,9 @@ class App:
 def client_config(settings: Settings) -> ClientConfig:
     """How model clients behave, from the settings."""
     return ClientConfig(
-        request_timeout=settings.request_timeout, max_retries=settings.max_retries, secret=settings.secret
+        request_timeout=settings.request_timeout,
+        max_retries=settings.max_retries,
+        secret=settings.secret,
     )
 
 

@@ -27,7 +27,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-models_app = typer.Typer(help="The model registry: list, check and add models.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="The model registry: list, check and add models.", no_args_is_help=True
+)
 db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
@@ -42,7 +44,9 @@ def _settings() -> Settings:
 
 def _logging(settings: Settings, quiet: bool = False) -> None:
     level = logging.WARNING if quiet else getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Request lines from the HTTP clients are noise in a terminal; warnings still show.
     for noisy in ("httpx", "httpcore", "openai", "discord.gateway", "chromadb"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -73,7 +77,9 @@ def run() -> None:
     """Run the Discord bot (needs DISCORD_TOKEN)."""
     settings = _settings()
     if settings.discord_token is None:
-        err.print("DISCORD_TOKEN is not set: export DISCORD_TOKEN=<your bot token> (see README, 'Discord set-up').")
+        err.print(
+            "DISCORD_TOKEN is not set: export DISCORD_TOKEN=<your bot token> (see README, 'Discord set-up')."
+        )
         raise typer.Exit(2)
     _logging(settings)
 
@@ -104,9 +110,13 @@ def run() -> None:
 def chat(
     guild: Annotated[int, typer.Option(help="Server id whose settings apply.")] = 0,
     channel: Annotated[int, typer.Option(help="Channel id whose settings and history apply.")] = 0,
-    thread: Annotated[int | None, typer.Option(help="Thread id (inside --channel), if any.")] = None,
+    thread: Annotated[
+        int | None, typer.Option(help="Thread id (inside --channel), if any.")
+    ] = None,
     user: Annotated[str, typer.Option(help="Who you are, for history and logs.")] = "terminal",
-    json_mode: Annotated[bool, typer.Option("--json", help="Read lines from stdin, print one JSON object per line.")] = False,
+    json_mode: Annotated[
+        bool, typer.Option("--json", help="Read lines from stdin, print one JSON object per line.")
+    ] = False,
 ) -> None:
     """Chat with the bot's service in the terminal, as if in a Discord channel."""
     settings = _settings()
@@ -143,14 +153,20 @@ def models_list() -> None:
 
         async with open_app(settings, knowledge=False) as sb:
             service = sb.service
-            Console().print(models_table(service.list_models(), service.default_model, f"Models ({settings.config})"))
+            Console().print(
+                models_table(
+                    service.list_models(), service.default_model, f"Models ({settings.config})"
+                )
+            )
 
     _run(main)
 
 
 @models_app.command("check")
 def models_check(
-    name: Annotated[list[str] | None, typer.Argument(help="Models to check (default: all).")] = None,
+    name: Annotated[
+        list[str] | None, typer.Argument(help="Models to check (default: all).")
+    ] = None,
 ) -> None:
     """Reach each configured endpoint and say what works."""
     settings = _settings()
@@ -166,8 +182,10 @@ def models_check(
                 table.add_column(column)
             for res in results:
                 table.add_row(
-                    escape(res.name), "[green]yes[/green]" if res.ok else "[red]no[/red]",
-                    f"{res.latency_ms:.0f} ms" if res.latency_ms is not None else "", escape(res.detail),
+                    escape(res.name),
+                    "[green]yes[/green]" if res.ok else "[red]no[/red]",
+                    f"{res.latency_ms:.0f} ms" if res.latency_ms is not None else "",
+                    escape(res.detail),
                 )
             Console().print(table)
             return 0 if all(r.ok for r in results) else 1
@@ -192,7 +210,9 @@ def models_add_gguf(
             with err.status(f"Loading {path} to check it…"):
                 spec = await sb.service.gguf_model(name, path, context_size=context_size)
             await sb.service.register_model(spec, created_by="cli")
-        Console().print(f"Registered [bold]{escape(name)}[/bold] ({escape(str(path))}). Choose it with `/model set {name}`.")
+        Console().print(
+            f"Registered [bold]{escape(name)}[/bold] ({escape(str(path))}). Choose it with `/model set {name}`."
+        )
 
     _run(main)
 
@@ -214,7 +234,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
 
 
 @db_app.command("downgrade")
-def db_downgrade(revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")]) -> None:
+def db_downgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")],
+) -> None:
     """Undo migrations down to REVISION."""
     settings = _settings()
     _logging(settings, quiet=True)

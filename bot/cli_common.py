@@ -54,7 +54,16 @@ def show_error(err: Console, message: str) -> None:
 def models_table(specs: list[ModelSpec], default_model: str, title: str = "Models") -> Table:
     """The model list as a table (`switchboard models list` and the terminal's `/model list`)."""
     table = Table(title=title)
-    for column in ("name", "provider", "model", "weights", "context", "price", "fallback", "description"):
+    for column in (
+        "name",
+        "provider",
+        "model",
+        "weights",
+        "context",
+        "price",
+        "fallback",
+        "description",
+    ):
         table.add_column(column)
     for spec in specs:
         facts = model_facts(spec, default_model)

@@ -35,9 +35,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-knowledge_app = typer.Typer(help="The knowledge base: add, list, search and remove a server's documents.", no_args_is_help=True)
+knowledge_app = typer.Typer(
+    help="The knowledge base: add, list, search and remove a server's documents.",
+    no_args_is_help=True,
+)
 
-GuildOption = Annotated[int, typer.Option("--guild", help="The Discord server (guild) id whose knowledge base to use.")]
+GuildOption = Annotated[
+    int, typer.Option("--guild", help="The Discord server (guild) id whose knowledge base to use.")
+]
 
 _out = Console(soft_wrap=True)
 _err = Console(stderr=True, soft_wrap=True)
@@ -47,7 +52,9 @@ _STATUS_STYLE = {"added": "green", "replaced": "cyan", "skipped": "yellow", "ref
 def _settings() -> Settings:
     """Read the settings; a bad value is one clear line."""
     settings = load_settings(_err)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
     return settings
 
 
@@ -60,7 +67,9 @@ def _with_knowledge(work: Callable[[KnowledgeBase], Awaitable[T]]) -> T:
     async def opened() -> T:
         async with open_app(settings) as app:
             kb: KnowledgeBase = app.knowledge
-            _ = kb.embedder  # a bad embedding configuration fails here, before any work on the knowledge base
+            _ = (
+                kb.embedder
+            )  # a bad embedding configuration fails here, before any work on the knowledge base
             return await work(kb)
 
     return run_async(opened, _err)
@@ -68,17 +77,25 @@ def _with_knowledge(work: Callable[[KnowledgeBase], Awaitable[T]]) -> T:
 
 @knowledge_app.command("add")
 def add(
-    paths: Annotated[list[Path], typer.Argument(help="Files and folders (read recursively) to add.")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files and folders (read recursively) to add.")
+    ],
     guild: GuildOption,
-    uploader: Annotated[str, typer.Option("--as", help="Who added them, as shown by `list`.")] = "terminal",
+    uploader: Annotated[
+        str, typer.Option("--as", help="Who added them, as shown by `list`.")
+    ] = "terminal",
 ) -> None:
     """Add documents (.txt .md .pdf .html .docx); a file with the same name is replaced."""
     from knowledge.types import ProgressUpdate
 
     async def work(kb: KnowledgeBase) -> int:
         columns = (
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("passages"), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("passages"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
         )
         with Progress(*columns, console=_err, transient=False) as bar:
             task = bar.add_task("Reading", total=None)
@@ -87,7 +104,12 @@ def add(
                 label = f"{update.files_done}/{update.files_total} files"
                 if update.current and update.files_done < update.files_total:
                     label += f" · {update.current}"
-                bar.update(task, total=max(update.chunks_total, 1), completed=update.chunks_done, description=label)
+                bar.update(
+                    task,
+                    total=max(update.chunks_total, 1),
+                    completed=update.chunks_done,
+                    description=label,
+                )
 
             # The terminal knows the uploader by the name given with --as alone.
             report = await kb.add_files(guild, paths, uploader=uploader, progress=show)
@@ -96,7 +118,12 @@ def add(
             table.add_column(column)
         for result in report.results:
             style = _STATUS_STYLE[result.status]
-            table.add_row(escape(result.name), f"[{style}]{result.status}[/{style}]", str(result.chunks or ""), escape(result.reason or ""))
+            table.add_row(
+                escape(result.name),
+                f"[{style}]{result.status}[/{style}]",
+                str(result.chunks or ""),
+                escape(result.reason or ""),
+            )
         _out.print(table)
         _out.print(report.summary().splitlines()[0])
         return 1 if report.by_status("refused") else 0
@@ -107,7 +134,9 @@ def add(
 @knowledge_app.command("list")
 def list_(
     guild: GuildOption,
-    json_mode: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    json_mode: Annotated[
+        bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
 ) -> None:
     """List a server's documents: passages, size, who added them and when."""
 
@@ -115,29 +144,49 @@ def list_(
         docs = await kb.list_documents(guild)
         if json_mode:
             rows = [
-                {"id": d.id, "name": d.name, "chunks": d.chunks, "bytes": d.bytes, "uploader": d.uploader,
-                 "uploader_id": d.uploader_id, "added_at": d.added_at.isoformat(), "content_hash": d.content_hash}
+                {
+                    "id": d.id,
+                    "name": d.name,
+                    "chunks": d.chunks,
+                    "bytes": d.bytes,
+                    "uploader": d.uploader,
+                    "uploader_id": d.uploader_id,
+                    "added_at": d.added_at.isoformat(),
+                    "content_hash": d.content_hash,
+                }
                 for d in docs
             ]
             print(json.dumps(rows, ensure_ascii=False))
             return
         if not docs:
-            _out.print(f"Server {guild} has no documents yet: `switchboard knowledge add PATH --guild {guild}`.")
+            _out.print(
+                f"Server {guild} has no documents yet: `switchboard knowledge add PATH --guild {guild}`."
+            )
             return
         table = Table(title=f"Knowledge base of server {guild}")
         for column in ("document", "passages", "size", "added by", "added"):
             table.add_column(column)
         for d in docs:
-            table.add_row(escape(d.name), str(d.chunks), human_size(d.bytes), escape(d.uploader), d.added_at.strftime("%Y-%m-%d %H:%M UTC"))
+            table.add_row(
+                escape(d.name),
+                str(d.chunks),
+                human_size(d.bytes),
+                escape(d.uploader),
+                d.added_at.strftime("%Y-%m-%d %H:%M UTC"),
+            )
         _out.print(table)
-        _out.print(f"{len(docs)} documents, {sum(d.chunks for d in docs)} passages, {human_size(sum(d.bytes for d in docs))}")
+        _out.print(
+            f"{len(docs)} documents, {sum(d.chunks for d in docs)} passages, {human_size(sum(d.bytes for d in docs))}"
+        )
 
     _with_knowledge(work)
 
 
 @knowledge_app.command("remove")
 def remove(
-    document: Annotated[str, typer.Argument(help="The document's name (as `list` shows it) or id.")],
+    document: Annotated[
+        str, typer.Argument(help="The document's name (as `list` shows it) or id.")
+    ],
     guild: GuildOption,
 ) -> None:
     """Remove a document and all its passages."""
@@ -165,14 +214,26 @@ def search(
     async def work(kb: KnowledgeBase) -> None:
         sources = await kb.search(guild, query, k=k, mode=mode)  # type: ignore[arg-type]
         if json_mode:
-            rows = [{"chunk_id": s.chunk_id, "document": s.document, "location": s.location, "score": s.score, "text": s.text} for s in sources]
+            rows = [
+                {
+                    "chunk_id": s.chunk_id,
+                    "document": s.document,
+                    "location": s.location,
+                    "score": s.score,
+                    "text": s.text,
+                }
+                for s in sources
+            ]
             print(json.dumps(rows, ensure_ascii=False))
             return
         if not sources:
             _out.print("Nothing found.")
         for n, source in enumerate(sources, start=1):
             where = f" ({source.location})" if source.location else ""
-            _out.print(f"[bold]\\[{n}] {escape(source.document + where)}[/bold]  score {source.score:.3f}  [dim]{escape(source.chunk_id)}[/dim]", highlight=False)
+            _out.print(
+                f"[bold]\\[{n}] {escape(source.document + where)}[/bold]  score {source.score:.3f}  [dim]{escape(source.chunk_id)}[/dim]",
+                highlight=False,
+            )
             _out.print(source.text, highlight=False, markup=False)
             _out.print()
 
@@ -185,7 +246,13 @@ def reindex(guild: GuildOption) -> None:
     from knowledge.types import ProgressUpdate
 
     async def work(kb: KnowledgeBase) -> None:
-        with Progress(TextColumn("Re-embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=_err) as bar:
+        with Progress(
+            TextColumn("Re-embedding"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=_err,
+        ) as bar:
             task = bar.add_task("reindex", total=None)
 
             def show(update: ProgressUpdate) -> None:

@@ -127,23 +127,39 @@ class TerminalChat:
         if head == "model" and sub == "list":
             return CommandResult(name, True, models_text(svc.list_models(), svc.default_model))
         if head == "model" and sub == "set" and len(words) > 2:
-            return CommandResult(name, True, change_line(await svc.set_model(place, self.scope, words[2], who)))
+            return CommandResult(
+                name, True, change_line(await svc.set_model(place, self.scope, words[2], who))
+            )
         if head == "model" and sub == "info" and len(words) > 2:
             spec = await svc.get_model(words[2])
             info = json.dumps(spec.to_public_dict(), indent=2, default=str)
             return CommandResult(name, True, info)
         if head == "model" and sub == "reset":
-            return CommandResult(name, True, change_line(await svc.reset_model(place, self.scope, who)))
+            return CommandResult(
+                name, True, change_line(await svc.reset_model(place, self.scope, who))
+            )
         if head == "system" and sub == "set" and rest:
-            return CommandResult(name, True, change_line(await svc.set_system_prompt(place, self.scope, rest, who)))
+            return CommandResult(
+                name, True, change_line(await svc.set_system_prompt(place, self.scope, rest, who))
+            )
         if head == "system" and sub == "show":
             eff = await svc.effective_settings(place)
-            return CommandResult(name, True, f"(from {eff.system_prompt.source})\n{eff.system_prompt.value}")
+            return CommandResult(
+                name, True, f"(from {eff.system_prompt.source})\n{eff.system_prompt.value}"
+            )
         if head == "system" and sub == "reset":
-            return CommandResult(name, True, change_line(await svc.reset_system_prompt(place, self.scope, who)))
+            return CommandResult(
+                name, True, change_line(await svc.reset_system_prompt(place, self.scope, who))
+            )
         if head == "knowledge" and sub in {"on", "off"}:
-            return CommandResult(name, True, change_line(await svc.set_knowledge(place, self.scope, sub == "on", who)))
-        raise UserError(f"Unknown or incomplete command `/{' '.join(words)}`. Type /help for the list.")
+            return CommandResult(
+                name,
+                True,
+                change_line(await svc.set_knowledge(place, self.scope, sub == "on", who)),
+            )
+        raise UserError(
+            f"Unknown or incomplete command `/{' '.join(words)}`. Type /help for the list."
+        )
 
 
 def result_json(result: ChatResult) -> dict[str, Any]:
@@ -167,7 +183,12 @@ def result_json(result: ChatResult) -> dict[str, Any]:
         "fallback_from": result.fallback_from,
         "error": result.error,
         "sources": [
-            {"document": s.document, "location": s.location, "chunk_id": s.chunk_id, "score": round(s.score, 4)}
+            {
+                "document": s.document,
+                "location": s.location,
+                "chunk_id": s.chunk_id,
+                "score": round(s.score, 4),
+            }
             for s in result.sources
         ],
     }
@@ -182,7 +203,9 @@ async def _lines(stream: TextIO) -> AsyncIterator[str]:
         yield line.rstrip("\n")
 
 
-async def run_json(chat: TerminalChat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+async def run_json(
+    chat: TerminalChat, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout
+) -> int:
     """Read one line at a time; print exactly one JSON object per line. Exit 0 at end of input."""
 
     def emit(obj: dict[str, Any]) -> None:
@@ -204,17 +227,36 @@ async def run_json(chat: TerminalChat, stdin: TextIO = sys.stdin, stdout: TextIO
 
 async def _reply_json(chat: TerminalChat, line: str) -> dict[str, Any]:
     empty = dict.fromkeys(
-        ["reply", "model", "conversation_id", "message_id", "latency_ms", "usage", "cost_usd", "fallback_from"]
+        [
+            "reply",
+            "model",
+            "conversation_id",
+            "message_id",
+            "latency_ms",
+            "usage",
+            "cost_usd",
+            "fallback_from",
+        ]
     )
     try:
         async for event in chat.send(line):
             if isinstance(event, ReplyFinished):
                 return result_json(event.result)
     except UserError as exc:
-        return {**empty, "conversation_id": chat.conversation_id, "error": exc.message, "sources": []}
+        return {
+            **empty,
+            "conversation_id": chat.conversation_id,
+            "error": exc.message,
+            "sources": [],
+        }
     except Exception as exc:
         error_id = report_unexpected(log, exc, "answering in the terminal")
-        return {**empty, "conversation_id": chat.conversation_id, "error": apology(error_id), "sources": []}
+        return {
+            **empty,
+            "conversation_id": chat.conversation_id,
+            "error": apology(error_id),
+            "sources": [],
+        }
     return {**empty, "error": "No reply was produced.", "sources": []}
 
 
@@ -256,7 +298,11 @@ async def _stream_to_console(chat: TerminalChat, line: str, console: Console) ->
                 out.write(event.text)
                 out.flush()
             elif isinstance(event, FallbackUsed):
-                console.print(f"\n{event.failed_model} failed ({event.reason}); {event.model} answers instead.", style="yellow", markup=False)
+                console.print(
+                    f"\n{event.failed_model} failed ({event.reason}); {event.model} answers instead.",
+                    style="yellow",
+                    markup=False,
+                )
             elif isinstance(event, ReplyFinished):
                 r = event.result
                 out.write("\n")
@@ -269,8 +315,16 @@ async def _stream_to_console(chat: TerminalChat, line: str, console: Console) ->
                 cost = f", ${r.cost_usd:.6f}" if r.cost_usd else ""
                 model = r.model or "no model"
                 stood_in = f" (standing in for {r.fallback_from})" if r.fallback_from else ""
-                console.print(f"— {model}{stood_in}, {r.latency_ms or 0:.0f} ms{usage}{cost}", style="dim", markup=False)
+                console.print(
+                    f"— {model}{stood_in}, {r.latency_ms or 0:.0f} ms{usage}{cost}",
+                    style="dim",
+                    markup=False,
+                )
     except UserError as exc:
         console.print(exc.message, style="red", markup=False)
     except Exception as exc:
-        console.print(apology(report_unexpected(log, exc, "answering in the terminal")), style="red", markup=False)
+        console.print(
+            apology(report_unexpected(log, exc, "answering in the terminal")),
+            style="red",
+            markup=False,
+        )

@@ -103,7 +103,9 @@ class Answerer:
             return Attempt(spec, [], error=exc.message)
         return Attempt(spec, sent, history_used=len(sent) - len(system) - len(question))
 
-    async def stream(self, attempt: Attempt, started: float | None = None) -> AsyncGenerator[str, None]:
+    async def stream(
+        self, attempt: Attempt, started: float | None = None
+    ) -> AsyncGenerator[str, None]:
         """Stream the model's answer into `attempt`, yielding each piece of text as it arrives.
 
         Times count from `started` (a `clock()` reading; default: now). A failure ends the
@@ -122,7 +124,9 @@ class Answerer:
             async for chunk in self._chain(spec.name, model).astream(attempt.sent):
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
-                    attempt.usage = Usage(usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+                    attempt.usage = Usage(
+                        usage.get("input_tokens", 0), usage.get("output_tokens", 0)
+                    )
                 piece = chunk.content if isinstance(chunk.content, str) else chunk.text
                 if piece:
                     if attempt.ttft_ms is None:
@@ -158,7 +162,9 @@ class Answerer:
         if attempt.usage is not None:
             return attempt.usage
         if attempt.sent and (attempt.ok or attempt.text):
-            return Usage(self.tokens.count_messages(attempt.sent), self.tokens.count_text(attempt.reply))
+            return Usage(
+                self.tokens.count_messages(attempt.sent), self.tokens.count_text(attempt.reply)
+            )
         return None
 
     async def _local_cause(self, spec: ModelSpec, exc: Exception) -> Exception:

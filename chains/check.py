@@ -28,7 +28,9 @@ class CheckResult:
     detail: str
 
 
-async def check_model(spec: ModelSpec, factory: ChatModelFactory, limit_s: float = CHECK_TIMEOUT) -> CheckResult:
+async def check_model(
+    spec: ModelSpec, factory: ChatModelFactory, limit_s: float = CHECK_TIMEOUT
+) -> CheckResult:
     """Send `spec` a tiny prompt through the streaming path the bot uses; never raises for model failures."""
     try:
         # Building may start a local server; only the answer itself is timed.
@@ -37,7 +39,9 @@ async def check_model(spec: ModelSpec, factory: ChatModelFactory, limit_s: float
         text = ""
         usage = None
         async with asyncio.timeout(limit_s):
-            async for chunk in model.astream([HumanMessage(CHECK_PROMPT)], max_tokens=CHECK_MAX_TOKENS):
+            async for chunk in model.astream(
+                [HumanMessage(CHECK_PROMPT)], max_tokens=CHECK_MAX_TOKENS
+            ):
                 text += content_text(chunk.content)
                 usage = getattr(chunk, "usage_metadata", None) or usage
         latency_ms = (time.perf_counter() - started) * 1000
@@ -47,4 +51,6 @@ async def check_model(spec: ModelSpec, factory: ChatModelFactory, limit_s: float
     reply = " ".join(text.split())
     shown = reply if len(reply) <= 40 else reply[:39] + "…"
     tokens = f", {usage['input_tokens']}+{usage['output_tokens']} tokens" if usage else ""
-    return CheckResult(spec.name, ok=True, latency_ms=latency_ms, detail=f"answered {shown!r}{tokens}")
+    return CheckResult(
+        spec.name, ok=True, latency_ms=latency_ms, detail=f"answered {shown!r}{tokens}"
+    )

@@ -28,10 +28,19 @@ import openai
 from core.errors import ConfigError, UserError
 
 FailureKind = Literal[
-    "rate_limited", "bad_key", "unreachable", "timeout", "context_too_long", "server_error", "bad_request", "unknown"
+    "rate_limited",
+    "bad_key",
+    "unreachable",
+    "timeout",
+    "context_too_long",
+    "server_error",
+    "bad_request",
+    "unknown",
 ]
 
-_CONTEXT_CODES = frozenset({"context_length_exceeded", "exceed_context_size_error", "string_above_max_length"})
+_CONTEXT_CODES = frozenset(
+    {"context_length_exceeded", "exceed_context_size_error", "string_above_max_length"}
+)
 _CONTEXT_PHRASES = (
     "maximum context length",
     "context length",
@@ -42,7 +51,9 @@ _CONTEXT_PHRASES = (
     "prompt is too long",
     "reduce the length of the messages",
 )
-_POLICY_CODES = frozenset({"content_filter", "content_policy_violation", "responsibleaipolicyviolation"})
+_POLICY_CODES = frozenset(
+    {"content_filter", "content_policy_violation", "responsibleaipolicyviolation"}
+)
 # Anything shaped like a key in a provider's message is cut out before a user sees it.
 _KEYLIKE = re.compile(r"\b(?:sk|pk|rk|key|api)[-_][A-Za-z0-9*_\-]{4,}|\b[A-Za-z0-9]{32,}\b")
 
@@ -76,7 +87,9 @@ class ModelFailure:
     status: int | None = None
 
 
-def classify_failure(exc: BaseException, model_name: str, api_key_env: str | None = None) -> ModelFailure:
+def classify_failure(
+    exc: BaseException, model_name: str, api_key_env: str | None = None
+) -> ModelFailure:
     """Explain `exc`, raised while `model_name` was answering; `api_key_env` names its key variable."""
     for cause in _causes(exc):
         failure = _classify_one(cause, model_name, api_key_env)
@@ -109,7 +122,10 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
         return ModelFailure("unknown", exc.message, fallback_ok=True)
     if isinstance(exc, openai.APIStatusError):
         return _from_status(exc, name, key_env)
-    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException | httpx2.TimeoutException | TimeoutError):
+    if isinstance(
+        exc,
+        openai.APITimeoutError | httpx.TimeoutException | httpx2.TimeoutException | TimeoutError,
+    ):
         # openai's aiohttp transport reports every aiohttp connection error as a connect
         # timeout; the aiohttp error underneath says whether it really was one.
         real = next((c for c in _causes(exc)[1:] if isinstance(c, aiohttp.ClientError)), None)
@@ -125,7 +141,10 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
         return _from_aiohttp(exc, name, _url_of(exc))
     if isinstance(exc, httpx.ConnectError | httpx2.ConnectError):
         return _unreachable(name, _connect_reason(exc), _url_of(exc))
-    if isinstance(exc, httpx.RemoteProtocolError | httpx2.RemoteProtocolError | httpx.ReadError | httpx2.ReadError):
+    if isinstance(
+        exc,
+        httpx.RemoteProtocolError | httpx2.RemoteProtocolError | httpx.ReadError | httpx2.ReadError,
+    ):
         return _broke_off(name)
     if isinstance(exc, httpx.TransportError | httpx2.TransportError):
         return _unreachable(name, "the connection failed", _url_of(exc))
@@ -134,7 +153,9 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
     if isinstance(exc, ConnectionError | OSError):
         return _unreachable(name, "the connection failed", None)
     if isinstance(exc, openai.APIResponseValidationError):
-        return ModelFailure("server_error", f"{name} sent a reply that could not be read.", fallback_ok=True)
+        return ModelFailure(
+            "server_error", f"{name} sent a reply that could not be read.", fallback_ok=True
+        )
     return None
 
 
@@ -144,10 +165,15 @@ def _from_status(exc: openai.APIStatusError, name: str, key_env: str | None) -> 
     detail = _provider_detail(exc)
     check = f"check {key_env}" if key_env else "check its API key"
     if status == 401:
-        return ModelFailure("bad_key", f"{name} rejected its API key (HTTP 401): {check}.", True, status)
+        return ModelFailure(
+            "bad_key", f"{name} rejected its API key (HTTP 401): {check}.", True, status
+        )
     if status == 403:
         return ModelFailure(
-            "bad_key", f"{name} refused access (HTTP 403): {check} and that the key may use this model.", True, status
+            "bad_key",
+            f"{name} refused access (HTTP 403): {check} and that the key may use this model.",
+            True,
+            status,
         )
     if status == 429:
         if code == "insufficient_quota" or "quota" in detail.lower():
@@ -159,23 +185,36 @@ def _from_status(exc: openai.APIStatusError, name: str, key_env: str | None) -> 
         code in _CONTEXT_CODES or any(p in detail.lower() for p in _CONTEXT_PHRASES)
     ):
         return ModelFailure(
-            "context_too_long", f"The conversation is too long for {name}'s context window.", True, status
+            "context_too_long",
+            f"The conversation is too long for {name}'s context window.",
+            True,
+            status,
         )
     if code in _POLICY_CODES or "content management policy" in detail.lower():
         return ModelFailure(
-            "bad_request", f"{name} refused this request under its provider's content policy.", False, status
+            "bad_request",
+            f"{name} refused this request under its provider's content policy.",
+            False,
+            status,
         )
     if status == 408:
         return ModelFailure("timeout", f"{name} took too long to answer (HTTP 408).", True, status)
     if status >= 500:
         return ModelFailure(
-            "server_error", f"{name}'s provider had a server error (HTTP {status}). Try again shortly.", True, status
+            "server_error",
+            f"{name}'s provider had a server error (HTTP {status}). Try again shortly.",
+            True,
+            status,
         )
     if status == 404:
         why = f": {detail}" if detail else ""
-        return ModelFailure("bad_request", f"{name} was not found at its provider (HTTP 404{why}).", True, status)
+        return ModelFailure(
+            "bad_request", f"{name} was not found at its provider (HTTP 404{why}).", True, status
+        )
     why = f": {detail}" if detail else ""
-    return ModelFailure("bad_request", f"{name} refused the request (HTTP {status}{why}).", True, status)
+    return ModelFailure(
+        "bad_request", f"{name} refused the request (HTTP {status}{why}).", True, status
+    )
 
 
 def _from_aiohttp(exc: aiohttp.ClientError, name: str, url: str | None) -> ModelFailure:
@@ -190,18 +229,24 @@ def _from_aiohttp(exc: aiohttp.ClientError, name: str, url: str | None) -> Model
 
 
 def _timed_out(name: str) -> ModelFailure:
-    return ModelFailure("timeout", f"{name} took too long to answer and was given up on.", fallback_ok=True)
+    return ModelFailure(
+        "timeout", f"{name} took too long to answer and was given up on.", fallback_ok=True
+    )
 
 
 def _broke_off(name: str) -> ModelFailure:
     return ModelFailure(
-        "server_error", f"{name}'s connection broke off in the middle of the answer. Try again.", fallback_ok=True
+        "server_error",
+        f"{name}'s connection broke off in the middle of the answer. Try again.",
+        fallback_ok=True,
     )
 
 
 def _unreachable(name: str, reason: str, url: str | None) -> ModelFailure:
     where = f" at {url}" if url else ""
-    return ModelFailure("unreachable", f"{name} is unreachable ({reason}{where}).", fallback_ok=True)
+    return ModelFailure(
+        "unreachable", f"{name} is unreachable ({reason}{where}).", fallback_ok=True
+    )
 
 
 def _connect_reason(exc: BaseException) -> str:
@@ -215,7 +260,12 @@ def _connect_reason(exc: BaseException) -> str:
     text = " ".join(str(cause) for cause in _causes(exc)).lower()
     if "refused" in text:
         return "connection refused"
-    if "name or service" in text or "nodename" in text or "getaddrinfo" in text or "name resolution" in text:
+    if (
+        "name or service" in text
+        or "nodename" in text
+        or "getaddrinfo" in text
+        or "name resolution" in text
+    ):
         return "its host name could not be resolved"
     if "ssl" in text or "certificate" in text:
         return "the TLS handshake failed"

@@ -30,7 +30,19 @@ BUNDLED_SAMPLING: dict[str, dict[str, float]] = {
 _MAX_TENSORS = 1_000_000
 _MAX_KEYS = 100_000
 _MAX_STRING = 64 * 1024 * 1024
-_SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS: dict[int, str] = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 # llama.cpp needs the weights plus its compute buffers and the KV cache: keep some room.
 _HEADROOM = 1.2
@@ -77,9 +89,15 @@ class GGUFInfo:
         embd = self.metadata.get(f"{arch}.embedding_length")
         heads = self.metadata.get(f"{arch}.attention.head_count")
         kv_heads = self.metadata.get(f"{arch}.attention.head_count_kv", heads)
-        if not (
-            isinstance(layers, int) and isinstance(embd, int) and isinstance(heads, int) and isinstance(kv_heads, int)
-        ) or min(layers, embd, heads, kv_heads) <= 0:
+        if (
+            not (
+                isinstance(layers, int)
+                and isinstance(embd, int)
+                and isinstance(heads, int)
+                and isinstance(kv_heads, int)
+            )
+            or min(layers, embd, heads, kv_heads) <= 0
+        ):
             return 0
         kv_dim = embd * kv_heads // heads
         return 2 * 2 * n_ctx * layers * kv_dim  # K and V, 2 bytes each
@@ -117,10 +135,14 @@ def resolve_gguf(spec: Any) -> Path:
             )
         return models[bundled]
     if not path:
-        raise GGUFMissing(f"Model `{name}` (llama.cpp) needs `path = \"/path/to/model.gguf\"` or `bundled = \"smollm2-135m-instruct\"`.")
+        raise GGUFMissing(
+            f'Model `{name}` (llama.cpp) needs `path = "/path/to/model.gguf"` or `bundled = "smollm2-135m-instruct"`.'
+        )
     resolved = Path(path).expanduser()
     if not resolved.is_file():
-        raise GGUFMissing(f"The GGUF file for model `{name}` does not exist: {resolved}. Check the path, or register the file again with `switchboard models add-gguf`.")
+        raise GGUFMissing(
+            f"The GGUF file for model `{name}` does not exist: {resolved}. Check the path, or register the file again with `switchboard models add-gguf`."
+        )
     return resolved.resolve()
 
 
@@ -133,11 +155,15 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     with path.open("rb") as f:
         magic = f.read(4)
         if magic != GGUF_MAGIC:
-            raise NotGGUF(f"{path} is not a GGUF model file (it does not start with the bytes `GGUF`). llama.cpp needs a .gguf file; convert the model or download a GGUF build of it.")
+            raise NotGGUF(
+                f"{path} is not a GGUF model file (it does not start with the bytes `GGUF`). llama.cpp needs a .gguf file; convert the model or download a GGUF build of it."
+            )
         try:
             return _read_header(f, path, size)
         except (struct.error, UnicodeDecodeError, ValueError, OverflowError, MemoryError) as exc:
-            raise GGUFCorrupt(f"{path} starts like a GGUF file but its header is damaged ({exc}). Download the file again.") from exc
+            raise GGUFCorrupt(
+                f"{path} starts like a GGUF file but its header is damaged ({exc}). Download the file again."
+            ) from exc
 
 
 def _read_header(f: BinaryIO, path: Path, size: int) -> GGUFInfo:
@@ -165,7 +191,9 @@ def _read_header(f: BinaryIO, path: Path, size: int) -> GGUFInfo:
         version=version,
         tensor_count=tensor_count,
         architecture=arch if isinstance(arch, str) else None,
-        name=metadata.get("general.name") if isinstance(metadata.get("general.name"), str) else None,
+        name=metadata.get("general.name")
+        if isinstance(metadata.get("general.name"), str)
+        else None,
         context_length=ctx if isinstance(ctx, int) else None,
         metadata=metadata,
     )

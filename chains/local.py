@@ -119,7 +119,9 @@ def default_context_size(info: GGUFInfo) -> int:
 class _Server:
     """One running child process and what is needed to talk about it."""
 
-    def __init__(self, name: str, launch: _Launch, proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
+    def __init__(
+        self, name: str, launch: _Launch, proc: subprocess.Popen[bytes], log: IO[bytes]
+    ) -> None:
         self.name = name
         self.launch = launch
         self.proc = proc
@@ -228,13 +230,21 @@ def _spawn(name: str, launch: _Launch) -> _Server:
     finally:
         os.unlink(log_path)
     command = [
-        sys.executable, "-m", "chains.local_server",
-        "--model", str(launch.path),
-        "--port", str(launch.port or 0),
-        "--ctx", str(launch.ctx),
-        "--parallel", str(launch.parallel),
-        "--threads", str(launch.threads),
-        "--parent-pid", str(os.getpid()),
+        sys.executable,
+        "-m",
+        "chains.local_server",
+        "--model",
+        str(launch.path),
+        "--port",
+        str(launch.port or 0),
+        "--ctx",
+        str(launch.ctx),
+        "--parallel",
+        str(launch.parallel),
+        "--threads",
+        str(launch.threads),
+        "--parent-pid",
+        str(os.getpid()),
     ]
     for key, value in launch.sampling:
         command += [f"--{key.replace('_', '-')}", str(value)]
@@ -273,7 +283,9 @@ async def _await_ready(server: _Server, startup_timeout: float) -> None:
             "The machine may be too busy or the model too large; try a smaller model."
         ) from None
     try:
-        answer = json.loads(line) if line.strip() else {"ok": False, "error": "exited during start-up"}
+        answer = (
+            json.loads(line) if line.strip() else {"ok": False, "error": "exited during start-up"}
+        )
     except json.JSONDecodeError:
         answer = {"ok": False, "error": line.decode("utf-8", "replace").strip()}
     if not answer.get("ok"):
@@ -290,7 +302,9 @@ async def _await_ready(server: _Server, startup_timeout: float) -> None:
                 if response.status_code == 200:
                     return
             if time.monotonic() > deadline:
-                raise LocalServerError(f"The local model `{server.name}` started but did not become healthy within {startup_timeout:.0f} s.")
+                raise LocalServerError(
+                    f"The local model `{server.name}` started but did not become healthy within {startup_timeout:.0f} s."
+                )
             await asyncio.sleep(0.05)
 
 
@@ -303,8 +317,15 @@ def _start_failure(server: _Server) -> UserError:
             f"Port {server.launch.port} on 127.0.0.1 is already in use, so the local model `{server.name}` "
             "cannot listen there. Stop the other program or choose another `port` (or none: a free one is picked)."
         )
-    if "failed to load model" in joined or "error loading model" in joined or "gguf" in joined.lower():
-        detail = "; ".join(e for e in errors if "failed to load model" not in e)[-400:] or "llama.cpp could not read it"
+    if (
+        "failed to load model" in joined
+        or "error loading model" in joined
+        or "gguf" in joined.lower()
+    ):
+        detail = (
+            "; ".join(e for e in errors if "failed to load model" not in e)[-400:]
+            or "llama.cpp could not read it"
+        )
         return GGUFCorrupt(
             f"llama.cpp could not load the GGUF file {server.launch.path} for model `{server.name}`: {detail}. "
             "The file may be damaged or truncated (download it again) or need a newer llama.cpp."
@@ -319,14 +340,26 @@ def _launch_for(spec: Any, info: GGUFInfo) -> _Launch:
     parallel = getattr(spec, "parallel", None) or 1
     threads = getattr(spec, "threads", None) or default_threads()
     if ctx < 16 or parallel < 1 or threads < 0:
-        raise ConfigError(f"Model `{spec.name}`: context_size, parallel and threads must be positive.")
+        raise ConfigError(
+            f"Model `{spec.name}`: context_size, parallel and threads must be positive."
+        )
     sampling = tuple(sorted(BUNDLED_SAMPLING.get(getattr(spec, "bundled", None) or "", {}).items()))
-    return _Launch(path=info.path, ctx=int(ctx), parallel=int(parallel), threads=int(threads), port=None, sampling=sampling)
+    return _Launch(
+        path=info.path,
+        ctx=int(ctx),
+        parallel=int(parallel),
+        threads=int(threads),
+        port=None,
+        sampling=sampling,
+    )
 
 
 def _spec_key(spec: Any) -> tuple[Any, ...]:
     """The registry fields that decide how a model's server runs."""
-    return tuple(getattr(spec, field, None) for field in ("path", "bundled", "context_size", "parallel", "threads"))
+    return tuple(
+        getattr(spec, field, None)
+        for field in ("path", "bundled", "context_size", "parallel", "threads")
+    )
 
 
 class LocalServers:
@@ -364,7 +397,11 @@ class LocalServers:
             launch = _launch_for(spec, info)
             if server is not None:
                 if not server.alive:
-                    logger.warning("llama.cpp server for %s died (%s); restarting", name, server.describe_exit())
+                    logger.warning(
+                        "llama.cpp server for %s died (%s); restarting",
+                        name,
+                        server.describe_exit(),
+                    )
                     # Keep the port so clients built on the old URL keep working.
                     if launch.port is None:
                         launch = dataclasses.replace(launch, port=server.port or None)
@@ -413,7 +450,12 @@ class LocalServers:
             await _wait(server.proc, grace)
         if not server.alive:
             errors = server.log_errors()
-            logger.error("llama.cpp server for %s exited (%s): %s", spec.name, server.describe_exit(), " | ".join(errors))
+            logger.error(
+                "llama.cpp server for %s exited (%s): %s",
+                spec.name,
+                server.describe_exit(),
+                " | ".join(errors),
+            )
             raise LocalServerDied(
                 f"The local model `{spec.name}` stopped while answering (llama.cpp {server.describe_exit()}). "
                 "It restarts with the next message; if this keeps happening the model may be too large for this machine."
@@ -512,7 +554,9 @@ async def validate_gguf(path: Path, *, startup_timeout: float = 60.0) -> GGUFInf
     info = await asyncio.to_thread(read_gguf_info, path)
     ctx = min(default_context_size(info), 512)  # a short context: only the load is being tested
     check_memory(info, ctx, path.name)
-    server = await _start_server(path.name, _Launch(info.path, ctx, 1, default_threads(), None), startup_timeout)
+    server = await _start_server(
+        path.name, _Launch(info.path, ctx, 1, default_threads(), None), startup_timeout
+    )
     await server.stop()
     return info
 
@@ -536,6 +580,8 @@ def gguf_spec(name: str, path: Path, **opts: Any) -> dict[str, Any]:
         entry["context_size"] = context_size
     if info is not None:
         label = info.name or path.stem
-        entry["description"] = f"{label}: local GGUF run with llama.cpp ({info.size_bytes / 1024**3:.2f} GiB)."
+        entry["description"] = (
+            f"{label}: local GGUF run with llama.cpp ({info.size_bytes / 1024**3:.2f} GiB)."
+        )
     entry.update({key: value for key, value in opts.items() if value is not None})
     return entry

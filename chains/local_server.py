@@ -69,7 +69,9 @@ def _params(args: argparse.Namespace) -> Any:
         params.cpuparams_batch.n_threads = args.threads
     # The GGUF's own chat template, rendered with Jinja as llama.cpp's server does by default.
     params.use_jinja = True
-    params.endpoint_slots = True  # the parent asks /slots whether a server is busy before evicting it
+    params.endpoint_slots = (
+        True  # the parent asks /slots whether a server is busy before evicting it
+    )
     params.ui = False
     params.verbosity = args.verbosity
     # Small models loop without it; requests can still override.
@@ -91,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--verbosity", type=int, default=1, help="1: errors only")
     parser.add_argument("--repeat-penalty", type=float, default=1.1)
-    parser.add_argument("--temperature", type=float, default=None, help="default when a request sets none")
-    parser.add_argument("--top-p", type=float, default=None, help="default when a request sets none")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="default when a request sets none"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="default when a request sets none"
+    )
     parser.add_argument("--parent-pid", type=int, default=0)
     args = parser.parse_args(argv)
 

@@ -46,7 +46,9 @@ class CompatibleChatOpenAI(ChatOpenAI):
     llama.cpp and older vLLM/TGI releases silently ignore.
     """
 
-    def _get_request_payload(self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+    def _get_request_payload(
+        self, input_: Any, *, stop: list[str] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
         payload = super()._get_request_payload(input_, stop=stop, **kwargs)
         if "max_completion_tokens" in payload:
             payload["max_tokens"] = payload.pop("max_completion_tokens")
@@ -65,7 +67,12 @@ class PlainCompletions:
     """
 
     # Request options ChatOpenAI may pass among the body parameters.
-    _OPTIONS = {"extra_headers": "headers", "extra_query": "params", "extra_body": "extra_json", "timeout": "timeout"}
+    _OPTIONS = {
+        "extra_headers": "headers",
+        "extra_query": "params",
+        "extra_body": "extra_json",
+        "timeout": "timeout",
+    }
 
     def __init__(self, client: openai.AsyncOpenAI) -> None:
         self._client = client
@@ -147,7 +154,9 @@ class ChatModelFactory:
                 raise MissingApiKey(spec.name, spec.api_key_env)
             return key
         if spec.provider in ("openai", "azure-openai"):
-            raise MissingApiKey(spec.name, "OPENAI_API_KEY" if spec.provider == "openai" else "AZURE_OPENAI_API_KEY")
+            raise MissingApiKey(
+                spec.name, "OPENAI_API_KEY" if spec.provider == "openai" else "AZURE_OPENAI_API_KEY"
+            )
         return SecretStr(PLACEHOLDER_KEY)
 
     def _http_client(self) -> openai.DefaultAioHttpClient:
@@ -160,7 +169,9 @@ class ChatModelFactory:
         """
         if self._http is None:
             defaults = openai.DEFAULT_CONNECTION_LIMITS
-            limits = httpx2.Limits(max_connections=defaults.max_connections, keepalive_expiry=KEEPALIVE_S)
+            limits = httpx2.Limits(
+                max_connections=defaults.max_connections, keepalive_expiry=KEEPALIVE_S
+            )
             self._http = openai.DefaultAioHttpClient(limits=limits)
         return self._http
 

@@ -31,11 +31,24 @@ PROVIDERS: tuple[str, ...] = ("openai", "azure-openai", "openai-compatible", "ll
 BUNDLED_MODELS: tuple[str, ...] = ("smollm2-135m-instruct",)
 DEFAULT_CONTEXT_WINDOW = 8192
 # Where each hosted provider's key usually lives, when the entry names no variable.
-DEFAULT_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "azure-openai": "AZURE_OPENAI_API_KEY"}
+DEFAULT_KEY_ENV: dict[str, str] = {
+    "openai": "OPENAI_API_KEY",
+    "azure-openai": "AZURE_OPENAI_API_KEY",
+}
 TOP_LEVEL_KEYS: frozenset[str] = frozenset({"default_model", "models"})
 # Keys people write when they paste a secret into the file; refused without echoing the value.
 _SECRET_KEYS = frozenset(
-    {"api_key", "apikey", "key", "openai_api_key", "azure_api_key", "secret", "token", "password", "api_token"}
+    {
+        "api_key",
+        "apikey",
+        "key",
+        "openai_api_key",
+        "azure_api_key",
+        "secret",
+        "token",
+        "password",
+        "api_token",
+    }
 )
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,63}$")
@@ -112,7 +125,9 @@ class ModelSpec(BaseModel):
                 "api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY), not the key itself"
             )
         if self.provider == "openai-compatible" and not self.base_url:
-            raise ValueError('provider "openai-compatible" needs base_url (e.g. "http://localhost:11434/v1")')
+            raise ValueError(
+                'provider "openai-compatible" needs base_url (e.g. "http://localhost:11434/v1")'
+            )
         if self.provider == "azure-openai":
             missing = [k for k in ("base_url", "api_version") if not getattr(self, k)]
             if missing:
@@ -128,7 +143,9 @@ class ModelSpec(BaseModel):
             if self.path and self.bundled:
                 raise ValueError('provider "llama.cpp" takes path or bundled, not both')
             if self.bundled and self.bundled not in BUNDLED_MODELS:
-                raise ValueError(f"unknown bundled model {self.bundled!r} (available: {', '.join(BUNDLED_MODELS)})")
+                raise ValueError(
+                    f"unknown bundled model {self.bundled!r} (available: {', '.join(BUNDLED_MODELS)})"
+                )
         if self.fallback == self.name:
             raise ValueError("a model cannot be its own fallback")
         return self
@@ -145,7 +162,9 @@ class ModelSpec(BaseModel):
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         """The price in USD of one exchange with this many tokens."""
-        return (prompt_tokens * self.input_price + completion_tokens * self.output_price) / 1_000_000
+        return (
+            prompt_tokens * self.input_price + completion_tokens * self.output_price
+        ) / 1_000_000
 
     def to_public_dict(self) -> dict[str, Any]:
         """Everything about the model that may be shown (the spec holds no secrets, only variable names)."""
@@ -155,7 +174,9 @@ class ModelSpec(BaseModel):
 class ModelRegistry:
     """The models the bot knows: from the config file, built in, or registered at run time."""
 
-    def __init__(self, specs: Iterable[ModelSpec], default_model: str, source: str = "<built-in>") -> None:
+    def __init__(
+        self, specs: Iterable[ModelSpec], default_model: str, source: str = "<built-in>"
+    ) -> None:
         self.source = source
         self._specs: dict[str, ModelSpec] = {}
         for spec in specs:
@@ -195,11 +216,15 @@ class ModelRegistry:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the file ({exc.__class__.__name__}: {exc}).") from None
+            raise ConfigError(
+                f"{path}: cannot read the file ({exc.__class__.__name__}: {exc})."
+            ) from None
         return cls.from_dict(data, source=str(path), base_dir=path.parent)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "<config>", base_dir: Path | None = None) -> ModelRegistry:
+    def from_dict(
+        cls, data: dict[str, Any], source: str = "<config>", base_dir: Path | None = None
+    ) -> ModelRegistry:
         """Build the registry from parsed TOML; relative GGUF paths are taken relative to `base_dir`."""
         unknown = sorted(set(data) - TOP_LEVEL_KEYS)
         if unknown:
@@ -233,7 +258,9 @@ class ModelRegistry:
         try:
             return self._specs[name]
         except KeyError:
-            raise NotFound(f"No model named '{name}'.{_suggest(name, self._specs)} See /model list.") from None
+            raise NotFound(
+                f"No model named '{name}'.{_suggest(name, self._specs)} See /model list."
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._specs
@@ -253,7 +280,11 @@ class ModelRegistry:
         """The model, then its fallback, then that one's, and so on (never repeating)."""
         chain = [self.get(name)]
         seen = {name}
-        while chain[-1].fallback and chain[-1].fallback not in seen and chain[-1].fallback in self._specs:
+        while (
+            chain[-1].fallback
+            and chain[-1].fallback not in seen
+            and chain[-1].fallback in self._specs
+        ):
             seen.add(chain[-1].fallback)
             chain.append(self._specs[chain[-1].fallback])
         return chain
@@ -283,12 +314,16 @@ class ModelRegistry:
         """Forget a run-time model; config and built-in models stay."""
         spec = self.get(name)
         if spec.origin != "database":
-            raise ConfigError(f"Model '{name}' is defined in {self.source}; remove it from that file instead.")
+            raise ConfigError(
+                f"Model '{name}' is defined in {self.source}; remove it from that file instead."
+            )
         if name == self.default_model:
             raise ConfigError(f"Model '{name}' is the default model and cannot be removed.")
         users = [s.name for s in self._specs.values() if s.fallback == name]
         if users:
-            raise ConfigError(f"Model '{name}' is the fallback of {', '.join(users)}; change those first.")
+            raise ConfigError(
+                f"Model '{name}' is the fallback of {', '.join(users)}; change those first."
+            )
         del self._specs[name]
 
     def sync_registered(self, specs: Iterable[ModelSpec]) -> dict[str, str]:
@@ -325,7 +360,9 @@ class ModelRegistry:
         self._specs = kept
         return skipped
 
-    def _check_fallbacks(self, entries: Iterable[ModelSpec], specs: dict[str, ModelSpec] | None = None) -> None:
+    def _check_fallbacks(
+        self, entries: Iterable[ModelSpec], specs: dict[str, ModelSpec] | None = None
+    ) -> None:
         """Every fallback names a known model, and no chain loops."""
         specs = self._specs if specs is None else specs
         for spec in entries:
@@ -340,8 +377,10 @@ class ModelRegistry:
             current: ModelSpec | None = spec
             while current is not None and current.fallback is not None:
                 if current.fallback in path:
-                    loop = " -> ".join([*path[path.index(current.fallback):], current.fallback])
-                    raise ConfigError(f"{self.source}: model '{spec.name}': fallbacks go round in a circle ({loop}).")
+                    loop = " -> ".join([*path[path.index(current.fallback) :], current.fallback])
+                    raise ConfigError(
+                        f"{self.source}: model '{spec.name}': fallbacks go round in a circle ({loop})."
+                    )
                 path.append(current.fallback)
                 current = specs.get(current.fallback)
 
@@ -358,7 +397,9 @@ def _parse_entry(name: str, entry: dict[str, Any], source: str, base_dir: Path |
         )
     for forbidden in ("name", "origin"):
         if forbidden in entry:
-            raise ConfigError(f"{where}: '{forbidden}' cannot be set in the file (the table's name is the model's name).")
+            raise ConfigError(
+                f"{where}: '{forbidden}' cannot be set in the file (the table's name is the model's name)."
+            )
     data = {**entry, "name": name, "origin": "config"}
     if base_dir is not None and isinstance(data.get("path"), str):
         gguf = Path(data["path"]).expanduser()
@@ -378,12 +419,16 @@ def _explain(exc: ValidationError) -> str:
         kind = error["type"]
         if kind == "extra_forbidden":
             close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
+            hint = (
+                f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(fields)})"
+            )
             problems.append(f"unknown key '{key}'{hint}")
         elif kind == "missing":
             problems.append(f"'{key}' is required")
         elif kind == "literal_error" and key == "provider":
-            problems.append(f"unknown provider {error['input']!r} (choose one of {', '.join(PROVIDERS)})")
+            problems.append(
+                f"unknown provider {error['input']!r} (choose one of {', '.join(PROVIDERS)})"
+            )
         elif kind == "value_error":
             problems.append(str(error["msg"]).removeprefix("Value error, "))
         else:

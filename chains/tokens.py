@@ -29,7 +29,13 @@ DEFAULT_REPLY_TOKENS = 1024
 # cl100k undercounts some other tokenizers (Llama, Qwen) by up to ~10%; leave that much room.
 FOREIGN_TOKENIZER_MARGIN = 0.9
 
-_ROLES = {"system": "system", "human": "user", "ai": "assistant", "tool": "tool", "function": "function"}
+_ROLES = {
+    "system": "system",
+    "human": "user",
+    "ai": "assistant",
+    "tool": "tool",
+    "function": "function",
+}
 
 
 class TokenCounter:

@@ -20,7 +20,14 @@ from core.messages import Place
 # - "alternative": another answer to the same prompt, asked for on purpose (a retry);
 # - "comparison", "battle": answers given side by side, or anonymously in a blind battle.
 MessageKind = Literal["prompt", "answer", "attempt", "alternative", "comparison", "battle"]
-MESSAGE_KINDS: tuple[MessageKind, ...] = ("prompt", "answer", "attempt", "alternative", "comparison", "battle")
+MESSAGE_KINDS: tuple[MessageKind, ...] = (
+    "prompt",
+    "answer",
+    "attempt",
+    "alternative",
+    "comparison",
+    "battle",
+)
 
 Status = Literal["ok", "error", "fallback"]
 Origin = Literal["discord", "terminal"]

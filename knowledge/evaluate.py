@@ -32,7 +32,9 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
     return questions
 
 
-async def evaluate(kb: KnowledgeBase, guild_id: int, questions: list[dict[str, Any]], *, k: int, mode: SearchMode) -> Quality:
+async def evaluate(
+    kb: KnowledgeBase, guild_id: int, questions: list[dict[str, Any]], *, k: int, mode: SearchMode
+) -> Quality:
     """Run every question through `search` and score the ranking of relevant documents."""
     hits = 0
     reciprocal = 0.0

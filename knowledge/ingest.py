@@ -43,7 +43,9 @@ from knowledge.types import (
 
 log = logging.getLogger(__name__)
 
-_EMBED_BATCH = 64  # passages per encode call: big enough to batch well, small enough for steady progress
+_EMBED_BATCH = (
+    64  # passages per encode call: big enough to batch well, small enough for steady progress
+)
 # Passages are sorted by length within a window before batching (as sentence-transformers does
 # within one call), so a batch pads little; the window spans files.
 _EMBED_WINDOW = 1024
@@ -85,13 +87,27 @@ class Progress:
     current: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def update(self, *, finished: FileResult | None = None, chunks_done: int = 0, chunks_total: int = 0, current: str | None = None) -> None:
+    def update(
+        self,
+        *,
+        finished: FileResult | None = None,
+        chunks_done: int = 0,
+        chunks_total: int = 0,
+        current: str | None = None,
+    ) -> None:
         with self.lock:
             self.files_done += finished is not None
             self.chunks_done += chunks_done
             self.chunks_total += chunks_total
             self.current = current or self.current
-            snapshot = ProgressUpdate(self.files_done, self.files_total, self.chunks_done, self.chunks_total, self.current, finished)
+            snapshot = ProgressUpdate(
+                self.files_done,
+                self.files_total,
+                self.chunks_done,
+                self.chunks_total,
+                self.current,
+                finished,
+            )
         if self.emit is not None:
             self.emit(snapshot)
 
@@ -124,7 +140,9 @@ def precheck(name: str, size: int, max_file_bytes: int) -> str | None:
     try:
         check_size(name, size, max_file_bytes)
         if not is_supported(name):
-            parse(name, b"", max_bytes=max_file_bytes)  # raises the refusal that lists the supported types
+            parse(
+                name, b"", max_bytes=max_file_bytes
+            )  # raises the refusal that lists the supported types
     except RefusedFile as exc:
         return exc.message
     return None
@@ -146,7 +164,9 @@ def items_from_paths(paths: Sequence[Path], max_file_bytes: int) -> list[Item]:
                 if any(part.startswith(".") for part in relative.parts):
                     continue  # .git, .DS_Store and friends
                 # A folder may hold other files: pass over them instead of refusing them.
-                items.append(_item_for_file(file, relative.as_posix(), max_file_bytes, skip_unsupported=True))
+                items.append(
+                    _item_for_file(file, relative.as_posix(), max_file_bytes, skip_unsupported=True)
+                )
         elif path.exists():
             items.append(_item_for_file(path, path.name, max_file_bytes))
         else:
@@ -164,13 +184,17 @@ def _reader(data: bytes) -> Callable[[], bytes]:
     return lambda: data
 
 
-def _item_for_file(path: Path, name: str, max_file_bytes: int, *, skip_unsupported: bool = False) -> Item:
+def _item_for_file(
+    path: Path, name: str, max_file_bytes: int, *, skip_unsupported: bool = False
+) -> Item:
     try:
         size = path.stat().st_size
     except OSError as exc:
         return Item(name, 0, bytes, refused=f"{name} could not be read ({exc.strerror or exc}).")
     if skip_unsupported and not is_supported(path.name):
-        return Item(name, size, path.read_bytes, skipped=f"not a supported type ({supported_types_text()})")
+        return Item(
+            name, size, path.read_bytes, skipped=f"not a supported type ({supported_types_text()})"
+        )
     return checked_item(name, size, path.read_bytes, max_file_bytes)
 
 
@@ -213,7 +237,10 @@ class Upload:
         prepared_q: queue.Queue[_Prepared | None] = queue.Queue(maxsize=64)
         abort = threading.Event()
         reader = threading.Thread(
-            target=self._read_files, args=(items, docs, prepared_q, finish, state, abort), name="knowledge-reader", daemon=True
+            target=self._read_files,
+            args=(items, docs, prepared_q, finish, state, abort),
+            name="knowledge-reader",
+            daemon=True,
         )
         reader.start()
         try:
@@ -221,7 +248,10 @@ class Upload:
         finally:
             abort.set()  # an unexpected error above must not leave the reader blocked on a full queue
             reader.join()
-        return [r if r is not None else FileResult(items[i].name, "refused", "was not processed") for i, r in enumerate(results)]
+        return [
+            r if r is not None else FileResult(items[i].name, "refused", "was not processed")
+            for i, r in enumerate(results)
+        ]
 
     def _embed_and_store(
         self,
@@ -255,7 +285,9 @@ class Upload:
                 window, waiting = waiting[:_EMBED_WINDOW], waiting[_EMBED_WINDOW:]
                 window.sort(key=lambda pn: len(pn[0].chunks[pn[1]].text), reverse=True)
                 for start in range(0, len(window), _EMBED_BATCH):
-                    batch = [(p, n) for p, n in window[start:start + _EMBED_BATCH] if not p.refused]
+                    batch = [
+                        (p, n) for p, n in window[start : start + _EMBED_BATCH] if not p.refused
+                    ]
                     if batch:
                         self._embed_batch(batch, finish, state)
                 while pending and (pending[0].embedded or pending[0].refused):
@@ -305,7 +337,11 @@ class Upload:
                     digest = sha256(data)
                     same = by_hash.get(digest)
                     if same is not None:
-                        why = "unchanged since it was added" if same.name == item.name else f"same content as {same.name}, which is already in the knowledge base"
+                        why = (
+                            "unchanged since it was added"
+                            if same.name == item.name
+                            else f"same content as {same.name}, which is already in the knowledge base"
+                        )
                         finish(index, FileResult(item.name, "skipped", why, document_id=same.id))
                         continue
                     replaces = docs.get(item.name)
@@ -314,25 +350,47 @@ class Upload:
                         raise RefusedFile(
                             f"{item.name} would bring this server's knowledge base to {after / 1048576:.1f} MB, over its {limits.max_guild_bytes / 1048576:.0f} MB limit. Remove some documents first."
                         )
-                    chunks = split_sections(parse(item.name, data, max_bytes=limits.max_file_bytes), limits.chunk_chars)
+                    chunks = split_sections(
+                        parse(item.name, data, max_bytes=limits.max_file_bytes), limits.chunk_chars
+                    )
                     if not chunks:
                         raise RefusedFile(f"{item.name} has no readable text.")
                 except RefusedFile as exc:
                     finish(index, FileResult(item.name, "refused", exc.message))
                     continue
                 except OSError as exc:
-                    finish(index, FileResult(item.name, "refused", f"{item.name} could not be read ({exc.strerror or exc})."))
+                    finish(
+                        index,
+                        FileResult(
+                            item.name,
+                            "refused",
+                            f"{item.name} could not be read ({exc.strerror or exc}).",
+                        ),
+                    )
                     continue
                 except Exception as exc:  # a parser bug must not sink the batch
                     log.exception("reading %s failed", item.name)
-                    finish(index, FileResult(item.name, "refused", f"{item.name} could not be read ({type(exc).__name__})."))
+                    finish(
+                        index,
+                        FileResult(
+                            item.name,
+                            "refused",
+                            f"{item.name} could not be read ({type(exc).__name__}).",
+                        ),
+                    )
                     continue
                 total = after
                 prepared = _Prepared(index, item.name, digest, len(data), chunks, replaces)
                 # Later files of the batch see this one (same name twice, or duplicate content).
                 placeholder = DocumentInfo(
-                    id=prepared.doc_id, name=item.name, chunks=len(chunks), bytes=len(data), uploader_name="", uploader_id=None,
-                    added_at=datetime.now(UTC), content_hash=digest,
+                    id=prepared.doc_id,
+                    name=item.name,
+                    chunks=len(chunks),
+                    bytes=len(data),
+                    uploader_name="",
+                    uploader_id=None,
+                    added_at=datetime.now(UTC),
+                    content_hash=digest,
                 )
                 by_hash[digest] = placeholder
                 docs[item.name] = placeholder
@@ -342,7 +400,12 @@ class Upload:
         finally:
             put(None)
 
-    def _embed_batch(self, batch: list[tuple[_Prepared, int]], finish: Callable[[int, FileResult], None], state: Progress) -> None:
+    def _embed_batch(
+        self,
+        batch: list[tuple[_Prepared, int]],
+        finish: Callable[[int, FileResult], None],
+        state: Progress,
+    ) -> None:
         """Encode one batch of passages; a failure refuses only the files that fail on their own."""
         try:
             parts = [(batch, self.embedder.embed_documents([p.chunks[n].text for p, n in batch]))]
@@ -354,7 +417,9 @@ class Upload:
             parts = []
             for group in groups.values():
                 try:
-                    parts.append((group, self.embedder.embed_documents([p.chunks[n].text for p, n in group])))
+                    parts.append(
+                        (group, self.embedder.embed_documents([p.chunks[n].text for p, n in group]))
+                    )
                 except Exception as exc:
                     prepared = group[0][0]
                     if isinstance(exc, UserError):
@@ -370,7 +435,12 @@ class Upload:
                 prepared.done += 1
         state.update(chunks_done=sum(len(part) for part, _ in parts))
 
-    def _commit(self, prepared: _Prepared, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None]) -> None:
+    def _commit(
+        self,
+        prepared: _Prepared,
+        docs: dict[str, DocumentInfo],
+        finish: Callable[[int, FileResult], None],
+    ) -> None:
         """Writer thread: store one file's passages, then drop the version it replaces."""
         collection = self.collection
         now = time.time()
@@ -410,7 +480,12 @@ class Upload:
                 )
         except Exception as exc:
             log.exception("storing %s failed", prepared.name)
-            self._undo(prepared, docs, finish, f"{prepared.name} could not be stored ({type(exc).__name__})")
+            self._undo(
+                prepared,
+                docs,
+                finish,
+                f"{prepared.name} could not be stored ({type(exc).__name__})",
+            )
             return
         if prepared.replaces is not None:
             try:
@@ -418,12 +493,28 @@ class Upload:
             except Exception as exc:
                 # Keep the old version rather than two: undo the new one.
                 log.exception("dropping the old version of %s failed", prepared.name)
-                self._undo(prepared, docs, finish, f"{prepared.name} could not replace the stored version ({type(exc).__name__})")
+                self._undo(
+                    prepared,
+                    docs,
+                    finish,
+                    f"{prepared.name} could not replace the stored version ({type(exc).__name__})",
+                )
                 return
         status: FileStatus = "replaced" if prepared.replaces is not None else "added"
-        finish(prepared.index, FileResult(prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id))
+        finish(
+            prepared.index,
+            FileResult(
+                prepared.name, status, None, len(prepared.chunks), prepared.size, prepared.doc_id
+            ),
+        )
 
-    def _undo(self, prepared: _Prepared, docs: dict[str, DocumentInfo], finish: Callable[[int, FileResult], None], refusal: str) -> None:
+    def _undo(
+        self,
+        prepared: _Prepared,
+        docs: dict[str, DocumentInfo],
+        finish: Callable[[int, FileResult], None],
+        refusal: str,
+    ) -> None:
         """Remove what was stored of this file, keep the version it was to replace, and refuse it."""
         try:
             self.collection.delete(where={"doc_id": prepared.doc_id})
@@ -431,4 +522,7 @@ class Upload:
             log.exception("could not remove the new version of %s", prepared.name)
         if prepared.replaces is not None:
             docs[prepared.name] = prepared.replaces
-        finish(prepared.index, FileResult(prepared.name, "refused", f"{refusal}; the knowledge base is unchanged."))
+        finish(
+            prepared.index,
+            FileResult(prepared.name, "refused", f"{refusal}; the knowledge base is unchanged."),
+        )

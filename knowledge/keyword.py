@@ -85,7 +85,9 @@ class BM25Index:
         avg = float(lengths.mean()) if self.size else 1.0
         norm = _K1 * (1 - _B + _B * lengths / max(avg, 1e-9))
         tf = tf.astype(np.float64)
-        self._weights = (self._idf[term_of] * tf * (_K1 + 1) / (tf + norm[self._rows])).astype(np.float32)
+        self._weights = (self._idf[term_of] * tf * (_K1 + 1) / (tf + norm[self._rows])).astype(
+            np.float32
+        )
         # A query word no passage contains counts as the rarest possible term.
         self._unseen_idf = math.log(1 + (self.size + 0.5) / 0.5)
 
@@ -137,7 +139,10 @@ class BM25Index:
         covered = np.zeros(len(rows), dtype=np.float64)
         for tid in known:
             covered += np.where(self._lookup(tid, rows) > 0, self._idf[tid], 0.0)
-        return [KeywordHit(int(r), float(top_scores[i]), float(c / total_idf)) for r, i, c in zip(rows, order, covered, strict=True)]
+        return [
+            KeywordHit(int(r), float(top_scores[i]), float(c / total_idf))
+            for r, i, c in zip(rows, order, covered, strict=True)
+        ]
 
     def _lookup(self, tid: int, rows: np.ndarray) -> np.ndarray:
         """The term's BM25 weight in each of `rows` (0 where it does not occur); postings are sorted by row."""

@@ -66,7 +66,9 @@ def parse(name: str, data: bytes, *, max_bytes: int) -> list[Section]:
     """The non-empty text sections of a file, or RefusedFile saying why not."""
     ext = extension(name)
     if ext not in SUPPORTED_TYPES:
-        raise RefusedFile(f"{name}: {ext or 'files without an extension'} is not supported. Supported types: {supported_types_text()}.")
+        raise RefusedFile(
+            f"{name}: {ext or 'files without an extension'} is not supported. Supported types: {supported_types_text()}."
+        )
     check_size(name, len(data), max_bytes)
     reader = _READERS[ext]
     sections = [Section(_tidy(s.text), s.location, s.title) for s in reader(name, data)]
@@ -97,7 +99,9 @@ def decode_text(name: str, data: bytes) -> str:
             raise RefusedFile(f"{name} is not valid UTF-16 text.") from exc
     head = data[:8192]
     if b"\x00" in head:
-        raise RefusedFile(f"{name} looks like binary data, not text. Upload the original document ({supported_types_text()}).")
+        raise RefusedFile(
+            f"{name} looks like binary data, not text. Upload the original document ({supported_types_text()})."
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -106,7 +110,9 @@ def decode_text(name: str, data: bytes) -> str:
     sample = text[:8192]
     controls = sum(1 for c in sample if (ord(c) < 32 and c not in "\t\n\r\f\v") or c == "\ufffd")
     if sample and controls / len(sample) > 0.02:
-        raise RefusedFile(f"{name} looks like binary data, not text. Upload the original document ({supported_types_text()}).")
+        raise RefusedFile(
+            f"{name} looks like binary data, not text. Upload the original document ({supported_types_text()})."
+        )
     return text
 
 
@@ -155,24 +161,54 @@ def _read_pdf(name: str, data: bytes) -> list[Section]:
             try:
                 opened = reader.decrypt("")
             except Exception as exc:  # pypdf raises several types for unsupported ciphers
-                raise RefusedFile(f"{name} is encrypted with a method that cannot be read. Save an unprotected copy and upload that.") from exc
+                raise RefusedFile(
+                    f"{name} is encrypted with a method that cannot be read. Save an unprotected copy and upload that."
+                ) from exc
             if not opened:
-                raise RefusedFile(f"{name} is password-protected. Save a copy without the password and upload that.")
+                raise RefusedFile(
+                    f"{name} is password-protected. Save a copy without the password and upload that."
+                )
         sections = []
         for number, page in enumerate(reader.pages, start=1):
             sections.append(Section(page.extract_text() or "", f"page {number}"))
         return sections
     except RefusedFile:
         raise
-    except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, IndexError, OSError, RecursionError) as exc:
-        raise RefusedFile(f"{name} is not a readable PDF (it may be damaged). Re-export it and try again.") from exc
+    except (
+        PyPdfError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        OSError,
+        RecursionError,
+    ) as exc:
+        raise RefusedFile(
+            f"{name} is not a readable PDF (it may be damaged). Re-export it and try again."
+        ) from exc
 
 
 class _HTMLText(HTMLParser):
     """Collect the visible text of an HTML page, split at its headings."""
 
     _SKIP = {"script", "style", "noscript", "template", "head", "svg"}
-    _BLOCK = {"p", "div", "br", "li", "tr", "section", "article", "blockquote", "pre", "table", "ul", "ol", "dd", "dt"}
+    _BLOCK = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "tr",
+        "section",
+        "article",
+        "blockquote",
+        "pre",
+        "table",
+        "ul",
+        "ol",
+        "dd",
+        "dt",
+    }
     _HEADINGS = {"h1", "h2", "h3", "h4", "h5", "h6"}
 
     def __init__(self) -> None:
@@ -234,10 +270,18 @@ def check_zip(name: str, data: bytes) -> None:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             infos = archive.infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
-        raise RefusedFile(f"{name} is not a valid .docx file (it is not a readable zip archive).") from exc
+        raise RefusedFile(
+            f"{name} is not a valid .docx file (it is not a readable zip archive)."
+        ) from exc
     unzipped = sum(i.file_size for i in infos)
-    if len(infos) > _MAX_ZIP_ENTRIES or unzipped > _MAX_UNZIPPED_BYTES or unzipped > _MAX_ZIP_RATIO * max(len(data), 1):
-        raise RefusedFile(f"{name} expands to {_mb(unzipped)} when unpacked, far more than a document should; it was refused as a possible zip bomb.")
+    if (
+        len(infos) > _MAX_ZIP_ENTRIES
+        or unzipped > _MAX_UNZIPPED_BYTES
+        or unzipped > _MAX_ZIP_RATIO * max(len(data), 1)
+    ):
+        raise RefusedFile(
+            f"{name} expands to {_mb(unzipped)} when unpacked, far more than a document should; it was refused as a possible zip bomb."
+        )
 
 
 def _read_docx(name: str, data: bytes) -> list[Section]:
@@ -248,7 +292,9 @@ def _read_docx(name: str, data: bytes) -> list[Section]:
     try:
         document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise RefusedFile(f"{name} is not a valid .docx file. Save it again from your word processor (as .docx, not .doc).") from exc
+        raise RefusedFile(
+            f"{name} is not a valid .docx file. Save it again from your word processor (as .docx, not .doc)."
+        ) from exc
     except Exception as exc:  # lxml raises its own errors for damaged XML
         raise RefusedFile(f"{name} could not be read as a .docx file (it may be damaged).") from exc
     sections: list[Section] = []

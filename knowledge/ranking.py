@@ -33,7 +33,9 @@ class Hit:
     coverage: float | None = None
 
 
-def fuse(vector: Sequence[Hit], keyword: Sequence[Hit], *, k: int, cutoff: float | None) -> list[Source]:
+def fuse(
+    vector: Sequence[Hit], keyword: Sequence[Hit], *, k: int, cutoff: float | None
+) -> list[Source]:
     """The top `k` passages of both rankings by reciprocal rank, without those under `cutoff` relevance."""
     fused: dict[str, float] = defaultdict(float)
     hits: dict[str, Hit] = {}
@@ -49,11 +51,21 @@ def fuse(vector: Sequence[Hit], keyword: Sequence[Hit], *, k: int, cutoff: float
         coverage[hit.chunk_id] = hit.coverage or 0.0
     sources: list[Source] = []
     for chunk_id in sorted(fused, key=lambda c: fused[c], reverse=True):
-        relevance = max(similarity.get(chunk_id, 0.0), coverage.get(chunk_id, 0.0) * COVERAGE_WEIGHT)
+        relevance = max(
+            similarity.get(chunk_id, 0.0), coverage.get(chunk_id, 0.0) * COVERAGE_WEIGHT
+        )
         if cutoff is not None and relevance < cutoff:
             continue
         hit = hits[chunk_id]
-        sources.append(Source(chunk_id, str(hit.metadata.get("name", "?")), hit.metadata.get("location"), round(relevance, 4), hit.text))
+        sources.append(
+            Source(
+                chunk_id,
+                str(hit.metadata.get("name", "?")),
+                hit.metadata.get("location"),
+                round(relevance, 4),
+                hit.text,
+            )
+        )
         if len(sources) == k:
             break
     return sources

@@ -74,7 +74,11 @@ class FileResult:
         """One line for a person: `name: added (12 passages)`."""
         if self.status in ("added", "replaced"):
             return f"{self.name}: {self.status} ({self.chunks} passage{'s' if self.chunks != 1 else ''})"
-        return f"{self.name}: {self.status} — {self.reason}" if self.reason else f"{self.name}: {self.status}"
+        return (
+            f"{self.name}: {self.status} — {self.reason}"
+            if self.reason
+            else f"{self.name}: {self.status}"
+        )
 
 
 @dataclass(slots=True)

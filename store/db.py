@@ -57,4 +57,3 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions whose objects stay readable after commit."""
     return async_sessionmaker(engine, expire_on_commit=False)
-

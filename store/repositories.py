@@ -99,7 +99,11 @@ class SettingsRepository:
         """The rows for any of these (guild, channel, thread) places, keyed (scope, scope id); one query."""
         ids: dict[str, set[int]] = {"channel": set(), "thread": set(), "guild": set()}
         for guild_id, channel_id, thread_id in places:
-            for scope, scope_id in (("guild", guild_id), ("channel", channel_id), ("thread", thread_id)):
+            for scope, scope_id in (
+                ("guild", guild_id),
+                ("channel", channel_id),
+                ("thread", thread_id),
+            ):
                 if scope_id is not None:
                     ids[scope].add(scope_id)
         conditions = [
@@ -235,7 +239,8 @@ class ConversationRepository:
         unique = {row["id"]: {**row, "created_at": row.get("created_at") or now} for row in rows}
         if unique:
             await self.session.execute(
-                _insert_ignoring_conflicts(self.session, table_of(Conversation)), list(unique.values())
+                _insert_ignoring_conflicts(self.session, table_of(Conversation)),
+                list(unique.values()),
             )
 
     async def get(self, id: str) -> Conversation | None:

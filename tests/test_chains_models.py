@@ -49,7 +49,9 @@ async def factory() -> AsyncIterator[MakeFactory]:
 
 
 def openai_spec(fake: FakeOpenAI, **extra: object) -> ModelSpec:
-    return ModelSpec(name="gpt-4o-mini", provider="openai", model="gpt-4o-mini", base_url=fake.base_url, **extra)
+    return ModelSpec(
+        name="gpt-4o-mini", provider="openai", model="gpt-4o-mini", base_url=fake.base_url, **extra
+    )
 
 
 async def stream(model: BaseChatModel, text: str = "hello") -> tuple[str, AIMessageChunk]:
@@ -102,14 +104,20 @@ async def test_idle_connections_are_kept_for_the_next_message(
     assert first is not None and soon == first and later != first
 
 
-async def test_plain_dict_chunks_match_the_sdk_objects(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
+async def test_plain_dict_chunks_match_the_sdk_objects(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
     """Our models read the provider's JSON as dicts; LangChain must see exactly what the SDK path gives."""
     spec = openai_spec(fake_openai, max_tokens=50)
     ours = await factory().get(spec)
     assert isinstance(ours, ChatOpenAI) and isinstance(ours.async_client, PlainCompletions)
     async with openai.DefaultAsyncHttpxClient() as http:
         sdk = ChatOpenAI(
-            base_url=fake_openai.base_url, api_key=KEY, model="gpt-4o-mini", max_tokens=50, stream_usage=True,
+            base_url=fake_openai.base_url,
+            api_key=KEY,
+            model="gpt-4o-mini",
+            max_tokens=50,
+            stream_usage=True,
             http_async_client=http,
         )
         _, mine = await stream(ours, "same for both")
@@ -125,7 +133,9 @@ async def test_plain_dict_chunks_match_the_sdk_objects(factory: MakeFactory, fak
 
 async def test_openai_compatible_without_key_env_sends_a_placeholder(factory: MakeFactory) -> None:
     async with FakeOpenAI(api_keys={"not-needed"}) as fake:
-        spec = ModelSpec(name="llama3", provider="openai-compatible", model="llama3.1", base_url=fake.base_url)
+        spec = ModelSpec(
+            name="llama3", provider="openai-compatible", model="llama3.1", base_url=fake.base_url
+        )
         text, total = await stream(await factory().get(spec), "hi ollama")
     assert text == "Echo: hi ollama"
     assert total.usage_metadata is not None
@@ -134,8 +144,12 @@ async def test_openai_compatible_without_key_env_sends_a_placeholder(factory: Ma
     assert "temperature" not in request.body and "max_tokens" not in request.body
 
 
-async def test_compatible_servers_get_max_tokens(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
-    spec = ModelSpec(name="vllm", provider="openai-compatible", base_url=fake_openai.base_url, max_tokens=3)
+async def test_compatible_servers_get_max_tokens(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
+    spec = ModelSpec(
+        name="vllm", provider="openai-compatible", base_url=fake_openai.base_url, max_tokens=3
+    )
     text, _ = await stream(await factory().get(spec), "one two three four five")
     body = fake_openai.chat_requests[0].body
     assert body["max_tokens"] == 3 and "max_completion_tokens" not in body
@@ -145,8 +159,12 @@ async def test_compatible_servers_get_max_tokens(factory: MakeFactory, fake_open
 async def test_azure_model_streams_through_the_deployment_path(factory: MakeFactory) -> None:
     async with FakeOpenAI(api_keys={KEY}) as fake:
         spec = ModelSpec(
-            name="azure-4o", provider="azure-openai", model="gpt-4o", deployment="prod-4o",
-            base_url=fake.root_url, api_version="2024-10-21",
+            name="azure-4o",
+            provider="azure-openai",
+            model="gpt-4o",
+            deployment="prod-4o",
+            base_url=fake.root_url,
+            api_version="2024-10-21",
         )
         model = await factory().get(spec)
         assert isinstance(model, AzureChatOpenAI)
@@ -174,7 +192,9 @@ class PointsAtFake:
         return self.client
 
 
-async def test_llama_cpp_model_uses_the_local_server_and_follows_its_port(factory: MakeFactory) -> None:
+async def test_llama_cpp_model_uses_the_local_server_and_follows_its_port(
+    factory: MakeFactory,
+) -> None:
     spec = ModelSpec(name="smollm2", provider="llama.cpp", bundled="smollm2-135m-instruct")
     async with FakeOpenAI() as first, FakeOpenAI() as second:
         local = PointsAtFake(first.base_url)
@@ -215,14 +235,25 @@ async def test_missing_key_names_the_variable(fake_openai: FakeOpenAI) -> None:
     assert isinstance(caught.value, UserError)
     assert str(caught.value) == "Model 'gpt-4o-mini' needs an API key: set OPENAI_API_KEY."
     failure = classify_failure(caught.value, spec.name)
-    assert (failure.kind, failure.message, failure.fallback_ok) == ("bad_key", str(caught.value), True)
-    custom = ModelSpec(name="vllm", provider="openai-compatible", base_url=fake_openai.base_url, api_key_env="VLLM_KEY")
+    assert (failure.kind, failure.message, failure.fallback_ok) == (
+        "bad_key",
+        str(caught.value),
+        True,
+    )
+    custom = ModelSpec(
+        name="vllm",
+        provider="openai-compatible",
+        base_url=fake_openai.base_url,
+        api_key_env="VLLM_KEY",
+    )
     with pytest.raises(MissingApiKey, match=r"set VLLM_KEY\.$"):
         await models.get(custom)
     await models.aclose()
 
 
-async def test_nothing_counts_tokens_through_langchain(factory: MakeFactory, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_nothing_counts_tokens_through_langchain(
+    factory: MakeFactory, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_download(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("tried to download a tiktoken vocabulary")
 
@@ -244,21 +275,31 @@ async def test_nothing_counts_tokens_through_langchain(factory: MakeFactory, fak
 # -- retries ---------------------------------------------------------------------------------
 
 
-async def test_the_client_retries_a_500_then_succeeds(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
+async def test_the_client_retries_a_500_then_succeeds(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
     fake_openai.fail_next(500, times=1)  # no Retry-After: the client's own backoff
     model = await factory(max_retries=2).get(openai_spec(fake_openai))
     text, _ = await stream(model, "again")
     assert text == "Echo: again"
-    assert [r.headers.get("x-stainless-retry-count") for r in fake_openai.chat_requests] == ["0", "1"]
+    assert [r.headers.get("x-stainless-retry-count") for r in fake_openai.chat_requests] == [
+        "0",
+        "1",
+    ]
 
 
-async def test_more_failures_than_retries_fail_and_are_classified(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
+async def test_more_failures_than_retries_fail_and_are_classified(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
     fake_openai.fail_next(503, times=3, retry_after=0.01)
     spec = openai_spec(fake_openai)
     failure = await failure_of(await factory(max_retries=2).get(spec), spec)
     assert len(fake_openai.chat_requests) == 3
     assert failure.kind == "server_error" and failure.fallback_ok
-    assert failure.message == "gpt-4o-mini's provider had a server error (HTTP 503). Try again shortly."
+    assert (
+        failure.message
+        == "gpt-4o-mini's provider had a server error (HTTP 503). Try again shortly."
+    )
 
 
 # -- classification against the real client ---------------------------------------------------
@@ -269,12 +310,17 @@ async def test_rate_limited(factory: MakeFactory, fake_openai: FakeOpenAI) -> No
     spec = openai_spec(fake_openai)
     failure = await failure_of(await factory().get(spec), spec)
     assert failure == ModelFailure(
-        "rate_limited", "gpt-4o-mini is rate limited by its provider (HTTP 429). Try again in a minute.", True, 429
+        "rate_limited",
+        "gpt-4o-mini is rate limited by its provider (HTTP 429). Try again in a minute.",
+        True,
+        429,
     )
 
 
 async def test_out_of_quota(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
-    fake_openai.fail_next(429, message="You exceeded your current quota.", code="insufficient_quota")
+    fake_openai.fail_next(
+        429, message="You exceeded your current quota.", code="insufficient_quota"
+    )
     spec = openai_spec(fake_openai)
     failure = await failure_of(await factory().get(spec), spec)
     assert failure.kind == "rate_limited" and "run out of quota" in failure.message
@@ -301,7 +347,9 @@ async def test_connection_refused_names_the_address(factory: MakeFactory) -> Non
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    spec = ModelSpec(name="gone", provider="openai-compatible", base_url=f"http://127.0.0.1:{port}/v1")
+    spec = ModelSpec(
+        name="gone", provider="openai-compatible", base_url=f"http://127.0.0.1:{port}/v1"
+    )
     failure = await failure_of(await factory().get(spec), spec)
     assert failure.kind == "unreachable" and failure.fallback_ok
     assert failure.message == (
@@ -336,13 +384,21 @@ async def test_context_length_exceeded(factory: MakeFactory) -> None:
 
 
 async def test_llama_cpp_style_context_error(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
-    fake_openai.fail_next(400, message="the request exceeds the available context size, try increasing it", code="exceed_context_size_error")
+    fake_openai.fail_next(
+        400,
+        message="the request exceeds the available context size, try increasing it",
+        code="exceed_context_size_error",
+    )
     spec = openai_spec(fake_openai)
     assert (await failure_of(await factory().get(spec), spec)).kind == "context_too_long"
 
 
-async def test_other_bad_requests_quote_the_provider_but_not_keys(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
-    fake_openai.fail_next(400, message="Unsupported parameter: 'temperature' (key sk-abcdefghijklmnop).")
+async def test_other_bad_requests_quote_the_provider_but_not_keys(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.fail_next(
+        400, message="Unsupported parameter: 'temperature' (key sk-abcdefghijklmnop)."
+    )
     spec = openai_spec(fake_openai)
     failure = await failure_of(await factory().get(spec), spec)
     assert failure.kind == "bad_request" and failure.fallback_ok
@@ -350,7 +406,9 @@ async def test_other_bad_requests_quote_the_provider_but_not_keys(factory: MakeF
     assert "sk-abcdefghijklmnop" not in failure.message and "[redacted]" in failure.message
 
 
-async def test_content_policy_refusal_does_not_fall_back(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
+async def test_content_policy_refusal_does_not_fall_back(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
     fake_openai.fail_next(400, message="The response was filtered.", code="content_filter")
     spec = openai_spec(fake_openai)
     failure = await failure_of(await factory().get(spec), spec)
@@ -363,7 +421,10 @@ async def test_connection_dropped_mid_stream(factory: MakeFactory, fake_openai: 
     spec = openai_spec(fake_openai)
     failure = await failure_of(await factory().get(spec), spec)
     assert failure.kind == "server_error"
-    assert failure.message == "gpt-4o-mini's connection broke off in the middle of the answer. Try again."
+    assert (
+        failure.message
+        == "gpt-4o-mini's connection broke off in the middle of the answer. Try again."
+    )
 
 
 def test_plain_exceptions_are_classified() -> None:
@@ -400,16 +461,25 @@ def _raised_as_openai_timeout(cause: BaseException) -> BaseException:
 def test_aiohttp_errors_under_a_timeout_are_told_apart() -> None:
     dropped = classify_failure(_raised_as_openai_timeout(aiohttp.ServerDisconnectedError()), "m")
     assert dropped.kind == "server_error" and "broke off" in dropped.message
-    slow = classify_failure(_raised_as_openai_timeout(aiohttp.SocketTimeoutError("read timed out")), "m")
+    slow = classify_failure(
+        _raised_as_openai_timeout(aiohttp.SocketTimeoutError("read timed out")), "m"
+    )
     assert slow.kind == "timeout"
     assert classify_failure(_raised_as_openai_timeout(RuntimeError("x")), "m").kind == "timeout"
 
 
-async def test_check_model_reports_success_and_failure(factory: MakeFactory, fake_openai: FakeOpenAI) -> None:
+async def test_check_model_reports_success_and_failure(
+    factory: MakeFactory, fake_openai: FakeOpenAI
+) -> None:
     models = factory()
     spec = openai_spec(fake_openai)
     good = await check_model(spec, models)
-    assert good.ok and good.name == "gpt-4o-mini" and good.latency_ms is not None and good.latency_ms >= 0
+    assert (
+        good.ok
+        and good.name == "gpt-4o-mini"
+        and good.latency_ms is not None
+        and good.latency_ms >= 0
+    )
     assert "Echo: Reply with the single word: pong" in good.detail or "answered" in good.detail
     assert fake_openai.chat_requests[-1].body["max_completion_tokens"] == 16
     fake_openai.fail_next(401)
@@ -420,4 +490,7 @@ async def test_check_model_reports_success_and_failure(factory: MakeFactory, fak
     slow = await check_model(spec, models, limit_s=0.3)
     assert not slow.ok and "took too long" in slow.detail
     missing = await check_model(spec, ChatModelFactory(client_config(Settings(environ={}))))
-    assert not missing.ok and missing.detail == "Model 'gpt-4o-mini' needs an API key: set OPENAI_API_KEY."
+    assert (
+        not missing.ok
+        and missing.detail == "Model 'gpt-4o-mini' needs an API key: set OPENAI_API_KEY."
+    )

@@ -61,7 +61,11 @@ def test_parses_every_provider_with_defaults(tmp_path: Path) -> None:
     assert registry.names() == ["gpt-4o-mini", "llama3", "azure", "smollm2"]
     gpt = registry.get("gpt-4o-mini")
     assert (gpt.provider, gpt.model, gpt.context_window, gpt.open_weights, gpt.origin) == (
-        "openai", "gpt-4o-mini", 128000, False, "config"
+        "openai",
+        "gpt-4o-mini",
+        128000,
+        False,
+        "config",
     )
     llama = registry.get("llama3")
     assert llama.open_weights is True and llama.context_window == 8192 and llama.api_key_env is None
@@ -85,7 +89,11 @@ def test_cost_and_public_dict(tmp_path: Path) -> None:
 
 def test_fallback_chain(tmp_path: Path) -> None:
     registry = load(tmp_path, GOOD)
-    assert [s.name for s in registry.fallback_chain("gpt-4o-mini")] == ["gpt-4o-mini", "llama3", "smollm2"]
+    assert [s.name for s in registry.fallback_chain("gpt-4o-mini")] == [
+        "gpt-4o-mini",
+        "llama3",
+        "smollm2",
+    ]
     assert [s.name for s in registry.fallback_chain("smollm2")] == ["smollm2"]
 
 
@@ -114,7 +122,10 @@ def test_unknown_name_suggests_the_closest(tmp_path: Path) -> None:
     registry = load(tmp_path, GOOD)
     with pytest.raises(NotFound) as caught:
         registry.get("gpt-4o-mni")
-    assert str(caught.value) == "No model named 'gpt-4o-mni'. Did you mean 'gpt-4o-mini'? See /model list."
+    assert (
+        str(caught.value)
+        == "No model named 'gpt-4o-mni'. Did you mean 'gpt-4o-mini'? See /model list."
+    )
     with pytest.raises(NotFound) as caught:
         registry.get("zzzzzz")
     assert str(caught.value) == "No model named 'zzzzzz'. See /model list."
@@ -133,14 +144,32 @@ ENTRY = '[models.m]\nprovider = "openai-compatible"\nbase_url = "http://h/v1"\n'
     ("text", "expected"),
     [
         ("default_model = 'a'\n[models.a\nprovider='openai'", "invalid TOML"),
-        ('[models.m]\nprovider = "anthropic"\n', "unknown provider 'anthropic' (choose one of openai, azure-openai, openai-compatible, llama.cpp)"),
+        (
+            '[models.m]\nprovider = "anthropic"\n',
+            "unknown provider 'anthropic' (choose one of openai, azure-openai, openai-compatible, llama.cpp)",
+        ),
         (ENTRY + "tempurature = 0.5\n", "unknown key 'tempurature' (did you mean 'temperature'?)"),
-        ('[models.m]\nprovider = "openai-compatible"\n', 'provider "openai-compatible" needs base_url'),
-        ('[models.m]\nprovider = "azure-openai"\nbase_url = "https://x"\n', 'provider "azure-openai" needs api_version'),
+        (
+            '[models.m]\nprovider = "openai-compatible"\n',
+            'provider "openai-compatible" needs base_url',
+        ),
+        (
+            '[models.m]\nprovider = "azure-openai"\nbase_url = "https://x"\n',
+            'provider "azure-openai" needs api_version',
+        ),
         ('[models.m]\nprovider = "azure-openai"\n', "needs base_url and api_version"),
-        ('[models.m]\nprovider = "llama.cpp"\n', 'provider "llama.cpp" needs path (a .gguf file) or bundled'),
-        ('[models.m]\nprovider = "llama.cpp"\nbundled = "gpt-5"\n', "unknown bundled model 'gpt-5'"),
-        ('[models.m]\nprovider = "llama.cpp"\nbundled = "smollm2-135m-instruct"\npath = "a.gguf"\n', "path or bundled, not both"),
+        (
+            '[models.m]\nprovider = "llama.cpp"\n',
+            'provider "llama.cpp" needs path (a .gguf file) or bundled',
+        ),
+        (
+            '[models.m]\nprovider = "llama.cpp"\nbundled = "gpt-5"\n',
+            "unknown bundled model 'gpt-5'",
+        ),
+        (
+            '[models.m]\nprovider = "llama.cpp"\nbundled = "smollm2-135m-instruct"\npath = "a.gguf"\n',
+            "path or bundled, not both",
+        ),
         (ENTRY + 'fallback = "other"\n', "model 'm': fallback 'other' is not a defined model."),
         (ENTRY + 'fallback = "m"\n', "cannot be its own fallback"),
         ('default_model = "nope"\n' + ENTRY, "default_model 'nope' is not a defined model."),
@@ -155,7 +184,9 @@ ENTRY = '[models.m]\nprovider = "openai-compatible"\nbase_url = "http://h/v1"\n'
         ('[models.m]\nmodel = "x"\n', "'provider' is required"),
     ],
 )
-def test_validation_errors_name_the_file_and_the_model(tmp_path: Path, text: str, expected: str) -> None:
+def test_validation_errors_name_the_file_and_the_model(
+    tmp_path: Path, text: str, expected: str
+) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as caught:
         ModelRegistry.from_toml(path)
@@ -203,13 +234,20 @@ def test_key_pasted_into_api_key_env_is_refused_without_echoing_it(tmp_path: Pat
 
 def test_add_runtime_models(tmp_path: Path) -> None:
     registry = load(tmp_path, GOOD)
-    tuned = ModelSpec(name="ft-gpt", provider="openai", model="ft:gpt-4o-mini:org::abc", fallback="gpt-4o-mini")
+    tuned = ModelSpec(
+        name="ft-gpt", provider="openai", model="ft:gpt-4o-mini:org::abc", fallback="gpt-4o-mini"
+    )
     added = registry.add(tuned)
     assert added.origin == "database" and registry.get("ft-gpt") == added
     # A database model may be replaced by a newer version of itself.
     registry.add(tuned.model_copy(update={"description": "v2"}))
     assert registry.get("ft-gpt").description == "v2"
-    assert [s.name for s in registry.fallback_chain("ft-gpt")] == ["ft-gpt", "gpt-4o-mini", "llama3", "smollm2"]
+    assert [s.name for s in registry.fallback_chain("ft-gpt")] == [
+        "ft-gpt",
+        "gpt-4o-mini",
+        "llama3",
+        "smollm2",
+    ]
     registry.remove("ft-gpt")
     assert "ft-gpt" not in registry
 

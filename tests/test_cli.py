@@ -24,7 +24,11 @@ def fake_server():
 
 @pytest.fixture
 def cli_env(tmp_path: Path, fake_server: FakeOpenAI) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_") and k not in {"DISCORD_TOKEN", "OPENAI_API_KEY"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SWITCHBOARD_") and k not in {"DISCORD_TOKEN", "OPENAI_API_KEY"}
+    }
     env.update(
         SWITCHBOARD_CONFIG=str(write_config(tmp_path / "switchboard.toml", fake_server.base_url)),
         SWITCHBOARD_DATA_DIR=str(tmp_path / "data"),
@@ -34,10 +38,17 @@ def cli_env(tmp_path: Path, fake_server: FakeOpenAI) -> dict[str, str]:
     return env
 
 
-def switchboard(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def switchboard(
+    env: dict[str, str], *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bot", *args], input=stdin, env=env, cwd=REPO,
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "bot", *args],
+        input=stdin,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -52,26 +63,54 @@ def test_chat_json_one_object_per_line(cli_env: dict[str, str], fake_server: Fak
         "fresh start",
         "/system set Be brief.",
     ]
-    proc = switchboard(cli_env, "chat", "--json", "--guild", "5", "--channel", "6", "--user", "ada",
-                       stdin="\n".join(lines) + "\n")
+    proc = switchboard(
+        cli_env,
+        "chat",
+        "--json",
+        "--guild",
+        "5",
+        "--channel",
+        "6",
+        "--user",
+        "ada",
+        stdin="\n".join(lines) + "\n",
+    )
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(out) == len(lines)
     first, listing, second, set_ok, set_bad, new, third, system = out
-    assert set(first) >= {"reply", "model", "conversation_id", "message_id", "latency_ms", "usage", "fallback_from", "error"}
-    assert first["reply"] == "Echo: hello there" and first["model"] == "main" and first["error"] is None
+    assert set(first) >= {
+        "reply",
+        "model",
+        "conversation_id",
+        "message_id",
+        "latency_ms",
+        "usage",
+        "fallback_from",
+        "error",
+    }
+    assert (
+        first["reply"] == "Echo: hello there"
+        and first["model"] == "main"
+        and first["error"] is None
+    )
     assert first["usage"]["prompt_tokens"] > 0 and first["fallback_from"] is None
     assert listing["command"] == "model list" and listing["ok"] and "backup" in listing["message"]
     assert second["conversation_id"] == first["conversation_id"]
     assert "hello there" in str(fake_server.chat_requests[1].body["messages"])
-    assert set_ok == {"command": "model set", "ok": True, "message": set_ok["message"]} and "backup" in set_ok["message"]
+    assert (
+        set_ok == {"command": "model set", "ok": True, "message": set_ok["message"]}
+        and "backup" in set_ok["message"]
+    )
     assert set_bad["ok"] is False and "nonsense" in set_bad["message"]
     assert new["ok"] and third["conversation_id"] != first["conversation_id"]
     assert third["model"] == "backup"
     assert system["ok"]
 
 
-def test_chat_json_exits_zero_when_replies_fail(cli_env: dict[str, str], fake_server: FakeOpenAI) -> None:
+def test_chat_json_exits_zero_when_replies_fail(
+    cli_env: dict[str, str], fake_server: FakeOpenAI
+) -> None:
     fake_server.fail_next(500, times=20)
     proc = switchboard(cli_env, "chat", "--json", stdin="/model set solo\nhello\nagain\n")
     assert proc.returncode == 0, proc.stderr
@@ -84,8 +123,12 @@ def test_chat_json_exits_zero_when_replies_fail(cli_env: dict[str, str], fake_se
 
 def test_missing_api_key_names_the_variable(tmp_path: Path, cli_env: dict[str, str]) -> None:
     config = tmp_path / "openai.toml"
-    config.write_text('default_model = "gpt"\n[models.gpt]\nprovider = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "OPENAI_API_KEY"\n')
-    proc = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "chat", "--json", stdin="hi\n")
+    config.write_text(
+        'default_model = "gpt"\n[models.gpt]\nprovider = "openai"\nmodel = "gpt-4o-mini"\napi_key_env = "OPENAI_API_KEY"\n'
+    )
+    proc = switchboard(
+        {**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "chat", "--json", stdin="hi\n"
+    )
     assert proc.returncode == 0
     reply = json.loads(proc.stdout)
     assert "OPENAI_API_KEY" in reply["error"]
@@ -97,7 +140,9 @@ def test_run_without_token_says_which_variable(cli_env: dict[str, str]) -> None:
     assert "DISCORD_TOKEN" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_models_list_and_check(cli_env: dict[str, str], tmp_path: Path, fake_server: FakeOpenAI) -> None:
+def test_models_list_and_check(
+    cli_env: dict[str, str], tmp_path: Path, fake_server: FakeOpenAI
+) -> None:
     listing = switchboard(cli_env, "models", "list")
     assert listing.returncode == 0, listing.stderr
     for name in ("main", "backup", "solo", "tiny"):
@@ -124,14 +169,20 @@ def test_db_upgrade_creates_the_database(cli_env: dict[str, str], tmp_path: Path
 
 def test_bad_config_is_one_clear_message(cli_env: dict[str, str], tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text('default_model = "a"\n[models.a]\nprovider = "openai"\nmodel = "m"\napi_key = "sk-secret-123"\n')
-    proc = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "chat", "--json", stdin="hi\n")
+    config.write_text(
+        'default_model = "a"\n[models.a]\nprovider = "openai"\nmodel = "m"\napi_key = "sk-secret-123"\n'
+    )
+    proc = switchboard(
+        {**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "chat", "--json", stdin="hi\n"
+    )
     assert proc.returncode == 1
     assert "api_key_env" in proc.stderr and "sk-secret-123" not in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
 
-def test_error_messages_are_shown_exactly_as_written(cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_error_messages_are_shown_exactly_as_written(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
     config = tmp_path / "odd.toml"
     config.write_text('default_model = "a"\n[models]\na = "not a table"\n')
     proc = switchboard({**cli_env, "SWITCHBOARD_CONFIG": str(config)}, "models", "list")
@@ -145,7 +196,9 @@ async def test_run_builds_the_knowledge_cog_with_both_roles(service_settings) ->
     from bot.cli import extra_cogs
     from bot.discord.knowledge import KnowledgeCog
 
-    settings = service_settings.model_copy(update={"manager_role": "Mods", "knowledge_role": "Librarians"})
+    settings = service_settings.model_copy(
+        update={"manager_role": "Mods", "knowledge_role": "Librarians"}
+    )
     async with open_app(settings) as app:
         [cog] = extra_cogs(app)
     assert isinstance(cog, KnowledgeCog)
@@ -154,18 +207,26 @@ async def test_run_builds_the_knowledge_cog_with_both_roles(service_settings) ->
 
 
 def test_a_bad_setting_names_the_variable_but_not_its_value(cli_env: dict[str, str]) -> None:
-    proc = switchboard({**cli_env, "SWITCHBOARD_MAX_RETRIES": "s3cr3t-ish", "CHROMA_PORT": "nope"}, "models", "list")
+    proc = switchboard(
+        {**cli_env, "SWITCHBOARD_MAX_RETRIES": "s3cr3t-ish", "CHROMA_PORT": "nope"},
+        "models",
+        "list",
+    )
     assert proc.returncode == 2
     assert "SWITCHBOARD_MAX_RETRIES" in proc.stderr and "CHROMA_PORT" in proc.stderr
     assert "s3cr3t-ish" not in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow
-def test_models_add_gguf_registers_a_file_for_every_process(cli_env: dict[str, str], tmp_path: Path) -> None:
+def test_models_add_gguf_registers_a_file_for_every_process(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
     from chains.gguf import bundled_models
 
     gguf = bundled_models()["smollm2-135m-instruct"]
-    added = switchboard(cli_env, "models", "add-gguf", str(gguf), "--name", "my-smol", "--context-size", "1024")
+    added = switchboard(
+        cli_env, "models", "add-gguf", str(gguf), "--name", "my-smol", "--context-size", "1024"
+    )
     assert added.returncode == 0, added.stderr
     assert "Registered my-smol" in added.stdout
     # Another process sees it (the registry reads the models registered in the database).
@@ -174,5 +235,11 @@ def test_models_add_gguf_registers_a_file_for_every_process(cli_env: dict[str, s
 
     taken = switchboard(cli_env, "models", "add-gguf", str(gguf), "--name", "main")
     assert taken.returncode == 1 and "`main` is already a model in" in taken.stderr
-    missing = switchboard(cli_env, "models", "add-gguf", str(tmp_path / "nope.gguf"), "--name", "nope")
-    assert missing.returncode == 1 and "nope.gguf" in missing.stderr and "Traceback" not in missing.stderr
+    missing = switchboard(
+        cli_env, "models", "add-gguf", str(tmp_path / "nope.gguf"), "--name", "nope"
+    )
+    assert (
+        missing.returncode == 1
+        and "nope.gguf" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )

@@ -25,12 +25,19 @@ class EchoCog(commands.Cog):
     @app_commands.command(name="ping")
     async def ping(self, interaction: discord.Interaction) -> None:
         """Say pong and how many models there are."""
-        await interaction.response.send_message(f"pong ({len(self.service.list_models())} models)", ephemeral=True)
+        await interaction.response.send_message(
+            f"pong ({len(self.service.list_models())} models)", ephemeral=True
+        )
 
 
 def test_intents_are_the_few_the_bot_needs() -> None:
     intents = bot_intents()
-    assert intents.message_content and intents.guilds and intents.guild_messages and intents.dm_messages
+    assert (
+        intents.message_content
+        and intents.guilds
+        and intents.guild_messages
+        and intents.dm_messages
+    )
     assert not intents.members and not intents.presences and not intents.guild_typing
 
 
@@ -49,7 +56,9 @@ async def test_extra_cogs_are_added_and_their_commands_synced(chat_service: Chat
         # The moderators' groups are shown to moderators (Manage Channels) by default.
         mods = guild.create_role("Mods", permissions=discord.Permissions(manage_channels=True))
         mod = guild.add_member(env.create_user("mod"), roles=[mods])
-        assert {"model set", "system show", "settings", "ping"} <= set(mod.available_commands(channel))
+        assert {"model set", "system show", "settings", "ping"} <= set(
+            mod.available_commands(channel)
+        )
         assert "model set" not in alice.available_commands(channel)
 
         await alice.send(channel, f"{bot.user.mention} hi from shard one")
@@ -96,7 +105,10 @@ async def test_a_missing_message_content_intent_says_where_to_turn_it_on(
     # It got as far as publishing its commands and identifying with the intents it needs.
     assert {"model", "system", "settings"} <= {command["name"] for command in edge.synced_commands}
     # The moderators' groups are hidden from other members by default; /settings is for everyone.
-    shown_to = {command["name"]: command.get("default_member_permissions") for command in edge.synced_commands}
+    shown_to = {
+        command["name"]: command.get("default_member_permissions")
+        for command in edge.synced_commands
+    }
     moderators = discord.Permissions(manage_channels=True).value
     assert shown_to["model"] == shown_to["system"] == moderators and shown_to["settings"] is None
     [identify] = edge.identified
@@ -110,5 +122,8 @@ async def test_an_unreachable_discord_is_one_message_not_a_traceback(
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{port}/api/v10")
-    with pytest.raises(UserError, match=r"Could not reach Discord \(.*127\.0\.0\.1.*\)\. The bot needs HTTPS access"):
+    with pytest.raises(
+        UserError,
+        match=r"Could not reach Discord \(.*127\.0\.0\.1.*\)\. The bot needs HTTPS access",
+    ):
         await run_bot("some.token", chat_service)

@@ -18,7 +18,9 @@ from tests.fakes.openai_server import FakeOpenAI, FakeRequest
 from tests.fixtures.discord import World
 
 
-def bot_messages(world: World, channel: simcord.ChannelHandle | None = None) -> list[discord.Message]:
+def bot_messages(
+    world: World, channel: simcord.ChannelHandle | None = None
+) -> list[discord.Message]:
     """The bot's messages in the channel (or the given one), oldest first."""
     me = world.bot.user
     assert me is not None
@@ -34,7 +36,9 @@ async def test_mention_gets_a_streamed_reply(world: World, fake_openai: FakeOpen
     world.bot.add_listener(record, "on_raw_message_edit")
     fake_openai.reply = lambda request: "The capital of France is Paris."
 
-    question = await world.alice.send(world.channel, f"{world.bot.user.mention} what is the capital of France?")
+    question = await world.alice.send(
+        world.channel, f"{world.bot.user.mention} what is the capital of France?"
+    )
 
     [answer] = bot_messages(world)
     assert answer.content == "The capital of France is Paris."
@@ -69,7 +73,9 @@ async def test_reply_continues_the_conversation_and_a_fresh_mention_starts_anew(
     assert fresh == ["who am I?"]
 
 
-async def test_plain_messages_and_other_bots_are_ignored(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_plain_messages_and_other_bots_are_ignored(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     other_bot = world.guild.add_member(world.env.create_user("otherbot", bot=True))
     await other_bot.send(world.channel, f"{world.bot.user.mention} hello from a bot")
     await world.alice.send(world.channel, "just talking to people here")
@@ -78,11 +84,15 @@ async def test_plain_messages_and_other_bots_are_ignored(world: World, fake_open
     assert fake_openai.chat_requests == []
 
 
-async def test_direct_messages_are_answered_and_continue(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_direct_messages_are_answered_and_continue(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     await world.alice.send_dm("hello in private")
     await world.alice.send_dm("still there?")
 
-    answers = [m.content for m in world.alice.user.dm_channel.history() if m.author.id == world.bot.user.id]
+    answers = [
+        m.content for m in world.alice.user.dm_channel.history() if m.author.id == world.bot.user.id
+    ]
     assert answers == ["Echo: hello in private", "Echo: still there?"]
     # A DM channel is one running conversation.
     texts = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
@@ -99,9 +109,14 @@ async def test_thread_is_answered_without_mentions_once_the_bot_takes_part(
     await world.alice.send(thread, f"{world.bot.user.mention} help us plan")
     await world.bob.send(thread, "and what about Tuesday?")
 
-    await world.bob.send(thread, f"{world.alice.mention} what do you think?")  # for Alice, not the bot
+    await world.bob.send(
+        thread, f"{world.alice.mention} what do you think?"
+    )  # for Alice, not the bot
 
-    assert [m.content for m in bot_messages(world, thread)] == ["Echo: help us plan", "Echo: and what about Tuesday?"]
+    assert [m.content for m in bot_messages(world, thread)] == [
+        "Echo: help us plan",
+        "Echo: and what about Tuesday?",
+    ]
     assert len(fake_openai.chat_requests) == 2
     texts = [m["content"] for m in fake_openai.chat_requests[-1].messages if m["role"] != "system"]
     assert texts == ["help us plan", "Echo: help us plan", "and what about Tuesday?"]
@@ -125,9 +140,12 @@ async def test_long_answer_arrives_split_and_intact(world: World, fake_openai: F
     # Take the fence repairs back out and the answer is whole.
     chunks = split_text(text, 2000 - len(WRITING_MARKER))
     assert [p.content for p in parts] == [c.content for c in chunks]
-    assert parts[1].content.endswith("\n```") and parts[2].content.startswith("```python\n")  # the block spans them
+    assert parts[1].content.endswith("\n```") and parts[2].content.startswith(
+        "```python\n"
+    )  # the block spans them
     rebuilt = "".join(
-        p.content.removeprefix(c.reopen).removesuffix(c.close) for p, c in zip(parts, chunks, strict=True)
+        p.content.removeprefix(c.reopen).removesuffix(c.close)
+        for p, c in zip(parts, chunks, strict=True)
     )
     assert rebuilt == text
     # A reply to the last part continues the conversation.
@@ -135,7 +153,9 @@ async def test_long_answer_arrives_split_and_intact(world: World, fake_openai: F
     assert fake_openai.chat_requests[-1].messages[-2]["content"] == text
 
 
-async def test_fallback_model_is_named_under_the_answer(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_fallback_model_is_named_under_the_answer(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     fake_openai.fail_next(429)  # the main model is rate limited; its fallback answers
 
     await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
@@ -157,7 +177,9 @@ async def test_failing_model_shows_a_clear_message(world: World, fake_openai: Fa
     assert "Traceback" not in answer.content and "Error code" not in answer.content
 
 
-async def test_a_final_edit_discord_fails_once_is_tried_again(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_a_final_edit_discord_fails_once_is_tried_again(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     world.env.inject_error("PATCH", "/channels/*/messages/*", status=500)  # an outage, not our bug
 
     await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
@@ -173,13 +195,17 @@ async def test_unexpected_failure_is_logged_and_apologised_for(
 ) -> None:
     # Discord rejects the final edit's body once (our bug): nothing a person can fix, so an
     # apology with an id.
-    world.env.inject_error("PATCH", "/channels/*/messages/*", status=400, code=50035, message="Invalid Form Body")
+    world.env.inject_error(
+        "PATCH", "/channels/*/messages/*", status=400, code=50035, message="Invalid Form Body"
+    )
 
     with caplog.at_level(logging.ERROR, logger="bot.discord.chat"):
         await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
 
     [answer] = bot_messages(world)
-    assert answer.content.startswith("Echo: hi\nSorry, something went wrong on our side (error id `")
+    assert answer.content.startswith(
+        "Echo: hi\nSorry, something went wrong on our side (error id `"
+    )
     [record] = [r for r in caplog.records if r.name == "bot.discord.chat"]
     assert record.exc_info is not None  # the traceback went to the log
     error_id = answer.content.split("`")[1]
@@ -199,7 +225,9 @@ async def test_model_output_pings_nobody(world: World, fake_openai: FakeOpenAI) 
     assert world.bob.id not in stored.ping_user_ids
 
 
-async def test_a_bare_mention_gets_told_what_is_wrong(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_a_bare_mention_gets_told_what_is_wrong(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     await world.alice.send(world.channel, world.bot.user.mention)
 
     [answer] = bot_messages(world)
@@ -208,8 +236,10 @@ async def test_a_bare_mention_gets_told_what_is_wrong(world: World, fake_openai:
 
 
 def thread_from(world: World, message: discord.Message, name: str) -> simcord.ChannelHandle:
-    """"Create Thread" on a message: the thread takes the message's id."""
-    created = world.env.backend.create_thread(world.channel.id, name, world.alice.id, message_id=message.id)
+    """ "Create Thread" on a message: the thread takes the message's id."""
+    created = world.env.backend.create_thread(
+        world.channel.id, name, world.alice.id, message_id=message.id
+    )
     return simcord.ChannelHandle(world.env, world.guild, created)
 
 
@@ -218,23 +248,34 @@ def conversation(request: FakeRequest) -> list[str]:
     return [m["content"] for m in request.messages if m["role"] != "system"]
 
 
-async def test_thread_started_from_an_answer_continues_that_exchange(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_thread_started_from_an_answer_continues_that_exchange(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     await world.alice.send(world.channel, f"{world.bot.user.mention} tell me about tea")
-    await world.alice.send(world.channel, f"{world.bot.user.mention} and about coffee?")  # another line
+    await world.alice.send(
+        world.channel, f"{world.bot.user.mention} and about coffee?"
+    )  # another line
     tea, _coffee = bot_messages(world)
     thread = thread_from(world, tea, "tea")
 
-    await world.bob.send(thread, "what about green tea?")  # no mention: the thread grew out of an answer
+    await world.bob.send(
+        thread, "what about green tea?"
+    )  # no mention: the thread grew out of an answer
 
     assert thread.id == tea.id
     assert [m.content for m in bot_messages(world, thread)] == ["Echo: what about green tea?"]
     assert conversation(fake_openai.chat_requests[-1]) == [
-        "tell me about tea", "Echo: tell me about tea", "what about green tea?"
+        "tell me about tea",
+        "Echo: tell me about tea",
+        "what about green tea?",
     ]
     # The thread goes on from there.
     await world.alice.send(thread, "and oolong?")
     assert conversation(fake_openai.chat_requests[-1]) == [
-        "tell me about tea", "Echo: tell me about tea", "what about green tea?", "Echo: what about green tea?",
+        "tell me about tea",
+        "Echo: tell me about tea",
+        "what about green tea?",
+        "Echo: what about green tea?",
         "and oolong?",
     ]
     # Someone named in the thread is being spoken to, not the bot.
@@ -242,7 +283,9 @@ async def test_thread_started_from_an_answer_continues_that_exchange(world: Worl
     assert len(fake_openai.chat_requests) == 4
 
 
-async def test_thread_from_a_plain_message_needs_a_mention(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_thread_from_a_plain_message_needs_a_mention(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     question = await world.alice.send(world.channel, "does anyone know about tea?")
     thread = thread_from(world, question, "tea")
 
@@ -266,11 +309,20 @@ async def test_after_a_restart_the_bot_still_takes_part_in_its_threads(
     await world.alice.send(thread, "still there?")
     await world.alice.send(quiet, "still just people")
 
-    assert [m.content for m in bot_messages(world, thread)] == ["Echo: remember me", "Echo: still there?"]
+    assert [m.content for m in bot_messages(world, thread)] == [
+        "Echo: remember me",
+        "Echo: still there?",
+    ]
     assert bot_messages(world, quiet) == []
     # The database said so, and the conversation goes on where it was.
-    assert conversation(fake_openai.chat_requests[-1]) == ["remember me", "Echo: remember me", "still there?"]
-    assert [r for r in world.env.http_requests if r.method == "GET" and r.path.endswith("/messages")] == []
+    assert conversation(fake_openai.chat_requests[-1]) == [
+        "remember me",
+        "Echo: remember me",
+        "still there?",
+    ]
+    assert [
+        r for r in world.env.http_requests if r.method == "GET" and r.path.endswith("/messages")
+    ] == []
 
 
 async def test_after_a_restart_a_thread_from_an_answer_continues_it(
@@ -285,7 +337,9 @@ async def test_after_a_restart_a_thread_from_an_answer_continues_it(
 
     assert [m.content for m in bot_messages(world, thread)] == ["Echo: what about green tea?"]
     assert conversation(fake_openai.chat_requests[-1]) == [
-        "tell me about tea", "Echo: tell me about tea", "what about green tea?"
+        "tell me about tea",
+        "Echo: tell me about tea",
+        "what about green tea?",
     ]
 
 
@@ -301,9 +355,15 @@ async def test_a_person_over_the_message_limit_is_told_once_then_skipped_until_t
 
     contents = [m.content for m in bot_messages(world)]
     assert contents[:2] == ["Echo: question 1", "Echo: question 2"]
-    assert contents[2].startswith("⏳ You are sending me messages faster than I answer them (2 a minute).")
+    assert contents[2].startswith(
+        "⏳ You are sending me messages faster than I answer them (2 a minute)."
+    )
     assert contents[3:] == ["Echo: my own question"]  # question 4 got no second notice
-    assert [r.last_user_text for r in fake_openai.chat_requests] == ["question 1", "question 2", "my own question"]
+    assert [r.last_user_text for r in fake_openai.chat_requests] == [
+        "question 1",
+        "question 2",
+        "my own question",
+    ]
 
     await world.env.advance_time(61)
     await world.alice.send(world.channel, f"{mention} question 5")

@@ -20,7 +20,9 @@ from bot.discord.render import (
 from core.messages import FallbackUsed, Source
 
 # Text made of the characters that matter to the splitter: fences, breaks, words.
-pieces = st.sampled_from(["```", "```python\n", "`", "\n", " ", "\n\n", "word", "x" * 300, "é", "🙂", "\t"])
+pieces = st.sampled_from(
+    ["```", "```python\n", "`", "\n", " ", "\n\n", "word", "x" * 300, "é", "🙂", "\t"]
+)
 texts = st.lists(pieces, max_size=120).map("".join) | st.text(max_size=5000)
 
 
@@ -51,7 +53,9 @@ def test_split_prefers_line_breaks_and_never_breaks_words() -> None:
 
 
 def test_split_closes_and_reopens_code_block_with_its_language() -> None:
-    code = "Here is code:\n```python\n" + "".join(f"print({i})\n" for i in range(400)) + "```\nDone."
+    code = (
+        "Here is code:\n```python\n" + "".join(f"print({i})\n" for i in range(400)) + "```\nDone."
+    )
     chunks = split_text(code)
     assert len(chunks) >= 2
     assert chunks[0].content.endswith("```")
@@ -164,7 +168,10 @@ async def test_finish_waits_out_the_throttle() -> None:
     await reply.update("Hello")  # too soon: skipped
     await reply.finish("Hello")
     assert clock.sleeps == [0.75]
-    assert [(m, t, c) for m, t, c in sink.writes] == [(0, 0.0, "Hel" + WRITING_MARKER), (0, 1.0, "Hello")]
+    assert [(m, t, c) for m, t, c in sink.writes] == [
+        (0, 0.0, "Hel" + WRITING_MARKER),
+        (0, 1.0, "Hello"),
+    ]
 
 
 @dataclass
@@ -199,10 +206,14 @@ class Outage(Exception):
     pass
 
 
-async def test_a_passing_failure_skips_updates_for_an_interval_and_the_finish_shows_everything() -> None:
+async def test_a_passing_failure_skips_updates_for_an_interval_and_the_finish_shows_everything() -> (
+    None
+):
     clock = FakeClock()
     sink = FlakySink(clock)
-    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage))
+    reply = StreamingReply(
+        sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage)
+    )
     await reply.update("one")
     sink.failure = Outage()
     text = "one"
@@ -222,13 +233,17 @@ async def test_a_passing_failure_skips_updates_for_an_interval_and_the_finish_sh
 async def test_a_failure_that_is_not_passing_is_raised() -> None:
     clock = FakeClock()
     sink = FlakySink(clock)
-    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage))
+    reply = StreamingReply(
+        sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage)
+    )
     await reply.update("one")
     sink.failure = LookupError("message deleted")
     clock.now += 1
     with pytest.raises(LookupError):
         await reply.update("one two")
-    failed_first = StreamingReply(FlakySink(clock, failure=Outage()), clock=clock, sleep=clock.sleep)
+    failed_first = StreamingReply(
+        FlakySink(clock, failure=Outage()), clock=clock, sleep=clock.sleep
+    )
     with pytest.raises(Outage):  # without a `passing` rule every failure is final
         await failed_first.update("one")
 
@@ -236,7 +251,9 @@ async def test_a_failure_that_is_not_passing_is_raised() -> None:
 async def test_the_finish_is_tried_again_after_a_passing_failure_then_given_up() -> None:
     clock = FakeClock()
     sink = FlakySink(clock)
-    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage))
+    reply = StreamingReply(
+        sink, clock=clock, sleep=clock.sleep, passing=lambda exc: isinstance(exc, Outage)
+    )
     await reply.update("one")
     sink.failure, sink.times = Outage(), 2
     await reply.finish("one two")

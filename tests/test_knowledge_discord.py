@@ -46,32 +46,57 @@ async def test_only_knowledge_admins_see_the_commands_by_default(world: World) -
 
 
 async def test_admin_uploads_and_gets_a_report(world: World, kb: KnowledgeBase) -> None:
-    result = await world.admin.slash(world.channel, "knowledge add", file=("guide.md", GUIDE), file2=("notes.txt", bytes(range(256)) * 4))
+    result = await world.admin.slash(
+        world.channel,
+        "knowledge add",
+        file=("guide.md", GUIDE),
+        file2=("notes.txt", bytes(range(256)) * 4),
+    )
     assert result.ephemeral
     content = result.response.content
     assert "1 added, 1 refused" in content
-    assert "guide.md**: added (1 passage)" in content and "notes.txt**: refused" in content and "binary data" in content
+    assert (
+        "guide.md**: added (1 passage)" in content
+        and "notes.txt**: refused" in content
+        and "binary data" in content
+    )
     docs = await kb.list_documents(world.guild.id)
     assert [(d.name, d.chunks) for d in docs] == [("guide.md", 1)]
     assert docs[0].uploader.startswith("admin")
     assert (docs[0].uploader_name, docs[0].uploader_id) == ("admin", world.admin.id)
 
 
-async def test_an_attachment_that_cannot_be_downloaded_is_refused_alone(world: World, kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_attachment_that_cannot_be_downloaded_is_refused_alone(
+    world: World, kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cdn = world.env.backend.cdn
     stored = cdn.get
-    monkeypatch.setattr(cdn, "get", lambda url: None if url.endswith("/lost.txt") else stored(url))  # Discord answers 404
-    result = await world.admin.slash(world.channel, "knowledge add", file=("lost.txt", b"never arrives"), file2=("guide.md", GUIDE))
+    monkeypatch.setattr(
+        cdn, "get", lambda url: None if url.endswith("/lost.txt") else stored(url)
+    )  # Discord answers 404
+    result = await world.admin.slash(
+        world.channel,
+        "knowledge add",
+        file=("lost.txt", b"never arrives"),
+        file2=("guide.md", GUIDE),
+    )
     content = result.response.content
     assert "1 added, 1 refused" in content
-    assert "lost.txt**: refused — lost.txt could not be downloaded from Discord (404); try again." in content
+    assert (
+        "lost.txt**: refused — lost.txt could not be downloaded from Discord (404); try again."
+        in content
+    )
     assert content.index("lost.txt") < content.index("guide.md")  # in the order given
     assert [d.name for d in await kb.list_documents(world.guild.id)] == ["guide.md"]
 
 
 async def test_members_without_permission_cannot_change_it(world: World, kb: KnowledgeBase) -> None:
     added = await world.alice.slash(world.channel, "knowledge add", file=("guide.md", GUIDE))
-    assert added.ephemeral and "Manage Server" in added.response.content and LIBRARIAN in added.response.content
+    assert (
+        added.ephemeral
+        and "Manage Server" in added.response.content
+        and LIBRARIAN in added.response.content
+    )
     mod = await world.mod.slash(world.channel, "knowledge add", file=("guide.md", GUIDE))
     assert "Manage Server" in mod.response.content  # Manage Channels is not enough
     assert await kb.list_documents(world.guild.id) == []
@@ -79,14 +104,24 @@ async def test_members_without_permission_cannot_change_it(world: World, kb: Kno
     assert "Manage Server" in removed.response.content
 
 
-async def test_knowledge_role_may_upload_list_search_and_remove(world: World, librarian: simcord.MemberActor, kb: KnowledgeBase) -> None:
-    added = await librarian.slash(world.channel, "knowledge add", file=("guide.md", GUIDE), file2=("ship.txt", b"Parcels ship from Rotterdam in three days."))
+async def test_knowledge_role_may_upload_list_search_and_remove(
+    world: World, librarian: simcord.MemberActor, kb: KnowledgeBase
+) -> None:
+    added = await librarian.slash(
+        world.channel,
+        "knowledge add",
+        file=("guide.md", GUIDE),
+        file2=("ship.txt", b"Parcels ship from Rotterdam in three days."),
+    )
     assert "2 added" in added.response.content
 
     listed = await world.alice.slash(world.channel, "knowledge list")
     assert listed.ephemeral
     embed = listed.response.embeds[0]
-    assert "**guide.md** · 1 passages" in embed.description and "added by librarian" in embed.description
+    assert (
+        "**guide.md** · 1 passages" in embed.description
+        and "added by librarian" in embed.description
+    )
     assert embed.footer.text.startswith("2 documents · 2 passages")
 
     found = await world.alice.slash(world.channel, "knowledge search", query="E-4711", count=1)
@@ -105,15 +140,28 @@ async def test_knowledge_role_may_upload_list_search_and_remove(world: World, li
     assert [d.name for d in await kb.list_documents(world.guild.id)] == ["ship.txt"]
 
 
-async def test_oversized_and_unsupported_attachments_are_refused_before_download(world: World, kb_settings, chat_service: ChatService, local_embedder) -> None:  # noqa: ANN001
-    small = KnowledgeBase(knowledge_config(kb_settings.model_copy(update={"knowledge_max_file_mb": 100 / 1048576})), embedder=local_embedder)
+async def test_oversized_and_unsupported_attachments_are_refused_before_download(
+    world: World, kb_settings, chat_service: ChatService, local_embedder
+) -> None:  # noqa: ANN001
+    small = KnowledgeBase(
+        knowledge_config(kb_settings.model_copy(update={"knowledge_max_file_mb": 100 / 1048576})),
+        embedder=local_embedder,
+    )
     world.bot.get_cog("KnowledgeCog").kb = small
-    result = await world.admin.slash(world.channel, "knowledge add", file=("big.md", b"x" * 500), file2=("deck.pptx", b"PK"), file3=("ok.txt", b"fine"))
+    result = await world.admin.slash(
+        world.channel,
+        "knowledge add",
+        file=("big.md", b"x" * 500),
+        file2=("deck.pptx", b"PK"),
+        file3=("ok.txt", b"fine"),
+    )
     content = result.response.content
     assert "big.md**: refused" in content and "limit per file" in content
     assert "deck.pptx**: refused" in content and ".docx" in content
     assert "ok.txt**: added" in content
-    assert content.index("big.md") < content.index("deck.pptx") < content.index("ok.txt")  # in the order given
+    assert (
+        content.index("big.md") < content.index("deck.pptx") < content.index("ok.txt")
+    )  # in the order given
 
 
 def original_edits(world: World) -> list[str]:
@@ -121,27 +169,53 @@ def original_edits(world: World) -> list[str]:
     return [
         (r.json or {}).get("content", "")
         for r in world.env.http_requests
-        if r.method == "PATCH" and r.path.startswith("/webhooks/") and r.path.endswith("/messages/@original")
+        if r.method == "PATCH"
+        and r.path.startswith("/webhooks/")
+        and r.path.endswith("/messages/@original")
     ]
 
 
-async def test_an_upload_that_outlasts_the_interaction_is_reported_by_dm(world: World, kb: KnowledgeBase) -> None:
+async def test_an_upload_that_outlasts_the_interaction_is_reported_by_dm(
+    world: World, kb: KnowledgeBase
+) -> None:
     # An interaction's token lasts 15 minutes; after that Discord refuses every edit of its response.
-    world.env.inject_error("PATCH", "/webhooks/*/messages/@original", status=401, code=50027,
-                           message="Invalid Webhook Token", times=None)
+    world.env.inject_error(
+        "PATCH",
+        "/webhooks/*/messages/@original",
+        status=401,
+        code=50027,
+        message="Invalid Webhook Token",
+        times=None,
+    )
 
     await world.admin.slash(world.channel, "knowledge add", file=("guide.md", GUIDE))
 
-    sent = [(r.path, (r.json or {}).get("content", "")) for r in world.env.http_requests if r.method == "POST"]
-    reports = [(path, content) for path, content in sent if content.startswith("**Knowledge base:** 1 added")]
+    sent = [
+        (r.path, (r.json or {}).get("content", ""))
+        for r in world.env.http_requests
+        if r.method == "POST"
+    ]
+    reports = [
+        (path, content)
+        for path, content in sent
+        if content.startswith("**Knowledge base:** 1 added")
+    ]
     assert len(reports) == 1, sent
-    assert reports[0][0] != f"/channels/{world.channel.id}/messages"  # to the uploader alone, not the channel
+    assert (
+        reports[0][0] != f"/channels/{world.channel.id}/messages"
+    )  # to the uploader alone, not the channel
     assert [d.name for d in await kb.list_documents(world.guild.id)] == ["guide.md"]
 
 
 async def test_progress_edits_are_throttled(world: World) -> None:
     cog = world.bot.get_cog("KnowledgeCog")
-    files = {f"file{n}" if n > 1 else "file": (f"doc{n}.txt", f"Document number {n} is about topic {n}.".encode()) for n in range(1, 6)}
+    files = {
+        f"file{n}" if n > 1 else "file": (
+            f"doc{n}.txt",
+            f"Document number {n} is about topic {n}.".encode(),
+        )
+        for n in range(1, 6)
+    }
 
     cog.clock = lambda: 0.0  # time stands still: after the first, no progress edit may go out
     result = await world.admin.slash(world.channel, "knowledge add", **files)
@@ -160,7 +234,9 @@ async def test_progress_edits_are_throttled(world: World) -> None:
     assert any("5/5 passages embedded" in e or "files" in e for e in progress)
 
 
-async def test_use_on_and_answers_draw_on_the_documents(world: World, chat_service: ChatService, kb: KnowledgeBase, fake_openai) -> None:  # noqa: ANN001
+async def test_use_on_and_answers_draw_on_the_documents(
+    world: World, chat_service: ChatService, kb: KnowledgeBase, fake_openai
+) -> None:  # noqa: ANN001
     await world.admin.slash(world.channel, "knowledge add", file=("guide.md", GUIDE))
     refused = await world.alice.slash(world.channel, "knowledge use", state="on")
     assert refused.ephemeral and "Manage Channels" in refused.response.content
@@ -173,7 +249,9 @@ async def test_use_on_and_answers_draw_on_the_documents(world: World, chat_servi
     await world.alice.send(thread, f"{world.bot.user.mention} what does E-4711 mean?")
     request = fake_openai.chat_requests[-1]
     sent = "\n".join(str(m["content"]) for m in request.messages)
-    assert "Error code E-4711 means the lid is not locked" in sent  # threads inherit the channel's switch
+    assert (
+        "Error code E-4711 means the lid is not locked" in sent
+    )  # threads inherit the channel's switch
 
     off = await world.mod.slash(world.channel, "knowledge use", state="off")
     assert "off" in off.response.content

@@ -9,7 +9,17 @@ from knowledge.keyword import BM25Index, tokenize
 
 
 def test_codes_are_kept_whole_and_split() -> None:
-    assert tokenize("Error E-4711 in v2.3.1") == ["error", "e-4711", "e", "4711", "in", "v2.3.1", "v2", "3", "1"]
+    assert tokenize("Error E-4711 in v2.3.1") == [
+        "error",
+        "e-4711",
+        "e",
+        "4711",
+        "in",
+        "v2.3.1",
+        "v2",
+        "3",
+        "1",
+    ]
 
 
 def test_accents_and_case_are_folded() -> None:
@@ -17,7 +27,11 @@ def test_accents_and_case_are_folded() -> None:
 
 
 def test_exact_code_ranks_its_passage_first() -> None:
-    texts = ["Error E-4711 means the lid is open.", "Error E-4712 means the motor overheated.", "The lid of the blender is open."]
+    texts = [
+        "Error E-4711 means the lid is open.",
+        "Error E-4712 means the motor overheated.",
+        "The lid of the blender is open.",
+    ]
     hits = BM25Index(texts).search("what is E-4712", 3)
     assert hits[0].row == 1
     assert hits[0].coverage > hits[-1].coverage
@@ -35,8 +49,14 @@ def test_coverage_is_one_when_every_query_word_is_present() -> None:
     assert hit.row == 0 and abs(hit.coverage - 1.0) < 1e-6
 
 
-@given(st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=30), st.text(max_size=30), st.integers(1, 10))
-def test_search_returns_sorted_rows_that_share_a_token(texts: list[str], query: str, n: int) -> None:
+@given(
+    st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=30),
+    st.text(max_size=30),
+    st.integers(1, 10),
+)
+def test_search_returns_sorted_rows_that_share_a_token(
+    texts: list[str], query: str, n: int
+) -> None:
     index = BM25Index(texts)
     hits = index.search(query, n)
     assert len(hits) <= n
@@ -53,10 +73,14 @@ def test_big_indexes_score_common_words_only_for_leading_candidates() -> None:
     texts[4321] += " descale"
     index = BM25Index(texts)
     hits = index.search("how do I descale the jar of item4321", 5)
-    assert hits[0].row == 4321 and 0.2 < hits[0].coverage < 0.5  # "do", "i", "of" are in no passage: they count fully
+    assert (
+        hits[0].row == 4321 and 0.2 < hits[0].coverage < 0.5
+    )  # "do", "i", "of" are in no passage: they count fully
     # Passages sharing only common words with a query that has specific ones are not candidates.
     assert [h.row for h in hits] == [4321]
-    exact = sorted(range(6000), key=lambda r: -len(set(tokenize(texts[r])) & {"item17", "the", "jar"}))[0]
+    exact = sorted(
+        range(6000), key=lambda r: -len(set(tokenize(texts[r])) & {"item17", "the", "jar"})
+    )[0]
     assert index.search("the jar item17", 1)[0].row == exact == 17
     # A query of common words only still finds passages.
     assert len(index.search("the jar", 3)) == 3

@@ -23,8 +23,13 @@ def test_markdown_is_split_along_headings() -> None:
 
 
 def test_pdf_keeps_page_numbers() -> None:
-    sections = parse("manual.pdf", make_pdf(["First page text", "Second page (with parens)"]), max_bytes=MB)
-    assert [(s.location, s.text) for s in sections] == [("page 1", "First page text"), ("page 2", "Second page (with parens)")]
+    sections = parse(
+        "manual.pdf", make_pdf(["First page text", "Second page (with parens)"]), max_bytes=MB
+    )
+    assert [(s.location, s.text) for s in sections] == [
+        ("page 1", "First page text"),
+        ("page 2", "Second page (with parens)"),
+    ]
 
 
 def test_pdf_pages_without_text_are_left_out() -> None:
@@ -39,9 +44,21 @@ def test_html_keeps_only_visible_text() -> None:
 
 
 def test_docx_is_split_along_headings() -> None:
-    data = make_docx([("para", "Preamble."), ("heading", "Refunds"), ("para", "Within 30 days."), ("heading", "Shipping"), ("para", "Three days.")])
+    data = make_docx(
+        [
+            ("para", "Preamble."),
+            ("heading", "Refunds"),
+            ("para", "Within 30 days."),
+            ("heading", "Shipping"),
+            ("para", "Three days."),
+        ]
+    )
     sections = parse("policy.docx", data, max_bytes=MB)
-    assert [(s.location, s.text) for s in sections] == [(None, "Preamble."), ("Refunds", "Within 30 days."), ("Shipping", "Three days.")]
+    assert [(s.location, s.text) for s in sections] == [
+        (None, "Preamble."),
+        ("Refunds", "Within 30 days."),
+        ("Shipping", "Three days."),
+    ]
 
 
 def test_text_in_utf8_utf16_and_latin1() -> None:
@@ -92,7 +109,10 @@ def test_file_over_the_size_cap_is_refused() -> None:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(name=st.sampled_from(["x.txt", "x.md", "x.html", "x.pdf", "x.docx"]), data=st.binary(max_size=3000))
+@given(
+    name=st.sampled_from(["x.txt", "x.md", "x.html", "x.pdf", "x.docx"]),
+    data=st.binary(max_size=3000),
+)
 def test_arbitrary_bytes_never_crash_a_loader(name: str, data: bytes) -> None:
     try:
         sections = parse(name, data, max_bytes=MB)
@@ -103,9 +123,22 @@ def test_arbitrary_bytes_never_crash_a_loader(name: str, data: bytes) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.booleans(), st.text(alphabet=st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=40).filter(lambda t: t.strip())), max_size=20))
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.text(
+                alphabet=st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=40
+            ).filter(lambda t: t.strip()),
+        ),
+        max_size=20,
+    )
+)
 def test_markdown_split_keeps_every_body_line(blocks: list[tuple[bool, str]]) -> None:
-    lines = [f"## {t.strip()}" if heading else t.replace("#", "").replace("`", "").replace("~", "") for heading, t in blocks]
+    lines = [
+        f"## {t.strip()}" if heading else t.replace("#", "").replace("`", "").replace("~", "")
+        for heading, t in blocks
+    ]
     sections = split_markdown("\n".join(lines))
     text = "\n".join(s.text for s in sections)
     for (heading, _), line in zip(blocks, lines, strict=True):

@@ -13,7 +13,12 @@ def vector_hit(chunk_id: str, similarity: float) -> Hit:
 
 
 def keyword_hit(chunk_id: str, coverage: float) -> Hit:
-    return Hit(chunk_id, f"text of {chunk_id}", {"name": f"{chunk_id}.md", "location": "§1"}, coverage=coverage)
+    return Hit(
+        chunk_id,
+        f"text of {chunk_id}",
+        {"name": f"{chunk_id}.md", "location": "§1"},
+        coverage=coverage,
+    )
 
 
 def test_a_passage_both_rankings_found_comes_first() -> None:

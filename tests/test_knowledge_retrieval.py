@@ -55,9 +55,16 @@ async def test_hybrid_beats_vector_only(corpus_kb: KnowledgeBase) -> None:
 
 @pytest.mark.parametrize(
     ("query", "document"),
-    [("PN-88301", "spare-parts.md"), ("WC-2025-00412", "warranty-claims.md"), ("+34 91 555 0199", "es-soporte.md"), ("TunnelGate", "it-helpdesk.html")],
+    [
+        ("PN-88301", "spare-parts.md"),
+        ("WC-2025-00412", "warranty-claims.md"),
+        ("+34 91 555 0199", "es-soporte.md"),
+        ("TunnelGate", "it-helpdesk.html"),
+    ],
 )
-async def test_exact_codes_and_names_are_found(corpus_kb: KnowledgeBase, query: str, document: str) -> None:
+async def test_exact_codes_and_names_are_found(
+    corpus_kb: KnowledgeBase, query: str, document: str
+) -> None:
     sources = await corpus_kb.retrieve(1, query)
     assert sources and sources[0].document == document
 

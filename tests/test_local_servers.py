@@ -79,7 +79,9 @@ async def test_bundled_model_streams_an_answer_with_usage_and_stops_cleanly(
         ):
             chunks.append(chunk)
         answer = "".join(str(c.content) for c in chunks)
-        assert len([c for c in chunks if c.content]) > 1, "the answer should arrive in several chunks"
+        assert len([c for c in chunks if c.content]) > 1, (
+            "the answer should arrive in several chunks"
+        )
         assert "Paris" in answer
         usage = next(c.usage_metadata for c in chunks if c.usage_metadata)
         assert usage["input_tokens"] > 10 and usage["output_tokens"] > 0
@@ -94,7 +96,9 @@ async def test_bundled_model_streams_an_answer_with_usage_and_stops_cleanly(
 
 
 async def test_a_server_killed_mid_reply_is_reported_and_restarted(
-    local_servers: LocalServers, local_spec: Callable[..., ModelSpec], caplog: pytest.LogCaptureFixture
+    local_servers: LocalServers,
+    local_spec: Callable[..., ModelSpec],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     spec = local_spec()
     # Concurrent first requests start one server, not three.
@@ -105,7 +109,9 @@ async def test_a_server_killed_mid_reply_is_reported_and_restarted(
 
     received: list[str] = []
     with pytest.raises(Exception) as failure:  # noqa: B017 - whatever the transport raises
-        async for chunk in _chat(urls[0], max_tokens=400).astream("Tell me a long story about a dragon."):
+        async for chunk in _chat(urls[0], max_tokens=400).astream(
+            "Tell me a long story about a dragon."
+        ):
             received.append(str(chunk.content))
             if len(received) == 3:
                 os.kill(pid, signal.SIGKILL)
@@ -121,8 +127,14 @@ async def test_a_server_killed_mid_reply_is_reported_and_restarted(
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="chains.local"):
         restarted = await asyncio.gather(*(local_servers.ensure(spec) for _ in range(3)))
-    starts = [r for r in caplog.records if r.getMessage().startswith(f"llama.cpp server for {spec.name} on")]
-    assert len(starts) == 1, "three concurrent requests after a crash should restart the server once"
+    starts = [
+        r
+        for r in caplog.records
+        if r.getMessage().startswith(f"llama.cpp server for {spec.name} on")
+    ]
+    assert len(starts) == 1, (
+        "three concurrent requests after a crash should restart the server once"
+    )
     assert len(set(restarted)) == 1 and len(local_server_children()) == 1
     base_url = restarted[0]
     new_pid = local_servers.pid(spec)
@@ -145,7 +157,9 @@ async def test_truncated_gguf_reports_llama_cpp_reason_and_leaves_no_process(
     assert local_server_children() == []
 
 
-async def test_validate_gguf_loads_the_bundled_model_and_stops_it(local_spec: Callable[..., ModelSpec]) -> None:
+async def test_validate_gguf_loads_the_bundled_model_and_stops_it(
+    local_spec: Callable[..., ModelSpec],
+) -> None:
     from chains.gguf import bundled_models
 
     info = await validate_gguf(bundled_models()[BUNDLED])
@@ -153,7 +167,9 @@ async def test_validate_gguf_loads_the_bundled_model_and_stops_it(local_spec: Ca
     assert local_server_children() == []
 
 
-async def test_least_recently_used_model_is_stopped_beyond_max_loaded(local_spec: Callable[..., ModelSpec]) -> None:
+async def test_least_recently_used_model_is_stopped_beyond_max_loaded(
+    local_spec: Callable[..., ModelSpec],
+) -> None:
     first, second = local_spec("first"), local_spec("second")
     async with LocalServers(max_loaded=1, startup_timeout=120.0) as servers:
         await servers.ensure(first)
@@ -182,7 +198,9 @@ async def test_a_taken_port_is_reported(local_servers: LocalServers) -> None:
     assert local_server_children() == []
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "ctrl-c", "term"])
+@pytest.mark.parametrize(
+    "how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "ctrl-c", "term"]
+)
 def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
     script = textwrap.dedent(
         f"""
@@ -200,7 +218,9 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
         asyncio.run(main())
         """
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
+    )
     try:
         assert parent.stdout is not None
         pid_text, url = parent.stdout.readline().decode().split()

@@ -48,11 +48,15 @@ async def test_bundled_model_answers_through_the_service_and_stops_on_exit(tmp_p
     assert not process_running(servers[0]), "the llama.cpp server outlived the app"
 
 
-async def test_a_local_server_that_dies_mid_reply_is_explained_and_restarted(tmp_path: Path) -> None:
+async def test_a_local_server_that_dies_mid_reply_is_explained_and_restarted(
+    tmp_path: Path,
+) -> None:
     async with open_app(zero_key_settings(tmp_path), knowledge=False) as app:
         await app.service.warm_up()
         [pid] = local_server_children()
-        request = ChatRequest(Place(1, 2), Author(3, "newcomer"), "Tell me a long story about a dragon.")
+        request = ChatRequest(
+            Place(1, 2), Author(3, "newcomer"), "Tell me a long story about a dragon."
+        )
         received = 0
         result = None
         async for event in app.service.stream(request):

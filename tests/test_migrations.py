@@ -314,7 +314,13 @@ async def seed_v1(url: str) -> None:
             )  # fmt: skip
             await connection.execute(
                 insert(V1_DISCORD),
-                [{"discord_message_id": 900, "message_id": mid("a1"), "conversation_id": mid("c1")}],
+                [
+                    {
+                        "discord_message_id": 900,
+                        "message_id": mid("a1"),
+                        "conversation_id": mid("c1"),
+                    }
+                ],
             )
     finally:
         await engine.dispose()
@@ -355,7 +361,9 @@ async def parent_ondelete(url: str) -> str | None:
     engine = create_engine(url)
     try:
         async with engine.connect() as connection:
-            keys = await connection.run_sync(lambda sync: inspect(sync).get_foreign_keys("messages"))
+            keys = await connection.run_sync(
+                lambda sync: inspect(sync).get_foreign_keys("messages")
+            )
     finally:
         await engine.dispose()
     (parent,) = [key for key in keys if key["constrained_columns"] == ["parent_id"]]

@@ -27,10 +27,20 @@ GUILD, CHANNEL, THREAD = 10, 20, 30
 ALICE, BOB, MOD = Author(1, "alice"), Author(2, "bob"), Author(3, "mod")
 
 
-def mention(text: str, author: Author = ALICE, discord_id: int = 500, reply_to: int | None = None,
-            place: Place | None = None) -> ChatRequest:
-    return ChatRequest(place or Place(GUILD, CHANNEL), author, text, discord_message_id=discord_id,
-                       reply_to_discord_id=reply_to)
+def mention(
+    text: str,
+    author: Author = ALICE,
+    discord_id: int = 500,
+    reply_to: int | None = None,
+    place: Place | None = None,
+) -> ChatRequest:
+    return ChatRequest(
+        place or Place(GUILD, CHANNEL),
+        author,
+        text,
+        discord_message_id=discord_id,
+        reply_to_discord_id=reply_to,
+    )
 
 
 async def stored(app: App, message_id: str) -> Message:
@@ -53,19 +63,29 @@ async def test_answer_streams_and_logs_everything(chat_app: App, fake_openai: Fa
 
     row = await stored(chat_app, result.message_id)
     assert row.role == "assistant" and row.status == "ok"
-    assert row.model_name == "main" and row.provider == "openai-compatible" and row.provider_model == "fake-model"
+    assert (
+        row.model_name == "main"
+        and row.provider == "openai-compatible"
+        and row.provider_model == "fake-model"
+    )
     assert row.prompt_tokens > 0 and row.completion_tokens > 0
-    assert row.cost_usd == pytest.approx((row.prompt_tokens * 1.0 + row.completion_tokens * 2.0) / 1e6)
+    assert row.cost_usd == pytest.approx(
+        (row.prompt_tokens * 1.0 + row.completion_tokens * 2.0) / 1e6
+    )
     assert row.latency_ms > 0 and row.ttft_ms is not None and row.ttft_ms <= row.latency_ms
     assert (row.guild_id, row.channel_id, row.thread_id) == (GUILD, CHANNEL, None)
     # The exact messages sent are what the server received.
     assert row.request_messages == fake_openai.chat_requests[-1].messages
     assert row.request_messages[0]["role"] == "system" and row.system_prompt
     prompt = await stored(chat_app, row.parent_id)
-    assert prompt.role == "user" and prompt.author_id == ALICE.id and prompt.discord_message_id == 500
+    assert (
+        prompt.role == "user" and prompt.author_id == ALICE.id and prompt.discord_message_id == 500
+    )
 
 
-async def test_reply_chain_continues_and_fresh_mention_starts_anew(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_reply_chain_continues_and_fresh_mention_starts_anew(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc = chat_app.service
     first = await svc.answer(mention("My name is Ada.", discord_id=501))
     await svc.link_discord_messages(first.message_id, first.conversation_id, [9001, 9002])
@@ -116,7 +136,9 @@ async def test_users_chains_and_channels_never_mix(chat_app: App, fake_openai: F
     assert "alice secret" not in str(fake_openai.chat_requests[-1].messages)
 
 
-async def test_thread_is_one_conversation_and_inherits_channel_settings(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_thread_is_one_conversation_and_inherits_channel_settings(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc = chat_app.service
     channel, thread = Place(GUILD, CHANNEL), Place(GUILD, CHANNEL, THREAD)
     await svc.set_model(channel, "channel", "solo", MOD)
@@ -147,13 +169,18 @@ async def test_settings_resolution_sources_and_change_log(chat_app: App) -> None
     await svc.set_system_prompt(place, "thread", "Answer like a pirate.", MOD)
     eff = await svc.effective_settings(place)
     assert (eff.model.value, eff.model.source) == ("solo", "channel")
-    assert (eff.system_prompt.value, eff.system_prompt.source) == ("Answer like a pirate.", "thread")
+    assert (eff.system_prompt.value, eff.system_prompt.source) == (
+        "Answer like a pirate.",
+        "thread",
+    )
 
     await svc.reset_model(place, "channel", MOD)
     assert (await svc.effective_settings(place)).model.value == "backup"
 
     async with chat_app.sessions() as session:
-        changes = (await session.scalars(select(SettingChange).order_by(SettingChange.changed_at))).all()
+        changes = (
+            await session.scalars(select(SettingChange).order_by(SettingChange.changed_at))
+        ).all()
     assert [(c.scope, c.field, c.old_value, c.new_value) for c in changes] == [
         ("guild", "model", None, "backup"),
         ("channel", "model", None, "solo"),
@@ -174,11 +201,17 @@ async def test_unknown_model_is_refused_with_suggestion(chat_service: ChatServic
         await chat_service.set_model(Place(GUILD, CHANNEL), "channel", "backpu", MOD)
 
 
-async def test_fallback_answers_when_the_model_fails(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_fallback_answers_when_the_model_fails(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     fake_openai.fail_next(503)
     events = [e async for e in chat_app.service.stream(mention("hello"))]
     fallbacks = [e for e in events if isinstance(e, FallbackUsed)]
-    assert len(fallbacks) == 1 and fallbacks[0].failed_model == "main" and fallbacks[0].model == "backup"
+    assert (
+        len(fallbacks) == 1
+        and fallbacks[0].failed_model == "main"
+        and fallbacks[0].model == "backup"
+    )
     result = events[-1].result
     assert result.model == "backup" and result.fallback_from == "main" and result.error is None
     assert result.reply == "Echo: hello"
@@ -187,7 +220,9 @@ async def test_fallback_answers_when_the_model_fails(chat_app: App, fake_openai:
     row = await stored(chat_app, result.message_id)
     assert row.status == "fallback" and row.fallback_from == "main"
     async with chat_app.sessions() as session:
-        attempts = (await session.scalars(select(Message).where(Message.parent_id == row.parent_id))).all()
+        attempts = (
+            await session.scalars(select(Message).where(Message.parent_id == row.parent_id))
+        ).all()
     failed = [a for a in attempts if a.status == "error"]
     assert len(failed) == 1 and failed[0].model_name == "main" and "503" in failed[0].error
 
@@ -216,7 +251,9 @@ async def test_unreachable_model_is_named(chat_app: App, fake_openai: FakeOpenAI
     assert "solo" in result.error and "unreachable" in result.error.lower()
 
 
-async def test_history_is_trimmed_to_the_context_window(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_history_is_trimmed_to_the_context_window(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc, place = chat_app.service, Place(GUILD, CHANNEL, THREAD)
     await svc.set_model(place, "thread", "tiny", MOD)
     for i in range(12):
@@ -252,8 +289,12 @@ async def test_many_concurrent_exchanges_are_each_logged_once(chat_app: App) -> 
     import asyncio
 
     results = await asyncio.gather(
-        *(chat_app.service.answer(mention(f"q{i}", Author(100 + i, f"u{i}"), discord_id=i, place=Place(GUILD, i % 5)))
-          for i in range(40))
+        *(
+            chat_app.service.answer(
+                mention(f"q{i}", Author(100 + i, f"u{i}"), discord_id=i, place=Place(GUILD, i % 5))
+            )
+            for i in range(40)
+        )
     )
     assert all(r.error is None for r in results)
     await chat_app.writer.drain()
@@ -263,7 +304,9 @@ async def test_many_concurrent_exchanges_are_each_logged_once(chat_app: App) -> 
     assert chat_app.writer.failed == 0
 
 
-async def test_a_failing_log_write_never_breaks_the_reply(chat_app: App, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_failing_log_write_never_breaks_the_reply(
+    chat_app: App, caplog: pytest.LogCaptureFixture
+) -> None:
     from sqlalchemy import text
 
     chat_app.writer.backoff = 0.01
@@ -274,7 +317,9 @@ async def test_a_failing_log_write_never_breaks_the_reply(chat_app: App, caplog:
     assert result.reply == "Echo: still answered?" and result.error is None
     await chat_app.writer.drain()
     assert chat_app.writer.failed == 1
-    assert any("log write failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    assert any(
+        "log write failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records
+    )
     async with chat_app.engine.begin() as conn:
         await conn.execute(text("ALTER TABLE messages_away RENAME TO messages"))
     # The next exchange is written normally again.
@@ -282,7 +327,9 @@ async def test_a_failing_log_write_never_breaks_the_reply(chat_app: App, caplog:
     assert (await stored(chat_app, later.message_id)).content == "Echo: and now?"
 
 
-async def test_thread_started_from_an_answer_continues_its_line(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_thread_started_from_an_answer_continues_its_line(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc = chat_app.service
     answer = await svc.answer(mention("Topic: tides.", discord_id=40))
     await svc.link_discord_messages(answer.message_id, answer.conversation_id, [4242])
@@ -295,7 +342,9 @@ async def test_thread_started_from_an_answer_continues_its_line(chat_app: App, f
     assert await svc.has_conversation(4242)
 
 
-async def test_dm_conversation_survives_a_restart(service_settings, fake_openai: FakeOpenAI) -> None:
+async def test_dm_conversation_survives_a_restart(
+    service_settings, fake_openai: FakeOpenAI
+) -> None:
     from bot.app import open_app
 
     dm = Place(None, 888)
@@ -327,7 +376,9 @@ async def test_log_writes_that_failed_are_written_once_the_database_is_back(chat
     assert (await stored(chat_app, lost.message_id)).content == "Echo: first, not stored"
     prompt = await stored(chat_app, row.parent_id)
     assert prompt.parent_id == lost.message_id
-    assert chat_app.writer.failed == 1 and chat_app.writer.recovered == 1 and chat_app.writer.kept == 0
+    assert (
+        chat_app.writer.failed == 1 and chat_app.writer.recovered == 1 and chat_app.writer.kept == 0
+    )
 
 
 async def test_a_thread_without_the_bot_is_remembered_until_it_joins(chat_app: App) -> None:
@@ -335,8 +386,11 @@ async def test_a_thread_without_the_bot_is_remembered_until_it_joins(chat_app: A
 
     svc, thread = chat_app.service, Place(GUILD, CHANNEL, 5150)
     statements: list[str] = []
-    event.listen(chat_app.engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cursor, sql, *rest: statements.append(sql))
+    event.listen(
+        chat_app.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, sql, *rest: statements.append(sql),
+    )
     assert not await svc.has_conversation(5150)
     looked_up = len(statements)
     assert looked_up > 0
@@ -353,7 +407,14 @@ async def test_warm_up_readies_the_model_in_force_and_never_raises(chat_app: App
     await svc.set_model(place, "channel", "solo", MOD)
     await svc.warm_up(place)
     assert "solo" in svc.answerer.models._cache and "main" not in svc.answerer.models._cache
-    keyless = (await svc.get_model("solo")).model_copy(update={"name": "keyless", "provider": "openai", "base_url": None, "api_key_env": "NO_SUCH_KEY"})
+    keyless = (await svc.get_model("solo")).model_copy(
+        update={
+            "name": "keyless",
+            "provider": "openai",
+            "base_url": None,
+            "api_key_env": "NO_SUCH_KEY",
+        }
+    )
     await svc.register_model(keyless, created_by="test")
     await svc.set_model(place, "channel", "keyless", MOD)
     await svc.warm_up(place)  # a missing key is only logged here; the first request reports it
@@ -367,8 +428,11 @@ async def test_concurrent_messages_in_one_place_share_one_settings_read(chat_app
     from sqlalchemy import event
 
     statements: list[str] = []
-    event.listen(chat_app.engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cursor, sql, *rest: statements.append(sql))
+    event.listen(
+        chat_app.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, sql, *rest: statements.append(sql),
+    )
     place = Place(GUILD, 4040)
     results = await asyncio.gather(*(chat_app.service.effective_settings(place) for _ in range(20)))
     assert len({id(r) for r in results}) == 1
@@ -389,31 +453,55 @@ async def test_places_that_miss_together_are_read_in_one_query(chat_app: App) ->
     await svc.set_system_prompt(Place(GUILD, 2, 3), "thread", "Be brief.", MOD)
     await svc.set_model(Place(None, 77), "channel", "tiny", MOD)  # a DM
     statements: list[str] = []
-    event.listen(chat_app.engine.sync_engine, "before_cursor_execute",
-                 lambda conn, cursor, sql, *rest: statements.append(sql))
-    places = [Place(GUILD, 1), Place(GUILD, 2), Place(GUILD, 2, 3), Place(None, 77), Place(99, 5), Place(GUILD, 2)]
+    event.listen(
+        chat_app.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cursor, sql, *rest: statements.append(sql),
+    )
+    places = [
+        Place(GUILD, 1),
+        Place(GUILD, 2),
+        Place(GUILD, 2, 3),
+        Place(None, 77),
+        Place(99, 5),
+        Place(GUILD, 2),
+    ]
     got = await asyncio.gather(*(svc.effective_settings(p) for p in places))
     assert sum("channel_settings" in sql for sql in statements) == 1
     assert [(s.model.value, s.model.source) for s in got] == [
-        ("backup", "guild"), ("solo", "channel"), ("solo", "channel"), ("tiny", "channel"), ("main", "global"),
+        ("backup", "guild"),
+        ("solo", "channel"),
+        ("solo", "channel"),
+        ("tiny", "channel"),
+        ("main", "global"),
         ("solo", "channel"),
     ]
     assert got[2].system_prompt.value == "Be brief." and got[2].system_prompt.source == "thread"
     assert got[1].system_prompt.source == "global"
 
 
-async def test_a_message_too_long_for_one_window_falls_back_to_a_larger_one(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_a_message_too_long_for_one_window_falls_back_to_a_larger_one(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc, place = chat_app.service, Place(GUILD, CHANNEL)
     await svc.set_model(place, "channel", "tiny-then-big", MOD)
     events = [e async for e in svc.stream(mention("word " * 400))]
     [fallback] = [e for e in events if isinstance(e, FallbackUsed)]
     assert fallback.failed_model == "tiny-then-big" and "too long" in fallback.reason
     result = events[-1].result
-    assert result.error is None and result.model == "backup" and result.fallback_from == "tiny-then-big"
-    assert [r.model for r in fake_openai.chat_requests] == ["fake-backup"], "nothing was sent to the small model"
+    assert (
+        result.error is None
+        and result.model == "backup"
+        and result.fallback_from == "tiny-then-big"
+    )
+    assert [r.model for r in fake_openai.chat_requests] == ["fake-backup"], (
+        "nothing was sent to the small model"
+    )
 
 
-async def test_an_answer_whose_reader_goes_away_is_still_logged(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_an_answer_whose_reader_goes_away_is_still_logged(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     # Discord refusing the reply closes the stream after the model has started writing.
     fake_openai.token_delay = 0.05
     stream = chat_app.service.stream(mention("tell me a story"))
@@ -432,7 +520,9 @@ async def test_an_answer_whose_reader_goes_away_is_still_logged(chat_app: App, f
     assert prompt.content == "tell me a story"
 
 
-async def test_an_answer_cancelled_mid_stream_is_logged_once(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_an_answer_cancelled_mid_stream_is_logged_once(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     # Shutting down cancels answers still being written once the grace period is over.
     fake_openai.token_delay = 0.05
     seen: dict[str, str] = {}
@@ -454,5 +544,7 @@ async def test_an_answer_cancelled_mid_stream_is_logged_once(chat_app: App, fake
     row = await stored(chat_app, seen["id"])
     assert row.status == "error" and row.error == STOPPED and row.content.startswith("Echo:")
     async with chat_app.sessions() as session:
-        answers = (await session.scalars(select(Message).where(Message.parent_id == row.parent_id))).all()
+        answers = (
+            await session.scalars(select(Message).where(Message.parent_id == row.parent_id))
+        ).all()
     assert [a.id for a in answers] == [row.id]

@@ -30,7 +30,9 @@ Game night is every Friday at 20:00 UTC in the lounge. The event code is ZX-4471
 
 
 @pytest.fixture
-async def kb_app(service_settings: Settings, chroma_target: str, local_embedder) -> AsyncIterator[App]:
+async def kb_app(
+    service_settings: Settings, chroma_target: str, local_embedder
+) -> AsyncIterator[App]:
     """The service with a knowledge base on embedded Chroma, and on the Chroma server when one runs."""
     if chroma_target == "server" and not service_settings.chroma_host:
         pytest.skip("no Chroma server: `eval $(scripts/chroma.sh start)` sets CHROMA_HOST")
@@ -54,7 +56,9 @@ def ask(text: str, place: Place = Place(GUILD, CHANNEL)) -> ChatRequest:
     return ChatRequest(place, Author(1, "alice"), text, discord_message_id=77)
 
 
-async def test_answers_carry_passages_and_sources_when_knowledge_is_on(kb_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_answers_carry_passages_and_sources_when_knowledge_is_on(
+    kb_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc = kb_app.service
     off = await svc.answer(ask("What is the event code for game night?"))
     assert off.sources == () and "<reference" not in str(fake_openai.chat_requests[-1].messages)
@@ -74,7 +78,9 @@ async def test_answers_carry_passages_and_sources_when_knowledge_is_on(kb_app: A
     assert row.request_messages == sent
 
 
-async def test_threads_inherit_the_knowledge_switch_and_other_servers_see_nothing(kb_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_threads_inherit_the_knowledge_switch_and_other_servers_see_nothing(
+    kb_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc = kb_app.service
     await svc.set_knowledge(Place(GUILD, CHANNEL), "channel", True, MOD)
     in_thread = await svc.answer(ask("event code?", Place(GUILD, CHANNEL, 99)))

@@ -43,28 +43,49 @@ async def test_the_answer_unit_runs_one_model_on_a_prompt_without_any_conversati
     assert attempt.ok and attempt.reply == "Echo: What is 2+2?"
     assert attempt.history_used == 2
     assert attempt.usage is not None and attempt.usage.completion_tokens > 0
-    assert attempt.ttft_ms is not None and attempt.latency_ms is not None and attempt.ttft_ms <= attempt.latency_ms
+    assert (
+        attempt.ttft_ms is not None
+        and attempt.latency_ms is not None
+        and attempt.ttft_ms <= attempt.latency_ms
+    )
     assert [m["content"] for m in fake_openai.chat_requests[-1].messages] == [
-        "Be brief.", "hi", "hello", "What is 2+2?"
+        "Be brief.",
+        "hi",
+        "hello",
+        "What is 2+2?",
     ]
 
 
-async def test_the_answer_unit_reports_a_failure_instead_of_raising(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_the_answer_unit_reports_a_failure_instead_of_raising(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     answerer = chat_app.service.answerer
     fake_openai.fail_next(429)
-    attempt = await answerer.run(answerer.prepare(chat_app.registry.get("solo"), Prompt(None, [], "hi")))
-    assert not attempt.ok and "solo" in (attempt.error or "") and "rate limit" in (attempt.error or "").lower()
+    attempt = await answerer.run(
+        answerer.prepare(chat_app.registry.get("solo"), Prompt(None, [], "hi"))
+    )
+    assert (
+        not attempt.ok
+        and "solo" in (attempt.error or "")
+        and "rate limit" in (attempt.error or "").lower()
+    )
     assert attempt.reply == "" and answerer.billed(attempt) is None
 
 
 async def test_the_answer_unit_trims_history_and_says_how_much_it_sent(chat_app: App) -> None:
     answerer = chat_app.service.answerer
     tiny = chat_app.registry.get("tiny")  # a 300-token window
-    history = [(role, f"{role} turn {i} " + "word " * 30) for i in range(6) for role in ("user", "assistant")]
+    history = [
+        (role, f"{role} turn {i} " + "word " * 30)
+        for i in range(6)
+        for role in ("user", "assistant")
+    ]
     attempt = answerer.prepare(tiny, Prompt("", history, "the question"))
     assert 0 < attempt.history_used < len(history) and attempt.history_used % 2 == 0
     assert attempt.sent[-1].content == "the question"
-    assert attempt.sent[0].content == history[len(history) - attempt.history_used][1], "the newest turns are kept"
+    assert attempt.sent[0].content == history[len(history) - attempt.history_used][1], (
+        "the newest turns are kept"
+    )
 
     too_long = answerer.prepare(tiny, Prompt("", [], "word " * 400))
     assert too_long.sent == [] and "too long" in (too_long.error or "")
@@ -77,14 +98,30 @@ async def test_the_fallback_policy_tries_the_next_model_only_when_it_may(
     chain = chat_app.registry.fallback_chain("main")
     fake_openai.fail_next(503)
     attempts: list = []
-    events = [e async for e in with_fallbacks(answerer, chain, Prompt(None, [], "hi"), attempts, answerer.clock())]
+    events = [
+        e
+        async for e in with_fallbacks(
+            answerer, chain, Prompt(None, [], "hi"), attempts, answerer.clock()
+        )
+    ]
     assert [type(e) for e in events[:1]] == [FallbackUsed] and isinstance(events[-1], ReplyDelta)
     assert [a.spec.name for a in attempts] == ["main", "backup"] and attempts[-1].ok
 
-    fake_openai.fail_next(400, message="Your request was rejected by the safety system", code="content_policy_violation")
+    fake_openai.fail_next(
+        400,
+        message="Your request was rejected by the safety system",
+        code="content_policy_violation",
+    )
     attempts = []
-    events = [e async for e in with_fallbacks(answerer, chain, Prompt(None, [], "hi"), attempts, answerer.clock())]
-    assert events == [] and [a.spec.name for a in attempts] == ["main"], "a refusal is not sidestepped"
+    events = [
+        e
+        async for e in with_fallbacks(
+            answerer, chain, Prompt(None, [], "hi"), attempts, answerer.clock()
+        )
+    ]
+    assert events == [] and [a.spec.name for a in attempts] == ["main"], (
+        "a refusal is not sidestepped"
+    )
 
 
 # ------------------------------------------------------------------ the log record
@@ -103,7 +140,11 @@ async def test_each_answer_records_its_kind_and_the_stored_messages_that_went_in
         repo = ConversationRepository(session)
         by_id = {row.id: row for row in rows}
         assert [(r.role, r.kind) for r in rows] == [
-            ("user", "prompt"), ("assistant", "answer"), ("user", "prompt"), ("assistant", "attempt"), ("assistant", "answer")
+            ("user", "prompt"),
+            ("assistant", "answer"),
+            ("user", "prompt"),
+            ("assistant", "attempt"),
+            ("assistant", "answer"),
         ]
         prompt_one, answer_one = by_id[first.message_id].parent_id, first.message_id
         prompt_two = by_id[second.message_id].parent_id
@@ -112,10 +153,16 @@ async def test_each_answer_records_its_kind_and_the_stored_messages_that_went_in
         failed = next(r for r in rows if r.kind == "attempt")
         assert await repo.inputs_of(failed.id) == [prompt_one, answer_one, prompt_two]
         # Forgetting "one" is a query: every answer that used it.
-        assert await repo.answers_using([prompt_one]) == [first.message_id, failed.id, second.message_id]
+        assert await repo.answers_using([prompt_one]) == [
+            first.message_id,
+            failed.id,
+            second.message_id,
+        ]
 
 
-async def test_inputs_hold_only_the_history_that_was_sent(chat_app: App, fake_openai: FakeOpenAI) -> None:
+async def test_inputs_hold_only_the_history_that_was_sent(
+    chat_app: App, fake_openai: FakeOpenAI
+) -> None:
     svc, place = chat_app.service, Place(GUILD, CHANNEL, THREAD)
     await svc.set_model(place, "thread", "tiny", MOD)
     for i in range(8):
@@ -123,10 +170,15 @@ async def test_inputs_hold_only_the_history_that_was_sent(chat_app: App, fake_op
     await chat_app.writer.drain()
     async with chat_app.sessions() as session:
         inputs = await ConversationRepository(session).inputs_of(last.message_id)
-        rows = {r.id: r for r in (await session.scalars(select(Message).where(Message.id.in_(inputs)))).all()}
+        rows = {
+            r.id: r
+            for r in (await session.scalars(select(Message).where(Message.id.in_(inputs)))).all()
+        }
     sent = [m["content"].strip() for m in fake_openai.chat_requests[-1].messages[1:]]
     # (The question is sent stripped of surrounding spaces, history as it was stored.)
-    assert [rows[i].content.strip() for i in inputs] == sent, "the links name exactly the messages sent, in order"
+    assert [rows[i].content.strip() for i in inputs] == sent, (
+        "the links name exactly the messages sent, in order"
+    )
     assert len(inputs) < 16
 
 
@@ -136,9 +188,10 @@ async def test_inputs_hold_only_the_history_that_was_sent(chat_app: App, fake_op
 async def test_a_model_registered_by_another_process_is_selectable_within_seconds(
     service_settings: Settings, fake_openai: FakeOpenAI
 ) -> None:
-    async with open_app(service_settings, knowledge=False) as bot, open_app(
-        service_settings, knowledge=False, migrate=False
-    ) as cli:
+    async with (
+        open_app(service_settings, knowledge=False) as bot,
+        open_app(service_settings, knowledge=False, migrate=False) as cli,
+    ):
         tuned = (await cli.service.get_model("solo")).model_copy(
             update={
                 "name": "solo-tuned",
@@ -153,7 +206,9 @@ async def test_a_model_registered_by_another_process_is_selectable_within_second
         assert change.new == "solo-tuned"
         spec = await bot.service.get_model("solo-tuned")
         assert spec.origin == "database"
-        assert spec.lineage == Lineage(base_model="solo", source="lora", dataset_hash="sha256:abc", created_by="cli")
+        assert spec.lineage == Lineage(
+            base_model="solo", source="lora", dataset_hash="sha256:abc", created_by="cli"
+        )
 
         await cli.service.catalog.unregister("solo-tuned")
         later = time.monotonic() + bot.service.catalog.refresh_s
@@ -165,12 +220,16 @@ async def test_a_model_registered_by_another_process_is_selectable_within_second
             await bot.service.get_model("solo-tuned")
 
 
-async def test_a_registered_model_cannot_take_a_configured_name_or_unknown_fallback(chat_app: App) -> None:
+async def test_a_registered_model_cannot_take_a_configured_name_or_unknown_fallback(
+    chat_app: App,
+) -> None:
     svc = chat_app.service
     with pytest.raises(ConfigError, match="already a model in"):
         await svc.register_model(ModelSpec(name="main", provider="openai"), created_by="test")
     with pytest.raises(ConfigError, match="fallback 'nowhere'"):
-        await svc.register_model(ModelSpec(name="new", provider="openai", fallback="nowhere"), created_by="test")
+        await svc.register_model(
+            ModelSpec(name="new", provider="openai", fallback="nowhere"), created_by="test"
+        )
     assert "new" not in [s.name for s in svc.list_models()]
 
 
@@ -180,8 +239,12 @@ async def test_a_stored_model_that_no_longer_validates_is_skipped_not_fatal(
     from store.repositories import ModelRepository
 
     async with chat_app.sessions() as session, session.begin():
-        await ModelRepository(session).add("broken", {"provider": "no-such-provider"}, created_by="test")
-        await ModelRepository(session).add("fine", {"provider": "openai", "model": "gpt-x"}, created_by="test")
+        await ModelRepository(session).add(
+            "broken", {"provider": "no-such-provider"}, created_by="test"
+        )
+        await ModelRepository(session).add(
+            "fine", {"provider": "openai", "model": "gpt-x"}, created_by="test"
+        )
     async with open_app(service_settings, knowledge=False, migrate=False) as app:
         names = [s.name for s in app.service.list_models()]
     assert "fine" in names and "broken" not in names
@@ -211,5 +274,7 @@ def test_the_terminal_and_a_zero_limit_are_never_limited() -> None:
     limit = PersonLimit(1)
     assert all(limit.admit(terminal).allowed for _ in range(5))
     unlimited = PersonLimit(0)
-    discord_message = ChatRequest(Place(1, 1), Author(1, "x"), "hi", discord_message_id=1, sent_at=0.0)
+    discord_message = ChatRequest(
+        Place(1, 1), Author(1, "x"), "hi", discord_message_id=1, sent_at=0.0
+    )
     assert all(unlimited.admit(discord_message).allowed for _ in range(50))

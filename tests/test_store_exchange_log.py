@@ -89,7 +89,11 @@ async def test_an_exchange_with_a_fallback_becomes_rows(any_session_factory: Ses
         assert (attempt.status, attempt.error, attempt.content, attempt.model_name) == (
             "error", "429 Too Many Requests", "", "gpt-4o",
         )  # fmt: skip
-        assert (final.model_name, final.provider, final.provider_model) == ("smollm2", "local", "smollm2-135m")
+        assert (final.model_name, final.provider, final.provider_model) == (
+            "smollm2",
+            "local",
+            "smollm2-135m",
+        )
         assert final.request_messages == list(answer.request_messages)
         assert final.system_prompt == "Be brief."
         assert final.source_ids == ["doc-1:0", "doc-1:3"]
@@ -134,11 +138,17 @@ async def test_a_later_exchange_links_its_history_and_can_reuse_a_stored_prompt(
         assert rows[3].parent_id == rows[4].parent_id == reply_id
         assert rows[3].source_ids == []
         assert await repo.inputs_of(rows[4].id) == [first.prompt_id, first_answer.id, reply_id]
-        assert await repo.answers_using([first.prompt_id]) == [first_answer.id, rows[3].id, rows[4].id]
+        assert await repo.answers_using([first.prompt_id]) == [
+            first_answer.id,
+            rows[3].id,
+            rows[4].id,
+        ]
         assert len((await session.scalars(select(Conversation.id))).all()) == 1
 
 
-async def test_waiting_exchanges_are_one_write_of_three_inserts(any_session_factory: Sessions) -> None:
+async def test_waiting_exchanges_are_one_write_of_three_inserts(
+    any_session_factory: Sessions,
+) -> None:
     writer = LogWriter(any_session_factory)
     exchange_log = ExchangeLog(writer)
     conversation_id = new_id()
@@ -177,7 +187,10 @@ async def test_a_retried_write_writes_the_same_rows(any_session_factory: Session
 
     async with any_session_factory() as session:
         await write(session)
-        first = [(m.id, m.created_at) for m in await ConversationRepository(session).messages(item.conversation_id)]
+        first = [
+            (m.id, m.created_at)
+            for m in await ConversationRepository(session).messages(item.conversation_id)
+        ]
         await session.rollback()
     later = exchange()
     exchange_log.add(later)  # arrives after the first attempt: the next write's

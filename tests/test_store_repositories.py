@@ -19,7 +19,9 @@ GUILD, CHANNEL, THREAD, DM = 1000, 2000, 3000, 4000
 ALICE, BOB = 11, 22
 
 
-async def set_field(session: AsyncSession, scope: str, scope_id: int, field: str, value: Any) -> Any:
+async def set_field(
+    session: AsyncSession, scope: str, scope_id: int, field: str, value: Any
+) -> Any:
     """Set one setting as Alice would."""
     return await SettingsRepository(session).set_field(
         scope=scope,
@@ -86,7 +88,9 @@ async def test_settings_changes_are_recorded_newest_first(any_session_factory: S
             ("model", "a", "b"),
             ("model", None, "a"),
         ]
-        assert {(c.actor_id, c.actor_name, c.guild_id) for c in changes} == {(ALICE, "alice", GUILD)}
+        assert {(c.actor_id, c.actor_name, c.guild_id) for c in changes} == {
+            (ALICE, "alice", GUILD)
+        }
         assert all(c.changed_at.tzinfo is not None for c in changes)
         assert len(await SettingsRepository(session).changes("channel", CHANNEL, limit=2)) == 2
 
@@ -349,7 +353,13 @@ async def test_kinds_default_from_the_role_and_are_checked(any_session_factory: 
         await session.commit()
         kinds = dict((await session.execute(select(Message.id, Message.kind))).tuples().all())
         by_name = {name: kinds[id] for name, id in ids.items() if id in kinds}
-        assert by_name == {"u1": "prompt", "a1": "answer", "a1b": "answer", "u2": "prompt", "a2": "answer"}
+        assert by_name == {
+            "u1": "prompt",
+            "a1": "answer",
+            "a1b": "answer",
+            "u2": "prompt",
+            "a2": "answer",
+        }
         assert kinds[attempt] == "attempt"
 
     async with any_session_factory() as session:

@@ -199,7 +199,9 @@ def test_bad_settings_are_refused() -> None:
         LogWriter(async_sessionmaker(), max_batch=0)
 
 
-async def test_exchange_log_writes_all_waiting_exchanges_in_one_write(session_factory: Sessions) -> None:
+async def test_exchange_log_writes_all_waiting_exchanges_in_one_write(
+    session_factory: Sessions,
+) -> None:
     from core.exchange import Exchange, LoggedAnswer
     from core.messages import Place
     from store.exchange_log import ExchangeLog

@@ -85,7 +85,12 @@ class SwitchboardBot(commands.AutoShardedBot):
 
     async def on_ready(self) -> None:
         """Say in the log who the bot is and where."""
-        log.info("logged in as %s (%s) in %d servers", self.user, getattr(self.user, "id", "?"), len(self.guilds))
+        log.info(
+            "logged in as %s (%s) in %d servers",
+            self.user,
+            getattr(self.user, "id", "?"),
+            len(self.guilds),
+        )
 
 
 async def run_bot(
@@ -117,7 +122,9 @@ async def run_bot(
         async with bot:  # closes the bot (cogs first, so answers can finish) on the way out
             await bot.start(token)
     except discord.LoginFailure:
-        raise ConfigError("Discord refused the token: check DISCORD_TOKEN (Bot → Reset Token in the developer portal).") from None
+        raise ConfigError(
+            "Discord refused the token: check DISCORD_TOKEN (Bot → Reset Token in the developer portal)."
+        ) from None
     except discord.PrivilegedIntentsRequired:
         raise ConfigError(
             "The bot needs the Message Content intent: turn it on under Bot → Privileged Gateway Intents "

@@ -30,7 +30,9 @@ from core.messages import (
 log = logging.getLogger(__name__)
 
 # Model output must never ping anyone; the reply may notify the person it answers.
-ANSWER_MENTIONS = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+ANSWER_MENTIONS = discord.AllowedMentions(
+    everyone=False, users=False, roles=False, replied_user=True
+)
 QUIET_MENTIONS = discord.AllowedMentions.none()
 # Message types a person writes (others are joins, pins, thread notices...).
 _CHAT_TYPES = (discord.MessageType.default, discord.MessageType.reply)
@@ -50,7 +52,9 @@ class _ChannelSink:
         """Post a part: the first as a reply to the person, later ones as replies to the part before."""
         if after is None:
             reference = self.trigger.to_reference(fail_if_not_exists=False)
-            return await self.trigger.channel.send(content, reference=reference, allowed_mentions=ANSWER_MENTIONS)
+            return await self.trigger.channel.send(
+                content, reference=reference, allowed_mentions=ANSWER_MENTIONS
+            )
         return await after.reply(content, mention_author=False, allowed_mentions=QUIET_MENTIONS)
 
     async def edit(self, message: discord.Message, content: str) -> None:
@@ -170,7 +174,11 @@ class ChatCog(commands.Cog):
         """The chat request a Discord message makes."""
         reference = message.reference
         reply_to = None
-        if reference is not None and reference.message_id is not None and reference.channel_id == message.channel.id:
+        if (
+            reference is not None
+            and reference.message_id is not None
+            and reference.channel_id == message.channel.id
+        ):
             reply_to = reference.message_id
         return ChatRequest(
             place=place_of(message.channel, message.guild.id if message.guild else None),
@@ -229,7 +237,9 @@ class ChatCog(commands.Cog):
             # Someone deleted the answer (or its channel) while it was being written: they
             # do not want it. The model's stream is closed and the exchange logged as stopped.
             await typing.stop()
-            log.info("the answer to message %s was deleted while being written; stopped", message.id)
+            log.info(
+                "the answer to message %s was deleted while being written; stopped", message.id
+            )
             return
         except Exception as exc:
             await typing.stop()
@@ -241,13 +251,21 @@ class ChatCog(commands.Cog):
             )
 
     async def _show_problem(
-        self, message: discord.Message, reply: StreamingReply[discord.Message], text: str, problem: str
+        self,
+        message: discord.Message,
+        reply: StreamingReply[discord.Message],
+        text: str,
+        problem: str,
     ) -> list[discord.Message]:
         """Tell the person what went wrong: under the partial answer, or as the reply itself."""
         try:
             return await reply.finish(text, problem)
         except discord.HTTPException:
-            log.warning("could not show a problem to the user in channel %s", message.channel.id, exc_info=True)
+            log.warning(
+                "could not show a problem to the user in channel %s",
+                message.channel.id,
+                exc_info=True,
+            )
             return list(reply.messages)
 
 

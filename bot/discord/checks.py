@@ -10,7 +10,9 @@ from core.errors import PermissionDenied, UserError
 from core.messages import Author, Place, Scope
 
 
-def place_of(channel: discord.abc.Messageable | discord.abc.GuildChannel | None, guild_id: int | None) -> Place:
+def place_of(
+    channel: discord.abc.Messageable | discord.abc.GuildChannel | None, guild_id: int | None
+) -> Place:
     """The service's `Place` for a Discord channel; in a thread, `channel_id` is its parent."""
     if channel is None:
         raise UserError("I cannot tell which channel this is; try again in a text channel.")
@@ -33,11 +35,18 @@ def scope_for(place: Place, server: bool) -> Scope:
     return "thread" if place.thread_id is not None else "channel"
 
 
-_PERMISSION_WORDS: dict[str, str] = {"manage_guild": "Manage Server", "manage_channels": "Manage Channels"}
+_PERMISSION_WORDS: dict[str, str] = {
+    "manage_guild": "Manage Server",
+    "manage_channels": "Manage Channels",
+}
 
 
 def permission_refusal(
-    interaction: discord.Interaction, *, doing: str, needs: Literal["manage_guild", "manage_channels"], role: str | None
+    interaction: discord.Interaction,
+    *,
+    doing: str,
+    needs: Literal["manage_guild", "manage_channels"],
+    role: str | None,
 ) -> str | None:
     """Why the person behind `interaction` may not be `doing` something (None when they may).
 
@@ -45,7 +54,11 @@ def permission_refusal(
     refusal, as in "Changing the knowledge base".
     """
     member = interaction.user if isinstance(interaction.user, discord.Member) else None
-    if role and member is not None and any(r.name.casefold() == role.casefold() for r in member.roles):
+    if (
+        role
+        and member is not None
+        and any(r.name.casefold() == role.casefold() for r in member.roles)
+    ):
         return None
     # Manage Channels counts in the channel the command was used in; Manage Server server-wide.
     if needs == "manage_channels":
@@ -58,13 +71,25 @@ def permission_refusal(
     return f"{doing} needs the **{_PERMISSION_WORDS[needs]}** permission{role_hint}."
 
 
-def ensure_can_change(interaction: discord.Interaction, scope: Scope, manager_role: str | None) -> None:
+def ensure_can_change(
+    interaction: discord.Interaction, scope: Scope, manager_role: str | None
+) -> None:
     """Raise PermissionDenied unless the person behind `interaction` may change settings at `scope`."""
     if interaction.guild_id is None:
         return  # a DM has one person in it: their own settings
     if scope == "guild":
-        refusal = permission_refusal(interaction, doing="Changing the server default", needs="manage_guild", role=manager_role)
+        refusal = permission_refusal(
+            interaction,
+            doing="Changing the server default",
+            needs="manage_guild",
+            role=manager_role,
+        )
     else:
-        refusal = permission_refusal(interaction, doing=f"Changing this {scope}'s settings", needs="manage_channels", role=manager_role)
+        refusal = permission_refusal(
+            interaction,
+            doing=f"Changing this {scope}'s settings",
+            needs="manage_channels",
+            role=manager_role,
+        )
     if refusal is not None:
         raise PermissionDenied(refusal)

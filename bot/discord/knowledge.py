@@ -42,15 +42,23 @@ _IN_A_SERVER = "The knowledge base belongs to a server: use this command in one 
 
 def result_line(result: FileResult) -> str:
     """One file's outcome for a Discord message."""
-    passages = f" ({result.chunks} passage{'s' if result.chunks != 1 else ''})" if result.status in ("added", "replaced") else ""
-    reason = f" — {result.reason}" if result.reason and result.status in ("skipped", "refused") else ""
+    passages = (
+        f" ({result.chunks} passage{'s' if result.chunks != 1 else ''})"
+        if result.status in ("added", "replaced")
+        else ""
+    )
+    reason = (
+        f" — {result.reason}" if result.reason and result.status in ("skipped", "refused") else ""
+    )
     return f"{_STATUS_ICON[result.status]} **{discord.utils.escape_markdown(result.name)}**: {result.status}{passages}{reason}"
 
 
 def report_text(report: IngestReport) -> str:
     """The final upload message, shortened to fit."""
     head = report.summary().splitlines()[0]
-    return fit_lines([f"**Knowledge base:** {head}", *(result_line(r) for r in report.results)], _MESSAGE_ROOM)
+    return fit_lines(
+        [f"**Knowledge base:** {head}", *(result_line(r) for r in report.results)], _MESSAGE_ROOM
+    )
 
 
 def progress_text(update: ProgressUpdate) -> str:
@@ -95,7 +103,9 @@ def _download(attachment: discord.Attachment) -> Callable[[], Awaitable[bytes]]:
         try:
             return await attachment.read()
         except discord.HTTPException as exc:
-            raise UserError(f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again.") from exc
+            raise UserError(
+                f"{attachment.filename} could not be downloaded from Discord ({exc.status}); try again."
+            ) from exc
 
     return read
 
@@ -133,13 +143,21 @@ class _ThrottledEditor:
             await self._task
         self._pending = None
         try:
-            await self._interaction.edit_original_response(content=text, allowed_mentions=discord.AllowedMentions.none())
+            await self._interaction.edit_original_response(
+                content=text, allowed_mentions=discord.AllowedMentions.none()
+            )
         except discord.HTTPException:
             # An interaction's token lasts 15 minutes: tell the person about a longer upload by DM instead.
             try:
-                await self._interaction.user.send(text, allowed_mentions=discord.AllowedMentions.none())
+                await self._interaction.user.send(
+                    text, allowed_mentions=discord.AllowedMentions.none()
+                )
             except discord.HTTPException:
-                log.warning("could not report a finished upload to %s", self._interaction.user.id, exc_info=True)
+                log.warning(
+                    "could not report a finished upload to %s",
+                    self._interaction.user.id,
+                    exc_info=True,
+                )
 
 
 class KnowledgeCog(commands.Cog):
@@ -179,7 +197,12 @@ class KnowledgeCog(commands.Cog):
         """Why this person may not change the knowledge base (None when they may)."""
         if interaction.guild_id is None:
             return _IN_A_SERVER
-        return permission_refusal(interaction, doing="Changing the knowledge base", needs="manage_guild", role=self.knowledge_role)
+        return permission_refusal(
+            interaction,
+            doing="Changing the knowledge base",
+            needs="manage_guild",
+            role=self.knowledge_role,
+        )
 
     def _ensure_admin(self, interaction: discord.Interaction) -> int:
         """The guild id, after checking the person may change its knowledge base."""
@@ -200,8 +223,14 @@ class KnowledgeCog(commands.Cog):
     @knowledge.command(name="add")
     @app_commands.describe(
         file="A document: .txt, .md, .pdf, .html or .docx.",
-        file2="Another document.", file3="Another document.", file4="Another document.", file5="Another document.",
-        file6="Another document.", file7="Another document.", file8="Another document.", file9="Another document.",
+        file2="Another document.",
+        file3="Another document.",
+        file4="Another document.",
+        file5="Another document.",
+        file6="Another document.",
+        file7="Another document.",
+        file8="Another document.",
+        file9="Another document.",
         file10="Another document.",
     )
     async def add(
@@ -221,10 +250,16 @@ class KnowledgeCog(commands.Cog):
         """Add documents to this server's knowledge base (a document with the same name is replaced)."""
         async with answering(interaction, "adding documents", log):
             guild_id = self._ensure_admin(interaction)
-            attachments = [a for a in (file, file2, file3, file4, file5, file6, file7, file8, file9, file10) if a is not None]
+            attachments = [
+                a
+                for a in (file, file2, file3, file4, file5, file6, file7, file8, file9, file10)
+                if a is not None
+            ]
             await interaction.response.defer(ephemeral=True, thinking=True)
             editor = _ThrottledEditor(interaction, self.clock)
-            editor.show(f"⏳ Adding {len(attachments)} document{'s' if len(attachments) != 1 else ''}…")
+            editor.show(
+                f"⏳ Adding {len(attachments)} document{'s' if len(attachments) != 1 else ''}…"
+            )
             # The knowledge base refuses what is too big or of the wrong type before it is downloaded.
             uploader = author_of(interaction.user)
             report = await self.kb.add_remote(
@@ -242,10 +277,20 @@ class KnowledgeCog(commands.Cog):
         async with answering(interaction, "listing documents", log):
             docs = await self.kb.list_documents(self._guild(interaction))
             if not docs:
-                await send(interaction, "This server's knowledge base is empty. Admins add documents with `/knowledge add`.", ephemeral=True)
+                await send(
+                    interaction,
+                    "This server's knowledge base is empty. Admins add documents with `/knowledge add`.",
+                    ephemeral=True,
+                )
                 return
-            embed = discord.Embed(title="Knowledge base", description=fit_lines([document_line(d) for d in docs], _DESCRIPTION_ROOM), colour=EMBED_COLOUR)
-            embed.set_footer(text=f"{len(docs)} documents · {sum(d.chunks for d in docs)} passages · {human_size(sum(d.bytes for d in docs))}")
+            embed = discord.Embed(
+                title="Knowledge base",
+                description=fit_lines([document_line(d) for d in docs], _DESCRIPTION_ROOM),
+                colour=EMBED_COLOUR,
+            )
+            embed.set_footer(
+                text=f"{len(docs)} documents · {sum(d.chunks for d in docs)} passages · {human_size(sum(d.bytes for d in docs))}"
+            )
             await send(interaction, embed=embed, ephemeral=True)
 
     @knowledge.command(name="remove")
@@ -255,31 +300,55 @@ class KnowledgeCog(commands.Cog):
         async with answering(interaction, "removing a document", log):
             guild_id = self._ensure_admin(interaction)
             doc = await self.kb.remove(guild_id, document)
-            await send(interaction, f"🗑️ Removed **{discord.utils.escape_markdown(doc.name)}** ({doc.chunks} passages).", ephemeral=True)
+            await send(
+                interaction,
+                f"🗑️ Removed **{discord.utils.escape_markdown(doc.name)}** ({doc.chunks} passages).",
+                ephemeral=True,
+            )
 
     @remove.autocomplete("document")
-    async def _document_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def _document_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
         """Document names containing what has been typed so far (only for people who may remove them)."""
         if interaction.guild_id is None or not self._is_knowledge_admin(interaction):
             return []
         typed = current.casefold()
         names = [d.name for d in await self.kb.list_documents(interaction.guild_id)]
-        matches = sorted((n for n in names if typed in n.casefold()), key=lambda n: (not n.casefold().startswith(typed), n.casefold()))
-        return [app_commands.Choice(name=n[:100], value=n[:100]) for n in matches[:_AUTOCOMPLETE_MAX]]
+        matches = sorted(
+            (n for n in names if typed in n.casefold()),
+            key=lambda n: (not n.casefold().startswith(typed), n.casefold()),
+        )
+        return [
+            app_commands.Choice(name=n[:100], value=n[:100]) for n in matches[:_AUTOCOMPLETE_MAX]
+        ]
 
     @knowledge.command(name="search")
     @app_commands.describe(query="What to look for.", count="How many passages to show (1-10).")
-    async def search(self, interaction: discord.Interaction, query: str, count: app_commands.Range[int, 1, 10] = 5) -> None:
+    async def search(
+        self,
+        interaction: discord.Interaction,
+        query: str,
+        count: app_commands.Range[int, 1, 10] = 5,
+    ) -> None:
         """Show the passages of this server's documents that best match a query, with their scores."""
         async with answering(interaction, "searching the knowledge base", log):
             guild_id = self._guild(interaction)
             await interaction.response.defer(ephemeral=True, thinking=True)
             sources = await self.kb.search(guild_id, query, k=count)
             if not sources:
-                await send(interaction, "Nothing found: this server's knowledge base is empty or has no passage that matches.", ephemeral=True)
+                await send(
+                    interaction,
+                    "Nothing found: this server's knowledge base is empty or has no passage that matches.",
+                    ephemeral=True,
+                )
                 return
             blocks = [source_block(n, s) for n, s in enumerate(sources, start=1)]
-            embed = discord.Embed(title=f"Search: {query[:200]}", description=fit_lines(blocks, _DESCRIPTION_ROOM), colour=EMBED_COLOUR)
+            embed = discord.Embed(
+                title=f"Search: {query[:200]}",
+                description=fit_lines(blocks, _DESCRIPTION_ROOM),
+                colour=EMBED_COLOUR,
+            )
             await send(interaction, embed=embed, ephemeral=True)
 
     @knowledge.command(name="use")
@@ -287,7 +356,12 @@ class KnowledgeCog(commands.Cog):
         state="on: answer from the knowledge base here; off: don't; inherit: follow the channel or server setting.",
         server="Set the server default instead of this channel (needs Manage Server).",
     )
-    async def use(self, interaction: discord.Interaction, state: Literal["on", "off", "inherit"], server: bool = False) -> None:
+    async def use(
+        self,
+        interaction: discord.Interaction,
+        state: Literal["on", "off", "inherit"],
+        server: bool = False,
+    ) -> None:
         """Answer from the knowledge base in this channel (its threads follow), or stop."""
         async with answering(interaction, "switching the knowledge base", log):
             self._guild(interaction)
@@ -296,5 +370,7 @@ class KnowledgeCog(commands.Cog):
             if not self._is_knowledge_admin(interaction):
                 ensure_can_change(interaction, scope, self.manager_role)
             enabled = {"on": True, "off": False, "inherit": None}[state]
-            change = await self.service.set_knowledge(place, scope, enabled, author_of(interaction.user))
+            change = await self.service.set_knowledge(
+                place, scope, enabled, author_of(interaction.user)
+            )
             await send(interaction, change_line(change), ephemeral=False)

@@ -113,7 +113,9 @@ def _cut(text: str, start: int, stop: int, fences: Sequence[int]) -> int:
     return cut
 
 
-def layout(text: str, *, footer: str = "", writing: bool = False, limit: int = MESSAGE_LIMIT) -> list[str]:
+def layout(
+    text: str, *, footer: str = "", writing: bool = False, limit: int = MESSAGE_LIMIT
+) -> list[str]:
     """The contents of the messages that show `text`, with the marker or the footer.
 
     The text is always split with room for the marker, so a part's cut never moves once
@@ -147,7 +149,9 @@ def footer_lines(
     if error:
         lines.append(f"⚠️ {error}")
     if fallbacks and model:
-        reasons = "; ".join(f"{f.failed_model} was unavailable: {_short(f.reason)}" for f in fallbacks)
+        reasons = "; ".join(
+            f"{f.failed_model} was unavailable: {_short(f.reason)}" for f in fallbacks
+        )
         lines.append(f"-# answered by {model} ({reasons})")
     if sources:
         lines.append("-# Sources:")

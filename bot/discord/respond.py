@@ -20,7 +20,11 @@ async def send(
     ephemeral: bool,
 ) -> None:
     """Respond to an interaction, or follow up if it was already answered; never pings anyone."""
-    kwargs: dict[str, Any] = {"content": content, "ephemeral": ephemeral, "allowed_mentions": discord.AllowedMentions.none()}
+    kwargs: dict[str, Any] = {
+        "content": content,
+        "ephemeral": ephemeral,
+        "allowed_mentions": discord.AllowedMentions.none(),
+    }
     if embed is not None:
         kwargs["embed"] = embed
     if interaction.response.is_done():
@@ -30,7 +34,9 @@ async def send(
 
 
 @asynccontextmanager
-async def answering(interaction: discord.Interaction, what: str, log: logging.Logger) -> AsyncIterator[None]:
+async def answering(
+    interaction: discord.Interaction, what: str, log: logging.Logger
+) -> AsyncIterator[None]:
     """Show user-facing errors ephemerally; log anything else with its traceback and apologise."""
     try:
         yield

@@ -39,11 +39,15 @@ def model_line(spec: ModelSpec, current: str | None = None) -> str:
 
 def model_embed(spec: ModelSpec) -> discord.Embed:
     """Everything worth knowing about one model."""
-    embed = discord.Embed(title=spec.name, description=spec.description or None, colour=EMBED_COLOUR)
+    embed = discord.Embed(
+        title=spec.name, description=spec.description or None, colour=EMBED_COLOUR
+    )
     embed.add_field(name="Provider", value=spec.provider)
     embed.add_field(name="Model id", value=f"`{spec.model}`")
     embed.add_field(name="Weights", value="open" if spec.open_weights else "closed")
-    embed.add_field(name="Runs", value="locally, on this bot's machine" if spec.is_local else "through an API")
+    embed.add_field(
+        name="Runs", value="locally, on this bot's machine" if spec.is_local else "through an API"
+    )
     embed.add_field(name="Context window", value=f"{spec.context_window:,} tokens")
     embed.add_field(name="Price", value=price(spec))
     if spec.fallback:
@@ -63,10 +67,14 @@ class SettingsCog(commands.Cog):
     # Shown to moderators only by default (a server admin can open them to others under
     # Server Settings → Integrations); who may change what is still checked on every use.
     model = app_commands.Group(
-        name="model", description="Choose the language model that answers here.", default_permissions=MODERATORS
+        name="model",
+        description="Choose the language model that answers here.",
+        default_permissions=MODERATORS,
     )
     system = app_commands.Group(
-        name="system", description="Set the instructions the model follows here.", default_permissions=MODERATORS
+        name="system",
+        description="Set the instructions the model follows here.",
+        default_permissions=MODERATORS,
     )
 
     def __init__(self, service: ChatService, *, manager_role: str | None = None) -> None:
@@ -94,7 +102,9 @@ class SettingsCog(commands.Cog):
             shown: list[str] = []
             for line in lines:
                 if sum(len(s) + 1 for s in shown) + len(line) > _DESCRIPTION_ROOM:
-                    shown.append(f"…and {len(lines) - len(shown)} more; `/model info` tells you about one.")
+                    shown.append(
+                        f"…and {len(lines) - len(shown)} more; `/model info` tells you about one."
+                    )
                     break
                 shown.append(line)
             embed = discord.Embed(title="Models", description="\n".join(shown), colour=EMBED_COLOUR)
@@ -106,14 +116,18 @@ class SettingsCog(commands.Cog):
     async def model_info(self, interaction: discord.Interaction, name: str) -> None:
         """Show a model's provider, context window, prices and weights."""
         async with answering(interaction, "showing a model", log):
-            await send(interaction, embed=model_embed(await self.service.get_model(name)), ephemeral=True)
+            await send(
+                interaction, embed=model_embed(await self.service.get_model(name)), ephemeral=True
+            )
 
     @model.command(name="set")
     @app_commands.describe(
         name="The model's name, as /model list shows it.",
         server="Set the server default instead of this channel's model (needs Manage Server).",
     )
-    async def model_set(self, interaction: discord.Interaction, name: str, server: bool = False) -> None:
+    async def model_set(
+        self, interaction: discord.Interaction, name: str, server: bool = False
+    ) -> None:
         """Choose the model that answers in this channel or thread."""
         async with answering(interaction, "setting a model", log):
             place, scope = self._change(interaction, server)
@@ -131,11 +145,16 @@ class SettingsCog(commands.Cog):
 
     @model_set.autocomplete("name")
     @model_info.autocomplete("name")
-    async def _model_names(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    async def _model_names(
+        self, interaction: discord.Interaction, current: str
+    ) -> list[app_commands.Choice[str]]:
         """Model names containing what has been typed so far."""
         typed = current.casefold()
         names = [spec.name for spec in self.service.list_models()]
-        matches = sorted((n for n in names if typed in n.casefold()), key=lambda n: (not n.casefold().startswith(typed), n))
+        matches = sorted(
+            (n for n in names if typed in n.casefold()),
+            key=lambda n: (not n.casefold().startswith(typed), n),
+        )
         return [app_commands.Choice(name=n, value=n) for n in matches[:_AUTOCOMPLETE_MAX]]
 
     # ------------------------------------------------------------ /system
@@ -145,18 +164,26 @@ class SettingsCog(commands.Cog):
         text="What the model should know or how it should behave here.",
         server="Set the server default instead of this channel's prompt (needs Manage Server).",
     )
-    async def system_set(self, interaction: discord.Interaction, text: str, server: bool = False) -> None:
+    async def system_set(
+        self, interaction: discord.Interaction, text: str, server: bool = False
+    ) -> None:
         """Set the system prompt for this channel or thread."""
         async with answering(interaction, "setting a system prompt", log):
             place, scope = self._change(interaction, server)
-            change = await self.service.set_system_prompt(place, scope, text, author_of(interaction.user))
+            change = await self.service.set_system_prompt(
+                place, scope, text, author_of(interaction.user)
+            )
             await send(interaction, change_line(change), ephemeral=False)
 
     @system.command(name="show")
     async def system_show(self, interaction: discord.Interaction) -> None:
         """Show the system prompt in force here and where it comes from."""
         async with answering(interaction, "showing the system prompt", log):
-            setting = (await self.service.effective_settings(place_of(interaction.channel, interaction.guild_id))).system_prompt
+            setting = (
+                await self.service.effective_settings(
+                    place_of(interaction.channel, interaction.guild_id)
+                )
+            ).system_prompt
             embed = discord.Embed(
                 title=f"System prompt ({SOURCE_WORDS.get(setting.source, setting.source)})",
                 description=prompt_preview(str(setting.value), 3800),
@@ -170,7 +197,9 @@ class SettingsCog(commands.Cog):
         """Go back to the inherited system prompt."""
         async with answering(interaction, "resetting the system prompt", log):
             place, scope = self._change(interaction, server)
-            change = await self.service.reset_system_prompt(place, scope, author_of(interaction.user))
+            change = await self.service.reset_system_prompt(
+                place, scope, author_of(interaction.user)
+            )
             await send(interaction, change_line(change), ephemeral=False)
 
     # ------------------------------------------------------------ /settings
@@ -179,7 +208,9 @@ class SettingsCog(commands.Cog):
     async def settings(self, interaction: discord.Interaction) -> None:
         """Show the settings in force here and where each comes from."""
         async with answering(interaction, "showing settings", log):
-            effective = await self.service.effective_settings(place_of(interaction.channel, interaction.guild_id))
+            effective = await self.service.effective_settings(
+                place_of(interaction.channel, interaction.guild_id)
+            )
             embed = discord.Embed(title="Settings here", colour=EMBED_COLOUR)
             embed.add_field(
                 name="Model",

@@ -119,7 +119,9 @@ class ChatService:
         settings = await self.place_settings.effective(request.place)
         spec = await self._model_for(settings)
         where = await self.conversations.resolve(request)
-        history = await self.conversations.history(where.leaf_id, limit=max(8, spec.context_window // 16))
+        history = await self.conversations.history(
+            where.leaf_id, limit=max(8, spec.context_window // 16)
+        )
         sources = await self._retrieve(request, settings, text)
         asked = _Asked(
             request=request,
@@ -132,13 +134,17 @@ class ChatService:
             sources=sources,
             started=started,
         )
-        yield ReplyStarted(model=spec.name, conversation_id=asked.conversation_id, message_id=asked.answer_id)
+        yield ReplyStarted(
+            model=spec.name, conversation_id=asked.conversation_id, message_id=asked.answer_id
+        )
 
         prompt = Prompt(asked.system_prompt, [(t.role, t.content) for t in history], text, sources)
         attempts: list[Attempt] = []
         chain = self.catalog.registry.fallback_chain(spec.name)
         try:
-            async with aclosing(with_fallbacks(self.answerer, chain, prompt, attempts, started)) as events:
+            async with aclosing(
+                with_fallbacks(self.answerer, chain, prompt, attempts, started)
+            ) as events:
                 async for event in events:
                     yield event
         except (GeneratorExit, asyncio.CancelledError):
@@ -176,7 +182,11 @@ class ChatService:
             status: Status = "ok" if attempt.ok else "error"
             if is_final and ok and fallback_from:
                 status = "fallback"
-            used = history_ids[len(history_ids) - attempt.history_used :] if attempt.history_used else []
+            used = (
+                history_ids[len(history_ids) - attempt.history_used :]
+                if attempt.history_used
+                else []
+            )
             answers.append(
                 LoggedAnswer(
                     id=asked.answer_id if is_final else uuid.uuid4().hex,
@@ -234,7 +244,9 @@ class ChatService:
             sources=tuple(asked.sources),
         )
 
-    async def _retrieve(self, request: ChatRequest, settings: EffectiveSettings, text: str) -> list[Source]:
+    async def _retrieve(
+        self, request: ChatRequest, settings: EffectiveSettings, text: str
+    ) -> list[Source]:
         if not settings.knowledge.value or self.knowledge is None or request.place.guild_id is None:
             return []
         try:
@@ -256,7 +268,9 @@ class ChatService:
         self.conversations.link_carriers(message_id, conversation_id, ids)
 
         async def write(session: AsyncSession) -> None:
-            await ConversationRepository(session).link_discord_messages(message_id, conversation_id, ids)
+            await ConversationRepository(session).link_discord_messages(
+                message_id, conversation_id, ids
+            )
 
         self.writer.submit(write, f"link discord messages of {message_id}")
 
@@ -302,9 +316,13 @@ class ChatService:
     async def check_models(self, names: Sequence[str] | None = None) -> list[CheckResult]:
         """Send each model (default: all) a tiny prompt now; one result per model, in order."""
         specs = [await self.catalog.get(name) for name in names] if names else self.catalog.all()
-        return list(await asyncio.gather(*(check_model(spec, self.answerer.models) for spec in specs)))
+        return list(
+            await asyncio.gather(*(check_model(spec, self.answerer.models) for spec in specs))
+        )
 
-    async def gguf_model(self, name: str, path: Path, *, context_size: int | None = None) -> ModelSpec:
+    async def gguf_model(
+        self, name: str, path: Path, *, context_size: int | None = None
+    ) -> ModelSpec:
         """A model entry for a local GGUF file, once llama.cpp has shown that it loads it."""
         from chains.local import gguf_spec, validate_gguf
 
@@ -314,7 +332,9 @@ class ChatService:
         try:
             return ModelSpec(**entry, lineage=Lineage(source="gguf-file"))
         except ValidationError as exc:
-            raise ConfigError(f"Cannot register {path.name} as '{name}': {exc.errors()[0]['msg']}.") from None
+            raise ConfigError(
+                f"Cannot register {path.name} as '{name}': {exc.errors()[0]['msg']}."
+            ) from None
 
     async def register_model(self, spec: ModelSpec, created_by: str) -> ModelSpec:
         """Register a model (a GGUF file, a fine-tune) so every process can choose it."""
@@ -335,7 +355,9 @@ class ChatService:
         """The model, system prompt and knowledge switch in force at `place`, with their sources."""
         return await self.place_settings.effective(place)
 
-    async def set_model(self, place: Place, scope: Scope, name: str, actor: Author) -> SettingChange:
+    async def set_model(
+        self, place: Place, scope: Scope, name: str, actor: Author
+    ) -> SettingChange:
         """Choose the model for `scope`."""
         spec = await self.catalog.get(name)
         return await self.place_settings.change(place, scope, "model", spec.name, actor)
@@ -344,20 +366,28 @@ class ChatService:
         """Drop the model chosen for `scope`, so it inherits again."""
         return await self.place_settings.change(place, scope, "model", None, actor)
 
-    async def set_system_prompt(self, place: Place, scope: Scope, text: str, actor: Author) -> SettingChange:
+    async def set_system_prompt(
+        self, place: Place, scope: Scope, text: str, actor: Author
+    ) -> SettingChange:
         """Set the system prompt for `scope`."""
         text = text.strip()
         if not text:
-            raise UserError("The system prompt is empty. To go back to the default, use `/system reset`.")
+            raise UserError(
+                "The system prompt is empty. To go back to the default, use `/system reset`."
+            )
         if len(text) > SYSTEM_PROMPT_LIMIT:
-            raise UserError(f"That system prompt is {len(text)} characters; the limit is {SYSTEM_PROMPT_LIMIT:,}.")
+            raise UserError(
+                f"That system prompt is {len(text)} characters; the limit is {SYSTEM_PROMPT_LIMIT:,}."
+            )
         return await self.place_settings.change(place, scope, "system_prompt", text, actor)
 
     async def reset_system_prompt(self, place: Place, scope: Scope, actor: Author) -> SettingChange:
         """Drop the system prompt set for `scope`, so it inherits again."""
         return await self.place_settings.change(place, scope, "system_prompt", None, actor)
 
-    async def set_knowledge(self, place: Place, scope: Scope, enabled: bool | None, actor: Author) -> SettingChange:
+    async def set_knowledge(
+        self, place: Place, scope: Scope, enabled: bool | None, actor: Author
+    ) -> SettingChange:
         """Turn answering from the knowledge base on or off for `scope` (None: inherit)."""
         if enabled and place.guild_id is None:
             raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")

@@ -84,7 +84,11 @@ class ConversationIndex:
                 self._stored.put(found.conversation_id, True)
                 return found
         # A thread is one conversation; so is a DM channel (people rarely use replies there).
-        running_key = place.thread_id if place.thread_id is not None else (place.channel_id if place.is_dm else None)
+        running_key = (
+            place.thread_id
+            if place.thread_id is not None
+            else (place.channel_id if place.is_dm else None)
+        )
         if running_key is None:
             return Located(uuid.uuid4().hex, None)
         cached = self._running.get(running_key)
@@ -129,7 +133,9 @@ class ConversationIndex:
             async with self.sessions() as session:
                 rows = await ConversationRepository(session).lineage(cursor, limit)
             for row in reversed(rows):
-                turns.append(Turn(row.id, row.conversation_id, row.role, row.content, row.parent_id))
+                turns.append(
+                    Turn(row.id, row.conversation_id, row.role, row.content, row.parent_id)
+                )
         turns.reverse()
         return [t for t in turns if t.content]
 
@@ -143,7 +149,9 @@ class ConversationIndex:
             leaf = answer
         self._leaves.put(conversation_id, leaf.id)
 
-    def link_carriers(self, answer_id: str, conversation_id: str, discord_message_ids: Sequence[int]) -> None:
+    def link_carriers(
+        self, answer_id: str, conversation_id: str, discord_message_ids: Sequence[int]
+    ) -> None:
         """Remember that these Discord messages carry `answer_id` (replacing known misses)."""
         located = Located(conversation_id, answer_id)
         for discord_id in discord_message_ids:
@@ -183,7 +191,9 @@ class ConversationIndex:
         if leaf is not None:
             return leaf
         if self._stored.get(conversation_id) is None:
-            await self.writer.drain(timeout=DRAIN_WAIT_S)  # it may still be on its way to the database
+            await self.writer.drain(
+                timeout=DRAIN_WAIT_S
+            )  # it may still be on its way to the database
         async with self.sessions() as session:
             messages = await ConversationRepository(session).messages(conversation_id)
         if not messages:

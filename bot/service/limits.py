@@ -65,5 +65,8 @@ class PersonLimit:
         notify = not window.told
         window.told = True
         return Admission(
-            False, retry_after=window.opened_at + WINDOW_S - now, notify=notify, per_minute=self.per_minute
+            False,
+            retry_after=window.opened_at + WINDOW_S - now,
+            notify=notify,
+            per_minute=self.per_minute,
         )

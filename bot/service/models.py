@@ -61,10 +61,14 @@ class ModelCatalog:
 
     def keep_fresh(self) -> None:
         """Start a background refresh if the last one is older than `refresh_s` (never waits)."""
-        if self.clock() < self._fresh_until or (self._refreshing is not None and not self._refreshing.done()):
+        if self.clock() < self._fresh_until or (
+            self._refreshing is not None and not self._refreshing.done()
+        ):
             return
         self._fresh_until = self.clock() + self.refresh_s  # one refresh at a time, even if it fails
-        self._refreshing = asyncio.create_task(self._refresh_quietly(), name="switchboard-model-refresh")
+        self._refreshing = asyncio.create_task(
+            self._refresh_quietly(), name="switchboard-model-refresh"
+        )
 
     async def _refresh_quietly(self) -> None:
         try:
@@ -87,7 +91,9 @@ class ModelCatalog:
     def ensure_name_free(self, name: str) -> None:
         """Refuse a name the config (or the built-in registry) already uses."""
         if name in self.registry and self.registry.get(name).origin != "database":
-            raise ConfigError(f"`{name}` is already a model in {self.registry.source}; choose another name.")
+            raise ConfigError(
+                f"`{name}` is already a model in {self.registry.source}; choose another name."
+            )
 
     async def register(self, spec: ModelSpec, created_by: str) -> ModelSpec:
         """Register a run-time model (replacing a run-time model of that name) for every process."""
@@ -96,7 +102,9 @@ class ModelCatalog:
         previous = self.registry.get(spec.name) if spec.name in self.registry else None
         if spec.lineage is None or spec.lineage.created_by is None:
             lineage = spec.lineage or Lineage()
-            spec = spec.model_copy(update={"lineage": lineage.model_copy(update={"created_by": created_by})})
+            spec = spec.model_copy(
+                update={"lineage": lineage.model_copy(update={"created_by": created_by})}
+            )
         spec = self.registry.add(spec)  # checks its fallback before anything is stored
         stored = spec.model_dump(mode="json", exclude={"name", "origin"}, exclude_none=True)
         try:

@@ -39,7 +39,11 @@ class Setting:
 
 SettingName = Literal["model", "system_prompt", "knowledge"]
 # The column each setting is stored in.
-_COLUMNS: dict[SettingName, str] = {"model": "model", "system_prompt": "system_prompt", "knowledge": "knowledge_enabled"}
+_COLUMNS: dict[SettingName, str] = {
+    "model": "model",
+    "system_prompt": "system_prompt",
+    "knowledge": "knowledge_enabled",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +72,9 @@ class EffectiveSettings:
 class PlaceSettings:
     """Reads (cached and batched) and changes the settings of places."""
 
-    def __init__(self, session_factory: async_sessionmaker[AsyncSession], registry: ModelRegistry) -> None:
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], registry: ModelRegistry
+    ) -> None:
         self.sessions = session_factory
         self.registry = registry  # its default model is the global one, and may change at run time
         self._cache: LRU[Place, tuple[float, EffectiveSettings]] = LRU(CACHED_PLACES)
@@ -92,9 +98,15 @@ class PlaceSettings:
             self._batch.append((place, pending))
         return await asyncio.shield(pending)
 
-    async def change(self, place: Place, scope: Scope, name: SettingName, value: Any, actor: Author) -> SettingChange:
+    async def change(
+        self, place: Place, scope: Scope, name: SettingName, value: Any, actor: Author
+    ) -> SettingChange:
         """Write one setting and its change record in one transaction; says what changed."""
-        scope_id = {"thread": place.thread_id, "channel": place.channel_id, "guild": place.guild_id}.get(scope)
+        scope_id = {
+            "thread": place.thread_id,
+            "channel": place.channel_id,
+            "guild": place.guild_id,
+        }.get(scope)
         if scope_id is None:
             raise UserError(f"There is no {scope_word(scope)} here to change settings for.")
         async with self.sessions() as session, session.begin():
@@ -139,7 +151,10 @@ class PlaceSettings:
             self._settle(place, future, effective)
 
     def _settle(
-        self, place: Place, future: asyncio.Future[EffectiveSettings], outcome: EffectiveSettings | Exception
+        self,
+        place: Place,
+        future: asyncio.Future[EffectiveSettings],
+        outcome: EffectiveSettings | Exception,
     ) -> None:
         if self._reads.get(place) is future:
             del self._reads[place]
@@ -153,7 +168,11 @@ class PlaceSettings:
 
     def _resolve(self, place: Place, rows: dict[tuple[str, int], Any]) -> EffectiveSettings:
         """Each setting from the nearest scope that sets it: thread, channel, server, else global."""
-        scopes = [("thread", place.thread_id), ("channel", place.channel_id), ("guild", place.guild_id)]
+        scopes = [
+            ("thread", place.thread_id),
+            ("channel", place.channel_id),
+            ("guild", place.guild_id),
+        ]
         defaults = {
             "model": self.registry.default_model,
             "system_prompt": DEFAULT_SYSTEM_PROMPT,
@@ -173,4 +192,3 @@ class PlaceSettings:
             system_prompt=resolved["system_prompt"],
             knowledge=resolved["knowledge_enabled"],
         )
-

@@ -19,13 +19,22 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-BOT_USER = {"id": "4242", "username": "Switchboard", "discriminator": "0", "global_name": None, "avatar": None, "bot": True}
+BOT_USER = {
+    "id": "4242",
+    "username": "Switchboard",
+    "discriminator": "0",
+    "global_name": None,
+    "avatar": None,
+    "bot": True,
+}
 OWNER = {"id": "7", "username": "owner", "discriminator": "0", "global_name": None, "avatar": None}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     # discord.py reads a body as JSON only when the content type is exactly this (no charset).
-    return web.Response(body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"})
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
 
 
 class FakeDiscordEdge:
@@ -72,9 +81,16 @@ class FakeDiscordEdge:
     async def _application(self, request: web.Request) -> web.Response:
         return _json(
             {
-                "id": BOT_USER["id"], "name": "Switchboard", "description": "", "icon": None,
-                "bot_public": True, "bot_require_code_grant": False, "owner": OWNER,
-                "verify_key": "0" * 64, "flags": 0, "summary": "",
+                "id": BOT_USER["id"],
+                "name": "Switchboard",
+                "description": "",
+                "icon": None,
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": OWNER,
+                "verify_key": "0" * 64,
+                "flags": 0,
+                "summary": "",
             }
         )
 
@@ -82,7 +98,10 @@ class FakeDiscordEdge:
         self.synced_commands = await request.json()
         application_id = request.match_info["application_id"]
         return _json(
-            [{**c, "id": str(1000 + i), "application_id": application_id, "version": "1"} for i, c in enumerate(self.synced_commands)]
+            [
+                {**c, "id": str(1000 + i), "application_id": application_id, "version": "1"}
+                for i, c in enumerate(self.synced_commands)
+            ]
         )
 
     async def _gateway_bot(self, request: web.Request) -> web.Response:
@@ -90,14 +109,21 @@ class FakeDiscordEdge:
             {
                 "url": f"ws://127.0.0.1:{self.port}/gateway",
                 "shards": 1,
-                "session_start_limit": {"total": 1000, "remaining": 1000, "reset_after": 0, "max_concurrency": 1},
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 1000,
+                    "reset_after": 0,
+                    "max_concurrency": 1,
+                },
             }
         )
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 45_000}, "s": None, "t": None}))
+        await ws.send_str(
+            json.dumps({"op": 10, "d": {"heartbeat_interval": 45_000}, "s": None, "t": None})
+        )
         async for message in ws:
             if message.type != WSMsgType.TEXT:
                 continue

@@ -175,7 +175,9 @@ class FakeOpenAI:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
         app.router.add_post("/openai/deployments/{deployment}/embeddings", self._azure_embeddings)
-        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None)
+        self._runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None
+        )
         await self._runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -304,7 +306,9 @@ class FakeOpenAI:
             timer.cancel()
             self._sleepers.discard(waiter)
 
-    async def _receive(self, request: web.Request, model: str | None = None) -> tuple[FakeRequest | None, web.Response | None]:
+    async def _receive(
+        self, request: web.Request, model: str | None = None
+    ) -> tuple[FakeRequest | None, web.Response | None]:
         """Record the request; return an error response when one is due."""
         try:
             body = await request.json()
@@ -312,7 +316,9 @@ class FakeOpenAI:
             return None, _error(400, "We could not parse the JSON body of your request.", None)
         if not isinstance(body, dict):
             return None, _error(400, "The request body must be a JSON object.", None)
-        headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS}
+        headers = {
+            k.lower(): v for k, v in request.headers.items() if k.lower() not in _SECRET_HEADERS
+        }
         recorded = FakeRequest(
             path=request.path,
             model=model or body.get("model"),
@@ -331,7 +337,9 @@ class FakeOpenAI:
             await self._wait(hang)
         failure: _Failure | None = self._pop(self._failures)
         if failure is not None:
-            return recorded, _error(failure.status, failure.message, failure.code, failure.retry_after)
+            return recorded, _error(
+                failure.status, failure.message, failure.code, failure.retry_after
+            )
         return recorded, None
 
     # -- handlers -----------------------------------------------------------------------------
@@ -354,7 +362,10 @@ class FakeOpenAI:
         denied = self._check_key(request)
         if denied is not None:
             return denied
-        data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in self.models]
+        data = [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"}
+            for m in self.models
+        ]
         return web.json_response({"object": "list", "data": data})
 
     async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
@@ -424,7 +435,9 @@ class FakeOpenAI:
                 }
             )
         include_usage = bool((recorded.body.get("stream_options") or {}).get("include_usage"))
-        return await self._stream(request, completion_id, created, name, text, finish_reason, usage, include_usage)
+        return await self._stream(
+            request, completion_id, created, name, text, finish_reason, usage, include_usage
+        )
 
     async def _stream(
         self,
@@ -439,7 +452,10 @@ class FakeOpenAI:
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=200,
-            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"},
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+            },
         )
         await response.prepare(request)
 
@@ -450,7 +466,9 @@ class FakeOpenAI:
                 "created": created,
                 "model": model,
                 "system_fingerprint": "fp_fake",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                if choices
+                else [],
             }
             if include_usage:
                 payload["usage"] = None
@@ -494,7 +512,11 @@ class FakeOpenAI:
         raw = recorded.body.get("input")
         if raw is None:
             return _error(400, "'input' is a required property", None)
-        items: list[Any] = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)) else list(raw)
+        items: list[Any] = (
+            [raw]
+            if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int))
+            else list(raw)
+        )
         dim = int(recorded.body.get("dimensions") or self.embedding_dim)
         as_base64 = recorded.body.get("encoding_format") == "base64"
         data = []
@@ -562,8 +584,12 @@ def _presented_key(request: web.Request) -> str:
     return request.headers.get("api-key", "").strip()
 
 
-def _error(status: int, message: str, code: str | None, retry_after: float | None = None) -> web.Response:
-    error_type = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+def _error(
+    status: int, message: str, code: str | None, retry_after: float | None = None
+) -> web.Response:
+    error_type = _ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
     headers = {}
     if retry_after is not None:
         headers["retry-after"] = str(retry_after)
@@ -573,7 +599,9 @@ def _error(status: int, message: str, code: str | None, retry_after: float | Non
 
 
 async def _serve(port: int, latency: float, token_delay: float) -> None:
-    async with FakeOpenAI(port=port, latency=latency, token_delay=token_delay, record=False) as fake:
+    async with FakeOpenAI(
+        port=port, latency=latency, token_delay=token_delay, record=False
+    ) as fake:
         # What exists now lives until exit: keep it out of full collections (as the bot does).
         gc.collect()
         gc.freeze()
@@ -583,10 +611,14 @@ async def _serve(port: int, latency: float, token_delay: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve a fake OpenAI API until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m tests.fakes.openai_server", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.openai_server", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before the first byte")
-    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument(
+        "--token-delay", type=float, default=0.0, help="seconds between streamed chunks"
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(args.port, args.latency, args.token_delay))
