@@ -43,6 +43,11 @@ _OPENAI_ROLES = {
 }
 
 
+def openai_role(message: BaseMessage) -> str:
+    """A LangChain message's role as OpenAI names it ("human" is "user", "ai" is "assistant")."""
+    return _OPENAI_ROLES.get(message.type, message.type)
+
+
 def create_chat_chain(model: BaseChatModel) -> Runnable[list[BaseMessage], BaseMessage]:
     """A chain taking the messages to send whose `astream` yields the model's AIMessageChunks.
 
@@ -103,7 +108,7 @@ def messages_to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     result: list[dict[str, Any]] = []
     for message in messages:
         entry: dict[str, Any] = {
-            "role": _OPENAI_ROLES.get(message.type, message.type),
+            "role": openai_role(message),
             "content": message.content,
         }
         if message.name:

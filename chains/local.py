@@ -36,10 +36,6 @@ from chains.gguf import (
     GGUFCorrupt,
     GGUFError,
     GGUFInfo,
-    GGUFMissing,
-    ModelTooLarge,
-    NotGGUF,
-    bundled_models,
     check_memory,
     read_gguf_info,
     resolve_gguf,
@@ -47,22 +43,14 @@ from chains.gguf import (
 from core.errors import ConfigError, UserError
 
 __all__ = [
-    "GGUFCorrupt",
-    "GGUFError",
-    "GGUFInfo",
-    "GGUFMissing",
     "LocalServerDied",
     "LocalServerError",
     "LocalServers",
-    "ModelTooLarge",
-    "NotGGUF",
     "PortInUse",
-    "bundled_models",
     "default_context_size",
     "default_threads",
     "gguf_spec",
     "local_http_client",
-    "resolve_gguf",
     "validate_gguf",
 ]
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import BaseMessage
 
+from chains.chat import openai_role
 from chains.failures import ContextTooLong
 
 if TYPE_CHECKING:
@@ -28,14 +29,6 @@ REPLY_PRIMER = 3
 DEFAULT_REPLY_TOKENS = 1024
 # cl100k undercounts some other tokenizers (Llama, Qwen) by up to ~10%; leave that much room.
 FOREIGN_TOKENIZER_MARGIN = 0.9
-
-_ROLES = {
-    "system": "system",
-    "human": "user",
-    "ai": "assistant",
-    "tool": "tool",
-    "function": "function",
-}
 
 
 class TokenCounter:
@@ -140,7 +133,7 @@ def prompt_budget(spec: ModelSpec) -> int:
 def _parts(message: BaseMessage | Mapping[str, Any]) -> tuple[str, str, str | None]:
     """(role, text, name) of a LangChain message or an OpenAI-style dict."""
     if isinstance(message, BaseMessage):
-        return _ROLES.get(message.type, message.type), content_text(message.content), message.name
+        return openai_role(message), content_text(message.content), message.name
     return str(message.get("role", "")), content_text(message.get("content")), message.get("name")
 
 

@@ -20,7 +20,7 @@ import pytest
 from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
 
-from chains.gguf import GGUFCorrupt
+from chains.gguf import GGUFCorrupt, resolve_gguf
 from chains.local import (
     LocalServerDied,
     LocalServerError,
@@ -29,7 +29,6 @@ from chains.local import (
     _Launch,
     _start_server,
     local_http_client,
-    resolve_gguf,
     validate_gguf,
 )
 from chains.registry import ModelSpec
