@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -34,6 +34,10 @@ from store.db import create_engine, create_session_factory
 from store.exchange_log import ExchangeLog
 from store.writer import LogWriter
 
+if TYPE_CHECKING:  # imported when used: they bring llama.cpp's and Chroma's machinery
+    from chains.local import LocalServers
+    from knowledge.base import KnowledgeBase
+
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +51,8 @@ class App:
     writer: LogWriter
     registry: ModelRegistry
     service: ChatService
-    local: Any  # chains.local.LocalServers
-    knowledge: Any | None  # knowledge.base.KnowledgeBase
+    local: LocalServers
+    knowledge: KnowledgeBase | None
 
 
 def client_config(settings: Settings) -> ClientConfig:
@@ -100,7 +104,7 @@ def freeze_long_lived_heap() -> None:
 
 @asynccontextmanager
 async def open_app(
-    settings: Settings, *, knowledge: bool | Any = True, migrate: bool = True
+    settings: Settings, *, knowledge: bool | KnowledgeBase = True, migrate: bool = True
 ) -> AsyncIterator[App]:
     """Open everything Switchboard needs; close it all on exit, even after an error.
 
