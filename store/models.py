@@ -193,6 +193,9 @@ class Message(Base):
     # core.exchange.MESSAGE_KINDS; the answer a conversation continues from is "answer".
     kind: Mapped[str] = mapped_column(String(16), default=_kind_default)
     content: Mapped[str] = mapped_column(Text)
+    # True when the text as it arrived could not be stored as it was (a NUL byte, a lone
+    # surrogate) and was cleaned first; `content` is what the model saw (core.text.clean).
+    cleaned: Mapped[bool | None] = mapped_column(Boolean)
     author_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     author_name: Mapped[str | None] = mapped_column(String(200))
     # Indexed, like created_at and model_name: the export filters on them.

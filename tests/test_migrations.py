@@ -379,7 +379,6 @@ async def test_0002_backfills_and_downgrades_keeping_the_data(empty_database_url
     await upgrade_database(url, "0002")
     assert await kinds_and_inputs(url) == (EXPECTED_KINDS, EXPECTED_INPUTS)
     assert (await parent_ondelete(url) or "").upper() == "CASCADE"
-    assert await differences(url, Base.metadata) == []
 
     await downgrade_database(url, "0001")
     assert await v1_snapshot(url) == before
@@ -397,6 +396,35 @@ async def test_0002_backfills_and_downgrades_keeping_the_data(empty_database_url
     await upgrade_database(url)
     assert await kinds_and_inputs(url) == (EXPECTED_KINDS, EXPECTED_INPUTS)
     assert await v1_snapshot(url) == before
+    assert await differences(url, Base.metadata) == []
+
+
+async def message_columns(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as connection:
+            columns = await connection.run_sync(lambda sync: inspect(sync).get_columns("messages"))
+    finally:
+        await engine.dispose()
+    return {c["name"] for c in columns}
+
+
+async def test_0003_records_cleaned_text_and_downgrades_keeping_the_data(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0001")
+    await seed_v1(url)
+    before = await v1_snapshot(url)
+    await upgrade_database(url, "0003")
+    assert "cleaned" in await message_columns(url)
+    assert {row.cleaned for row in await fetch(url, select(Message.cleaned))} == {None}, (
+        "not known for old rows"
+    )
+    await downgrade_database(url, "0002")
+    assert "cleaned" not in await message_columns(url)
+    assert await v1_snapshot(url) == before
+    assert await kinds_and_inputs(url) == (EXPECTED_KINDS, EXPECTED_INPUTS)
 
 
 async def test_0002_deleting_a_prompt_deletes_what_derives_from_it(empty_database_url: str) -> None:
