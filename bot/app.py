@@ -127,9 +127,15 @@ async def open_app(
         await catalog.refresh()
         stack.push_async_callback(catalog.aclose)
 
-        writer = LogWriter(sessions, logger=logging.getLogger("switchboard.log_writer"))
+        # What cannot be written before a shutdown (the database is away) waits here.
+        unwritten = settings.data_dir / "unwritten"
+        writer = LogWriter(
+            sessions, spill_dir=unwritten, logger=logging.getLogger("switchboard.log_writer")
+        )
         await writer.start()
         stack.push_async_callback(writer.aclose)
+        exchange_log = ExchangeLog(writer)
+        exchange_log.replay_folder(unwritten)
 
         local = LocalServers(max_loaded=settings.max_local_models)
         stack.push_async_callback(local.aclose)
@@ -152,7 +158,7 @@ async def open_app(
             answerer=Answerer(models, TokenCounter()),
             conversations=ConversationIndex(sessions, writer),
             place_settings=PlaceSettings(sessions, registry),
-            exchange_log=ExchangeLog(writer),
+            exchange_log=exchange_log,
             writer=writer,
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,

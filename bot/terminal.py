@@ -182,6 +182,7 @@ def result_json(result: ChatResult) -> dict[str, Any]:
         "cost_usd": result.cost_usd,
         "fallback_from": result.fallback_from,
         "error": result.error,
+        "log_problem": result.log_problem,
         "sources": [
             {
                 "document": s.document,

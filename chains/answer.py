@@ -33,6 +33,7 @@ from chains.registry import ModelSpec
 from chains.tokens import TokenCounter, prompt_budget
 from core.errors import UserError
 from core.messages import FallbackUsed, ReplyDelta, Source, Usage
+from core.text import clean
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Attempt:
     latency_ms: float | None = None  # from `started` to the end of the stream
     error: str | None = None  # a message a person can act on; None when it answered
     fallback_ok: bool = True  # False when another model must not be asked the same thing
+    cleaned: bool = False  # the model wrote characters no database stores; they were cleaned
 
     @property
     def reply(self) -> str:
@@ -129,6 +131,9 @@ class Answerer:
                     )
                 piece = chunk.content if isinstance(chunk.content, str) else chunk.text
                 if piece:
+                    piece, changed = clean(piece)
+                    if changed:
+                        attempt.cleaned = True
                     if attempt.ttft_ms is None:
                         attempt.ttft_ms = (self.clock() - started) * 1000
                     attempt.text.append(piece)

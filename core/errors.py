@@ -30,6 +30,10 @@ class PermissionDenied(UserError):
     """The person may not do this here."""
 
 
+class StorageUnavailable(UserError):
+    """The database cannot be written (or read) right now; nothing was changed."""
+
+
 class NotFound(UserError):
     """A named thing (model, document, conversation) does not exist."""
 

@@ -55,6 +55,8 @@ class LoggedAnswer:
     ttft_ms: float | None = None
     cost_usd: float | None = None
     fallback_from: str | None = None
+    # The model's text had characters no database stores (see core.text.clean) and was cleaned.
+    cleaned: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +78,5 @@ class Exchange:
     discord_message_id: int | None = None
     # False when the prompt is already stored (another answer to it, such as a retry).
     new_prompt: bool = True
+    # The person's text had characters no database stores and was cleaned before it was sent.
+    prompt_cleaned: bool = False

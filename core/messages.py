@@ -115,6 +115,8 @@ class ChatResult:
     fallback_from: str | None = None
     error: str | None = None  # a user-facing message when no model could answer
     sources: tuple[Source, ...] = ()
+    # Set while the log cannot be written: the exchange is kept and written later.
+    log_problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,24 +9,33 @@ written by the next write, as one insert each of conversations, messages and inp
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.exchange import Exchange
+from core.exchange import Exchange, LoggedAnswer
+from core.messages import Place
+from core.text import clean_deep
+from store.db import failure_reason, is_outage, sqlstate
 from store.models import utcnow
 from store.repositories import MESSAGE_COLUMNS, ConversationRepository
-from store.writer import LogWriter, WriteOp
+from store.writer import LogWriter
 
 _TICK = timedelta(microseconds=1)
 # A message row with every column unset: rows built on it all have the same keys.
 _BLANK: dict[str, Any] = dict.fromkeys(MESSAGE_COLUMNS)
 
 
-def exchange_rows(
-    exchange: Exchange, at: datetime
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+_Rows = tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]
+
+
+def exchange_rows(exchange: Exchange, at: datetime) -> _Rows:
     """(conversation row, message rows, input rows) of one exchange; its messages from `at` on.
 
     Each message is 1 µs after the one before, so the rows keep their order.
@@ -58,6 +67,7 @@ def exchange_rows(
                 "role": "user",
                 "kind": "prompt",
                 "content": exchange.text,
+                "cleaned": exchange.prompt_cleaned,
                 "author_id": exchange.author_id,
                 "author_name": exchange.author_name,
                 "discord_message_id": exchange.discord_message_id,
@@ -76,6 +86,7 @@ def exchange_rows(
                 "role": "assistant",
                 "kind": answer.kind,
                 "content": answer.content,
+                "cleaned": answer.cleaned,
                 "created_at": at,
                 "model_name": answer.model_name,
                 "provider": answer.provider,
@@ -101,48 +112,263 @@ def exchange_rows(
     return conversation, messages, inputs
 
 
-class ExchangeLog:
-    """Collects exchanges and hands the LogWriter one write for all that are waiting."""
+def is_bad_data(exc: BaseException) -> bool:
+    """Whether a write failed because of what it writes (it would fail again as it is).
 
-    def __init__(self, writer: LogWriter) -> None:
+    Only data errors count: a value the database refuses (SQLSTATE class 22), a broken
+    constraint other than a foreign key (23), a value the driver cannot encode. Anything
+    else (the database away, read-only or restarting; a row it refers to not written
+    yet; an error not understood) is worth trying again later, so the writer keeps it.
+    """
+    if isinstance(exc, UnicodeError):  # some drivers raise it as it is, unwrapped
+        return True
+    code = sqlstate(exc)
+    if code is not None:
+        return code.startswith("22") or (code.startswith("23") and code != "23503")
+    if is_outage(exc):
+        return False
+    if isinstance(exc, IntegrityError):  # SQLite: CHECK, NOT NULL, UNIQUE; not FOREIGN KEY
+        return "foreign key" not in str(exc).lower()
+    if isinstance(exc, DBAPIError):
+        return isinstance(exc, DataError)
+    return isinstance(exc, StatementError)  # a value SQLAlchemy could not bind
+
+
+class ExchangeLog:
+    """Collects exchanges and hands the LogWriter one write for all that are waiting.
+
+    One exchange that cannot be stored as it is never takes the others with it: when the
+    write of all waiting exchanges fails for a reason in the data, each is written alone
+    (in a SAVEPOINT), and one that still fails is written with every text cleaned
+    (`core.text.clean_deep`, marked `cleaned`). An exchange that cannot be stored even
+    then is reported and left out; later exchanges that follow it are stored as the
+    start of a new line rather than lost with it. A write that fails because the
+    database is away is raised, so the writer keeps it and tries again, in order.
+    """
+
+    def __init__(self, writer: LogWriter, logger: logging.Logger | None = None) -> None:
         self.writer = writer
+        self.log = logger or logging.getLogger(__name__)
         self._waiting: list[tuple[Exchange, datetime]] = []
         # The time the next message may have: times only go forward, so the log keeps
         # the order exchanges finished in, even when the clock does not move between two.
         self._next_at = utcnow()
+        self._lost: set[str] = set()  # ids of messages that could not be stored at all
+        self.isolated = 0  # exchanges written alone after a batch failed on its data
+        self.cleaned = 0  # exchanges stored only once every text in them was cleaned
+        self.lost = 0  # exchanges that could not be stored at all
 
-    def add(self, exchange: Exchange, what: str | None = None) -> None:
-        """Log one exchange; `what` names it in the log writer's error messages."""
-        # Stamped now, when it finished, not when it is written: a retried or delayed
-        # write keeps the times, and with them the order.
-        at = max(utcnow(), self._next_at)
-        self._next_at = at + _TICK * (int(exchange.new_prompt) + len(exchange.answers) or 1)
+    def add(
+        self, exchange: Exchange, what: str | None = None, *, at: datetime | None = None
+    ) -> None:
+        """Log one exchange; `what` names it in the log writer's error messages.
+
+        `at` is when it finished (default: now); a replayed exchange keeps its own.
+        """
+        if at is None:
+            # Stamped now, when it finished, not when it is written: a retried or delayed
+            # write keeps the times, and with them the order.
+            at = max(utcnow(), self._next_at)
+            self._next_at = at + _TICK * (int(exchange.new_prompt) + len(exchange.answers) or 1)
         first = not self._waiting
         self._waiting.append((exchange, at))
         if first:
             # One write is queued for everything that arrives before it runs.
-            self.writer.submit(self._write_waiting(), what or f"log exchange {exchange.prompt_id}")
+            write = _Write(self)
+            self.writer.submit(
+                write, what or f"log exchange {exchange.prompt_id}", spill=write.spill
+            )
 
-    def _write_waiting(self) -> WriteOp:
-        taken: list[tuple[Exchange, datetime]] | None = None
+    def link_discord_messages(
+        self, message_id: str, conversation_id: str, discord_message_ids: list[int]
+    ) -> None:
+        """Record (in the background) that these Discord messages carry answer `message_id`."""
+        ids = list(discord_message_ids)
 
         async def write(session: AsyncSession) -> None:
-            nonlocal taken
-            if taken is None:
-                # Taken on the first attempt; a retry writes the same exchanges again.
-                taken, self._waiting = self._waiting, []
-            conversations: dict[str, dict[str, Any]] = {}
-            messages: list[dict[str, Any]] = []
-            inputs: list[dict[str, Any]] = []
-            for exchange, at in taken:
-                conversation, rows, links = exchange_rows(exchange, at)
-                # Sent with every exchange (an insert that skips stored rows), so the log
-                # never depends on knowing whether an earlier write got through.
-                conversations.setdefault(conversation["id"], conversation)
-                messages += rows
-                inputs += links
-            repo = ConversationRepository(session)
-            await repo.ensure(conversations.values())
-            await repo.insert_rows(messages, inputs)
+            if message_id in self._lost:
+                return  # its exchange could not be stored: there is nothing to link to
+            await ConversationRepository(session).link_discord_messages(
+                message_id, conversation_id, ids
+            )
 
-        return write
+        def spill() -> list[dict[str, Any]]:
+            return [
+                {
+                    "kind": "discord_links",
+                    "message_id": message_id,
+                    "conversation_id": conversation_id,
+                    "discord_message_ids": ids,
+                }
+            ]
+
+        self.writer.submit(write, f"link discord messages of {message_id}", spill=spill)
+
+    def replay_folder(self, folder: Path) -> int:
+        """Queue again every file a writer spilled into `folder` at shutdown; how many records.
+
+        Each file is removed once its records are queued: if they cannot be written now
+        either, the writer spills them again at the next shutdown.
+        """
+        count = 0
+        for path in sorted(folder.glob("unwritten-*.jsonl")) if folder.is_dir() else []:
+            try:
+                lines = path.read_text(encoding="utf-8").splitlines()
+                records = [json.loads(line) for line in lines if line.strip()]
+            except (OSError, ValueError) as exc:
+                self.log.error(
+                    "log: cannot read the unwritten records in %s (%s); left as it is", path, exc
+                )
+                continue
+            count += self.replay(records)
+            path.unlink(missing_ok=True)
+            self.log.warning(
+                "log: %d records kept at the last shutdown (%s) are being written",
+                len(records),
+                path.name,
+            )
+        return count
+
+    def replay(self, records: list[dict[str, Any]]) -> int:
+        """Queue again what a writer spilled at shutdown (`LogWriter.spill_dir`); how many records."""
+        count = 0
+        for record in records:
+            if record.get("kind") == "exchange":
+                self.add(
+                    exchange_from_json(record["exchange"]), at=datetime.fromisoformat(record["at"])
+                )
+            elif record.get("kind") == "discord_links":
+                self.link_discord_messages(
+                    record["message_id"], record["conversation_id"], record["discord_message_ids"]
+                )
+            else:
+                self.log.warning("log: skipping an unknown spilled record %r", record.get("kind"))
+                continue
+            count += 1
+        return count
+
+    def is_lost(self, message_id: str) -> bool:
+        """Whether this message belonged to an exchange that could not be stored at all."""
+        return message_id in self._lost
+
+    async def _write(self, session: AsyncSession, taken: list[tuple[Exchange, datetime]]) -> None:
+        rows = [exchange_rows(exchange, at) for exchange, at in taken]
+        try:
+            async with session.begin_nested():
+                await self._insert(session, rows)
+        except Exception as exc:
+            if not is_bad_data(exc):
+                raise
+            self.log.warning(
+                "log: %d exchanges failed together (%s); writing each alone",
+                len(rows),
+                failure_reason(exc),
+            )
+            for one in rows:
+                await self._insert_alone(session, one)
+
+    async def _insert(self, session: AsyncSession, rows: list[_Rows]) -> None:
+        conversations: dict[str, dict[str, Any]] = {}
+        messages: list[dict[str, Any]] = []
+        inputs: list[dict[str, Any]] = []
+        for conversation, message_rows, links in rows:
+            # Sent with every exchange (an insert that skips stored rows), so the log
+            # never depends on knowing whether an earlier write got through.
+            conversations.setdefault(conversation["id"], conversation)
+            messages += message_rows
+            inputs += links
+        if self._lost:
+            messages, inputs = self._without_lost(messages, inputs)
+        repo = ConversationRepository(session)
+        await repo.ensure(conversations.values())
+        await repo.insert_rows(messages, inputs)
+
+    async def _insert_alone(self, session: AsyncSession, rows: _Rows) -> None:
+        """Write one exchange in its own SAVEPOINT; cleaned if need be; else leave it out."""
+        self.isolated += 1
+        try:
+            async with session.begin_nested():
+                await self._insert(session, [rows])
+            return
+        except Exception as exc:
+            if not is_bad_data(exc):
+                raise
+            first = exc
+        conversation, messages, links = rows
+        cleaned = ([{**row, "cleaned": True} for row in clean_deep(messages)], clean_deep(links))
+        try:
+            async with session.begin_nested():
+                await self._insert(session, [(clean_deep(conversation), *cleaned)])
+        except Exception as exc:
+            if not is_bad_data(exc):
+                raise
+            self.lost += 1
+            self._lost.update(row["id"] for row in messages)
+            self.log.error(
+                "log: an exchange of conversation %s could not be stored (%s; cleaned: %s); "
+                "the exchanges after it start a new line",
+                conversation["id"],
+                failure_reason(first),
+                failure_reason(exc),
+            )
+        else:
+            self.cleaned += 1
+            self.log.warning(
+                "log: an exchange of conversation %s was stored with its text cleaned (%s)",
+                conversation["id"],
+                failure_reason(first),
+            )
+
+    def _without_lost(
+        self, messages: list[dict[str, Any]], inputs: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Rows that refer to a message that could not be stored: follow nothing, cite nothing."""
+        lost = self._lost
+        messages = [
+            {**row, "parent_id": None} if row["parent_id"] in lost else row for row in messages
+        ]
+        inputs = [link for link in inputs if link["input_id"] not in lost]
+        return messages, inputs
+
+
+class _Write:
+    """One write of the exchanges waiting when it first runs (a retry writes the same ones)."""
+
+    def __init__(self, log: ExchangeLog) -> None:
+        self._log = log
+        self._taken: list[tuple[Exchange, datetime]] | None = None
+
+    async def __call__(self, session: AsyncSession) -> None:
+        if self._taken is None:
+            self._taken, self._log._waiting = self._log._waiting, []
+        await self._log._write(session, self._taken)
+
+    def spill(self) -> list[dict[str, Any]]:
+        """The exchanges of this write as JSON-ready records (for a writer shutting down)."""
+        taken = self._log._waiting if self._taken is None else self._taken
+        return [
+            {"kind": "exchange", "at": at.isoformat(), "exchange": exchange_to_json(exchange)}
+            for exchange, at in taken
+        ]
+
+
+def exchange_to_json(exchange: Exchange) -> dict[str, Any]:
+    """An exchange as JSON-ready data."""
+    data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(exchange)))
+    return data
+
+
+def exchange_from_json(data: dict[str, Any]) -> Exchange:
+    """The exchange `exchange_to_json` made."""
+    answers = tuple(
+        LoggedAnswer(**{**answer, "input_ids": tuple(answer["input_ids"])})
+        for answer in data["answers"]
+    )
+    return Exchange(
+        **{
+            **data,
+            "place": Place(**data["place"]),
+            "answers": answers,
+            "source_ids": tuple(data["source_ids"]),
+        }
+    )

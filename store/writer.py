@@ -1,23 +1,42 @@
-"""A background writer for logs: a reply never waits on, or fails because of, its logging."""
+"""A background writer for logs: a reply never waits on, or fails because of, its logging.
+
+While the database cannot be written (gone, read-only, restarting), the writer keeps what
+it could not write and tries again; `problem` says why, and watchers hear when it starts
+and ends, so the adapters can tell people once. What is still unwritten at shutdown is
+spilled to a file by the ops that know how (`submit(..., spill=)`), to be written at the
+next start, instead of being lost.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from store.db import failure_reason
+
 WriteOp = Callable[[AsyncSession], Awaitable[None]]
+# What an op that could not be written hands over at shutdown: JSON-ready records.
+Spill = Callable[[], list[dict[str, Any]]]
+# Told the problem when writes start failing, and None when they get through again.
+Watcher = Callable[[str | None], None]
 
 
 @dataclass(slots=True)
 class _Job:
     op: WriteOp
     what: str
+    spill: Spill | None = None
 
 
 _STOP = object()
@@ -42,6 +61,7 @@ class LogWriter:
         max_batch: int = 100,
         retry_interval: float = 10.0,
         max_kept: int = 10_000,
+        spill_dir: Path | None = None,
         logger: logging.Logger | None = None,
     ) -> None:
         if retries < 0 or backoff < 0 or max_batch < 1:
@@ -66,20 +86,56 @@ class LogWriter:
         self._progress = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self.spill_dir = spill_dir
+        self.spilled: Path | None = None  # where unwritten ops went at shutdown, if any
+        self.problem: str | None = None  # why writes are failing now; None while they work
+        self._watchers: list[Watcher] = []
+
+    def watch(self, watcher: Watcher) -> Callable[[], None]:
+        """Call `watcher(problem)` when writes start failing, and `watcher(None)` once they
+        work again; returns what stops it."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher) if watcher in self._watchers else None
+
+    def _set_problem(self, problem: str | None) -> None:
+        if (problem is None) == (self.problem is None):
+            self.problem = problem
+            return
+        self.problem = problem
+        if problem is None:
+            self.log.warning(
+                "the log is being written again (%d kept writes recovered)", self.recovered
+            )
+        else:
+            self.log.warning(
+                "the log cannot be written (%s); replies go on, and what is not written is kept "
+                "and tried again every %.0f s",
+                problem,
+                self.retry_interval,
+            )
+        for watcher in list(self._watchers):
+            try:
+                watcher(problem)
+            except Exception:  # a watcher must never stop the writer
+                self.log.exception("log writer: a problem watcher failed")
 
     @property
     def pending(self) -> int:
         """Ops submitted but not yet written or given up on."""
         return self.submitted - self._processed
 
-    def submit(self, op: WriteOp, what: str) -> None:
-        """Queue a write; never blocks and never raises."""
+    def submit(self, op: WriteOp, what: str, *, spill: Spill | None = None) -> None:
+        """Queue a write; never blocks and never raises.
+
+        `spill` gives the op's content as JSON-ready records, should it still be unwritten
+        at shutdown (see `spill_dir`).
+        """
         if self._closed:
             self.failed += 1
             self.log.error("log write dropped, the writer is closed: %s", what)
             return
         self.submitted += 1
-        self._queue.put_nowait(_Job(op, what))
+        self._queue.put_nowait(_Job(op, what, spill))
 
     async def start(self) -> None:
         """Start the background task (idempotent)."""
@@ -117,15 +173,57 @@ class LogWriter:
         await self._task
         if self._kept:
             await self._retry_kept()
-        for job in self._kept:
+        self._spill_or_drop(list(self._kept))
+        self._kept.clear()
+
+    def _spill_or_drop(self, jobs: list[_Job]) -> None:
+        """At shutdown: what could not be written goes to a file if its op can say what it was."""
+        records: list[dict[str, Any]] = []
+        for job in jobs:
+            if job.spill is not None and self.spill_dir is not None:
+                try:
+                    records += job.spill()
+                    continue
+                except Exception:
+                    self.log.exception("log writer: could not spill %s", job.what)
             self.dropped += 1
             self.log.error("log write lost at shutdown after repeated failures: %s", job.what)
-        self._kept.clear()
+        if not records or self.spill_dir is None:
+            return
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        path = self.spill_dir / f"unwritten-{stamp}.jsonl"
+        try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8") as out:
+                for record in records:
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            self.dropped += len(records)
+            self.log.error(
+                "log writes lost at shutdown: they could not be kept in %s either (%s)", path, exc
+            )
+            return
+        self.spilled = path
+        self.log.warning(
+            "%d log records could not be written before shutdown; kept in %s and written at the next start",
+            len(records),
+            path,
+        )
 
     async def _run(self) -> None:
         """Take ops off the queue; whatever queued up meanwhile goes in one transaction."""
         while True:
-            job = await self._queue.get()
+            if self._kept and self._queue.empty():
+                # Nothing new to write: try the kept writes again when it is time.
+                wait = max(0.0, self._last_retry + self.retry_interval - time.monotonic())
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), wait)
+                except TimeoutError:
+                    with contextlib.suppress(Exception):
+                        await self._retry_kept()
+                    continue
+            else:
+                job = await self._queue.get()
             if job is _STOP:
                 return
             batch: list[_Job] = [job]  # type: ignore[list-item]
@@ -181,6 +279,7 @@ class LogWriter:
                         exc_info=exc,
                     )
                     self._keep(job)
+                    self._set_problem(failure_reason(exc))
                     return
                 await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
             else:
@@ -208,6 +307,7 @@ class LogWriter:
             self._kept.popleft()
             self.recovered += 1
             self.log.info("log write recovered: %s", job.what)
+        self._set_problem(None)
 
     @property
     def kept(self) -> int:

@@ -368,3 +368,45 @@ async def test_a_person_over_the_message_limit_is_told_once_then_skipped_until_t
     await world.env.advance_time(61)
     await world.alice.send(world.channel, f"{mention} question 5")
     assert bot_messages(world)[-1].content == "Echo: question 5"
+
+
+async def test_the_bots_owner_is_told_once_when_the_log_cannot_be_written_and_once_when_it_can(
+    world: World, chat_app: App, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    import shutil
+    from types import SimpleNamespace
+
+    from store.db import sqlite_file
+    from tests.test_service_outage import backup, delete, quick_retries
+
+    # simcord makes the bot its own application's owner: let the admin own it instead.
+    owner = await world.bot.fetch_user(world.admin.id)
+
+    async def application_info() -> SimpleNamespace:
+        return SimpleNamespace(owner=owner, team=None)
+
+    monkeypatch.setattr(world.bot, "application_info", application_info)
+    quick_retries(chat_app)
+    db = sqlite_file(chat_app.settings.sqlalchemy_url)
+    assert db is not None
+    mention = world.bot.user.mention
+    await world.alice.send(world.channel, f"{mention} before")
+    await chat_app.writer.drain()
+    backup(db, tmp_path / "backup.db")
+
+    delete(db)  # the database goes away
+    for n in range(3):
+        await world.alice.send(world.channel, f"{mention} during {n}")
+        await chat_app.writer.drain()
+        await world.env.advance_time(1)
+    assert [m.content for m in bot_messages(world)][1:] == [f"Echo: during {n}" for n in range(3)]
+    told = [m.content for m in world.admin.user.dm_channel.history()]
+    assert len(told) == 1 and "Not saved yet: the database cannot be written" in told[0]
+
+    shutil.copy(tmp_path / "backup.db", db)  # and comes back
+    await world.alice.send(world.channel, f"{mention} after")
+    await chat_app.writer.drain()
+    await world.env.advance_time(1)
+    told = [m.content for m in world.admin.user.dm_channel.history()]
+    assert len(told) == 2 and "being written again" in told[1]
+    assert world.alice.user.dm_channel.history() == [], "members are not told"

@@ -206,3 +206,93 @@ async def test_a_retried_write_writes_the_same_rows(any_session_factory: Session
     async with any_session_factory() as session:
         assert len(await ConversationRepository(session).messages(later.conversation_id)) == 2
         assert len((await session.scalars(select(Message))).all()) == 4
+
+
+async def logged(sessions: Sessions, *exchanges: Exchange) -> tuple[LogWriter, ExchangeLog]:
+    writer = LogWriter(sessions)
+    exchange_log = ExchangeLog(writer)
+    for item in exchanges:
+        exchange_log.add(item)
+    async with writer:
+        await writer.drain(timeout=60)
+    return writer, exchange_log
+
+
+async def test_text_no_database_stores_fails_alone_and_is_stored_cleaned(
+    any_session_factory: Sessions,
+) -> None:
+    # NUL bytes (PostgreSQL refuses them) and a lone surrogate (no UTF-8 encoder takes it),
+    # as if something had reached the log without passing the service's cleaning.
+    before, after = exchange(text="before"), exchange(text="after")
+    odd_prompt = new_id()
+    odd = exchange(
+        prompt_id=odd_prompt,
+        text="nul\x00 and \udcff here",
+        answers=(logged_answer(content="echo \x00", input_ids=(odd_prompt,)),),
+    )
+    writer, exchange_log = await logged(any_session_factory, before, odd, after)
+    assert writer.failed == 0 and exchange_log.isolated == 3 and exchange_log.cleaned == 1
+    async with any_session_factory() as session:
+        repo = ConversationRepository(session)
+        for good in (before, after):
+            [prompt, answer] = await repo.messages(good.conversation_id)
+            assert prompt.content == good.text and not prompt.cleaned and not answer.cleaned
+        [prompt, answer] = await repo.messages(odd.conversation_id)
+    assert prompt.content == "nul and \ufffd here" and prompt.cleaned
+    assert answer.content == "echo " and answer.cleaned
+    assert await inputs_of(any_session_factory, answer.id) == [odd_prompt]
+
+
+async def test_an_exchange_that_cannot_be_stored_never_takes_the_rest_of_its_conversation(
+    any_session_factory: Sessions,
+) -> None:
+    conversation = new_id()
+    first = exchange(conversation_id=conversation, text="first")
+    # Not storable even cleaned (it breaks the kind CHECK constraint): it is left out...
+    bad_prompt = new_id()
+    bad_answer = logged_answer(
+        kind="bogus", input_ids=(first.prompt_id, first.answers[0].id, bad_prompt)
+    )
+    bad = exchange(
+        conversation_id=conversation, prompt_id=bad_prompt, parent_id=first.answers[0].id,
+        text="second", answers=(bad_answer,),
+    )  # fmt: skip
+    # ...and the exchange that continues from it starts a new line instead of being lost too.
+    third_prompt = new_id()
+    third_answer = logged_answer(
+        input_ids=(first.prompt_id, bad_prompt, bad_answer.id, third_prompt)
+    )
+    third = exchange(
+        conversation_id=conversation, prompt_id=third_prompt, parent_id=bad_answer.id,
+        text="third", answers=(third_answer,),
+    )  # fmt: skip
+    writer, exchange_log = await logged(any_session_factory, first, bad, third)
+    assert writer.failed == 0 and exchange_log.lost == 1
+    assert exchange_log.is_lost(bad_answer.id) and not exchange_log.is_lost(third_answer.id)
+    async with any_session_factory() as session:
+        rows = await ConversationRepository(session).messages(conversation)
+    assert [row.content for row in rows] == ["first", "4", "third", "4"]
+    assert rows[2].parent_id is None
+    assert await inputs_of(any_session_factory, third_answer.id) == [first.prompt_id, third_prompt]
+
+    # Later writes that refer to it still go in.
+    later_prompt = new_id()
+    later = exchange(
+        conversation_id=conversation, prompt_id=later_prompt, parent_id=third_answer.id, text="fourth",
+        answers=(logged_answer(input_ids=(third_prompt, third_answer.id, later_prompt)),),
+    )  # fmt: skip
+    writer = LogWriter(any_session_factory)
+    exchange_log.writer = writer
+    exchange_log.add(later)
+    async with writer:
+        await writer.drain(timeout=60)
+    async with any_session_factory() as session:
+        rows = await ConversationRepository(session).messages(conversation)
+    assert [row.content for row in rows][-2:] == ["fourth", "4"] and rows[
+        -2
+    ].parent_id == third_answer.id
+
+
+async def inputs_of(sessions: Sessions, answer_id: str) -> list[str]:
+    async with sessions() as session:
+        return await ConversationRepository(session).inputs_of(answer_id)

@@ -67,9 +67,12 @@ class SwitchboardBot(commands.AutoShardedBot):
         self.sync_commands = sync_commands
         self.clock = clock
         self.sleep = sleep
+        self._notices: set[asyncio.Task[None]] = set()
+        self._unwatch_log: Callable[[], None] | None = None
 
     async def setup_hook(self) -> None:
-        """Add the cogs and publish the slash commands."""
+        """Add the cogs, publish the slash commands, and watch the log for the operators."""
+        self._unwatch_log = self.service.watch_log(self._log_changed)
         chat = ChatCog(self, self.service, clock=self.clock, sleep=self.sleep)
         await self.add_cog(chat)
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
@@ -80,8 +83,40 @@ class SwitchboardBot(commands.AutoShardedBot):
             synced = await self.tree.sync()
             log.info("synced %d slash commands", len(synced))
 
+    def _log_changed(self, problem: str | None) -> None:
+        """The log stopped (or resumed) being written: the bot's owners hear it once, by DM."""
+        if problem is None:
+            note = "✅ Switchboard's log is being written again; what was kept meanwhile is saved."
+        else:
+            note = f"⚠️ Switchboard: {problem} Replies go on meanwhile."
+        task = self.loop.create_task(self._tell_owners(note))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    async def _tell_owners(self, note: str) -> None:
+        try:
+            info = await self.application_info()
+        except discord.HTTPException:
+            log.warning("could not look up the bot's owners to tell them: %s", note)
+            return
+        owners = [member for member in info.team.members] if info.team else [info.owner]
+        for owner in owners:
+            if self.user is not None and owner.id == self.user.id:
+                continue
+            try:
+                await owner.send(note, allowed_mentions=discord.AllowedMentions.none())
+            except discord.HTTPException:
+                log.warning("could not tell %s by DM: %s", owner, note)
+
     async def on_message(self, message: discord.Message) -> None:
         """Text commands are off; the chat cog's listener handles messages."""
+
+    async def close(self) -> None:
+        """Stop watching the log, then close as discord.py does."""
+        if self._unwatch_log is not None:
+            self._unwatch_log()
+            self._unwatch_log = None
+        await super().close()
 
     async def on_ready(self) -> None:
         """Say in the log who the bot is and where."""

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Protocol
 
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.service.conversations import ConversationIndex, Turn
 from bot.service.limits import Admission, PersonLimit
@@ -46,8 +45,8 @@ from core.messages import (
     Scope,
     Source,
 )
+from core.text import clean
 from store.exchange_log import ExchangeLog
-from store.repositories import ConversationRepository
 from store.writer import LogWriter
 
 log = logging.getLogger(__name__)
@@ -73,6 +72,8 @@ class _Asked:
     history: list[Turn]
     prompt_id: str
     answer_id: str
+    question: str  # the person's text as the model is sent it
+    cleaned: bool  # it had to be cleaned (core.text.clean)
     system_prompt: str
     sources: list[Source]
     started: float
@@ -113,7 +114,9 @@ class ChatService:
     async def stream(self, request: ChatRequest) -> AsyncIterator[ChatEvent]:
         """Answer `request`, yielding the reply as it is written; logs the exchange."""
         started = self.clock()
-        text = request.text.strip()
+        # Cleaned once, here: what the model is sent is what the log stores.
+        text, cleaned = clean(request.text)
+        text = text.strip()
         if not text:
             raise UserError("There is nothing to answer: the message is empty.")
         settings = await self.place_settings.effective(request.place)
@@ -130,6 +133,8 @@ class ChatService:
             history=history,
             prompt_id=uuid.uuid4().hex,
             answer_id=uuid.uuid4().hex,
+            question=text,
+            cleaned=cleaned,
             system_prompt=settings.system_prompt.value,
             sources=sources,
             started=started,
@@ -205,6 +210,7 @@ class ChatService:
                     ttft_ms=attempt.ttft_ms,
                     cost_usd=cost if is_final else None,
                     fallback_from=fallback_from if is_final else None,
+                    cleaned=attempt.cleaned,
                 )
             )
         request = asked.request
@@ -216,8 +222,9 @@ class ChatService:
                 prompt_id=asked.prompt_id,
                 parent_id=asked.leaf_id,
                 author_id=request.author.id,
-                author_name=request.author.name,
-                text=request.text,
+                author_name=clean(request.author.name)[0],
+                text=asked.question,
+                prompt_cleaned=asked.cleaned,
                 system_prompt=asked.system_prompt,
                 answers=tuple(answers),
                 source_ids=tuple(s.chunk_id for s in asked.sources),
@@ -227,7 +234,7 @@ class ChatService:
         reply = final.reply
         self.conversations.remember(
             asked.conversation_id,
-            Turn(asked.prompt_id, asked.conversation_id, "user", request.text, asked.leaf_id),
+            Turn(asked.prompt_id, asked.conversation_id, "user", asked.question, asked.leaf_id),
             Turn(asked.answer_id, asked.conversation_id, "assistant", reply, asked.prompt_id),
         )
         return ChatResult(
@@ -242,6 +249,7 @@ class ChatService:
             fallback_from=fallback_from,
             error=None if ok else final.error,
             sources=tuple(asked.sources),
+            log_problem=self.log_problem,
         )
 
     async def _retrieve(
@@ -258,6 +266,24 @@ class ChatService:
             log.exception("knowledge retrieval failed for guild %s", request.place.guild_id)
             return []
 
+    @property
+    def log_problem(self) -> str | None:
+        """Why the log cannot be written right now, in a line a person can read; None when it can."""
+        problem = self.writer.problem
+        if problem is None:
+            return None
+        return (
+            f"Not saved yet: the database cannot be written ({problem}). The bot keeps this "
+            "exchange and writes it when the database is back."
+        )
+
+    def watch_log(self, watcher: Callable[[str | None], None]) -> Callable[[], None]:
+        """Call `watcher(line)` when the log stops being written, and `watcher(None)` when it
+        resumes; returns what stops it."""
+        return self.writer.watch(
+            lambda problem: watcher(None if problem is None else self.log_problem)
+        )
+
     # ------------------------------------------------------ conversations
 
     async def link_discord_messages(
@@ -266,13 +292,7 @@ class ChatService:
         """Record that `discord_message_ids` carry answer `message_id`, so replies continue it."""
         ids = list(discord_message_ids)
         self.conversations.link_carriers(message_id, conversation_id, ids)
-
-        async def write(session: AsyncSession) -> None:
-            await ConversationRepository(session).link_discord_messages(
-                message_id, conversation_id, ids
-            )
-
-        self.writer.submit(write, f"link discord messages of {message_id}")
+        self.exchange_log.link_discord_messages(message_id, conversation_id, ids)
 
     async def is_conversation_message(self, discord_message_id: int) -> bool:
         """Whether this Discord message is part of one of our answers."""
@@ -370,7 +390,7 @@ class ChatService:
         self, place: Place, scope: Scope, text: str, actor: Author
     ) -> SettingChange:
         """Set the system prompt for `scope`."""
-        text = text.strip()
+        text = clean(text)[0].strip()
         if not text:
             raise UserError(
                 "The system prompt is empty. To go back to the default, use `/system reset`."

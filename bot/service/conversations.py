@@ -20,6 +20,7 @@ once this one's cache misses.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,8 +29,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.cache import LRU, MISS, Miss
 from core.messages import ChatRequest
+from store.db import failure_reason, is_outage
 from store.repositories import ConversationRepository
 from store.writer import LogWriter
+
+log = logging.getLogger(__name__)
 
 # Recent turns kept in memory so a busy conversation never waits on the log writer.
 TURN_CACHE_SIZE = 50_000
@@ -96,12 +100,20 @@ class ConversationIndex:
             return Located(cached, await self._leaf_of(cached))
         conversation = None
         if cached is None:
-            async with self.sessions() as session:
-                repo = ConversationRepository(session)
-                if place.thread_id is not None:
-                    conversation = await repo.latest_for_thread(place.thread_id)
-                else:
-                    conversation = await repo.latest_for_dm(place.channel_id)
+            try:
+                async with self.sessions() as session:
+                    repo = ConversationRepository(session)
+                    if place.thread_id is not None:
+                        conversation = await repo.latest_for_thread(place.thread_id)
+                    else:
+                        conversation = await repo.latest_for_dm(place.channel_id)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning(
+                    "conversation lookup failed (%s); starting a new one", failure_reason(exc)
+                )
+                return Located(uuid.uuid4().hex, None)
         if conversation is None:
             conversation_id = uuid.uuid4().hex
             self._running.put(running_key, conversation_id)
@@ -130,8 +142,17 @@ class ConversationIndex:
             turns.append(turn)
             cursor = turn.parent_id
         if cursor is not None:
-            async with self.sessions() as session:
-                rows = await ConversationRepository(session).lineage(cursor, limit)
+            try:
+                async with self.sessions() as session:
+                    rows = await ConversationRepository(session).lineage(cursor, limit)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning(
+                    "history could not be read (%s); answering with what is in memory",
+                    failure_reason(exc),
+                )
+                rows = []
             for row in reversed(rows):
                 turns.append(
                     Turn(row.id, row.conversation_id, row.role, row.content, row.parent_id)
@@ -162,8 +183,16 @@ class ConversationIndex:
         found = self._carriers.get(discord_message_id)
         if found is not None:
             return None if found is MISS else found
-        async with self.sessions() as session:
-            row = await ConversationRepository(session).find_by_discord_message(discord_message_id)
+        try:
+            async with self.sessions() as session:
+                row = await ConversationRepository(session).find_by_discord_message(
+                    discord_message_id
+                )
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("answer lookup failed (%s)", failure_reason(exc))
+            return None  # not remembered: the next lookup asks again
         located = Located(row[0], row[1]) if row is not None else None
         # Remember misses too: every reply between two people asks. link_carriers replaces them.
         self._carriers.put(discord_message_id, located if located is not None else MISS)
@@ -174,8 +203,14 @@ class ConversationIndex:
         cached = self._running.get(thread_id)
         if cached is not None:
             return cached is not MISS
-        async with self.sessions() as session:
-            conversation = await ConversationRepository(session).latest_for_thread(thread_id)
+        try:
+            async with self.sessions() as session:
+                conversation = await ConversationRepository(session).latest_for_thread(thread_id)
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("thread lookup failed (%s)", failure_reason(exc))
+            return False  # not remembered: the next message asks again
         if conversation is not None:
             self._running.put(thread_id, conversation.id)
             self._stored.put(conversation.id, True)

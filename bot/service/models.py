@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from chains.registry import Lineage, ModelRegistry, ModelSpec
-from core.errors import ConfigError, NotFound
+from core.errors import ConfigError, NotFound, StorageUnavailable
+from store.db import failure_reason, is_outage
 from store.repositories import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,12 @@ class ModelCatalog:
         """The model called `name`; one registered elsewhere moments ago is found too."""
         self.keep_fresh()
         if name not in self.registry:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                log.warning("could not look for newly registered models (%s)", failure_reason(exc))
         return self.registry.get(name)
 
     def all(self) -> list[ModelSpec]:
@@ -110,12 +116,17 @@ class ModelCatalog:
         try:
             async with self.sessions() as session, session.begin():
                 await ModelRepository(session).add(spec.name, stored, created_by=created_by)
-        except BaseException:
+        except BaseException as exc:
             # Not stored: this process must not offer it either.
             if previous is None:
                 self.registry.remove(spec.name)
             else:
                 self.registry.add(previous)
+            if isinstance(exc, Exception) and is_outage(exc):
+                raise StorageUnavailable(
+                    f"`{spec.name}` could not be registered: the database cannot be written right now "
+                    f"({failure_reason(exc)}). Try again in a moment."
+                ) from exc
             raise
         return spec
 

@@ -11,6 +11,7 @@ in one query. Each change is written with its change record in one transaction.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,9 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from chains.chat import DEFAULT_SYSTEM_PROMPT
 from chains.registry import ModelRegistry
 from core.cache import LRU
-from core.errors import UserError
+from core.errors import StorageUnavailable, UserError
 from core.messages import Author, Place, Scope, scope_word
+from store.db import failure_reason, is_outage
 from store.repositories import SettingsRepository
+
+log = logging.getLogger(__name__)
 
 # Settings changed by another process (a second shard, the terminal) show up within this.
 SETTINGS_TTL_S = 30.0
@@ -109,16 +113,24 @@ class PlaceSettings:
         }.get(scope)
         if scope_id is None:
             raise UserError(f"There is no {scope_word(scope)} here to change settings for.")
-        async with self.sessions() as session, session.begin():
-            old = await SettingsRepository(session).set_field(
-                scope=scope,
-                scope_id=scope_id,
-                guild_id=place.guild_id,
-                field=_COLUMNS[name],
-                value=value,
-                actor_id=actor.id,
-                actor_name=actor.name,
-            )
+        try:
+            async with self.sessions() as session, session.begin():
+                old = await SettingsRepository(session).set_field(
+                    scope=scope,
+                    scope_id=scope_id,
+                    guild_id=place.guild_id,
+                    field=_COLUMNS[name],
+                    value=value,
+                    actor_id=actor.id,
+                    actor_name=actor.name,
+                )
+        except Exception as exc:
+            if is_outage(exc):
+                raise StorageUnavailable(
+                    f"The change could not be saved: the database cannot be written right now ({failure_reason(exc)}). "
+                    "Nothing was changed; try again in a moment."
+                ) from exc
+            raise
         # Every cached place under this scope may have changed, and so may reads in flight.
         self._cache.clear()
         self._reads.clear()
@@ -140,8 +152,16 @@ class PlaceSettings:
                     [(place.guild_id, place.channel_id, place.thread_id) for place, _ in batch]
                 )
         except Exception as exc:
+            if not is_outage(exc):
+                for place, future in batch:
+                    self._settle(place, future, exc)
+                return
+            # The database is away: answer with what was last read here (else the bot's
+            # defaults) rather than not at all; the next message reads again.
+            log.warning("settings could not be read (%s); using the last ones read", exc)
             for place, future in batch:
-                self._settle(place, future, exc)
+                stale = self._cache.get(place)
+                self._settle(place, future, stale[1] if stale else self._resolve(place, {}))
             return
         expires = time.monotonic() + SETTINGS_TTL_S
         for place, future in batch:
