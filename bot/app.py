@@ -5,14 +5,19 @@ writer, local model servers, model factory, knowledge base) and the service's pa
 CLI commands, the Discord bot, the benchmarks and the tests all go through it, so they
 run the same code. It is also the only place that reads `Settings`: the parts below it
 take small config objects (`chains.models.ClientConfig`, the knowledge base's config).
+
+It builds the one `core.redact.Redactor` too, told every secret the settings and the
+registry name (`secrets_redactor`), and hands it down: model failures, `models check`,
+embedding errors and, for as long as the app is open, every log record (a filter on the
+handlers of the root logger, which the CLI sets up) are scrubbed by it.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,8 +30,9 @@ from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
 from chains.answer import Answerer
 from chains.models import ClientConfig
-from chains.registry import ModelRegistry
+from chains.registry import ModelRegistry, ModelSpec
 from chains.tokens import TokenCounter
+from core.redact import RedactingFilter, Redactor
 from core.settings import Settings
 from knowledge.config import EmbeddingConfig, KnowledgeConfig
 from migrations import upgrade_database
@@ -53,18 +59,56 @@ class App:
     service: ChatService
     local: LocalServers
     knowledge: KnowledgeBase | None
+    redact: Redactor
 
 
-def client_config(settings: Settings) -> ClientConfig:
+def secrets_redactor(settings: Settings, specs: Iterable[ModelSpec] = ()) -> Redactor:
+    """A redactor told every secret value this process holds.
+
+    The keys in the variables the models' `api_key_env` name (those that are set), the
+    embedding key, DISCORD_TOKEN, and the passwords and secret query values inside the
+    database URL, the embeddings URL and every model's base_url.
+    """
+    redact = Redactor()
+    redact.add(settings.discord_token, settings.secret(settings.embedding_api_key_env))
+    redact.add_url(settings.database_url, settings.embedding_base_url)
+    add_model_secrets(redact, settings, specs)
+    return redact
+
+
+def add_model_secrets(redact: Redactor, settings: Settings, specs: Iterable[ModelSpec]) -> None:
+    """Tell `redact` the keys and base_url secrets of these models."""
+    for spec in specs:
+        if spec.api_key_env:
+            redact.add(settings.secret(spec.api_key_env))
+        redact.add_url(spec.base_url)
+
+
+@contextmanager
+def redacted_logs(redact: Redactor) -> Iterator[None]:
+    """Scrub every record the root logger's handlers (the CLI's) write, until the block ends."""
+    scrub = RedactingFilter(redact)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(scrub)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(scrub)
+
+
+def client_config(settings: Settings, redact: Redactor | None = None) -> ClientConfig:
     """How model clients behave, from the settings."""
     return ClientConfig(
         request_timeout=settings.request_timeout,
         max_retries=settings.max_retries,
         secret=settings.secret,
+        redact=redact if redact is not None else secrets_redactor(settings),
     )
 
 
-def knowledge_config(settings: Settings) -> KnowledgeConfig:
+def knowledge_config(settings: Settings, redact: Redactor | None = None) -> KnowledgeConfig:
     """The knowledge base's share of the settings (the API key read from the environment)."""
     embedding = EmbeddingConfig(
         provider=settings.embedding_provider,
@@ -73,6 +117,7 @@ def knowledge_config(settings: Settings) -> KnowledgeConfig:
         api_key=settings.secret(settings.embedding_api_key_env),
         api_key_env=settings.embedding_api_key_env,
         timeout=settings.request_timeout,
+        redact=redact if redact is not None else secrets_redactor(settings),
     )
     return KnowledgeConfig(
         chroma_path=settings.data_dir / "chroma",
@@ -116,9 +161,11 @@ async def open_app(
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.sqlalchemy_url
-    if migrate:
-        await upgrade_database(url)
     async with AsyncExitStack() as stack:
+        redact = secrets_redactor(settings)  # the models' secrets once the registry is read
+        stack.enter_context(redacted_logs(redact))  # left last: closing may log too
+        if migrate:
+            await upgrade_database(url)
         engine = create_engine(url)
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
@@ -126,6 +173,7 @@ async def open_app(
         catalog = ModelCatalog(registry, sessions)
         await catalog.refresh()
         stack.push_async_callback(catalog.aclose)
+        add_model_secrets(redact, settings, registry.all())
 
         # What cannot be written before a shutdown (the database is away) waits here.
         unwritten = settings.data_dir / "unwritten"
@@ -139,7 +187,7 @@ async def open_app(
 
         local = LocalServers(max_loaded=settings.max_local_models)
         stack.push_async_callback(local.aclose)
-        models = ChatModelFactory(client_config(settings), local)
+        models = ChatModelFactory(client_config(settings, redact), local)
         stack.push_async_callback(models.aclose)
 
         kb = None
@@ -147,7 +195,7 @@ async def open_app(
             from knowledge.base import KnowledgeBase
 
             # Chroma and torch load on first use, long after start-up: freeze them then.
-            kb = KnowledgeBase(knowledge_config(settings), on_loaded=freeze_long_lived_heap)
+            kb = KnowledgeBase(knowledge_config(settings, redact), on_loaded=freeze_long_lived_heap)
         elif knowledge:
             kb = knowledge
         if kb is not None:
@@ -163,4 +211,4 @@ async def open_app(
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )
-        yield App(settings, engine, sessions, writer, registry, service, local, kb)
+        yield App(settings, engine, sessions, writer, registry, service, local, kb, redact)

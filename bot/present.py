@@ -63,6 +63,15 @@ def price(spec: ModelSpec) -> str:
     return f"${spec.input_price:g} in / ${spec.output_price:g} out per 1M tokens"
 
 
+def endpoint(spec: ModelSpec) -> str:
+    """Where a remote model is reached, credentials in the URL masked; "" for local models."""
+    if spec.is_local:
+        return ""
+    if spec.provider == "openai" and not spec.base_url:
+        return "OpenAI"
+    return spec.public_base_url or ""
+
+
 def model_facts(spec: ModelSpec, default_model: str) -> ModelFacts:
     """The facts of one model that the model lists show."""
     return ModelFacts(

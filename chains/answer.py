@@ -142,12 +142,19 @@ class Answerer:
             raise
         except Exception as exc:  # every model failure becomes a message, never a traceback
             exc = await self._local_cause(spec, exc)
-            failure = classify_failure(exc, spec.name, spec.api_key_env)
+            # Scrubbed of every secret the app holds: this text is shown, logged and stored.
+            failure = classify_failure(exc, spec.name, spec.api_key_env, self.models.redact)
             attempt.error = failure.message
             attempt.fallback_ok = failure.fallback_ok
             if attempt.text:
                 attempt.error = f"{failure.message} The answer above was cut off."
-            log.warning("model %s failed: %s (%s)", spec.name, failure.kind, type(exc).__name__)
+            log.warning(
+                "model %s failed: %s (%s): %s",
+                spec.name,
+                failure.kind,
+                type(exc).__name__,
+                failure.message,
+            )
         finally:
             attempt.latency_ms = (self.clock() - started) * 1000
 

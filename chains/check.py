@@ -46,9 +46,10 @@ async def check_model(
                 usage = getattr(chunk, "usage_metadata", None) or usage
         latency_ms = (time.perf_counter() - started) * 1000
     except Exception as exc:  # every failure becomes a line in the report
-        failure = classify_failure(exc, spec.name, spec.api_key_env)
+        failure = classify_failure(exc, spec.name, spec.api_key_env, factory.redact)
         return CheckResult(spec.name, ok=False, latency_ms=None, detail=failure.message)
-    reply = " ".join(text.split())
+    # Some proxies answer 200 with an error text that repeats the key.
+    reply = factory.redact(" ".join(text.split()))
     shown = reply if len(reply) <= 40 else reply[:39] + "…"
     tokens = f", {usage['input_tokens']}+{usage['output_tokens']} tokens" if usage else ""
     return CheckResult(

@@ -2,8 +2,8 @@
 
 `classify_failure` turns whatever a model call raised (openai's exceptions, httpx
 errors, timeouts, our own UserErrors) into a `ModelFailure`: a kind, a short message
-that names the model and the cause (never a stack trace, never a key), and whether the
-fallback model should be tried.
+that names the model and the cause (never a stack trace, never a key: every message goes
+through the app's `core.redact.Redactor`), and whether the fallback model should be tried.
 
 Falling back: every kind may fall back except a request refused under the provider's
 content policy (asking another model the same thing would sidestep the refusal).
@@ -14,10 +14,9 @@ model id, a parameter one server does not accept).
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import aiohttp
@@ -26,6 +25,7 @@ import httpx2
 import openai
 
 from core.errors import ConfigError, UserError
+from core.redact import Redactor
 
 FailureKind = Literal[
     "rate_limited",
@@ -54,8 +54,7 @@ _CONTEXT_PHRASES = (
 _POLICY_CODES = frozenset(
     {"content_filter", "content_policy_violation", "responsibleaipolicyviolation"}
 )
-# Anything shaped like a key in a provider's message is cut out before a user sees it.
-_KEYLIKE = re.compile(r"\b(?:sk|pk|rk|key|api)[-_][A-Za-z0-9*_\-]{4,}|\b[A-Za-z0-9]{32,}\b")
+_DETAIL_CHARS = 200  # of a provider's own error message, quoted in ours
 
 
 class MissingApiKey(ConfigError):
@@ -88,16 +87,25 @@ class ModelFailure:
 
 
 def classify_failure(
-    exc: BaseException, model_name: str, api_key_env: str | None = None
+    exc: BaseException,
+    model_name: str,
+    api_key_env: str | None = None,
+    redact: Redactor | None = None,
 ) -> ModelFailure:
-    """Explain `exc`, raised while `model_name` was answering; `api_key_env` names its key variable."""
+    """Explain `exc`, raised while `model_name` was answering; `api_key_env` names its key variable.
+
+    The message is scrubbed by `redact` (the app's, which knows every secret it holds; by
+    default the pattern pass alone): it is shown, logged and stored as it is.
+    """
+    if redact is None:
+        redact = Redactor()
     for cause in _causes(exc):
-        failure = _classify_one(cause, model_name, api_key_env)
+        failure = _classify_one(cause, model_name, api_key_env, redact)
         if failure is not None:
-            return failure
+            return replace(failure, message=redact(failure.message))
     return ModelFailure(
         "unknown",
-        f"{model_name} failed unexpectedly ({type(exc).__name__}).",
+        redact(f"{model_name} failed unexpectedly ({type(exc).__name__})."),
         fallback_ok=True,
     )
 
@@ -112,7 +120,9 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFailure | None:
+def _classify_one(
+    exc: BaseException, name: str, key_env: str | None, redact: Redactor
+) -> ModelFailure | None:
     """One exception → a failure, or None when this type says nothing useful."""
     if isinstance(exc, MissingApiKey):
         return ModelFailure("bad_key", exc.message, fallback_ok=True)
@@ -121,7 +131,7 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
     if isinstance(exc, UserError):
         return ModelFailure("unknown", exc.message, fallback_ok=True)
     if isinstance(exc, openai.APIStatusError):
-        return _from_status(exc, name, key_env)
+        return _from_status(exc, name, key_env, redact)
     if isinstance(
         exc,
         openai.APITimeoutError | httpx.TimeoutException | httpx2.TimeoutException | TimeoutError,
@@ -133,7 +143,7 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
     if isinstance(exc, openai.APIConnectionError):
         # The SDK wraps the transport error; its cause says whether we never connected or lost it.
         for cause in _causes(exc)[1:]:
-            inner = _classify_one(cause, name, key_env)
+            inner = _classify_one(cause, name, key_env, redact)
             if inner is not None:
                 return inner
         return _unreachable(name, "connection failed", _url_of(exc))
@@ -159,10 +169,12 @@ def _classify_one(exc: BaseException, name: str, key_env: str | None) -> ModelFa
     return None
 
 
-def _from_status(exc: openai.APIStatusError, name: str, key_env: str | None) -> ModelFailure:
+def _from_status(
+    exc: openai.APIStatusError, name: str, key_env: str | None, redact: Redactor
+) -> ModelFailure:
     status = exc.status_code
     code = str(exc.code or "").lower() if hasattr(exc, "code") else ""
-    detail = _provider_detail(exc)
+    detail = _provider_detail(exc, redact)
     check = f"check {key_env}" if key_env else "check its API key"
     if status == 401:
         return ModelFailure(
@@ -285,8 +297,11 @@ def _url_of(exc: BaseException) -> str | None:
     return f"{url.scheme}://{url.host}{port}{url.path}"
 
 
-def _provider_detail(exc: openai.APIStatusError) -> str:
-    """The provider's own error message, shortened and with anything key-like removed."""
+def _provider_detail(exc: openai.APIStatusError, redact: Redactor) -> str:
+    """The provider's own error message, scrubbed of secrets, then shortened.
+
+    Scrubbed first: a key cut in two by the shortening would no longer be recognised.
+    """
     body = exc.body
     message = ""
     if isinstance(body, dict):
@@ -294,5 +309,5 @@ def _provider_detail(exc: openai.APIStatusError) -> str:
         message = str(inner.get("message", "")) if isinstance(inner, dict) else str(inner)
     elif isinstance(body, str):
         message = body
-    message = _KEYLIKE.sub("[redacted]", " ".join(message.split()))
-    return message[:200] + ("…" if len(message) > 200 else "")
+    message = redact(" ".join(message.split()))
+    return message[:_DETAIL_CHARS] + ("…" if len(message) > _DETAIL_CHARS else "")

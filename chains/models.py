@@ -14,7 +14,7 @@ vocabulary); `chains.tokens` counts offline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx2  # the openai SDK's own HTTP package: its client options are typed with it
@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from chains.failures import MissingApiKey
 from chains.registry import ModelSpec
 from core.errors import ConfigError
+from core.redact import Redactor
 
 if TYPE_CHECKING:
     from chains.local import LocalServers
@@ -105,6 +106,8 @@ class ClientConfig:
     max_retries: int = 2  # retries of a failed request before the caller's fallback answers
     # The value of an environment variable, by name (None when unset); keys are never stored.
     secret: Callable[[str], SecretStr | None] = lambda name: None
+    # Scrubs failure messages; it also learns each key and base URL a client is built with.
+    redact: Redactor = field(default_factory=Redactor)
 
 
 class ChatModelFactory:
@@ -115,6 +118,11 @@ class ChatModelFactory:
         self.local = local
         self._cache: dict[str, tuple[tuple[ModelSpec, str], BaseChatModel]] = {}
         self._http: openai.DefaultAioHttpClient | None = None
+
+    @property
+    def redact(self) -> Redactor:
+        """What scrubs secrets from the messages about these models' failures."""
+        return self.config.redact
 
     async def get(self, spec: ModelSpec) -> BaseChatModel:
         """The chat model for `spec` (starting its local server first if it is a llama.cpp model)."""
@@ -152,6 +160,7 @@ class ChatModelFactory:
             key = self.config.secret(spec.api_key_env)
             if key is None:
                 raise MissingApiKey(spec.name, spec.api_key_env)
+            self.config.redact.add(key)  # a model registered at run time may bring a new one
             return key
         if spec.provider in ("openai", "azure-openai"):
             raise MissingApiKey(
@@ -176,6 +185,7 @@ class ChatModelFactory:
         return self._http
 
     def _build(self, spec: ModelSpec, base_url: str) -> BaseChatModel:
+        self.config.redact.add_url(base_url)
         options: dict[str, Any] = {
             "model": spec.model,
             "api_key": self._api_key(spec),

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.errors import ConfigError, NotFound
+from core.redact import public_url
 
 Provider = Literal["openai", "azure-openai", "openai-compatible", "llama.cpp"]
 Origin = Literal["config", "database", "builtin"]
@@ -166,9 +167,16 @@ class ModelSpec(BaseModel):
             prompt_tokens * self.input_price + completion_tokens * self.output_price
         ) / 1_000_000
 
+    @property
+    def public_base_url(self) -> str | None:
+        """The base_url as it may be shown: a password, token or secret query value in it masked."""
+        return public_url(self.base_url) if self.base_url else None
+
     def to_public_dict(self) -> dict[str, Any]:
-        """Everything about the model that may be shown (the spec holds no secrets, only variable names)."""
-        return self.model_dump(mode="json")
+        """Everything about the model that may be shown: variable names, never keys, and the base_url masked."""
+        public = self.model_dump(mode="json")
+        public["base_url"] = self.public_base_url
+        return public
 
 
 class ModelRegistry:

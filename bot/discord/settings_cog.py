@@ -11,7 +11,7 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
 from bot.discord.respond import answering, send
-from bot.present import SOURCE_WORDS, change_line, context_size, price
+from bot.present import SOURCE_WORDS, change_line, context_size, endpoint, price
 from bot.service import ChatService
 from core.messages import Place, Scope
 
@@ -48,6 +48,8 @@ def model_embed(spec: ModelSpec) -> discord.Embed:
     embed.add_field(
         name="Runs", value="locally, on this bot's machine" if spec.is_local else "through an API"
     )
+    if where := endpoint(spec):
+        embed.add_field(name="Endpoint", value=f"`{where}`")
     embed.add_field(name="Context window", value=f"{spec.context_window:,} tokens")
     embed.add_field(name="Price", value=price(spec))
     if spec.fallback:

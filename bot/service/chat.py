@@ -32,7 +32,7 @@ from chains.answer import Answerer, Attempt, Prompt, with_fallbacks
 from chains.chat import messages_to_dicts
 from chains.check import CheckResult, check_model
 from chains.registry import Lineage, ModelSpec
-from core.errors import ConfigError, NotFound, UserError
+from core.errors import ConfigError, NotFound, Unavailable, UserError
 from core.exchange import Exchange, LoggedAnswer, Status
 from core.messages import (
     Author,
@@ -259,6 +259,9 @@ class ChatService:
             return []
         try:
             return list(await self.knowledge.retrieve(request.place.guild_id, text))
+        except Unavailable as exc:  # the embeddings endpoint is down: answer without passages
+            log.warning("knowledge retrieval skipped for guild %s: %s", request.place.guild_id, exc)
+            return []
         except UserError:
             raise
         except Exception:

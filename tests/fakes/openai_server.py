@@ -2,7 +2,10 @@
 
 `langchain-openai` and `openai` run their real code against it: chat completions
 (plain and SSE streaming with a usage chunk), Azure's deployment paths, models and
-embeddings. Failures are injected on demand (`fail_next`, `drop_mid_stream`, `hang`).
+embeddings. Failures are injected on demand (`fail_next`, `drop_mid_stream`, `hang`);
+`fail_next(..., echo_key=True)` makes the error body repeat the key the request carried, in
+several forms, as careless providers do. An unknown path gets OpenAI's 404 "Invalid URL
+(POST /path?query)", which repeats the query (and whatever key a base_url put there).
 
     async with FakeOpenAI() as fake:            # inside the test's event loop
         ChatOpenAI(base_url=fake.base_url, api_key="sk-test", ...)
@@ -28,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -99,6 +103,16 @@ class _Failure:
     message: str
     code: str | None
     retry_after: float | None
+    echo_key: bool = False
+
+
+def key_echo(key: str) -> str:
+    """How a careless provider repeats the key it got: as is, in a header, a URL and JSON."""
+    return (
+        f" The key {key} is not valid (header 'Authorization: Bearer {key}'; "
+        f"checked at https://fake.example/v1/keys?api-key={urllib.parse.quote(key, safe='')}&user=x; "
+        f"body {json.dumps({'key': key})})."
+    )
 
 
 Reply = Callable[[FakeRequest], str]
@@ -175,6 +189,9 @@ class FakeOpenAI:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
         app.router.add_post("/openai/deployments/{deployment}/embeddings", self._azure_embeddings)
+        app.router.add_route(
+            "*", "/{tail:.*}", self._unknown
+        )  # last: only what nothing else serves
         self._runner = web.AppRunner(
             app, handler_cancellation=True, shutdown_timeout=0.5, access_log=None
         )
@@ -231,14 +248,18 @@ class FakeOpenAI:
         message: str | None = None,
         retry_after: float | None = None,
         code: str | None = None,
+        echo_key: bool = False,
     ) -> None:
-        """Answer the next `times` chat/embedding requests with an OpenAI-shaped error."""
+        """Answer the next `times` chat/embedding requests with an OpenAI-shaped error.
+
+        `echo_key`: the message goes on to repeat the key the request carried (`key_echo`).
+        """
         text = message or _DEFAULT_ERROR_MESSAGES.get(status, f"Error {status}.")
         if code == "context_length_exceeded" and message is None:
             text = _CONTEXT_MESSAGE.format(limit=8192, tokens=9000)
         with self._lock:
             for _ in range(times):
-                self._failures.append(_Failure(status, text, code, retry_after))
+                self._failures.append(_Failure(status, text, code, retry_after, echo_key))
 
     def fail_context_length(self, times: int = 1) -> None:
         """Answer the next requests with OpenAI's 400 context_length_exceeded."""
@@ -337,9 +358,10 @@ class FakeOpenAI:
             await self._wait(hang)
         failure: _Failure | None = self._pop(self._failures)
         if failure is not None:
-            return recorded, _error(
-                failure.status, failure.message, failure.code, failure.retry_after
-            )
+            message = failure.message
+            if failure.echo_key:
+                message += key_echo(_presented_key(request))
+            return recorded, _error(failure.status, message, failure.code, failure.retry_after)
         return recorded, None
 
     # -- handlers -----------------------------------------------------------------------------
@@ -367,6 +389,10 @@ class FakeOpenAI:
             for m in self.models
         ]
         return web.json_response({"object": "list", "data": data})
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        """OpenAI's answer to a path it does not serve, which repeats the path and query."""
+        return _error(404, f"Invalid URL ({request.method} {request.path_qs})", None)
 
     async def _azure_chat(self, request: web.Request) -> web.StreamResponse:
         if "api-version" not in request.query:
