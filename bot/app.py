@@ -36,7 +36,15 @@ from core.redact import RedactingFilter, Redactor
 from core.settings import Settings
 from knowledge.config import EmbeddingConfig, KnowledgeConfig
 from migrations import upgrade_database
-from store.db import create_engine, create_session_factory
+from store.db import (
+    DATA_DIR_SETTING,
+    DATABASE_URL_SETTING,
+    check_database_url,
+    create_engine,
+    create_session_factory,
+    database_errors,
+    prepare_folder,
+)
 from store.exchange_log import ExchangeLog
 from store.writer import LogWriter
 
@@ -133,6 +141,11 @@ def knowledge_config(settings: Settings, redact: Redactor | None = None) -> Know
     )
 
 
+def database_setting(settings: Settings) -> str:
+    """The setting that decides where the database is: what a message about it names."""
+    return DATABASE_URL_SETTING if settings.database_url else DATA_DIR_SETTING
+
+
 def freeze_long_lived_heap() -> None:
     """Keep what is alive now out of the garbage collector's full collections.
 
@@ -159,19 +172,22 @@ async def open_app(
     from chains.local import LocalServers
     from chains.models import ChatModelFactory
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.sqlalchemy_url
+    # A folder, URL or database that cannot be used is one ConfigError line naming the setting.
+    prepare_folder(settings.data_dir, DATA_DIR_SETTING)
+    url, setting = settings.sqlalchemy_url, database_setting(settings)
+    check_database_url(url, setting)
     async with AsyncExitStack() as stack:
         redact = secrets_redactor(settings)  # the models' secrets once the registry is read
         stack.enter_context(redacted_logs(redact))  # left last: closing may log too
         if migrate:
-            await upgrade_database(url)
+            await upgrade_database(url, setting=setting)
         engine = create_engine(url)
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
         registry = ModelRegistry.from_toml(settings.config)
         catalog = ModelCatalog(registry, sessions)
-        await catalog.refresh()
+        with database_errors(url, setting):  # the first query, when not migrated above
+            await catalog.refresh()
         stack.push_async_callback(catalog.aclose)
         add_model_secrets(redact, settings, registry.all())
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bot.cli_common import load_settings, models_table, run_async
+from bot.cli_common import load_settings, models_table, run_async, show_error
 from bot.cli_knowledge import knowledge_app
 from core.settings import Settings
 
@@ -36,6 +36,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(knowledge_app, name="knowledge")
 
 err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
+out = Console(soft_wrap=True, markup=False)  # the db commands print paths and revisions as they are
 
 
 def _settings() -> Settings:
@@ -218,33 +219,85 @@ def models_add_gguf(
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+def db_upgrade(
+    revision: Annotated[
+        str, typer.Argument(help="Target revision: head (the default), an id such as 0002, or +1.")
+    ] = "head",
+) -> None:
     """Apply the database migrations (also done on every start)."""
     settings = _settings()
     _logging(settings, quiet=True)
 
     async def main() -> None:
-        from migrations import upgrade_database
+        from bot.app import database_setting
+        from migrations import database_revision, upgrade_database
+        from store.db import database_errors
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        await upgrade_database(settings.sqlalchemy_url, revision)
-        Console().print(f"Database at revision {revision}.")
+        url, setting = settings.sqlalchemy_url, database_setting(settings)
+        await upgrade_database(url, revision, setting=setting)
+        with database_errors(url, setting):
+            now = await database_revision(url)
+        out.print(f"Database at revision {now or 'base (no tables)'}.")
 
     _run(main)
 
 
-@db_app.command("downgrade")
+# ignore_unknown_options: "-1" is a revision here, not an option.
+@db_app.command("downgrade", context_settings={"ignore_unknown_options": True})
 def db_downgrade(
-    revision: Annotated[str, typer.Argument(help="Target revision, e.g. base or -1.")],
+    revision: Annotated[
+        str,
+        typer.Argument(
+            help="Target revision: an id such as 0002, base (nothing), or -1 (one back)."
+        ),
+    ],
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes", help="Go ahead even though tables or columns holding data are dropped."
+        ),
+    ] = False,
 ) -> None:
-    """Undo migrations down to REVISION."""
+    """Undo migrations down to REVISION. Refuses to drop data without --yes; backs a SQLite file up first."""
     settings = _settings()
     _logging(settings, quiet=True)
 
-    async def main() -> None:
-        from migrations import downgrade_database
+    async def main() -> int:
+        from bot.app import database_setting
+        from migrations import downgrade_database, plan_downgrade
+        from store.db import DATA_DIR_SETTING, backup_sqlite, prepare_folder, sqlite_file
 
-        await downgrade_database(settings.sqlalchemy_url, revision)
-        Console().print(f"Database downgraded to {revision}.")
+        url, setting = settings.sqlalchemy_url, database_setting(settings)
+        plan = await plan_downgrade(url, revision, setting=setting)
+        if not plan.undone:
+            out.print(f"Database at revision {plan.current or 'base'}: nothing to undo.")
+            return 0
+        target = plan.target or "base"
+        path = sqlite_file(url)
+        if plan.losing and not yes:
+            backup = (
+                f"{path} is copied to {settings.data_dir / 'backups'} first"
+                if path is not None
+                else "back the database up first, e.g. with pg_dump"
+            )
+            show_error(
+                err,
+                f"Downgrading from {plan.current} to {target} would drop "
+                f"{', '.join(map(str, plan.losing))}; nothing was changed. Run it again with "
+                f"--yes to go ahead ({backup}).",
+            )
+            return 2
+        if path is not None:
+            folder = settings.data_dir / "backups"
+            prepare_folder(folder, DATA_DIR_SETTING)
+            copy = await asyncio.to_thread(backup_sqlite, path, folder, f"at-{plan.current}")
+            out.print(f"Backed up {path} to {copy}.")
+        await downgrade_database(url, target, setting=setting)
+        dropped = ", ".join(map(str, plan.dropped)) or "no tables or columns"
+        out.print(
+            f"Database downgraded from {plan.current} to {target} "
+            f"(undid {', '.join(plan.undone)}; dropped {dropped})."
+        )
+        return 0
 
-    _run(main)
+    raise typer.Exit(_run(main))

@@ -5,17 +5,25 @@
 """
 
 from migrations.runner import (
+    DowngradePlan,
+    Dropped,
     alembic_config,
     database_revision,
     downgrade_database,
+    known_revisions,
     migrations_dir,
+    plan_downgrade,
     upgrade_database,
 )
 
 __all__ = [
+    "DowngradePlan",
+    "Dropped",
     "alembic_config",
     "database_revision",
     "downgrade_database",
+    "known_revisions",
     "migrations_dir",
+    "plan_downgrade",
     "upgrade_database",
 ]

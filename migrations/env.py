@@ -3,6 +3,9 @@
 The URL comes from the caller (`migrations.upgrade_database` passes it as the config
 attribute "url"), else from `sqlalchemy.url` in the ini file, else from the
 environment through `core.settings.Settings` (the alembic CLI case).
+
+Every migration run here holds the database's migration lock (`migrations.lock`), so
+processes starting together on a new database take turns instead of failing.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from typing import Any
 
 from alembic import context
 from sqlalchemy import event, pool
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from migrations.lock import lock_postgres, sqlite_migration_lock
+from store.db import SQLITE_BUSY_TIMEOUT_S
 from store.models import Base, UTCDateTime
 
 config = context.config
@@ -71,6 +76,9 @@ def do_run_migrations(connection: Connection) -> None:
     else:
         configure(connection=connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Before Alembic reads the version table; released when this transaction ends.
+            lock_postgres(connection)
         context.run_migrations()
 
 
@@ -89,14 +97,19 @@ def _sqlite_for_migrations(engine_sync: Any) -> None:
 
     @event.listens_for(engine_sync, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        # IMMEDIATE takes the write lock now, waiting out other writers (the busy timeout),
+        # rather than failing "database is locked" at the first DDL of a read transaction.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 async def run_async_migrations() -> None:
     """Open an async connection and run the revisions through it."""
     url = database_url()
-    engine = create_async_engine(url, poolclass=pool.NullPool)
-    if engine.dialect.name == "sqlite":
+    sqlite = make_url(url).get_backend_name() == "sqlite"
+    # The busy timeout: how long to wait for the write lock that BEGIN IMMEDIATE takes.
+    connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S} if sqlite else {}
+    engine = create_async_engine(url, poolclass=pool.NullPool, connect_args=connect_args)
+    if sqlite:
         _sqlite_for_migrations(engine.sync_engine)
     try:
         async with engine.connect() as connection:
@@ -109,9 +122,11 @@ def run_migrations_online() -> None:
     """Run the revisions: on a connection the caller lent us, or on a new engine."""
     connection = config.attributes.get("connection")
     if connection is not None:
+        # No SQLite file lock here: the lender opened its connection without one.
         do_run_migrations(connection)
     else:
-        asyncio.run(run_async_migrations())
+        with sqlite_migration_lock(database_url()):
+            asyncio.run(run_async_migrations())
 
 
 if context.is_offline_mode():

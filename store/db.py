@@ -1,20 +1,49 @@
-"""Engines and sessions (the migrations are run by `migrations.runner`)."""
+"""Engines and sessions, and what a person is told when the database cannot be used.
+
+The migrations are run by `migrations.runner`. `database_errors` turns the failures of
+connecting to and migrating a database (SQLAlchemy, asyncpg, sqlite3, OSError) into one
+`ConfigError` line that names the setting to change and what to do; a URL in such a line
+always has its password masked.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import ArgumentError, DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
+from core.errors import ConfigError, UserError
+
 # How long a SQLite connection waits on another writer's lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30.0
+
+# The settings a database message names (see core/settings.py).
+DATABASE_URL_SETTING = "SWITCHBOARD_DATABASE_URL"
+DATA_DIR_SETTING = "SWITCHBOARD_DATA_DIR"
+
+# The drivers Switchboard runs on; the settings turn sqlite:// and postgresql:// into these.
+DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+URL_EXAMPLES = "sqlite:///path/to/switchboard.db or postgresql://user:password@host:5432/dbname"
+
+# PostgreSQL error codes (SQLSTATE) that mean the URL or the server is wrong, not the code.
+_PG_LOGIN = {"28P01", "28000"}  # wrong password; no such role, or pg_hba refuses it
+_PG_NO_DATABASE = "3D000"
+_PG_NO_PRIVILEGE = "42501"
+_PG_UNAVAILABLE = {"53300", "57P03"}  # too many connections; starting up or shutting down
 
 
 def is_sqlite(url: str | URL) -> bool:
@@ -31,6 +60,16 @@ def sqlite_file(url: str | URL) -> Path | None:
     if database in ("", ":memory:") or database.startswith("file:"):
         return None
     return Path(database)
+
+
+def shown_url(url: str | URL) -> str:
+    """`url` as it may be shown to a person or logged: the password masked."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def database_place(url: str | URL, setting: str) -> str:
+    """ "the database in SETTING (where)", for messages: a SQLite file's path, else the masked URL."""
+    return f"the database in {setting} ({sqlite_file(url) or shown_url(url)})"
 
 
 def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
@@ -143,3 +182,215 @@ def failure_reason(exc: BaseException) -> str:
     statement and parameters SQLAlchemy adds (they may hold what a person wrote)."""
     text = str(getattr(exc, "orig", None) or exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def check_database_url(url: str, setting: str = DATABASE_URL_SETTING) -> None:
+    """Refuse a URL Switchboard cannot use (unparseable, another database, a sync driver)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not shown: an unparseable URL cannot have its password masked.
+        raise ConfigError(f"{setting} is not a database URL: write it as {URL_EXAMPLES}.") from None
+    backend = parsed.get_backend_name()
+    if backend not in DRIVERS:
+        raise ConfigError(
+            f"{setting} names a {backend!r} database ({shown_url(parsed)}); Switchboard works "
+            f"with SQLite and PostgreSQL: set it to {URL_EXAMPLES}."
+        )
+    if parsed.drivername != DRIVERS[backend]:
+        raise ConfigError(
+            f"{setting} asks for the {parsed.drivername!r} driver ({shown_url(parsed)}); "
+            f"Switchboard uses {DRIVERS[backend]!r}: write the URL as {backend}://..."
+        )
+
+
+def prepare_folder(path: Path, setting: str) -> None:
+    """Create `path` if needed and check that a file can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # A real write, not os.access: root passes access checks on a read-only mount.
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"The folder in {setting} cannot be used: {_path_reason(exc)}. Set {setting} "
+            "to a folder Switchboard may write to."
+        ) from exc
+
+
+@contextmanager
+def database_errors(url: str, setting: str = DATABASE_URL_SETTING) -> Iterator[None]:
+    """Turn a failure to reach, open or write the database at `url` into a ConfigError.
+
+    Anything else (a bug, a failing revision) passes through unchanged.
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        problem = database_problem(exc, url, setting)
+        if problem is None:
+            raise
+        raise problem from exc
+
+
+def database_problem(exc: BaseException, url: str, setting: str) -> ConfigError | None:
+    """The one line for a failure at connect or migrate time; None when it is not one."""
+    parsed = make_url(url)
+    path = sqlite_file(parsed)
+    where = database_place(parsed, setting)
+    subject = where[0].upper() + where[1:]
+    for cause in _causes(exc):
+        if isinstance(cause, sqlite3.DatabaseError):
+            return _sqlite_problem(cause, path, setting)
+        code = getattr(cause, "sqlstate", None)
+        if code in _PG_LOGIN:
+            return ConfigError(
+                f"{subject} refused the login ({_reason(cause)}): "
+                f"check the user name and password in {setting}."
+            )
+        if code == _PG_NO_DATABASE:
+            return ConfigError(
+                f"{subject} does not exist ({_reason(cause)}): create it "
+                f"(createdb {parsed.database}) or fix the database name in {setting}."
+            )
+        if code == _PG_NO_PRIVILEGE:
+            return ConfigError(
+                f"The user in {setting} ({shown_url(parsed)}) may not change the schema "
+                f"({_reason(cause)}): let it own the database, or use one that does."
+            )
+        if code in _PG_UNAVAILABLE:
+            return ConfigError(
+                f"{subject} does not take connections now ({_reason(cause)}): try again in a moment."
+            )
+        if isinstance(cause, socket.gaierror):
+            return ConfigError(
+                f"The host {parsed.host!r} of {where} cannot be found ({_os_reason(cause)}): "
+                f"check the host name in {setting}."
+            )
+        if isinstance(cause, OSError) and cause.filename is not None:
+            return ConfigError(
+                f"{subject} cannot be made: {_path_reason(cause)}. Set {setting} to a place "
+                "Switchboard may write to."
+            )
+        if _refused(cause):
+            return ConfigError(
+                f"Nothing is listening at {parsed.host or 'localhost'}:{parsed.port or 5432}, "
+                f"{where}: start the database server, or set {setting} to one that is running."
+            )
+        if isinstance(cause, OSError | TimeoutError):
+            return ConfigError(
+                f"Cannot reach {where} ({_os_reason(cause)}): check that it is running and "
+                f"reachable from here, or set {setting} to one that is."
+            )
+    return None
+
+
+def _sqlite_problem(
+    exc: sqlite3.DatabaseError, path: Path | None, setting: str
+) -> ConfigError | None:
+    """What a sqlite3 error at connect or migrate time means for the file at `path`."""
+    name = str(path) if path is not None else "the SQLite database"
+    reason = _reason(exc)
+    if "locked" in reason or "busy" in reason:
+        return ConfigError(
+            f"{name} is locked by another process ({reason}; Switchboard waits up to "
+            f"{SQLITE_BUSY_TIMEOUT_S:.0f} s): stop what holds it (another Switchboard, a "
+            "database browser) and try again."
+        )
+    if "readonly" in reason or "read-only" in reason:
+        return ConfigError(
+            f"{name} cannot be written ({reason}): make it and its folder writable, or set "
+            f"{setting} to another place."
+        )
+    if "unable to open" in reason:
+        return ConfigError(
+            f"{name} cannot be opened ({reason}): check that its folder exists and may be "
+            f"written, or set {setting} to another place."
+        )
+    if "disk is full" in reason or "disk I/O" in reason:
+        return ConfigError(
+            f"{name} cannot be written ({reason}): free space on its disk, or set {setting} "
+            "to another place."
+        )
+    if "not a database" in reason or "malformed" in reason or "encrypted" in reason:
+        return ConfigError(
+            f"{name} is not a usable SQLite database ({reason}); it was left untouched: move "
+            f"it away (a new one is made on the next start) or set {setting} to another place."
+        )
+    return None  # a constraint, a missing table, a bug: not the file's fault
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what it wraps: the driver's error (`.orig`), its causes and contexts."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for inner in (getattr(current, "orig", None), current.__cause__, current.__context__):
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether `exc` says nothing listens at the address (asyncpg may join several)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    return isinstance(exc, OSError) and (
+        exc.errno == errno.ECONNREFUSED or "Connect call failed" in str(exc)
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an error's own message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _path_reason(exc: OSError) -> str:
+    """What went wrong with the path an OSError names, in words."""
+    name = exc.filename if exc.filename is not None else "it"
+    if isinstance(exc, FileExistsError) or (
+        exc.filename is not None and Path(exc.filename).is_file()
+    ):
+        return f"{name} is a file, not a folder"
+    if isinstance(exc, NotADirectoryError):
+        return f"{name} is inside a file, not a folder"
+    return f"{name}: {_os_reason(exc)}"
+
+
+def _os_reason(exc: BaseException) -> str:
+    """An OSError's reason without its errno number; anything else's first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _reason(exc)
+
+
+def backup_sqlite(path: Path, folder: Path, label: str) -> Path:
+    """Copy the SQLite file at `path` into `folder`, consistently (WAL included); the copy's path.
+
+    The copy is named after the file, `label` (e.g. its revision) and the time, in UTC.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    target = folder / f"{path.stem}-{label}-{stamp}{path.suffix}"
+    counter = 1
+    while target.exists():
+        counter += 1
+        target = folder / f"{path.stem}-{label}-{stamp}-{counter}{path.suffix}"
+    # SQLite's backup API, not a file copy: the file alone lacks what is still in its WAL.
+    source = sqlite3.connect(path)
+    try:
+        copy = sqlite3.connect(target)
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    return target

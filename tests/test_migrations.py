@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import multiprocessing
 import shutil
 import textwrap
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
 )
 from sqlalchemy import table as sql_table
 from sqlalchemy.engine import Connection
@@ -204,6 +206,68 @@ async def test_a_failing_revision_leaves_sqlite_as_it_was(tmp_path: Path) -> Non
 
     assert "half_done" not in await table_names(url)
     assert await database_revision(url) == head_revision()
+
+
+# --- several processes migrating one new database at once -----------------------------
+
+
+def _start_together(url: str, barrier: Any, results: Any) -> None:
+    """One process of a start-up: migrate, then query as `open_app` does (in a child process)."""
+
+    async def start() -> None:
+        await upgrade_database(url)
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT count(*) FROM registered_models"))
+        finally:
+            await engine.dispose()
+
+    barrier.wait(timeout=120)
+    try:
+        asyncio.run(start())
+        results.put("ok")
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def start_together(url: str, processes: int = 4) -> list[str]:
+    """Start `processes` real processes on `url`, released at the same instant; their outcomes."""
+    spawn = multiprocessing.get_context("spawn")
+    barrier, results = spawn.Barrier(processes), spawn.Queue()
+    children = [
+        spawn.Process(target=_start_together, args=(url, barrier, results))
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    outcomes = [results.get(timeout=300) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    return outcomes
+
+
+async def version_rows(url: str) -> list[str]:
+    """Every row of alembic_version."""
+    return [row[0] for row in await fetch(url, text("SELECT version_num FROM alembic_version"))]
+
+
+async def test_processes_starting_together_on_a_new_sqlite_file_take_turns(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path / "data" / "switchboard.db")
+    assert await asyncio.to_thread(start_together, url) == ["ok"] * 4
+    assert await version_rows(url) == [head_revision()]
+    assert TABLES <= await table_names(url)
+
+
+@pytest.mark.postgres
+async def test_processes_starting_together_on_a_new_postgres_database_take_turns(
+    postgres_url: str,
+) -> None:
+    assert await asyncio.to_thread(start_together, postgres_url) == ["ok"] * 4
+    assert await version_rows(postgres_url) == [head_revision()]
+    assert TABLES <= await table_names(postgres_url)
 
 
 # --- 0002: message kinds, message_inputs, cascading parent links ------------------------
