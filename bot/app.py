@@ -122,7 +122,10 @@ async def open_app(
         engine = create_engine(url)
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
-        registry = ModelRegistry.from_toml(settings.config)
+        # A config named explicitly must exist; the default one may be absent (built-in model).
+        registry = ModelRegistry.from_toml(
+            settings.config, required="config" in settings.model_fields_set
+        )
         catalog = ModelCatalog(registry, sessions)
         await catalog.refresh()
         stack.push_async_callback(catalog.aclose)
