@@ -184,7 +184,10 @@ async def open_app(
         engine = create_engine(url)
         stack.push_async_callback(engine.dispose)
         sessions = create_session_factory(engine)
-        registry = ModelRegistry.from_toml(settings.config)
+        # A config named explicitly must exist; the default one may be absent (built-in model).
+        registry = ModelRegistry.from_toml(
+            settings.config, required="config" in settings.model_fields_set
+        )
         catalog = ModelCatalog(registry, sessions)
         with database_errors(url, setting):  # the first query, when not migrated above
             await catalog.refresh()

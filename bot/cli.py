@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import logging
+import logging.handlers
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,6 +20,7 @@ from rich.table import Table
 
 from bot.cli_common import load_settings, models_table, run_async, show_error
 from bot.cli_knowledge import knowledge_app
+from core.errors import NotFound, UserError
 from core.settings import Settings
 
 T = TypeVar("T")
@@ -28,7 +33,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 models_app = typer.Typer(
-    help="The model registry: list, check and add models.", no_args_is_help=True
+    help="The model registry: list, check, add and remove models.", no_args_is_help=True
 )
 db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -39,22 +44,112 @@ err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
 out = Console(soft_wrap=True, markup=False)  # the db commands print paths and revisions as they are
 
 
+# Our own loggers; everything else is a library, kept to warnings unless --verbose.
+OWN_LOGGERS = ("bot", "chains", "core", "knowledge", "store", "migrations", "switchboard")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Where the terminal chat logs, in the data folder: never on the screen it draws on.
+CHAT_LOG = "switchboard.log"
+CHAT_HISTORY = "chat-history"  # the terminal chat's line history, in the data folder
+# The list commands of this command line, for "See ..." hints (see core.errors.NotFound).
+CLI_LISTINGS = {
+    "model list": "`switchboard models list`",
+    "knowledge list": "`switchboard knowledge list --guild ID`",
+}
+
+
 def _settings() -> Settings:
     return load_settings(err)
 
 
-def _logging(settings: Settings, quiet: bool = False) -> None:
+def _logging(
+    settings: Settings,
+    quiet: bool = False,
+    *,
+    verbose: bool = False,
+    handlers: list[logging.Handler] | None = None,
+) -> None:
+    """Our loggers at the configured level (WARNING when `quiet`), libraries at WARNING.
+
+    Library INFO lines (Alembic's plugins and migrations, discord.py's log-in, HTTP
+    requests) would bury a command's own one-line message; `verbose` lets them through.
+    """
     level = logging.WARNING if quiet else getattr(logging, settings.log_level.upper(), logging.INFO)
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # Request lines from the HTTP clients are noise in a terminal; warnings still show.
-    for noisy in ("httpx", "httpcore", "openai", "discord.gateway", "chromadb"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if handlers is None:
+        stderr = logging.StreamHandler(sys.stderr)
+        handlers = [stderr]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level if verbose else logging.WARNING, handlers=handlers, force=True)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def _chat_logging(settings: Settings, json_mode: bool) -> Path | None:
+    """Log the chat to data/switchboard.log (and warnings to stderr in --json mode).
+
+    Returns the log file, or None when it cannot be written (then logs go to stderr).
+    """
+    path = settings.data_dir / CHAT_LOG
+    handlers: list[logging.Handler] = []
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(
+                path, maxBytes=10 * 1024 * 1024, backupCount=3, encoding="utf-8"
+            )
+        )
+    except OSError as exc:
+        err.print(f"Cannot write the log file {path} ({exc}); logging to stderr.", markup=False)
+        path = None
+    if json_mode or path is None:
+        # stderr is not the chat's screen in --json mode: warnings may go there too.
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setLevel(logging.WARNING)
+        handlers.append(stderr)
+    _logging(settings, handlers=handlers)
+    return path
 
 
 def _run(work: Callable[[], Awaitable[T]]) -> T:
-    return run_async(work, err)
+    """Run a command's async work, as `run_async` does, and:
+
+    - SIGTERM (how systemd, Docker and Kubernetes stop a process) stops it as Ctrl-C
+      would: the work is cancelled, so replies in flight are logged as stopped, and
+      everything `open_app` opened closes (the log writer drains) before exit 0;
+    - a NotFound that names a list points to this command line's command for it.
+    """
+    stopping = False
+
+    async def guarded() -> T:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def stop() -> None:
+            nonlocal stopping
+            stopping = True
+            task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, stop)
+        except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            pass
+        try:
+            return await work()
+        except NotFound as exc:
+            if exc.listing in CLI_LISTINGS:
+                raise UserError(exc.pointing_to(CLI_LISTINGS[exc.listing])) from None
+            raise
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return run_async(guarded, err)
+    except asyncio.CancelledError:
+        if stopping:
+            raise typer.Exit(0) from None
+        raise
 
 
 def extra_cogs(sb: Any) -> list[Any]:
@@ -74,7 +169,11 @@ def extra_cogs(sb: Any) -> list[Any]:
 
 
 @app.command()
-def run() -> None:
+def run(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show the libraries' log lines below WARNING.")
+    ] = False,
+) -> None:
     """Run the Discord bot (needs DISCORD_TOKEN)."""
     settings = _settings()
     if settings.discord_token is None:
@@ -82,7 +181,7 @@ def run() -> None:
             "DISCORD_TOKEN is not set: export DISCORD_TOKEN=<your bot token> (see README, 'Discord set-up')."
         )
         raise typer.Exit(2)
-    _logging(settings)
+    _logging(settings, verbose=verbose)
 
     async def main() -> None:
         from bot.app import freeze_long_lived_heap, open_app
@@ -121,22 +220,42 @@ def chat(
 ) -> None:
     """Chat with the bot's service in the terminal, as if in a Discord channel."""
     settings = _settings()
-    _logging(settings, quiet=True)
+    log_file = _chat_logging(settings, json_mode)
+    # A reply is printed whatever it holds: what the terminal cannot show becomes "?".
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
 
     async def main() -> int:
         from bot.app import freeze_long_lived_heap, open_app
-        from bot.terminal import TerminalChat, run_interactive, run_json, user_id_for
+        from bot.terminal import (
+            TerminalChat,
+            prompt_reader,
+            run_interactive,
+            run_json,
+            stream_reader,
+            user_id_for,
+        )
         from core.messages import Author, Place
 
-        async with open_app(settings) as sb:
+        interactive = not json_mode and sys.stdin.isatty()
+        async with contextlib.AsyncExitStack() as stack:
+            with err.status("Starting Switchboard…") if interactive else contextlib.nullcontext():
+                sb = await stack.enter_async_context(open_app(settings))
             freeze_long_lived_heap()
             place = Place(guild_id=guild, channel_id=channel, thread_id=thread)
-            session = TerminalChat(sb.service, place, Author(user_id_for(user), user))
+            session = TerminalChat(
+                sb.service, place, Author(user_id_for(user), user), knowledge=sb.knowledge
+            )
             warm = asyncio.create_task(sb.service.warm_up(place))
             try:
                 if json_mode:
                     return await run_json(session)
-                return await run_interactive(session)
+                read = (
+                    prompt_reader(settings.data_dir / CHAT_HISTORY)
+                    if interactive
+                    else stream_reader(sys.stdin)
+                )
+                return await run_interactive(session, read, log_file=log_file)
             finally:
                 warm.cancel()
 
@@ -199,6 +318,12 @@ def models_add_gguf(
     path: Annotated[Path, typer.Argument(help="A GGUF model file you already have.")],
     name: Annotated[str, typer.Option(help="The name to choose it by, e.g. with /model set.")],
     context_size: Annotated[int | None, typer.Option(help="Context size to run it with.")] = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace", help="Replace a registered model of that name (never a configured one)."
+        ),
+    ] = False,
 ) -> None:
     """Register a local GGUF file as a model (checked: exists, is a GGUF, loads)."""
     settings = _settings()
@@ -206,13 +331,45 @@ def models_add_gguf(
 
     async def main() -> None:
         from bot.app import open_app
+        from bot.service.models import NameTaken
 
         async with open_app(settings, knowledge=False) as sb:
-            with err.status(f"Loading {path} to check it…"):
-                spec = await sb.service.gguf_model(name, path, context_size=context_size)
-            await sb.service.register_model(spec, created_by="cli")
+            try:
+                with err.status(f"Loading {path} to check it…"):
+                    spec = await sb.service.gguf_model(
+                        name, path, context_size=context_size, replace=replace
+                    )
+                await sb.service.register_model(spec, created_by="cli", replace=replace)
+            except NameTaken as exc:
+                if exc.replaceable:
+                    raise UserError(f"{exc.message} To replace it, add --replace.") from None
+                raise
         Console().print(
-            f"Registered [bold]{escape(name)}[/bold] ({escape(str(path))}). Choose it with `/model set {name}`."
+            f"Registered [bold]{escape(name)}[/bold] ({escape(str(path))}). "
+            f"Choose it with `/model set {escape(name)}` in Discord or in `switchboard chat`."
+        )
+
+    _run(main)
+
+
+@models_app.command("remove")
+def models_remove(
+    name: Annotated[
+        str, typer.Argument(help="A registered model (see `switchboard models list`).")
+    ],
+) -> None:
+    """Remove a model registered with add-gguf (configured models stay: edit the file)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> None:
+        from bot.app import open_app
+
+        async with open_app(settings, knowledge=False) as sb:
+            await sb.service.remove_model(name)
+        Console().print(
+            f"Removed [bold]{escape(name)}[/bold]. Places that had chosen it need another model "
+            "(`/model set` or `/model reset`)."
         )
 
     _run(main)

@@ -214,10 +214,20 @@ class ModelRegistry:
         return cls([spec], default_model="smollm2", source="<built-in>")
 
     @classmethod
-    def from_toml(cls, path: Path) -> ModelRegistry:
-        """Load the registry from a TOML file; the built-in registry if the file does not exist."""
+    def from_toml(cls, path: Path, *, required: bool = False) -> ModelRegistry:
+        """Load the registry from a TOML file.
+
+        A missing file means the built-in registry, unless the file was asked for by name
+        (`required`: SWITCHBOARD_CONFIG set): then it is an error naming the path, not a
+        silent switch to the bundled model.
+        """
         path = Path(path)
         if not path.exists():
+            if required:
+                raise ConfigError(
+                    f"{path}: no such file (SWITCHBOARD_CONFIG names it). Create it (see "
+                    "switchboard.example.toml) or unset SWITCHBOARD_CONFIG to use the bundled model."
+                )
             return cls.builtin()
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -267,7 +277,7 @@ class ModelRegistry:
             return self._specs[name]
         except KeyError:
             raise NotFound(
-                f"No model named '{name}'.{_suggest(name, self._specs)} See /model list."
+                f"No model named '{name}'.{_suggest(name, self._specs)}", listing="model list"
             ) from None
 
     def __contains__(self, name: object) -> bool:

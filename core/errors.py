@@ -35,7 +35,21 @@ class StorageUnavailable(UserError):
 
 
 class NotFound(UserError):
-    """A named thing (model, document, conversation) does not exist."""
+    """A named thing (model, document, conversation) does not exist.
+
+    `detail` says what is missing; `listing` names the list to look in ("model list"),
+    so each adapter can point to its own command for it. `message` points to the slash
+    command (`/model list`), which Discord and the terminal chat both have.
+    """
+
+    def __init__(self, detail: str, listing: str | None = None) -> None:
+        super().__init__(f"{detail} See /{listing}." if listing else detail)
+        self.detail = detail
+        self.listing = listing
+
+    def pointing_to(self, command: str) -> str:
+        """The message with `command` (e.g. "`switchboard models list`") as the place to look."""
+        return f"{self.detail} See {command}."
 
 
 class Unavailable(UserError):

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -93,10 +94,26 @@ def table_of(model: type[Base]) -> Table:
 
 
 class ChannelSetting(Base):
-    """Settings for one guild, channel (DMs included) or thread. NULL means inherit."""
+    """Settings for one guild, channel (DMs included) or thread. NULL means inherit.
+
+    A row is keyed by its scope, its server and its id: Discord's ids are unique
+    everywhere, but the terminal's are made up (`chat --guild 1 --channel 5` and
+    `--guild 2 --channel 5` are two channels). A DM channel has no server (NULL), and
+    NULLs never collide in a unique constraint, so DMs have a unique index of their own.
+    """
 
     __tablename__ = "channel_settings"
-    __table_args__ = (UniqueConstraint("scope", "scope_id"),)
+    __table_args__ = (
+        UniqueConstraint("scope", "guild_id", "scope_id"),
+        Index(
+            "uq_channel_settings_scope_scope_id_no_guild",
+            "scope",
+            "scope_id",
+            unique=True,
+            sqlite_where=text("guild_id IS NULL"),
+            postgresql_where=text("guild_id IS NULL"),
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     scope: Mapped[str] = mapped_column(String(16))

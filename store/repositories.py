@@ -66,6 +66,16 @@ def _insert_ignoring_conflicts(session: AsyncSession, table: Any) -> Insert:
     return insert(table)
 
 
+def _setting_key(scope: str, scope_id: int, guild_id: int | None) -> tuple[Any, ...]:
+    """WHERE conditions for one settings row: its scope, its id and its server (None: a DM)."""
+    server = (
+        ChannelSetting.guild_id.is_(None)
+        if guild_id is None
+        else ChannelSetting.guild_id == guild_id
+    )
+    return (ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id, server)
+
+
 def _as_text(value: object) -> str | None:
     """How a setting value is written in the change history."""
     if value is None:
@@ -88,15 +98,19 @@ class SettingsRepository:
         found = await self.rows_for_places([(guild_id, channel_id, thread_id)])
         wanted = {"thread": thread_id, "channel": channel_id, "guild": guild_id}
         return {
-            scope: found[(scope, scope_id)]
+            scope: found[(scope, guild_id, scope_id)]
             for scope, scope_id in wanted.items()
-            if scope_id is not None and (scope, scope_id) in found
+            if scope_id is not None and (scope, guild_id, scope_id) in found
         }
 
     async def rows_for_places(
         self, places: Iterable[tuple[int | None, int, int | None]]
-    ) -> dict[tuple[str, int], ChannelSetting]:
-        """The rows for any of these (guild, channel, thread) places, keyed (scope, scope id); one query."""
+    ) -> dict[tuple[str, int | None, int], ChannelSetting]:
+        """The rows for any of these (guild, channel, thread) places; one query.
+
+        Keyed (scope, guild id, scope id): a channel or thread is known by its server too,
+        because the terminal's made-up ids repeat across servers (a DM's server is None).
+        """
         ids: dict[str, set[int]] = {"channel": set(), "thread": set(), "guild": set()}
         for guild_id, channel_id, thread_id in places:
             for scope, scope_id in (
@@ -113,15 +127,15 @@ class SettingsRepository:
         ]
         if not conditions:
             return {}
+        # By id alone, which the index serves; a row of another server with the same id is
+        # read too but keyed apart, so it never answers for this place.
         rows = (await self.session.scalars(select(ChannelSetting).where(or_(*conditions)))).all()
-        return {(row.scope, row.scope_id): row for row in rows}
+        return {(row.scope, row.guild_id, row.scope_id): row for row in rows}
 
-    async def get(self, scope: str, scope_id: int) -> ChannelSetting | None:
-        """The settings row of one scope, if any."""
+    async def get(self, scope: str, scope_id: int, guild_id: int | None) -> ChannelSetting | None:
+        """The settings row of one scope in one server (None: a DM), if any."""
         return await self.session.scalar(
-            select(ChannelSetting).where(
-                ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id
-            )
+            select(ChannelSetting).where(*_setting_key(scope, scope_id, guild_id))
         )
 
     async def set_field(
@@ -151,7 +165,7 @@ class SettingsRepository:
         )
         row = await self.session.scalar(
             select(ChannelSetting)
-            .where(ChannelSetting.scope == scope, ChannelSetting.scope_id == scope_id)
+            .where(*_setting_key(scope, scope_id, guild_id))
             .with_for_update()
             .execution_options(populate_existing=True)
         )
@@ -161,8 +175,6 @@ class SettingsRepository:
             setattr(row, field, value)
             row.updated_at = utcnow()
             row.updated_by = actor_id
-            if guild_id is not None:
-                row.guild_id = guild_id
             self.session.add(
                 SettingChange(
                     id=new_id(),
@@ -183,11 +195,18 @@ class SettingsRepository:
         await self.session.flush()
         return old
 
-    async def changes(self, scope: str, scope_id: int, limit: int = 20) -> list[SettingChange]:
-        """The latest changes to one scope's settings, newest first."""
+    async def changes(
+        self, scope: str, scope_id: int, guild_id: int | None, limit: int = 20
+    ) -> list[SettingChange]:
+        """The latest changes to one scope's settings in one server (None: a DM), newest first."""
+        server = (
+            SettingChange.guild_id.is_(None)
+            if guild_id is None
+            else SettingChange.guild_id == guild_id
+        )
         rows = await self.session.scalars(
             select(SettingChange)
-            .where(SettingChange.scope == scope, SettingChange.scope_id == scope_id)
+            .where(SettingChange.scope == scope, SettingChange.scope_id == scope_id, server)
             .order_by(SettingChange.changed_at.desc(), SettingChange.id.desc())
             .limit(limit)
         )

@@ -106,6 +106,13 @@ def test_missing_file_gives_the_builtin_local_model(tmp_path: Path) -> None:
     assert spec.context_window == 8192 and spec.description
 
 
+def test_a_missing_file_that_was_asked_for_is_an_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        ModelRegistry.from_toml(tmp_path / "nope.toml", required=True)
+    assert str(tmp_path / "nope.toml") in caught.value.message
+    assert "SWITCHBOARD_CONFIG" in caught.value.message
+
+
 def test_example_file_loads() -> None:
     registry = ModelRegistry.from_toml(ROOT / "switchboard.example.toml")
     assert registry.default_model == "gpt-4o-mini"
@@ -129,6 +136,10 @@ def test_unknown_name_suggests_the_closest(tmp_path: Path) -> None:
     with pytest.raises(NotFound) as caught:
         registry.get("zzzzzz")
     assert str(caught.value) == "No model named 'zzzzzz'. See /model list."
+    # Each adapter can point to its own command instead.
+    assert caught.value.pointing_to("`switchboard models list`") == (
+        "No model named 'zzzzzz'. See `switchboard models list`."
+    )
 
 
 def test_relative_gguf_path_is_taken_from_the_config_folder(tmp_path: Path) -> None:

@@ -235,6 +235,29 @@ def test_models_add_gguf_registers_a_file_for_every_process(
 
     taken = switchboard(cli_env, "models", "add-gguf", str(gguf), "--name", "main")
     assert taken.returncode == 1 and "`main` is already a model in" in taken.stderr
+    configured = switchboard(
+        cli_env, "models", "add-gguf", str(gguf), "--name", "main", "--replace"
+    )
+    assert configured.returncode == 1 and "already a model in" in configured.stderr
+
+    # A registered name is refused too, unless --replace.
+    again = switchboard(cli_env, "models", "add-gguf", str(gguf), "--name", "my-smol")
+    assert again.returncode == 1
+    assert "`my-smol` is already a registered model" in again.stderr and "--replace" in again.stderr
+    replaced = switchboard(
+        cli_env, "models", "add-gguf", str(gguf), "--name", "my-smol", "--context-size", "2048",
+        "--replace",
+    )  # fmt: skip
+    assert replaced.returncode == 0, replaced.stderr
+    assert "2,048" in switchboard(cli_env, "models", "list").stdout
+
+    removed = switchboard(cli_env, "models", "remove", "my-smol")
+    assert removed.returncode == 0 and "Removed my-smol" in removed.stdout
+    assert "my-smol" not in switchboard(cli_env, "models", "list").stdout
+    gone = switchboard(cli_env, "models", "remove", "my-smol")
+    assert gone.returncode == 1 and "See `switchboard models list`." in gone.stderr
+    kept = switchboard(cli_env, "models", "remove", "main")
+    assert kept.returncode == 1 and "remove it from that file" in kept.stderr
     missing = switchboard(
         cli_env, "models", "add-gguf", str(tmp_path / "nope.gguf"), "--name", "nope"
     )
@@ -243,3 +266,57 @@ def test_models_add_gguf_registers_a_file_for_every_process(
         and "nope.gguf" in missing.stderr
         and "Traceback" not in missing.stderr
     )
+
+
+def test_an_explicit_config_that_does_not_exist_is_an_error_naming_it(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "typo.toml"
+    proc = switchboard(
+        {**cli_env, "SWITCHBOARD_CONFIG": str(missing)}, "chat", "--json", stdin="hi\n"
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert str(missing) in proc.stderr and "SWITCHBOARD_CONFIG" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_cli_messages_point_to_cli_commands(cli_env: dict[str, str]) -> None:
+    proc = switchboard(cli_env, "models", "check", "mian")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        "No model named 'mian'. Did you mean 'main'? See `switchboard models list`."
+    )
+
+
+def test_run_fails_in_one_line_without_library_noise(cli_env: dict[str, str]) -> None:
+    """No voice-support warnings, no migration logs: only the reason it cannot run."""
+    env = {**cli_env, "DISCORD_TOKEN": "not-a-token.not.valid"}  # refused, or Discord unreachable
+    proc = switchboard(env, "run")
+    assert proc.returncode == 1
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Discord" in proc.stderr
+    verbose = switchboard(env, "run", "--verbose")
+    assert verbose.returncode == 1 and "alembic" in verbose.stderr
+    assert "voice will NOT be supported" not in verbose.stderr  # the bot has no voice
+
+
+def test_chat_json_survives_input_that_is_not_utf8(cli_env: dict[str, str]) -> None:
+    """Whatever the locale's error handler says: every line read is answered, none lost."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot", "chat", "--json"],
+        input=b"before\n\xff\xfe broken\n\nafter\n",
+        env={**cli_env, "PYTHONIOENCODING": "utf-8:strict"},
+        cwd=REPO,
+        capture_output=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [o["reply"] for o in out] == [
+        "Echo: before",
+        "Echo: \ufffd\ufffd broken",
+        None,
+        "Echo: after",
+    ]
+    assert "empty" in out[2]["error"]
+    assert b"Traceback" not in proc.stderr

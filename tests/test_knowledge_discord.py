@@ -243,6 +243,7 @@ async def test_use_on_and_answers_draw_on_the_documents(
 
     switched = await world.mod.slash(world.channel, "knowledge use", state="on")
     assert not switched.ephemeral and "on" in switched.response.content
+    assert "no documents" not in switched.response.content
     chat_service.knowledge = kb  # the app passes the same knowledge base to the service
 
     thread = world.thread("lid trouble")
@@ -258,6 +259,15 @@ async def test_use_on_and_answers_draw_on_the_documents(
     await world.alice.send(world.channel, f"{world.bot.user.mention} what does E-4711 mean?")
     sent = "\n".join(str(m["content"]) for m in fake_openai.chat_requests[-1].messages)
     assert "Error code E-4711 means" not in sent
+
+
+async def test_use_on_without_documents_says_how_to_add_some(world: World) -> None:
+    switched = await world.mod.slash(world.channel, "knowledge use", state="on")
+    assert "**on**" in switched.response.content
+    assert "no documents yet" in switched.response.content
+    assert "`/knowledge add`" in switched.response.content
+    off = await world.mod.slash(world.channel, "knowledge use", state="off")
+    assert "no documents" not in off.response.content
 
 
 async def test_empty_knowledge_base(world: World) -> None:

@@ -18,9 +18,17 @@ from tests.fixtures.local import local_server_children, process_running
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _no_config_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run where the default ./switchboard.toml does not exist."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SWITCHBOARD_CONFIG", raising=False)
+
+
 def zero_key_settings(tmp_path: Path) -> Settings:
-    # No config file and an environment without any key: the built-in registry applies.
-    return Settings(config=tmp_path / "missing.toml", data_dir=tmp_path / "data", environ={})
+    # No config file (the default one is absent, and none is named) and an environment
+    # without any key: the built-in registry applies.
+    return Settings(data_dir=tmp_path / "data", environ={})
 
 
 async def test_bundled_model_answers_through_the_service_and_stops_on_exit(tmp_path: Path) -> None:

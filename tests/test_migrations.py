@@ -525,3 +525,70 @@ async def test_0002_offline_sql_renders() -> None:
     await asyncio.to_thread(command.upgrade, config, "0001:0002", sql=True)
     script = output.getvalue()
     assert "message_inputs" in script and "'attempt'" in script
+
+
+SETTINGS = sql_table(
+    "channel_settings",
+    column("id", String),
+    column("scope", String),
+    column("scope_id", BigInteger),
+    column("guild_id", BigInteger),
+    column("model", String),
+    column("updated_at", UTCDateTime),
+)
+
+
+async def settings_rows(url: str) -> set[tuple[Any, ...]]:
+    """(scope, scope_id, guild_id, model) of every settings row."""
+    statement = select(SETTINGS.c.scope, SETTINGS.c.scope_id, SETTINGS.c.guild_id, SETTINGS.c.model)
+    return {tuple(row) for row in await fetch(url, statement)}
+
+
+async def insert_settings(url: str, *rows: dict[str, Any]) -> None:
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(insert(SETTINGS), list(rows))
+    finally:
+        await engine.dispose()
+
+
+def setting(
+    name: str, scope: str, scope_id: int, guild_id: int | None, at: int = 0
+) -> dict[str, Any]:
+    return {"id": mid(name), "scope": scope, "scope_id": scope_id, "guild_id": guild_id,
+            "model": name, "updated_at": T0 + timedelta(seconds=at)}  # fmt: skip
+
+
+async def test_0004_keys_settings_by_server_and_downgrades_keeping_the_newest(
+    empty_database_url: str,
+) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0003")
+    before = [
+        setting("g1", "guild", 1, 1),
+        setting("c5", "channel", 5, 1),
+        setting("dm9", "channel", 9, None),
+    ]
+    await insert_settings(url, *before)
+    await upgrade_database(url, "0004")
+    assert await settings_rows(url) == {
+        ("guild", 1, 1, "g1"), ("channel", 5, 1, "c5"), ("channel", 9, None, "dm9"),
+    }  # fmt: skip
+
+    # Channel 5 of server 2 is another channel now; a DM channel still has one row.
+    await insert_settings(url, setting("c5-two", "channel", 5, 2, at=10))
+    with pytest.raises(IntegrityError):
+        await insert_settings(url, setting("c5-again", "channel", 5, 1))
+    with pytest.raises(IntegrityError):
+        await insert_settings(url, setting("dm9-again", "channel", 9, None))
+
+    await downgrade_database(url, "0003")
+    # The old key holds one row per (scope, id): the most recently updated one stays.
+    assert await settings_rows(url) == {
+        ("guild", 1, 1, "g1"), ("channel", 5, 2, "c5-two"), ("channel", 9, None, "dm9"),
+    }  # fmt: skip
+    with pytest.raises(IntegrityError):
+        await insert_settings(url, setting("c5-three", "channel", 5, 3))
+    await upgrade_database(url)
+    assert await database_revision(url) == head_revision()

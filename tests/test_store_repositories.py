@@ -81,7 +81,7 @@ async def test_settings_changes_are_recorded_newest_first(any_session_factory: S
         await session.commit()
 
     async with any_session_factory() as session:
-        changes = await SettingsRepository(session).changes("channel", CHANNEL)
+        changes = await SettingsRepository(session).changes("channel", CHANNEL, GUILD)
         assert [(c.field, c.old_value, c.new_value) for c in changes] == [
             ("model", "b", None),
             ("knowledge_enabled", None, "false"),
@@ -92,7 +92,9 @@ async def test_settings_changes_are_recorded_newest_first(any_session_factory: S
             (ALICE, "alice", GUILD)
         }
         assert all(c.changed_at.tzinfo is not None for c in changes)
-        assert len(await SettingsRepository(session).changes("channel", CHANNEL, limit=2)) == 2
+        assert (
+            len(await SettingsRepository(session).changes("channel", CHANNEL, GUILD, limit=2)) == 2
+        )
 
 
 async def test_setting_the_same_value_records_nothing(any_session_factory: Sessions) -> None:
@@ -101,7 +103,7 @@ async def test_setting_the_same_value_records_nothing(any_session_factory: Sessi
         assert await set_field(session, "thread", THREAD, "model", "a") == "a"
         assert await set_field(session, "thread", THREAD, "system_prompt", None) is None
         await session.commit()
-        assert len(await SettingsRepository(session).changes("thread", THREAD)) == 1
+        assert len(await SettingsRepository(session).changes("thread", THREAD, GUILD)) == 1
 
 
 async def test_false_is_a_setting_not_inherit(any_session_factory: Sessions) -> None:
@@ -141,6 +143,56 @@ async def test_rows_for_a_dm_and_for_one_query(any_session_factory: Sessions) ->
     assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 1
 
 
+async def test_the_same_channel_id_in_two_servers_is_two_channels(
+    any_session_factory: Sessions,
+) -> None:
+    """The terminal makes ids up: channel 5 of server 1 is not channel 5 of server 2, nor a DM."""
+    async with any_session_factory() as session:
+        repo = SettingsRepository(session)
+        for guild_id, model in ((1, "one"), (2, "two"), (None, "dm")):
+            await repo.set_field(
+                scope="channel", scope_id=5, guild_id=guild_id, field="model", value=model,
+                actor_id=ALICE, actor_name="alice",
+            )  # fmt: skip
+        await repo.set_field(
+            scope="thread", scope_id=7, guild_id=1, field="knowledge_enabled", value=True,
+            actor_id=ALICE, actor_name="alice",
+        )  # fmt: skip
+        await session.commit()
+
+    async with any_session_factory() as session:
+        repo = SettingsRepository(session)
+        one = await repo.rows_for(1, 5, 7)
+        assert {k: r.model for k, r in one.items() if r.model} == {"channel": "one"}
+        assert one["thread"].knowledge_enabled is True
+        assert {k: r.model for k, r in (await repo.rows_for(2, 5, 7)).items()} == {"channel": "two"}
+        assert {k: r.model for k, r in (await repo.rows_for(None, 5, 7)).items()} == {
+            "channel": "dm"
+        }
+        assert [c.new_value for c in await repo.changes("channel", 5, 2)] == ["two"]
+        assert [c.new_value for c in await repo.changes("channel", 5, None)] == ["dm"]
+        assert (await repo.get("channel", 5, 1)).model == "one"  # type: ignore[union-attr]
+        assert await repo.get("thread", 7, 2) is None
+
+
+async def test_concurrent_first_writes_to_a_dm_land_in_one_row(
+    any_session_factory: Sessions,
+) -> None:
+    """A DM has no server: its own unique index keeps first writes from racing into two rows."""
+
+    async def change(field: str, value: Any) -> None:
+        async with any_session_factory() as session, session.begin():
+            await SettingsRepository(session).set_field(
+                scope="channel", scope_id=DM, guild_id=None, field=field, value=value,
+                actor_id=BOB, actor_name="bob",
+            )  # fmt: skip
+
+    await asyncio.gather(change("model", "m"), change("system_prompt", "p"))
+    async with any_session_factory() as session:
+        rows = (await session.scalars(select(ChannelSetting))).all()
+        assert [(r.model, r.system_prompt) for r in rows] == [("m", "p")]
+
+
 async def test_concurrent_first_writes_to_one_scope_all_land(any_session_factory: Sessions) -> None:
     """Several moderators changing a channel that has no row yet: no duplicate-key errors."""
     values = {"model": "m", "system_prompt": "p", "knowledge_enabled": True}
@@ -154,7 +206,7 @@ async def test_concurrent_first_writes_to_one_scope_all_land(any_session_factory
     async with any_session_factory() as session:
         row = (await SettingsRepository(session).rows_for(GUILD, CHANNEL, None))["channel"]
         assert {field: row.get(field) for field in values} == values
-        assert len(await SettingsRepository(session).changes("channel", CHANNEL)) == 3
+        assert len(await SettingsRepository(session).changes("channel", CHANNEL, GUILD)) == 3
 
 
 async def test_set_field_rejects_unknown_fields_and_wrong_types(

@@ -51,6 +51,10 @@ class SwitchboardBot(commands.AutoShardedBot):
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
     ) -> None:
+        # The bot never joins voice channels: discord.py's warnings that voice support
+        # libraries are missing are noise before every start.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(
             # No text commands: people talk to the bot by mentioning it, so a prefix would
             # turn "@bot help me" into a command. Everything else is a slash command.

@@ -38,6 +38,10 @@ _PASSAGE_PREVIEW = 350
 EDIT_INTERVAL_S = 1.0  # Discord rate-limits edits; once a second is plenty for a progress line
 _STATUS_ICON = {"added": "✅", "replaced": "♻️", "skipped": "⏭️", "refused": "❌"}
 _IN_A_SERVER = "The knowledge base belongs to a server: use this command in one of its channels."
+_NO_DOCUMENTS = (
+    "This server's knowledge base has no documents yet, so answers have nothing to draw on: "
+    "add some with `/knowledge add`."
+)
 
 
 def result_line(result: FileResult) -> str:
@@ -212,6 +216,14 @@ class KnowledgeCog(commands.Cog):
         assert interaction.guild_id is not None
         return interaction.guild_id
 
+    async def _no_documents(self, guild_id: int) -> bool:
+        """Whether the server's knowledge base is known to be empty (False when unsure)."""
+        try:
+            return not await self.kb.list_documents(guild_id)
+        except Exception:  # only a hint: the switch itself is set
+            log.warning("could not list the documents of guild %s", guild_id, exc_info=True)
+            return False
+
     @staticmethod
     def _guild(interaction: discord.Interaction) -> int:
         if interaction.guild_id is None:
@@ -364,7 +376,7 @@ class KnowledgeCog(commands.Cog):
     ) -> None:
         """Answer from the knowledge base in this channel (its threads follow), or stop."""
         async with answering(interaction, "switching the knowledge base", log):
-            self._guild(interaction)
+            guild_id = self._guild(interaction)
             place = place_of(interaction.channel, interaction.guild_id)
             scope = scope_for(place, server)
             if not self._is_knowledge_admin(interaction):
@@ -373,4 +385,7 @@ class KnowledgeCog(commands.Cog):
             change = await self.service.set_knowledge(
                 place, scope, enabled, author_of(interaction.user)
             )
-            await send(interaction, change_line(change), ephemeral=False)
+            text = change_line(change)
+            if change.now.value and await self._no_documents(guild_id):
+                text += f"\n{_NO_DOCUMENTS}"
+            await send(interaction, text, ephemeral=False)

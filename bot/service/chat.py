@@ -344,12 +344,13 @@ class ChatService:
         )
 
     async def gguf_model(
-        self, name: str, path: Path, *, context_size: int | None = None
+        self, name: str, path: Path, *, context_size: int | None = None, replace: bool = False
     ) -> ModelSpec:
         """A model entry for a local GGUF file, once llama.cpp has shown that it loads it."""
         from chains.local import gguf_spec, validate_gguf
 
-        self.catalog.ensure_name_free(name)  # before the slow part
+        await self.catalog.refresh()  # another process may have taken the name
+        self.catalog.ensure_name_free(name, replace=replace)  # before the slow part
         await validate_gguf(path)
         entry = gguf_spec(name, path, context_size=context_size)
         try:
@@ -359,9 +360,19 @@ class ChatService:
                 f"Cannot register {path.name} as '{name}': {exc.errors()[0]['msg']}."
             ) from None
 
-    async def register_model(self, spec: ModelSpec, created_by: str) -> ModelSpec:
-        """Register a model (a GGUF file, a fine-tune) so every process can choose it."""
-        return await self.catalog.register(spec, created_by)
+    async def register_model(
+        self, spec: ModelSpec, created_by: str, *, replace: bool = False
+    ) -> ModelSpec:
+        """Register a model (a GGUF file, a fine-tune) so every process can choose it.
+
+        A name already taken is refused (`NameTaken`); `replace` lets a registered model of
+        that name be replaced, never a configured one.
+        """
+        return await self.catalog.register(spec, created_by, replace=replace)
+
+    async def remove_model(self, name: str) -> None:
+        """Unregister a registered model everywhere; configured models stay (ConfigError)."""
+        await self.catalog.unregister(name)
 
     async def _model_for(self, settings: EffectiveSettings) -> ModelSpec:
         try:

@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 REFRESH_S = 5.0
 
 
+class NameTaken(ConfigError):
+    """A model name already in use; `replaceable` when a registered model holds it.
+
+    A configured or built-in model is never replaced at run time: its file says what it is.
+    """
+
+    def __init__(self, message: str, *, replaceable: bool) -> None:
+        super().__init__(message)
+        self.replaceable = replaceable
+
+
 class ModelCatalog:
     """The registry plus the models registered at run time, refreshed as they change."""
 
@@ -94,17 +105,27 @@ class ModelCatalog:
         self.keep_fresh()
         return self.registry.all()
 
-    def ensure_name_free(self, name: str) -> None:
-        """Refuse a name the config (or the built-in registry) already uses."""
-        if name in self.registry and self.registry.get(name).origin != "database":
-            raise ConfigError(
-                f"`{name}` is already a model in {self.registry.source}; choose another name."
+    def ensure_name_free(self, name: str, *, replace: bool = False) -> None:
+        """Refuse a name the config (or the built-in registry) uses, or a registered one unless `replace`."""
+        if name not in self.registry:
+            return
+        if self.registry.get(name).origin != "database":
+            raise NameTaken(
+                f"`{name}` is already a model in {self.registry.source}; choose another name.",
+                replaceable=False,
+            )
+        if not replace:
+            raise NameTaken(
+                f"`{name}` is already a registered model; choose another name, or replace it.",
+                replaceable=True,
             )
 
-    async def register(self, spec: ModelSpec, created_by: str) -> ModelSpec:
-        """Register a run-time model (replacing a run-time model of that name) for every process."""
+    async def register(
+        self, spec: ModelSpec, created_by: str, *, replace: bool = False
+    ) -> ModelSpec:
+        """Register a run-time model for every process; `replace` lets it replace a registered one."""
         await self.refresh()
-        self.ensure_name_free(spec.name)
+        self.ensure_name_free(spec.name, replace=replace)
         previous = self.registry.get(spec.name) if spec.name in self.registry else None
         if spec.lineage is None or spec.lineage.created_by is None:
             lineage = spec.lineage or Lineage()

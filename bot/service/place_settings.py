@@ -186,7 +186,9 @@ class PlaceSettings:
         else:
             future.set_result(outcome)
 
-    def _resolve(self, place: Place, rows: dict[tuple[str, int], Any]) -> EffectiveSettings:
+    def _resolve(
+        self, place: Place, rows: dict[tuple[str, int | None, int], Any]
+    ) -> EffectiveSettings:
         """Each setting from the nearest scope that sets it: thread, channel, server, else global."""
         scopes = [
             ("thread", place.thread_id),
@@ -202,7 +204,8 @@ class PlaceSettings:
         for name, default in defaults.items():
             resolved[name] = Setting(default, "global")
             for scope, scope_id in scopes:
-                row = rows.get((scope, scope_id)) if scope_id is not None else None
+                # Keyed with the server: the terminal's made-up ids repeat across servers.
+                row = rows.get((scope, place.guild_id, scope_id)) if scope_id is not None else None
                 value = getattr(row, name) if row is not None else None
                 if value is not None:
                     resolved[name] = Setting(value, scope)  # type: ignore[arg-type]
