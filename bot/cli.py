@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bot.cli_common import load_settings, models_table, run_async, show_error
+from bot.cli_common import LOG_FILE, load_settings, models_table, run_async, show_error
 from bot.cli_knowledge import knowledge_app
 from core.errors import NotFound, UserError
 from core.settings import Settings
@@ -48,7 +48,6 @@ out = Console(soft_wrap=True, markup=False)  # the db commands print paths and r
 OWN_LOGGERS = ("bot", "chains", "core", "knowledge", "store", "migrations", "switchboard")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Where the terminal chat logs, in the data folder: never on the screen it draws on.
-CHAT_LOG = "switchboard.log"
 CHAT_HISTORY = "chat-history"  # the terminal chat's line history, in the data folder
 # The list commands of this command line, for "See ..." hints (see core.errors.NotFound).
 CLI_LISTINGS = {
@@ -89,7 +88,7 @@ def _chat_logging(settings: Settings, json_mode: bool) -> Path | None:
 
     Returns the log file, or None when it cannot be written (then logs go to stderr).
     """
-    path = settings.data_dir / CHAT_LOG
+    path = settings.data_dir / LOG_FILE
     handlers: list[logging.Handler] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

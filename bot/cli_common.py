@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # The log file, in the data folder, that unexpected errors are written to with their traceback.
-ERROR_LOG = "switchboard.log"
+# The log file in the data folder: tracebacks of unexpected errors, and the chat's warnings.
+LOG_FILE = "switchboard.log"
 # Where this command's settings put it (set by load_settings; one command per process).
 _error_log: ContextVar[Path | None] = ContextVar("switchboard_error_log", default=None)
 
@@ -45,7 +46,7 @@ def load_settings(err: Console) -> Settings:
     except ConfigError as exc:
         show_error(err, exc.message)
         raise typer.Exit(2) from None
-    _error_log.set(settings.data_dir / ERROR_LOG)
+    _error_log.set(settings.data_dir / LOG_FILE)
     return settings
 
 
@@ -76,7 +77,7 @@ def log_unexpected(exc: BaseException) -> tuple[str, Path | None]:
     # what is broken); never the terminal.
     logger = logging.getLogger("switchboard.unexpected")
     logger.propagate = False
-    for path in [p for p in (_error_log.get(), Path(tempfile.gettempdir()) / ERROR_LOG) if p]:
+    for path in [p for p in (_error_log.get(), Path(tempfile.gettempdir()) / LOG_FILE) if p]:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handler: logging.Handler = logging.FileHandler(path, encoding="utf-8")
