@@ -47,7 +47,6 @@ out = Console(soft_wrap=True, markup=False)  # the db commands print paths and r
 # Our own loggers; everything else is a library, kept to warnings unless --verbose.
 OWN_LOGGERS = ("bot", "chains", "core", "knowledge", "store", "migrations", "switchboard")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Where the terminal chat logs, in the data folder: never on the screen it draws on.
 CHAT_HISTORY = "chat-history"  # the terminal chat's line history, in the data folder
 # The list commands of this command line, for "See ..." hints (see core.errors.NotFound).
 CLI_LISTINGS = {
