@@ -18,8 +18,12 @@ from core.messages import Place
 # - "answer": the answer the conversation continues from;
 # - "attempt": a model that failed before its fallback answered (kept for the record);
 # - "alternative": another answer to the same prompt, asked for on purpose (a retry);
-# - "comparison", "battle": answers given side by side, or anonymously in a blind battle.
-MessageKind = Literal["prompt", "answer", "attempt", "alternative", "comparison", "battle"]
+# - "comparison", "battle": answers given side by side, or anonymously in a blind battle;
+# - "correction": a person's better answer to the prompt (the one it corrects in
+#   `alternative_to`): the strongest training signal there is.
+MessageKind = Literal[
+    "prompt", "answer", "attempt", "alternative", "comparison", "battle", "correction"
+]
 MESSAGE_KINDS: tuple[MessageKind, ...] = (
     "prompt",
     "answer",
@@ -27,6 +31,18 @@ MESSAGE_KINDS: tuple[MessageKind, ...] = (
     "alternative",
     "comparison",
     "battle",
+    "correction",
+)
+# Why a person disliked an answer (the 👎 modal, `/bad REASON`).
+VoteReason = Literal["wrong", "unhelpful", "unsafe", "off_topic", "too_long", "refused", "other"]
+VOTE_REASONS: tuple[VoteReason, ...] = (
+    "wrong",
+    "unhelpful",
+    "unsafe",
+    "off_topic",
+    "too_long",
+    "refused",
+    "other",
 )
 
 Status = Literal["ok", "error", "fallback"]
@@ -55,6 +71,11 @@ class LoggedAnswer:
     ttft_ms: float | None = None
     cost_usd: float | None = None
     fallback_from: str | None = None
+    # For an "alternative" (a retry) or a "correction": the answer it is another try at.
+    alternative_to: str | None = None
+    # Who wrote it, for a "correction" (a person, not a model).
+    author_id: int | None = None
+    author_name: str | None = None
     # The model's text had characters no database stores (see core.text.clean) and was cleaned.
     cleaned: bool = False
 

@@ -7,7 +7,7 @@ these models and the migrations agree.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Dialect,
     Float,
@@ -32,10 +33,16 @@ from sqlalchemy import (
 from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from core.exchange import MESSAGE_KINDS
+from core.exchange import MESSAGE_KINDS, VOTE_REASONS
 
 SETTING_SCOPES: tuple[str, ...] = ("guild", "channel", "thread")
-SETTING_FIELDS: tuple[str, ...] = ("model", "system_prompt", "knowledge_enabled")
+SETTING_FIELDS: tuple[str, ...] = (
+    "model",
+    "system_prompt",
+    "knowledge_enabled",
+    "log_enabled",
+    "retention_days",
+)
 
 # Stable constraint names, so later migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION: dict[str, str] = {
@@ -122,6 +129,10 @@ class ChannelSetting(Base):
     model: Mapped[str | None] = mapped_column(String(200))
     system_prompt: Mapped[str | None] = mapped_column(Text)
     knowledge_enabled: Mapped[bool | None] = mapped_column(Boolean)
+    # False: nothing said here is stored (only anonymous counts).
+    log_enabled: Mapped[bool | None] = mapped_column(Boolean)
+    # Server scope only: keep exchanges this many days (0: forever); NULL: the bot's default.
+    retention_days: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     updated_by: Mapped[int | None] = mapped_column(BigInteger)
 
@@ -237,6 +248,10 @@ class Message(Base):
     error: Mapped[str | None] = mapped_column(Text)
     fallback_from: Mapped[str | None] = mapped_column(String(200))
     source_ids: Mapped[list[str] | None] = mapped_column(JSONValue)
+    # An "alternative" (a retry) or "correction": the answer it is another try at.
+    alternative_to: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="SET NULL"), index=True
+    )
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages", lazy="raise")
 
@@ -285,6 +300,63 @@ class RegisteredModel(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSONValue)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     created_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class Vote(Base):
+    """One person's 👍 (+1) or 👎 (-1) on one answer, with an optional reason and comment."""
+
+    __tablename__ = "votes"
+    __table_args__ = (
+        UniqueConstraint("answer_id", "voter_id"),  # one vote per person per answer
+        CheckConstraint("value IN (-1, 1)", name="value"),
+        CheckConstraint(
+            "reason IS NULL OR reason IN (" + ", ".join(f"'{r}'" for r in VOTE_REASONS) + ")",
+            name="reason",
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    answer_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    voter_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    voter_name: Mapped[str | None] = mapped_column(String(200))
+    value: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(String(16))
+    comment: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))  # button, reaction, terminal
+    # The answer's place, copied so that stats and exports filter without a join.
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Person(Base):
+    """What a person chose about their data: opted out, they are answered but not stored."""
+
+    __tablename__ = "people"
+
+    user_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AnonymousCount(Base):
+    """Exchanges that were answered but not stored (opted-out people, places that log
+    nothing), counted per day, server and model: nothing about who or what."""
+
+    __tablename__ = "anonymous_counts"
+    __table_args__ = (UniqueConstraint("day", "guild_id", "model_name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    day: Mapped[date] = mapped_column(Date)
+    guild_id: Mapped[int] = mapped_column(BigInteger, default=0)  # 0: DMs and the terminal
+    model_name: Mapped[str] = mapped_column(String(200))
+    exchanges: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 MESSAGE_FIELDS: frozenset[str] = frozenset(Message.__table__.columns.keys())

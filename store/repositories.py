@@ -49,7 +49,13 @@ from store.models import (
 _SECRET_KEYS = frozenset(
     {"api_key", "apikey", "key", "password", "secret", "token", "access_token", "authorization"}
 )
-_FIELD_TYPES: dict[str, type] = {"model": str, "system_prompt": str, "knowledge_enabled": bool}
+_FIELD_TYPES: dict[str, type] = {
+    "model": str,
+    "system_prompt": str,
+    "knowledge_enabled": bool,
+    "log_enabled": bool,
+    "retention_days": int,
+}
 # Every messages column, in one order: rows that all carry every column insert as one batch.
 MESSAGE_COLUMNS: tuple[str, ...] = tuple(sorted(MESSAGE_FIELDS))
 # Ids per IN (...) list: well under SQLite's 32,766 bound parameters.

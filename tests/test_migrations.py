@@ -592,3 +592,38 @@ async def test_0004_keys_settings_by_server_and_downgrades_keeping_the_newest(
         await insert_settings(url, setting("c5-three", "channel", 5, 3))
     await upgrade_database(url)
     assert await database_revision(url) == head_revision()
+
+
+async def test_0005_feedback_tables_and_corrections_down_and_up(empty_database_url: str) -> None:
+    from store.models import Vote
+
+    url = empty_database_url
+    await upgrade_database(url, "0001")
+    await seed_v1(url)
+    before = await v1_snapshot(url)
+    await upgrade_database(url, "0005")
+    assert {"votes", "people", "anonymous_counts"} <= await table_names(url)
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                insert(Message.__table__),
+                [
+                    {"id": mid("fix"), "conversation_id": mid("c1"), "parent_id": mid("u1"),
+                     "role": "assistant", "kind": "correction", "content": "better", "created_at": T0,
+                     "alternative_to": mid("a1")},
+                ],
+            )  # fmt: skip
+            await connection.execute(
+                insert(Vote.__table__),
+                [{"id": mid("v1"), "answer_id": mid("a1"), "voter_id": 7, "value": 1,
+                  "source": "button", "created_at": T0, "updated_at": T0}],
+            )  # fmt: skip
+    finally:
+        await engine.dispose()
+    await downgrade_database(url, "0004")
+    assert "votes" not in await table_names(url)
+    assert "alternative_to" not in await message_columns(url)
+    assert await v1_snapshot(url) == before, "every message but the correction stays"
+    await upgrade_database(url)
+    assert await differences(url, Base.metadata) == []
