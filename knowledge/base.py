@@ -40,9 +40,9 @@ from knowledge.ingest import (
     Upload,
     checked_item,
     items_from_bytes,
-    items_from_paths,
 )
 from knowledge.keyword import BM25Index
+from knowledge.paths import items_from_paths
 from knowledge.ranking import Hit, SearchMode, fuse
 from knowledge.types import (
     DocumentInfo,
@@ -255,9 +255,19 @@ class KnowledgeBase:
         uploader: str,
         uploader_id: int | None = None,
         progress: ProgressCallback | None = None,
+        follow_symlinks: bool = False,
     ) -> IngestReport:
-        """Add files and folders (recursively); one result per file, never raising for one bad file."""
-        items = await asyncio.to_thread(items_from_paths, paths, self._config.max_file_bytes)
+        """Add files and folders (recursively); one result per file, never raising for one bad file.
+
+        Links inside folders are never followed (each is reported as skipped, with where it
+        points); a path given here that is itself a link is read only with `follow_symlinks`.
+        """
+        items = await asyncio.to_thread(
+            items_from_paths,
+            paths,
+            self._config.max_file_bytes,
+            follow_symlinks=follow_symlinks,
+        )
         return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
     async def add_bytes(
