@@ -518,6 +518,59 @@ async def test_embedding_runs_off_the_event_loop(
     assert threads and loop_thread not in threads
 
 
+class GatedEmbedder:
+    """The real local model, whose passage batches wait at a gate until the test opens it."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        self._inner = inner
+        self.waiting = threading.Event()  # an upload is inside embed_documents
+        self.gate = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        self.waiting.set()
+        self.gate.wait(timeout=600)  # only a guard against hanging the suite
+        return self._inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self._inner.embed_query(text)
+
+
+async def test_a_search_returns_while_an_upload_is_still_running(
+    kb_settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    guild = new_guild_id()
+    config = knowledge_config(kb_settings)
+    # Added by another process (or before a restart): this one has no keyword index for it yet.
+    earlier = KnowledgeBase(config, embedder=local_embedder)
+    await earlier.add_bytes(guild, [("guide.md", GUIDE)], uploader="a")
+    await earlier.aclose()
+
+    gated = GatedEmbedder(local_embedder)
+    kb = KnowledgeBase(config, embedder=gated)
+    big = " ".join(f"Parcel {n} ships from Rotterdam to Lyon by train." for n in range(300))
+    upload = asyncio.create_task(kb.add_bytes(guild, [("big.txt", big.encode())], uploader="b"))
+    try:
+        assert await asyncio.to_thread(gated.waiting.wait, 120)
+        # Bounded only so that a search stuck behind the upload fails instead of hanging.
+        hybrid = await asyncio.wait_for(kb.search(guild, "what does E-4711 mean?", k=3), 60)
+        keyword = await asyncio.wait_for(kb.search(guild, "E-4711", k=3, mode="keyword"), 60)
+        assert not upload.done()  # the upload is still held at the gate
+        assert hybrid[0].document == "guide.md" and [s.document for s in keyword] == ["guide.md"]
+        assert await kb.search(guild, "Rotterdam Lyon", k=3, mode="keyword") == []
+    finally:
+        gated.gate.set()
+    report = await upload
+    assert [(r.name, r.status) for r in report.results] == [("big.txt", "added")]
+    # The keyword index built during the upload gave way to one with its passages.
+    after = await kb.search(guild, "Rotterdam Lyon", k=3, mode="keyword")
+    assert after and {s.document for s in after} == {"big.txt"}
+    await kb.aclose()
+
+
 async def test_another_model_is_a_clear_error_until_reindexed(
     kb_settings: Settings, local_embedder: LocalEmbedder
 ) -> None:
