@@ -58,6 +58,7 @@ _FIELD_TYPES: dict[str, type] = {
     "knowledge_enabled": bool,
     "log_enabled": bool,
     "retention_days": int,
+    "arena_pool": list,
 }
 # Every messages column, in one order: rows that all carry every column insert as one batch.
 MESSAGE_COLUMNS: tuple[str, ...] = tuple(sorted(MESSAGE_FIELDS))
@@ -91,6 +92,8 @@ def _as_text(value: object) -> str | None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
     return str(value)
 
 
