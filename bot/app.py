@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.service.chat import ChatService
 from bot.service.conversations import ConversationIndex
 from bot.service.feedback import Feedback
+from bot.service.leaderboard import Leaderboards
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
@@ -229,6 +230,9 @@ async def open_app(
             exchange_log=exchange_log,
             writer=writer,
             feedback=Feedback(sessions, writer),
+            leaderboards=Leaderboards(
+                sessions, catalog, min_battles=settings.leaderboard_min_battles
+            ),
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )

@@ -32,7 +32,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.charts import share_chart
+from bot.charts import share_chart
 from bot.discord.chat import ChatCog
 from bot.discord.checks import author_of, permission_refusal, place_of
 from bot.discord.respond import answering, send

@@ -34,6 +34,7 @@ from bot.service.feedback import (
     VoteOutcome,
     VoteSource,
 )
+from bot.service.leaderboard import Leaderboard, Leaderboards, LeaderboardScope
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
@@ -104,6 +105,7 @@ class ChatService:
         exchange_log: ExchangeLog,
         writer: LogWriter,
         feedback: Feedback,
+        leaderboards: Leaderboards,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -115,6 +117,7 @@ class ChatService:
         self.exchange_log = exchange_log
         self.writer = writer
         self.feedback = feedback
+        self.leaderboards = leaderboards
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
         self.clock = clock
@@ -464,6 +467,20 @@ class ChatService:
         return await self.feedback.stats(
             guild_id=guild_id, channel_id=channel_id, model=model, since=since
         )
+
+    async def leaderboard(
+        self,
+        scope: LeaderboardScope,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+    ) -> Leaderboard:
+        """Models rated from the blind battles of a channel, a server or everywhere, with
+        95% intervals and ranks, beside their 👍 share, median latency, cost and price.
+
+        "channel" needs `channel_id` (and the server's `guild_id`; None for a DM),
+        "server" needs `guild_id`, "global" neither.
+        """
+        return await self.leaderboards.board(scope, guild_id, channel_id)
 
     # ---------------------------------------------------------------- models
 
