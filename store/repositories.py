@@ -847,7 +847,7 @@ _ANSWERED: tuple[str, ...] = ("ok", "fallback")
 
 
 @dataclass(frozen=True, slots=True)
-class BattleVerdict:
+class CountedVerdict:
     """One person's counted verdict on a valid battle: "a", "b" or "tie"."""
 
     battle_id: str
@@ -879,7 +879,7 @@ class LeaderboardRepository:
 
     async def battle_verdicts(
         self, *, guild_id: int | None = None, channel_id: int | None = None
-    ) -> list[BattleVerdict]:
+    ) -> list[CountedVerdict]:
         """The verdicts of valid battles (oldest first): A better, B better, or a tie.
 
         A battle marked invalid (an answer gave its model away, or failed) counts for
@@ -896,7 +896,7 @@ class LeaderboardRepository:
         if channel_id is not None:
             query = query.where(Battle.channel_id == channel_id)
         rows = (await self.session.execute(query)).tuples().all()
-        return [BattleVerdict(str(b), str(ma), str(mb), str(o)) for b, ma, mb, o in rows]
+        return [CountedVerdict(str(b), str(ma), str(mb), str(o)) for b, ma, mb, o in rows]
 
     async def model_usage(
         self, *, guild_id: int | None = None, channel_id: int | None = None

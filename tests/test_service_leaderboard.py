@@ -12,7 +12,9 @@ from PIL import Image
 from bot.app import App, open_app
 from bot.charts import leaderboard_chart
 from bot.service.leaderboard import Leaderboard
+from core.messages import Author, Place
 from core.settings import Settings
+from tests.fakes.openai_server import FakeOpenAI, FakeRequest, echo_reply
 from tests.fixtures.battles import add_answers, add_battle
 
 GUILD, CHANNEL, OTHER_CHANNEL = 70, 71, 72
@@ -115,6 +117,45 @@ async def test_a_fit_is_remembered_until_a_vote_changes_it(board_app: App) -> No
     await fill(board_app, [(WEAK, STRONG, "a", CHANNEL)])
     changed = await board_app.service.leaderboard("server", guild_id=GUILD)
     assert changed.fit is not first.fit and changed.battles == first.battles + 1
+
+
+async def test_arena_votes_are_what_the_leaderboard_fits(
+    board_app: App, fake_openai: FakeOpenAI
+) -> None:
+    """Battles and votes through the arena: a, b and tie count; both-bad and invalid do not."""
+    service = board_app.service
+    place, moderator = Place(GUILD, CHANNEL), Author(900, "mod")
+    await service.set_arena_pool(place, "channel", [STRONG, WEAK], moderator)
+    for number in range(15):
+        battle = await service.battle(place, Author(number, f"p{number}"), f"question {number}")
+        # The first voter finds both bad (which reveals the models, and compares nothing).
+        seen = await service.battle_vote(battle.id, Author(100 + number, "v"), "bad")
+        assert seen.counted
+        if number == 14:
+            continue  # a battle with only a both-bad verdict
+        strong_side, weak_side = ("a", "b") if seen.model_a == STRONG else ("b", "a")
+        outcome = {0: "tie", 1: weak_side}.get(number, strong_side)
+        await service.battle_vote(battle.id, Author(200 + number, "w"), outcome)
+
+    def leaky(request: FakeRequest) -> str:
+        return ("Solo here. " if request.model == "fake-solo" else "") + echo_reply(request)
+
+    fake_openai.reply = leaky
+    leaked = await service.battle(place, Author(99, "p"), "who are you?")
+    assert not (await service.battle_vote(leaked.id, Author(300, "v"), "a")).counted
+    await board_app.writer.drain()
+
+    board = await service.leaderboard("channel", guild_id=GUILD, channel_id=CHANNEL)
+    strong, weak = board.get(STRONG), board.get(WEAK)
+    assert strong is not None and weak is not None
+    assert strong.rating is not None and weak.rating is not None
+    # 14 battles with a counted verdict each; the both-bad ones and the invalid one left out.
+    assert (board.battles, board.fit.comparisons) == (14, 14)
+    assert (strong.rating.wins, strong.rating.losses, strong.rating.ties) == (12, 1, 1)
+    assert (weak.rating.wins, weak.rating.losses, weak.rating.ties) == (1, 12, 1)
+    assert strong.rank == 1 and weak.rank == 2 and strong.rating.rating > weak.rating.rating
+    # Battle answers are answers: their latency is on the board.
+    assert strong.answers == 16 and strong.median_latency_ms is not None
 
 
 def png(data: bytes) -> Image.Image:

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from store.repositories import BattleVerdict, ConversationRepository, LeaderboardRepository
+from store.repositories import ConversationRepository, CountedVerdict, LeaderboardRepository
 from tests.fixtures.battles import add_battle, add_conversation
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -47,9 +47,9 @@ async def test_verdicts_count_valid_battles_and_leave_out_both_bad(
     async with any_session_factory() as session:
         verdicts = await LeaderboardRepository(session).battle_verdicts()
     assert verdicts == [
-        BattleVerdict(first, "alpha", "beta", "a"),
-        BattleVerdict(first, "alpha", "beta", "tie"),
-        BattleVerdict(second, "beta", "gamma", "b"),
+        CountedVerdict(first, "alpha", "beta", "a"),
+        CountedVerdict(first, "alpha", "beta", "tie"),
+        CountedVerdict(second, "beta", "gamma", "b"),
     ]
 
 
