@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.service.chat import ChatService
 from bot.service.compare import Comparisons
 from bot.service.conversations import ConversationIndex
+from bot.service.evaluate import Evaluator
 from bot.service.feedback import Feedback
 from bot.service.leaderboard import Leaderboards
 from bot.service.limits import PersonLimit
@@ -71,6 +72,7 @@ class App:
     local: LocalServers
     knowledge: KnowledgeBase | None
     redact: Redactor
+    evaluator: Evaluator
 
 
 def secrets_redactor(settings: Settings, specs: Iterable[ModelSpec] = ()) -> Redactor:
@@ -246,4 +248,7 @@ async def open_app(
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )
-        yield App(settings, engine, sessions, writer, registry, service, local, kb, redact)
+        evaluator = Evaluator(catalog, answerer)
+        yield App(
+            settings, engine, sessions, writer, registry, service, local, kb, redact, evaluator
+        )

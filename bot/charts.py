@@ -236,7 +236,7 @@ def speed_cost_chart(
         raise ValueError("no models to draw")
     with _figure(10.0, max(3.2, 1.4 + 0.45 * len(models))) as figure:
         left, right = figure.subplots(1, 2)
-        timed = [list(latencies[m]) or [0.0] for m in models]
+        timed = [list(latencies[m]) for m in models]  # a model that never answered: no box
         boxes = left.boxplot(
             timed, orientation="horizontal", patch_artist=True, tick_labels=models, widths=0.6
         )
@@ -254,7 +254,7 @@ def speed_cost_chart(
         right.bar_label(
             bars,
             labels=[
-                f"${c:,.4f}" if cost_per_1k.get(m) is not None else "n/a"
+                ("free" if c == 0 else f"${c:,.4f}") if cost_per_1k.get(m) is not None else "n/a"
                 for m, c in zip(models, costs, strict=True)
             ],
             fontsize=8,

@@ -324,6 +324,65 @@ def leaderboard(
     raise typer.Exit(_run(main))
 
 
+@app.command("eval")
+def eval_command(
+    dataset: Annotated[
+        Path | None,
+        typer.Argument(
+            help='JSON Lines: "prompt", and optionally "reference", "system", "regex", "id", "history".'
+        ),
+    ] = None,
+    models: Annotated[str, typer.Option(help="The models to evaluate, comma-separated.")] = "",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Folder for the results and the report; running again resumes there."
+        ),
+    ] = Path("eval"),
+    judge: Annotated[
+        str | None, typer.Option(help="A model that judges the answers (see --judge-mode).")
+    ] = None,
+    judge_mode: Annotated[
+        str,
+        typer.Option(
+            help="pairwise: every two answers compared, in both orders; rubric: each rated 1-10."
+        ),
+    ] = "pairwise",
+    system: Annotated[
+        str | None, typer.Option(help="System prompt for rows without one (default: the bot's).")
+    ] = None,
+    regex: Annotated[
+        str | None, typer.Option(help="A pattern answers must contain, for rows without one.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Model calls at once.")] = 4,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Ask again what failed in an earlier run.")
+    ] = False,
+) -> None:
+    """Run models on a dataset: exact, contains, regex and judge scores, speed, tokens, cost."""
+    settings = _settings()
+    # Failed calls are results here: their warnings go to the log file, not over the bar.
+    _chat_logging(settings, json_mode=False)
+
+    async def main() -> int:
+        from bot.cli_eval import run_eval, split_models
+
+        return await run_eval(
+            settings,
+            dataset,
+            split_models(models),
+            out,
+            judge=judge,
+            judge_mode=judge_mode,
+            system=system,
+            regex=regex,
+            concurrency=concurrency,
+            retry_failed=retry_failed,
+        )
+
+    raise typer.Exit(_run(main))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List the configured and registered models."""

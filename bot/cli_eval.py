@@ -15,9 +15,18 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from bot.charts import leaderboard_chart
+from bot.eval_report import SCORE_WORDS, percent, write_report
 from bot.present import (
     blended_price_text,
     dollars,
@@ -26,6 +35,15 @@ from bot.present import (
     rank_text,
     rating_text,
     record_text,
+)
+from bot.service.evaluate import (
+    DEFAULT_CONCURRENCY,
+    JUDGE_MODES,
+    RESULTS_FILE,
+    SCORES,
+    EvalProgress,
+    EvalResults,
+    load_dataset,
 )
 from bot.service.leaderboard import Leaderboard, LeaderboardEntry, LeaderboardScope
 from core.errors import UserError
@@ -152,4 +170,122 @@ async def run_leaderboard(
         except OSError as exc:
             raise UserError(f"Cannot write the chart to {chart}: {exc.strerror or exc}.") from None
         err.print(f"Chart written to {chart}.", markup=False, highlight=False)
+    return 0
+
+
+# ------------------------------------------------------------------------------ eval
+
+
+def split_models(models: str) -> list[str]:
+    """ "a, b,c" → ["a", "b", "c"]."""
+    return [name.strip() for name in models.split(",") if name.strip()]
+
+
+def eval_summary_table(results: EvalResults) -> Table:
+    """One row per model: answered, failed, each score that applies, speed, tokens, cost."""
+    shown = [n for n in SCORES if any(s.scores.get(n) is not None for s in results.summaries)]
+    table = Table(title=f"Evaluation: {len(results.examples):,} rows")
+    table.add_column("model")
+    for column in ("answered", "failed", *[SCORE_WORDS[n] for n in shown]):
+        table.add_column(column, justify="right")
+    for column in ("median latency", "tokens in / out", "cost", "per 1,000 answers"):
+        table.add_column(column, justify="right")
+    for s in results.summaries:
+        table.add_row(
+            escape(s.model),
+            f"{s.answered:,}",
+            f"[red]{s.failed:,}[/red]" if s.failed else "0",
+            *[percent(s.scores.get(n)) for n in shown],
+            latency_text(s.median_latency_ms),
+            f"{s.prompt_tokens:,} / {s.completion_tokens:,}",
+            dollars(s.cost_usd) if s.cost_known else "",
+            dollars(s.cost_per_1k_answers),
+        )
+    return table
+
+
+async def run_eval(
+    settings: Settings,
+    dataset: Path | None,
+    models: list[str],
+    folder: Path,
+    *,
+    judge: str | None = None,
+    judge_mode: str = "pairwise",
+    system: str | None = None,
+    regex: str | None = None,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    retry_failed: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Run (or resume) an evaluation into `folder`, write its report, print the summary."""
+    from bot.app import open_app
+
+    err = Console(stderr=True, soft_wrap=True)
+    if dataset is None:
+        raise UserError("Give the dataset to evaluate on: switchboard eval DATASET.jsonl ...")
+    if judge_mode not in JUDGE_MODES:
+        raise UserError(f"--judge-mode is {' or '.join(JUDGE_MODES)}, not {judge_mode!r}.")
+    examples = await asyncio.to_thread(load_dataset, dataset)
+    bar = Progress(
+        TextColumn("[bold]Evaluating[/bold]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[failed]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+    task = bar.add_task("eval", total=None, failed="")
+
+    def show(progress: EvalProgress) -> None:
+        failed = f"[red]{progress.failed} failed[/red]" if progress.failed else ""
+        bar.update(task, total=progress.total, completed=progress.done, failed=failed)
+
+    recorded = folder / RESULTS_FILE
+    async with open_app(settings, knowledge=False) as sb:
+        try:
+            with bar:
+                results = await sb.evaluator.run(
+                    examples,
+                    models,
+                    folder,
+                    judge=judge,
+                    judge_mode=judge_mode,
+                    system_prompt=system,
+                    default_regex=regex,
+                    concurrency=concurrency,
+                    retry_failed=retry_failed,
+                    on_progress=show,
+                )
+        except asyncio.CancelledError:
+            err.print(
+                f"Stopped. What finished is kept in {recorded}: run the same command again "
+                "to go on from there.",
+                markup=False,
+                highlight=False,
+            )
+            raise
+    try:
+        files = await asyncio.to_thread(write_report, results, folder)
+    except OSError as exc:
+        raise UserError(f"Cannot write the report into {folder}: {exc.strerror or exc}.") from None
+    console = Console(file=out, soft_wrap=False)
+    console.print(eval_summary_table(results))
+    failed = sum(s.failed for s in results.summaries)
+    if failed:
+        console.print(
+            f"{failed:,} calls failed: their errors are in the report. Run again with "
+            "--retry-failed to ask them again.",
+            style="yellow",
+            markup=False,
+        )
+    console.print(f"Report: {files.html}", markup=False, highlight=False)
+    console.print(
+        f"Per row: {files.examples_csv}, {files.examples_jsonl}; summary: {files.summary_json}, "
+        f"{files.summary_csv}; charts: {', '.join(str(c) for c in files.charts)}",
+        markup=False,
+        highlight=False,
+    )
     return 0

@@ -280,9 +280,9 @@ def _fit_ratings(
         np.column_stack([battle_to_pair, per_battle]), axis=0, return_counts=True
     )
     # Kinds x (pairs x 3): what one battle of each kind adds to a dataset's counts.
-    adds = np.zeros((len(kinds), n_pairs, 3))
-    adds[np.arange(len(kinds)), kinds[:, 0].astype(np.intp)] = kinds[:, 1:]
-    adds = adds.reshape(len(kinds), n_pairs * 3)
+    per_kind = np.zeros((len(kinds), n_pairs, 3))
+    per_kind[np.arange(len(kinds)), kinds[:, 0].astype(np.intp)] = kinds[:, 1:]
+    adds = per_kind.reshape(len(kinds), n_pairs * 3)
     rng = np.random.default_rng(seed)
     boot = np.empty((resamples, n_models))
     for done in range(0, resamples, _CHUNK):
