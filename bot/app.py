@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.service.chat import ChatService
 from bot.service.conversations import ConversationIndex
+from bot.service.feedback import Feedback
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
@@ -230,6 +231,7 @@ async def open_app(
             place_settings=PlaceSettings(sessions, registry),
             exchange_log=exchange_log,
             writer=writer,
+            feedback=Feedback(sessions, writer),
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )

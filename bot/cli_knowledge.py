@@ -84,8 +84,19 @@ def add(
     uploader: Annotated[
         str, typer.Option("--as", help="Who added them, as shown by `list`.")
     ] = "terminal",
+    follow_symlinks: Annotated[
+        bool,
+        typer.Option(
+            "--follow-symlinks",
+            help="Read what a PATH given here points to when it is a symbolic link. Links inside folders are never followed.",
+        ),
+    ] = False,
 ) -> None:
-    """Add documents (.txt .md .pdf .html .docx); a file with the same name is replaced."""
+    """Add documents (.txt .md .pdf .html .docx); a file with the same name is replaced.
+
+    Folders are read recursively without following symbolic links: each link, and each
+    file of another type, is listed as skipped with the reason.
+    """
     from knowledge.types import ProgressUpdate
 
     async def work(kb: KnowledgeBase) -> int:
@@ -112,7 +123,9 @@ def add(
                 )
 
             # The terminal knows the uploader by the name given with --as alone.
-            report = await kb.add_files(guild, paths, uploader=uploader, progress=show)
+            report = await kb.add_files(
+                guild, paths, uploader=uploader, progress=show, follow_symlinks=follow_symlinks
+            )
         table = Table(title=f"Knowledge base of server {guild}")
         for column in ("file", "result", "passages", "detail"):
             table.add_column(column)

@@ -8,8 +8,10 @@ imports `discord` or `rich`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.place_settings import SettingChange
 from chains.registry import ModelSpec
 from core.messages import scope_word
@@ -116,6 +118,48 @@ def change_line(change: SettingChange) -> str:
         return f"System prompt for {where} set ({len(str(change.new))} characters)."
     state = "inherited" if change.new is None else ("on" if change.new else "off")
     return f"Knowledge base for {where}: **{state}**."
+
+
+# The 👎 reasons (core.exchange.VOTE_REASONS) as people read them.
+REASON_WORDS: dict[str, str] = {
+    "wrong": "Wrong",
+    "unhelpful": "Unhelpful",
+    "unsafe": "Unsafe",
+    "off_topic": "Off-topic",
+    "too_long": "Too long",
+    "refused": "Refused wrongly",
+    "other": "Other",
+}
+
+
+def reasons_text(reasons: list[tuple[str, int]]) -> str:
+    """'Too long ×3, Wrong ×1', or 'none given'."""
+    if not reasons:
+        return "none given"
+    return ", ".join(f"{REASON_WORDS.get(reason, reason)} ×{count}" for reason, count in reasons)
+
+
+def share_text(model: ModelFeedback) -> str:
+    """'72% 👍 (95% CI 61–81%)', or 'no votes'."""
+    share, interval = model.share_up, model.interval
+    if share is None or interval is None:
+        return "no votes"
+    low, high = math.floor(100 * interval[0]), math.ceil(100 * interval[1])
+    return f"{100 * share:.0f}% 👍 (95% CI {low}–{high}%)"
+
+
+def vote_line(outcome: VoteOutcome) -> str:
+    """What a vote did, for the person who voted."""
+    if not outcome.stored:
+        return "Thanks! (You opted out of storage, so your vote is not kept.)"
+    if outcome.value == 0:
+        return "Your vote is removed." if outcome.previous else "You had not voted on that answer."
+    thumb = "👍" if outcome.value > 0 else "👎"
+    if outcome.previous == outcome.value:
+        return f"You already voted {thumb} on that answer; it stays."
+    if outcome.previous is not None:
+        return f"Changed your vote to {thumb}."
+    return f"Thanks for the {thumb}."
 
 
 def export_summary_lines(summary: ExportSummary) -> list[str]:

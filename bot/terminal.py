@@ -36,9 +36,10 @@ from rich.segment import Segment
 from rich.spinner import Spinner
 
 from bot.cli_common import models_table
-from bot.present import change_line, models_text
+from bot.present import change_line, models_text, vote_line
 from bot.service import ChatService
 from core.errors import UserError, apology, report_unexpected
+from core.exchange import VOTE_REASONS
 from core.messages import (
     Author,
     ChatEvent,
@@ -63,6 +64,11 @@ HELP = """Commands:
   /system show             show the system prompt in force
   /system reset            inherit the system prompt again
   /knowledge on|off        answer from the server's knowledge base, or not
+  /good                    the last answer was good
+  /bad [REASON] [TEXT]     it was not (REASON: wrong, unhelpful, unsafe, off_topic, too_long,
+                           refused, other)
+  /better TEXT             a better answer than the last one (kept to train on)
+  /retry [MODEL]           another answer to the last question (by MODEL); votes then apply to it
   /settings                the settings in force here and where each comes from
   /new                     start a new conversation
   /help                    this list
@@ -126,6 +132,7 @@ class TerminalChat:
         self.author = author
         self.knowledge = knowledge
         self.conversation_id: str | None = None
+        self.last_answer_id: str | None = None  # what /good, /bad, /better and /retry are about
 
     @property
     def scope(self) -> Scope:
@@ -137,13 +144,37 @@ class TerminalChat:
         admission = self.service.admit(request)  # the service exempts the terminal today
         if not admission.allowed:
             raise UserError(f"Too many messages: wait {math.ceil(admission.retry_after)} s.")
-        async for event in self.service.stream(request):
+        async for event in self._follow(self.service.stream(request)):
+            yield event
+
+    def answers(self, line: str) -> AsyncIterator[ChatEvent]:
+        """The reply events for a line that is answered: a message, or `/retry [MODEL]`."""
+        if is_retry(line):
+            words = line.split()
+            return self.retry(words[1] if len(words) > 1 else None)
+        return self.send(line)
+
+    async def retry(self, model: str | None = None) -> AsyncIterator[ChatEvent]:
+        """Another answer to the last question (by `model`); later votes apply to it."""
+        async for event in self._follow(
+            self.service.retry(self._last_answer(), self.author, model)
+        ):
+            yield event
+
+    async def _follow(self, events: AsyncIterator[ChatEvent]) -> AsyncIterator[ChatEvent]:
+        async for event in events:
             if isinstance(event, ReplyStarted):
                 # Known before the answer is: a stopped answer is still part of the conversation.
                 self.conversation_id = event.conversation_id
+                self.last_answer_id = event.message_id
             elif isinstance(event, ReplyFinished):
                 self.conversation_id = event.result.conversation_id
             yield event
+
+    def _last_answer(self) -> str:
+        if self.last_answer_id is None:
+            raise UserError("There is no answer yet to give feedback on: ask something first.")
+        return self.last_answer_id
 
     async def command(self, line: str) -> CommandResult:
         """Run a `/command` line; errors come back as a failed result, and the chat goes on."""
@@ -168,6 +199,27 @@ class TerminalChat:
         name = f"{head} {sub}".strip()
         if head in {"quit", "exit"}:
             return CommandResult(head, True, "Bye.", quit=True)
+        if head in {"good", "bad"}:
+            reason = comment = None
+            if head == "bad":  # /bad [REASON] [TEXT]
+                after = line.split(None, 1)[1].strip() if len(words) > 1 else ""
+                reason = sub if sub in VOTE_REASONS else None
+                comment = (after[len(sub) :].strip() if reason else after) or None
+            value = 1 if head == "good" else -1
+            outcome = await svc.vote(
+                self._last_answer(), who, value, source="terminal", reason=reason, comment=comment
+            )
+            return CommandResult(head, True, vote_line(outcome))
+        if head == "better":
+            text = line.split(None, 1)[1].strip() if len(words) > 1 else ""
+            if not text:
+                raise UserError(
+                    "Write the better answer after /better, e.g. `/better Paris is the capital.`"
+                )
+            await svc.correct(self._last_answer(), who, text)
+            return CommandResult(
+                head, True, "Thanks: your better answer is kept beside the original."
+            )
         if head == "help":
             return CommandResult(head, True, HELP)
         if head == "new":
@@ -231,6 +283,12 @@ class TerminalChat:
         except Exception:  # only a hint: the switch itself is set
             log.warning("could not list the knowledge base's documents", exc_info=True)
             return False
+
+
+def is_retry(line: str) -> bool:
+    """Whether a line is `/retry [MODEL]`, which is answered like a message."""
+    words = line.split()
+    return bool(words) and words[0] == "/retry"
 
 
 # ----------------------------------------------------------------------------- input
@@ -385,6 +443,7 @@ _NO_REPLY = dict.fromkeys(
         "usage",
         "cost_usd",
         "fallback_from",
+        "log_problem",
     ]
 )
 
@@ -406,7 +465,7 @@ async def run_json(
         stdout.flush()
 
     async for line in input_lines(stdin):
-        if line.startswith("/"):
+        if line.startswith("/") and not is_retry(line):
             result = await chat.command(line)
             emit({"command": result.command, "ok": result.ok, "message": result.message})
             if result.quit:
@@ -423,7 +482,7 @@ async def run_json(
 
 async def _reply_json(chat: TerminalChat, line: str) -> dict[str, Any]:
     try:
-        async for event in chat.send(line):
+        async for event in chat.answers(line):
             if isinstance(event, ReplyFinished):
                 return result_json(event.result)
     except UserError as exc:
@@ -454,7 +513,7 @@ async def run_interactive(
             return 0
         if not line:
             continue
-        if line.startswith("/"):
+        if line.startswith("/") and not is_retry(line):
             result = await chat.command(line)
             if line == "/model list" and result.ok:
                 console.print(models_table(chat.service.list_models(), chat.service.default_model))
@@ -576,7 +635,7 @@ async def _stream(chat: TerminalChat, line: str, view: _ReplyView) -> ChatResult
     console = view.console
     with view.live():
         try:
-            async for event in chat.send(line):
+            async for event in chat.answers(line):
                 if isinstance(event, ReplyDelta):
                     view.add(event.text)
                 elif isinstance(event, FallbackUsed):

@@ -7,6 +7,7 @@ any retrieved passages); `create_chat_chain` streams the model's answer;
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from html import escape
 from typing import Any
@@ -86,17 +87,22 @@ def build_messages(
     return system, turns, [HumanMessage(text)]
 
 
+# An opening or closing reference tag in any case, spaced or not: "</REFERENCE>", "< reference".
+_REFERENCE_TAG = re.compile(r"<(\s*/)?\s*(reference)", re.IGNORECASE)
+
+
+def _neutralise_tag(match: re.Match[str]) -> str:
+    """A space after the bracket (and slash), so the tag no longer reads as one."""
+    return ("</ " if match.group(1) else "< ") + match.group(2)
+
+
 def format_passages(passages: Sequence[Source]) -> str:
     """Passages as numbered, delimited <reference> blocks."""
     blocks = []
     for n, source in enumerate(passages, start=1):
         label = source.document if not source.location else f"{source.document}, {source.location}"
-        # A passage must not be able to close its own block and speak as the user.
-        body = (
-            source.text.replace("</reference", "</ reference")
-            .replace("<reference", "< reference")
-            .strip()
-        )
+        # A passage must not be able to close its own block and speak as the user, in any case.
+        body = _REFERENCE_TAG.sub(_neutralise_tag, source.text).strip()
         blocks.append(
             f'<reference n="{n}" source="{escape(label, quote=True)}">\n{body}\n</reference>'
         )

@@ -41,6 +41,7 @@ from chains.gguf import (
     resolve_gguf,
 )
 from core.errors import ConfigError, UserError
+from core.threads import quiet_openmp, usable_cores
 
 __all__ = [
     "LocalServerDied",
@@ -51,6 +52,7 @@ __all__ = [
     "default_threads",
     "gguf_spec",
     "local_http_client",
+    "server_environment",
     "validate_gguf",
 ]
 
@@ -92,11 +94,20 @@ def default_threads() -> int:
     On a busy 2-core machine one thread held ~80 tokens/s where two swung between 5 and
     120; past ~8 threads decoding a small model gains nothing.
     """
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(8, usable - 1))
+    return max(1, min(8, usable_cores() - 1))
+
+
+def server_environment(threads: int) -> dict[str, str]:
+    """The environment a llama.cpp server starts with: this one's, plus how its OpenMP threads behave.
+
+    Idle OpenMP threads sleep instead of spinning (`core.threads.quiet_openmp`: where the
+    operator has not set the variables), and OpenMP's own thread count is the server's
+    explicit `threads`, so no OpenMP region starts one thread per core behind its back.
+    """
+    env = dict(os.environ)
+    quiet_openmp(env)
+    env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
 def default_context_size(info: GGUFInfo) -> int:
@@ -242,6 +253,7 @@ def _spawn(name: str, launch: _Launch) -> _Server:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=writer,
+            env=server_environment(launch.threads),
             close_fds=True,
             # Out of the terminal's process group: Ctrl-C goes to the parent, which stops us in order.
             start_new_session=True,

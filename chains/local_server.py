@@ -23,6 +23,8 @@ import sys
 import threading
 from typing import Any
 
+from core.threads import quiet_openmp
+
 PR_SET_PDEATHSIG = 1
 LOOPBACK = "127.0.0.1"
 
@@ -108,11 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_stdin, name="parent-watchdog", daemon=True).start()
 
     # llama.cpp's CPU build uses OpenMP (libgomp), whose idle threads spin before they
-    # sleep. When the cores are shared (the bot itself, other programs), threads that spin
-    # on a core another thread needs stall each other: on a busy 2-core machine, 2 threads
-    # fell to 5-13 tokens/s with libgomp's default spin count, ~30 with 1,000, versus
-    # ~120 either way on idle cores. libgomp reads this when it loads: set it before import.
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    # sleep and stall whatever else shares the cores (see core.threads). The parent starts
+    # us with the quiet policy and OMP_NUM_THREADS = --threads already; this covers a
+    # server started by hand. libgomp reads them when it loads: before the import below.
+    quiet_openmp(os.environ)
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     try:
         import xllamacpp
 

@@ -11,8 +11,21 @@ chunk count, uploader (name and id), time and content hash in its metadata, and 
 document list is read from the first chunk of each document.
 
 Every blocking step (parsing, embedding, Chroma calls) runs in worker threads, never on
-the event loop. Uploads are `knowledge.ingest.Upload`, run under the server's lock;
-ranking is `knowledge.ranking.fuse` over a vector search and the keyword index kept here.
+the event loop. Uploads are `knowledge.ingest.Upload`; ranking is `knowledge.ranking.fuse`
+over a vector search and the keyword index kept here.
+
+Two locks per server, so that retrieval never waits for an upload:
+- the *write lock* lets one change at a time (an upload, a removal, a reindex) read the
+  document list, write, bump the revision and rebuild the keyword index; searches never
+  take it;
+- the *index lock* lets one thread at a time build the server's keyword index (a search
+  that finds none, or finds it stale, or a change that just finished), and the others
+  use what it built. It is taken inside the write lock, never the other way round.
+A search during an upload sees what Chroma holds at that moment: the files stored so far,
+none of those still being embedded (only while a file is being written can a search catch
+it part-way: one of more than a write's worth of passages, or next to the version it
+replaces). A keyword index built then carries the revision from before the upload, so the
+upload's new revision replaces it when the upload ends.
 """
 
 from __future__ import annotations
@@ -40,9 +53,9 @@ from knowledge.ingest import (
     Upload,
     checked_item,
     items_from_bytes,
-    items_from_paths,
 )
 from knowledge.keyword import BM25Index
+from knowledge.paths import items_from_paths
 from knowledge.ranking import Hit, SearchMode, fuse
 from knowledge.types import (
     DocumentInfo,
@@ -92,7 +105,8 @@ class KnowledgeBase:
         self._client: Any = None
         self._lock = threading.Lock()
         self._collections: dict[int, Any] = {}
-        self._guild_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
+        self._write_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
+        self._index_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
         self._indexes: dict[int, _IndexEntry] = {}
         self._rebuilding: set[int] = set()
         # How stale another process's writes may look here; tests set 0.
@@ -229,7 +243,7 @@ class KnowledgeBase:
         return await asyncio.to_thread(self._remove_sync, guild_id, document)
 
     def _remove_sync(self, guild_id: int, document: str) -> DocumentInfo:
-        with self._guild_locks[guild_id]:
+        with self._write_locks[guild_id]:
             collection = self._open(guild_id, create=False)
             docs = [] if collection is None else self._documents_sync(collection)
             doc = _find_document(docs, document)
@@ -239,7 +253,8 @@ class KnowledgeBase:
                 )
             collection.delete(where={"doc_id": doc.id})
             self._bump_revision(guild_id, collection)
-            self._rebuild_index(guild_id, collection)
+            with self._index_locks[guild_id]:
+                self._rebuild_index(guild_id, collection)
             return doc
 
     # -- uploads ----------------------------------------------------------------------
@@ -255,9 +270,19 @@ class KnowledgeBase:
         uploader: str,
         uploader_id: int | None = None,
         progress: ProgressCallback | None = None,
+        follow_symlinks: bool = False,
     ) -> IngestReport:
-        """Add files and folders (recursively); one result per file, never raising for one bad file."""
-        items = await asyncio.to_thread(items_from_paths, paths, self._config.max_file_bytes)
+        """Add files and folders (recursively); one result per file, never raising for one bad file.
+
+        Links inside folders are never followed (each is reported as skipped, with where it
+        points); a path given here that is itself a link is read only with `follow_symlinks`.
+        """
+        items = await asyncio.to_thread(
+            items_from_paths,
+            paths,
+            self._config.max_file_bytes,
+            follow_symlinks=follow_symlinks,
+        )
         return await self._ingest(guild_id, items, _Uploader(uploader, uploader_id), progress)
 
     async def add_bytes(
@@ -317,10 +342,13 @@ class KnowledgeBase:
     def _ingest_sync(
         self, guild_id: int, items: list[Item], uploader: _Uploader, emit: ProgressCallback | None
     ) -> IngestReport:
-        """Run the upload under the server's lock; a new revision and keyword index if anything went in."""
+        """Run the upload under the server's write lock; a new revision and keyword index if anything went in.
+
+        Searches go on meanwhile: they never take the write lock (see the module's docstring).
+        """
         config = self._config
         limits = Limits(config.max_file_bytes, config.max_guild_bytes, config.chunk_chars)
-        with self._guild_locks[guild_id]:
+        with self._write_locks[guild_id]:
             collection = self._open(guild_id, create=True)
             docs = {d.name: d for d in self._documents_sync(collection)}
             upload = Upload(
@@ -335,7 +363,8 @@ class KnowledgeBase:
             results = upload.run(items, docs)
             if any(r.status in ("added", "replaced") for r in results):
                 self._bump_revision(guild_id, collection)
-                self._rebuild_index(guild_id, collection)
+                with self._index_locks[guild_id]:
+                    self._rebuild_index(guild_id, collection)
         return IngestReport(results)
 
     def _max_batch(self) -> int:
@@ -420,12 +449,22 @@ class KnowledgeBase:
                 return entry
             if entry.index.size >= _BACKGROUND_REBUILD_AT:
                 # Another process changed a big collection: answer from the old index while a new one is built.
-                self._rebuild_in_background(guild_id, collection)
+                self._rebuild_in_background(guild_id, collection, entry)
                 return entry
-        with self._guild_locks[guild_id]:
+        return self._fresh_index(guild_id, collection, stale=entry)
+
+    def _fresh_index(
+        self, guild_id: int, collection: Any, *, stale: _IndexEntry | None
+    ) -> _IndexEntry:
+        """Build the server's keyword index, or use the one another thread built while this one waited."""
+        with self._index_locks[guild_id]:
+            with self._lock:
+                entry = self._indexes.get(guild_id)
+            if entry is not None and entry is not stale:
+                return entry
             return self._rebuild_index(guild_id, collection)
 
-    def _rebuild_in_background(self, guild_id: int, collection: Any) -> None:
+    def _rebuild_in_background(self, guild_id: int, collection: Any, stale: _IndexEntry) -> None:
         with self._lock:
             if guild_id in self._rebuilding:
                 return
@@ -433,8 +472,7 @@ class KnowledgeBase:
 
         def work() -> None:
             try:
-                with self._guild_locks[guild_id]:
-                    self._rebuild_index(guild_id, collection)
+                self._fresh_index(guild_id, collection, stale=stale)
             except Exception:
                 log.exception("rebuilding the keyword index of guild %s failed", guild_id)
             finally:
@@ -457,6 +495,11 @@ class KnowledgeBase:
             return None
 
     def _rebuild_index(self, guild_id: int, collection: Any) -> _IndexEntry:
+        """Read the collection into a new keyword index; the caller holds the server's index lock.
+
+        The revision is read first: a write that lands while the passages are read leaves
+        the index marked with the revision before it, so the next check rebuilds it.
+        """
         revision = self._current_revision(guild_id) or ""
         ids: list[str] = []
         texts: list[str] = []
@@ -483,7 +526,7 @@ class KnowledgeBase:
         return await asyncio.to_thread(self._reindex_sync, guild_id, emit)
 
     def _reindex_sync(self, guild_id: int, emit: ProgressCallback | None) -> int:
-        with self._guild_locks[guild_id]:
+        with self._write_locks[guild_id]:
             with self._lock:
                 self._collections.pop(guild_id, None)
                 self._indexes.pop(guild_id, None)
@@ -526,10 +569,15 @@ class KnowledgeBase:
                     metadatas=[m for _, _, m in batch],
                 )
                 state.update(chunks_done=len(batch))
-            client.delete_collection(name)
-            staging.modify(name=name)
-            collection = self._open(guild_id, create=False)
-            self._rebuild_index(guild_id, collection)
+            # No search may build an index, or keep a handle, from the collection being replaced.
+            with self._index_locks[guild_id]:
+                client.delete_collection(name)
+                staging.modify(name=name)
+                with self._lock:
+                    self._collections.pop(guild_id, None)
+                    self._indexes.pop(guild_id, None)
+                collection = self._open(guild_id, create=False)
+                self._rebuild_index(guild_id, collection)
             return len(rows)
 
     async def aclose(self) -> None:

@@ -10,6 +10,7 @@ again later may work), scrubbed of secrets: endpoints often repeat the key they 
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import SecretStr
 
 from core.errors import ConfigError, Unavailable, UserError
 from core.redact import Redactor, public_url
+from core.threads import openmp_threads, quiet_openmp, usable_cores
 from knowledge.config import EmbeddingConfig
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
@@ -63,11 +65,14 @@ class LocalEmbedder:
         *,
         device: str = "cpu",
         batch_size: int = 32,
+        threads: int | None = None,
         on_load: Callable[[], None] | None = None,
     ) -> None:
+        """`threads`: torch's CPU threads; by default `OMP_NUM_THREADS` if set, else every usable core."""
         self._model_name = model or BUNDLED_MODEL
         self._device = device
         self._batch_size = batch_size
+        self._threads = threads
         self._on_load = on_load  # called once the model (and torch with it) has loaded
         self._model: Any = None
         self._lock = threading.Lock()
@@ -91,8 +96,15 @@ class LocalEmbedder:
         """The loaded SentenceTransformer (loaded on first call, from local files only)."""
         with self._lock:
             if self._model is None:
+                # torch (and scikit-learn, which sentence-transformers imports) start their
+                # OpenMP runtimes on import: idle threads must sleep, not spin, on cores that
+                # the llama.cpp servers and everything else share (see core.threads).
+                quiet_openmp(os.environ)
+                import torch
                 from sentence_transformers import SentenceTransformer
                 from transformers.utils import logging as transformers_logging
+
+                torch.set_num_threads(self._threads or openmp_threads(os.environ) or usable_cores())
 
                 # A "Loading weights" bar on every start is noise in a terminal and in the bot's log.
                 transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]

@@ -25,12 +25,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
 from knowledge.embeddings import Embedder
-from knowledge.loaders import RefusedFile, check_size, is_supported, parse, supported_types_text
+from knowledge.loaders import RefusedFile, check_size, is_supported, parse
 from knowledge.splitter import Chunk, split_sections
 from knowledge.types import (
     DocumentInfo,
@@ -153,27 +152,6 @@ def checked_item(name: str, size: int, read: Callable[[], bytes], max_file_bytes
     return Item(name, size, read, refused=precheck(name, size, max_file_bytes))
 
 
-def items_from_paths(paths: Sequence[Path], max_file_bytes: int) -> list[Item]:
-    """The files to ingest from files and folders (recursively, without hidden ones)."""
-    items: list[Item] = []
-    for path in paths:
-        path = Path(path)
-        if path.is_dir():
-            for file in sorted(p for p in path.rglob("*") if p.is_file()):
-                relative = file.relative_to(path)
-                if any(part.startswith(".") for part in relative.parts):
-                    continue  # .git, .DS_Store and friends
-                # A folder may hold other files: pass over them instead of refusing them.
-                items.append(
-                    _item_for_file(file, relative.as_posix(), max_file_bytes, skip_unsupported=True)
-                )
-        elif path.exists():
-            items.append(_item_for_file(path, path.name, max_file_bytes))
-        else:
-            items.append(Item(path.name or str(path), 0, bytes, refused=f"{path} does not exist."))
-    return items
-
-
 def items_from_bytes(files: Sequence[tuple[str, bytes]], max_file_bytes: int) -> list[Item]:
     """The files to ingest from (name, content) pairs."""
     return [checked_item(name, len(data), _reader(data), max_file_bytes) for name, data in files]
@@ -182,20 +160,6 @@ def items_from_bytes(files: Sequence[tuple[str, bytes]], max_file_bytes: int) ->
 def _reader(data: bytes) -> Callable[[], bytes]:
     """A reader for bytes already in memory."""
     return lambda: data
-
-
-def _item_for_file(
-    path: Path, name: str, max_file_bytes: int, *, skip_unsupported: bool = False
-) -> Item:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        return Item(name, 0, bytes, refused=f"{name} could not be read ({exc.strerror or exc}).")
-    if skip_unsupported and not is_supported(path.name):
-        return Item(
-            name, size, path.read_bytes, skipped=f"not a supported type ({supported_types_text()})"
-        )
-    return checked_item(name, size, path.read_bytes, max_file_bytes)
 
 
 def sha256(data: bytes) -> str:

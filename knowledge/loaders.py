@@ -90,30 +90,64 @@ def _tidy(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+# Control characters that text does not hold (tab, line and page breaks excepted), and the
+# replacement character that undecodable bytes become: binary data shows up as these.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")
+_WINDOW = 4096  # characters per stretch checked; stretches overlap by half
+_MAX_CONTROL_SHARE = 0.02
+
+
 def decode_text(name: str, data: bytes) -> str:
-    """Decode a text file, refusing binary data."""
+    """Decode a text file, refusing binary data anywhere in it (not only at the start)."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
-            return data.decode("utf-16")
+            text = data.decode("utf-16")
         except UnicodeDecodeError as exc:
             raise RefusedFile(f"{name} is not valid UTF-16 text.") from exc
-    head = data[:8192]
-    if b"\x00" in head:
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            # Legacy single-byte text still reads; binary data shows up as control characters.
+            text = data.decode("cp1252", errors="replace")
+    where = binary_offset(text)
+    if where is not None:
+        kind = f"{name} looks like binary data, not text"
+        if where >= _WINDOW:
+            kind = f"{name} is text up to about character {where:,}, then looks like binary data"
         raise RefusedFile(
-            f"{name} looks like binary data, not text. Upload the original document ({supported_types_text()})."
-        )
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        # Legacy single-byte text still reads; binary data shows up as control characters.
-        text = data.decode("cp1252", errors="replace")
-    sample = text[:8192]
-    controls = sum(1 for c in sample if (ord(c) < 32 and c not in "\t\n\r\f\v") or c == "\ufffd")
-    if sample and controls / len(sample) > 0.02:
-        raise RefusedFile(
-            f"{name} looks like binary data, not text. Upload the original document ({supported_types_text()})."
+            f"{kind}. Upload the original document ({supported_types_text()}), or remove what is not text."
         )
     return text
+
+
+def binary_offset(text: str) -> int | None:
+    """Where decoded text turns into binary data (the character offset), or None if it is all text.
+
+    A NUL character anywhere is binary; otherwise every stretch of 4,096 characters (each
+    overlapping the next by half, so a short run of binary data cannot fall between two)
+    must be at most 2% control characters. Clean text costs one regular-expression scan
+    (about 0.1 s for 20 MB); only text that holds control characters is looked at stretch
+    by stretch, from the first one on.
+    """
+    first = _CONTROL.search(text)
+    if first is None:
+        return None
+    nul = text.find("\x00", first.start())
+    if nul >= 0:
+        return nul
+    half = _WINDOW // 2
+    span = min(_WINDOW, len(text))
+    limit = _MAX_CONTROL_SHARE * span
+    last_start = len(text) - span
+    for pos in range(max(0, (first.start() // half - 1) * half), len(text), half):
+        start = min(pos, last_start)
+        if len(_CONTROL.findall(text, start, start + span)) > limit:
+            found = _CONTROL.search(text, start)
+            return found.start() if found is not None else start
+        if start == last_start:
+            break
+    return None
 
 
 def _read_text(name: str, data: bytes) -> list[Section]:
@@ -152,7 +186,7 @@ def _read_markdown(name: str, data: bytes) -> list[Section]:
 
 def _read_pdf(name: str, data: bytes) -> list[Section]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+    from pypdf.errors import DependencyError, PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
@@ -160,6 +194,8 @@ def _read_pdf(name: str, data: bytes) -> list[Section]:
             # Many PDFs are "encrypted" with an empty user password; those still open.
             try:
                 opened = reader.decrypt("")
+            except DependencyError:
+                raise
             except Exception as exc:  # pypdf raises several types for unsupported ciphers
                 raise RefusedFile(
                     f"{name} is encrypted with a method that cannot be read. Save an unprotected copy and upload that."
@@ -174,6 +210,11 @@ def _read_pdf(name: str, data: bytes) -> list[Section]:
         return sections
     except RefusedFile:
         raise
+    except DependencyError as exc:
+        # AES needs `cryptography` (a dependency): when the password is checked, or per page.
+        raise RefusedFile(
+            f"{name} is encrypted with AES, which needs the `cryptography` package; the bot's operator should install it (`pip install cryptography`)."
+        ) from exc
     except (
         PyPdfError,
         ValueError,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sqlite3
 import tempfile
@@ -92,7 +93,11 @@ def create_engine(url: str, *, echo: bool = False) -> AsyncEngine:
         connect_url, echo=echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S}
     )
     event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
-    event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    event.listen(engine.sync_engine, "before_cursor_execute", _begin_before_writing)
+    event.listen(engine.sync_engine, "commit", _transaction_ended)
+    event.listen(engine.sync_engine, "rollback", _transaction_ended)
+    # A connection back in the pool was rolled back by the pool itself, without the event.
+    event.listen(engine.sync_engine.pool, "checkin", _returned)
     if path is not None:
         event.listen(engine.sync_engine, "connect", _remember_file(path))
         event.listen(engine.sync_engine.pool, "checkout", _check_file(path))
@@ -133,14 +138,38 @@ def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
         cursor.close()
-    # The sqlite3 module begins transactions on its own, late and without telling
-    # SQLAlchemy, which breaks SAVEPOINTs (the exchange log isolates a bad exchange in
-    # one). Take BEGIN over, as SQLAlchemy's SQLite documentation recommends.
+    # The sqlite3 module begins transactions on its own, without telling SQLAlchemy, and
+    # that breaks SAVEPOINTs (the exchange log isolates a bad exchange in one). Take BEGIN
+    # over (see _begin_before_writing), as SQLAlchemy's SQLite documentation recommends.
     dbapi_connection.isolation_level = None
 
 
-def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN")
+# Statements that write: a transaction begins right before the first one.
+_WRITES = re.compile(
+    r"\s*(INSERT|UPDATE|DELETE|REPLACE|SAVEPOINT|CREATE|DROP|ALTER)\b", re.IGNORECASE
+)
+
+
+def _begin_before_writing(
+    connection: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """BEGIN IMMEDIATE before a transaction's first write; reads before it stay lock-free.
+
+    IMMEDIATE takes the write lock at once, waiting (the busy timeout) for another writer
+    to finish. A transaction that read first and took it later could find another writer's
+    commit in between and fail at once with "database is locked", whatever the timeout.
+    """
+    if not connection.info.get("sqlite_writing") and _WRITES.match(statement):
+        cursor.execute("BEGIN IMMEDIATE")
+        connection.info["sqlite_writing"] = True
+
+
+def _transaction_ended(connection: Any) -> None:
+    connection.info["sqlite_writing"] = False
+
+
+def _returned(dbapi_connection: Any, connection_record: Any) -> None:
+    connection_record.info["sqlite_writing"] = False
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -102,6 +102,7 @@ def exchange_rows(exchange: Exchange, at: datetime) -> _Rows:
                 "error": answer.error,
                 "fallback_from": answer.fallback_from,
                 "source_ids": list(exchange.source_ids),
+                "alternative_to": answer.alternative_to,
             }
         )
         at += _TICK

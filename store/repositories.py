@@ -6,10 +6,12 @@ Each takes an `AsyncSession`; the caller owns the transaction and commits.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    ColumnElement,
     Integer,
     Select,
     and_,
@@ -25,7 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm import aliased, make_transient_to_detached
 from sqlalchemy.sql.dml import Insert
 
 from store.models import (
@@ -39,6 +41,7 @@ from store.models import (
     MessageInput,
     RegisteredModel,
     SettingChange,
+    Vote,
     default_kind,
     new_id,
     table_of,
@@ -55,6 +58,7 @@ _FIELD_TYPES: dict[str, type] = {
     "knowledge_enabled": bool,
     "log_enabled": bool,
     "retention_days": int,
+    "arena_pool": list,
 }
 # Every messages column, in one order: rows that all carry every column insert as one batch.
 MESSAGE_COLUMNS: tuple[str, ...] = tuple(sorted(MESSAGE_FIELDS))
@@ -88,6 +92,8 @@ def _as_text(value: object) -> str | None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
     return str(value)
 
 
@@ -537,3 +543,211 @@ class ModelRepository:
             delete(RegisteredModel).where(RegisteredModel.name == name)
         )
         return bool(cast(CursorResult[Any], result).rowcount)
+
+
+# Kinds of message a person may vote on or correct: what a model answered.
+VOTABLE_KINDS: tuple[str, ...] = ("answer", "alternative", "comparison", "battle")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVotes:
+    """The feedback one model got in a place and period."""
+
+    model_name: str
+    answers: int
+    up: int
+    down: int
+    corrections: int
+    reasons: dict[str, int]
+
+
+class FeedbackRepository:
+    """Votes on answers, and people's corrections of them."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def votable(self, answer_id: str) -> Message | None:
+        """The answer with this id, if it is one a person may vote on or correct."""
+        message = await self.session.get(Message, answer_id)
+        if message is None or message.kind not in VOTABLE_KINDS:
+            return None
+        return message
+
+    async def vote(
+        self,
+        answer: Message,
+        *,
+        voter_id: int,
+        voter_name: str,
+        value: int,
+        source: str,
+        reason: str | None = None,
+        comment: str | None = None,
+    ) -> int | None:
+        """Record one person's vote on `answer` (replacing theirs); returns the value it replaced."""
+        existing = await self.session.scalar(
+            select(Vote)
+            .where(Vote.answer_id == answer.id, Vote.voter_id == voter_id)
+            .with_for_update()
+        )
+        now = utcnow()
+        if existing is None:
+            self.session.add(
+                Vote(
+                    id=new_id(),
+                    answer_id=answer.id,
+                    voter_id=voter_id,
+                    voter_name=voter_name,
+                    value=value,
+                    reason=reason,
+                    comment=comment,
+                    source=source,
+                    guild_id=answer.guild_id,
+                    channel_id=answer.channel_id,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await self.session.flush()
+            return None
+        previous = existing.value
+        existing.value = value
+        existing.voter_name = voter_name
+        existing.source = source
+        # A thumbs-up carries no reason; a new thumbs-down keeps an earlier reason unless given one.
+        existing.reason = (
+            reason if value < 0 and reason is not None else (None if value > 0 else existing.reason)
+        )
+        existing.comment = (
+            comment if comment is not None else (None if value > 0 else existing.comment)
+        )
+        existing.updated_at = now
+        await self.session.flush()
+        return previous
+
+    async def unvote(self, answer_id: str, voter_id: int) -> int | None:
+        """Remove a person's vote on an answer; the value removed, or None if there was none."""
+        existing = await self.session.scalar(
+            select(Vote).where(Vote.answer_id == answer_id, Vote.voter_id == voter_id)
+        )
+        if existing is None:
+            return None
+        previous = existing.value
+        await self.session.delete(existing)
+        await self.session.flush()
+        return previous
+
+    async def vote_of(self, answer_id: str, voter_id: int) -> Vote | None:
+        """A person's vote on an answer, if any."""
+        return await self.session.scalar(
+            select(Vote).where(Vote.answer_id == answer_id, Vote.voter_id == voter_id)
+        )
+
+    async def add_correction(
+        self, answer: Message, *, author_id: int, author_name: str, text: str, cleaned: bool
+    ) -> str:
+        """Store a person's better answer to `answer`'s prompt; its id.
+
+        It is a sibling of the answer (same prompt, the same messages sent and stored
+        inputs), of kind "correction", so it can be trained on and preferred over the
+        original, and a forgotten person's words take it with them.
+        """
+        correction_id = new_id()
+        row: dict[str, Any] = dict.fromkeys(MESSAGE_COLUMNS)
+        row.update(
+            id=correction_id,
+            conversation_id=answer.conversation_id,
+            parent_id=answer.parent_id,
+            role="assistant",
+            kind="correction",
+            content=text,
+            cleaned=cleaned,
+            author_id=author_id,
+            author_name=author_name,
+            guild_id=answer.guild_id,
+            channel_id=answer.channel_id,
+            thread_id=answer.thread_id,
+            created_at=utcnow(),
+            system_prompt=answer.system_prompt,
+            request_messages=answer.request_messages,
+            source_ids=answer.source_ids,
+            alternative_to=answer.id,
+            status="ok",
+        )
+        inputs = await ConversationRepository(self.session).inputs_of(answer.id)
+        await ConversationRepository(self.session).insert_rows(
+            [row],
+            [
+                {"answer_id": correction_id, "position": position, "input_id": input_id}
+                for position, input_id in enumerate(inputs)
+            ],
+        )
+        return correction_id
+
+    async def stats(
+        self,
+        *,
+        guild_id: int | None,
+        channel_id: int | None = None,
+        model_name: str | None = None,
+        since: datetime | None = None,
+    ) -> list[ModelVotes]:
+        """Per model: answers, 👍, 👎, corrections and 👎 reasons in a server (or channel)."""
+        where: list[ColumnElement[bool]] = [
+            Message.kind.in_(VOTABLE_KINDS),
+            Message.model_name.is_not(None),
+        ]
+        if guild_id is not None:
+            where.append(Message.guild_id == guild_id)
+        if channel_id is not None:
+            where.append(Message.channel_id == channel_id)
+        if model_name is not None:
+            where.append(Message.model_name == model_name)
+        if since is not None:
+            where.append(Message.created_at >= since)
+        answers = dict(
+            (await self.session.execute(
+                select(Message.model_name, func.count()).where(*where).group_by(Message.model_name)
+            )).tuples().all()
+        )  # fmt: skip
+        votes = (
+            (
+                await self.session.execute(
+                    select(Message.model_name, Vote.value, Vote.reason, func.count())
+                    .join(Vote, Vote.answer_id == Message.id)
+                    .where(*where)
+                    .group_by(Message.model_name, Vote.value, Vote.reason)
+                )
+            )
+            .tuples()
+            .all()
+        )
+        corrected = aliased(Message)
+        corrections = dict(
+            (await self.session.execute(
+                select(Message.model_name, func.count())
+                .join(corrected, corrected.alternative_to == Message.id)
+                .where(*where, corrected.kind == "correction")
+                .group_by(Message.model_name)
+            )).tuples().all()
+        )  # fmt: skip
+        rows: dict[str, dict[str, Any]] = {
+            str(name): {"up": 0, "down": 0, "reasons": {}} for name in answers
+        }
+        for name, value, reason, count in votes:
+            row = rows.setdefault(str(name), {"up": 0, "down": 0, "reasons": {}})
+            row["up" if value > 0 else "down"] += count
+            if value < 0 and reason:
+                row["reasons"][reason] = row["reasons"].get(reason, 0) + count
+        return [
+            ModelVotes(
+                model_name=name,
+                answers=int(answers.get(name, 0)),
+                up=row["up"],
+                down=row["down"],
+                corrections=int(corrections.get(name, 0)),
+                reasons=row["reasons"],
+            )
+            for name, row in sorted(rows.items())
+        ]

@@ -328,6 +328,88 @@ async def test_folders_are_read_recursively(kb: KnowledgeBase, tmp_path: Path) -
     assert "does not exist" in (report.results[-1].reason or "")
 
 
+def _links_folder(tmp_path: Path) -> tuple[Path, Path]:
+    """A folder whose links point out of it and within it, and a secret file outside it."""
+    outside = tmp_path / "outside"
+    (outside / "private").mkdir(parents=True)
+    secret = outside / "shadow.txt"
+    secret.write_text("root:SECRETHASH4711:19000:0:99999:7:::")
+    (outside / "private" / "leak.md").write_text("# Leak\n\nThe SECRETHASH4711 is here too.")
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "readme.md").write_bytes(GUIDE)
+    (root / "shadow.txt").symlink_to(secret)
+    (root / "sub" / "private").symlink_to(outside / "private", target_is_directory=True)
+    (root / "alias.md").symlink_to(root / "readme.md")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "broken.txt").symlink_to(root / "nowhere.txt")
+    return root, secret
+
+
+async def test_links_in_a_folder_are_never_followed_and_each_is_reported(
+    kb: KnowledgeBase, tmp_path: Path
+) -> None:
+    root, secret = _links_folder(tmp_path)
+    named = tmp_path / "named.txt"
+    named.symlink_to(secret)
+    guild = new_guild_id()
+    report = await kb.add_files(guild, [root, named], uploader="cli")
+    assert [(r.name, r.status) for r in report.results] == [
+        ("alias.md", "skipped"),
+        ("broken.txt", "skipped"),
+        ("readme.md", "added"),
+        ("shadow.txt", "skipped"),
+        ("sub/loop", "skipped"),
+        ("sub/private", "skipped"),
+        ("named.txt", "refused"),
+    ]
+    reasons = {r.name: r.reason or "" for r in report.results}
+    assert reasons["shadow.txt"] == (
+        f"a symbolic link to {secret.resolve()}, outside the folder; links are not followed inside a folder"
+    )
+    assert (
+        f"to {(tmp_path / 'outside' / 'private').resolve()}, outside the folder"
+        in (reasons["sub/private"])
+    )
+    assert reasons["alias.md"].startswith("a symbolic link to readme.md in the same folder")
+    assert reasons["sub/loop"].startswith("a symbolic link to . in the same folder")
+    assert "which does not exist" in reasons["broken.txt"]
+    assert reasons["named.txt"] == (
+        f"{named} is a symbolic link (to {secret.resolve()}); it was not read. Pass --follow-symlinks to read what it points to."
+    )
+    assert [d.name for d in await kb.list_documents(guild)] == ["readme.md"]
+    assert await kb.search(guild, "SECRETHASH4711", k=5, mode="keyword") == []
+
+
+async def test_a_named_link_is_followed_only_when_asked(kb: KnowledgeBase, tmp_path: Path) -> None:
+    root, secret = _links_folder(tmp_path)
+    named_file = tmp_path / "named.txt"
+    named_file.symlink_to(secret)
+    named_folder = tmp_path / "docs-link"
+    named_folder.symlink_to(root, target_is_directory=True)
+    guild = new_guild_id()
+    report = await kb.add_files(
+        guild, [named_file, named_folder], uploader="cli", follow_symlinks=True
+    )
+    statuses = {r.name: r.status for r in report.results}
+    # The named link is read under its own name; links inside the folder it names still are not.
+    assert statuses == {
+        "named.txt": "added",
+        "alias.md": "skipped",
+        "broken.txt": "skipped",
+        "readme.md": "added",
+        "shadow.txt": "skipped",
+        "sub/loop": "skipped",
+        "sub/private": "skipped",
+    }
+    [hit] = await kb.search(guild, "SECRETHASH4711", k=1, mode="keyword")
+    assert hit.document == "named.txt"
+    dangling = tmp_path / "dangling.txt"
+    dangling.symlink_to(tmp_path / "gone.txt")
+    [result] = (await kb.add_files(guild, [dangling], uploader="cli", follow_symlinks=True)).results
+    assert result.status == "refused" and "which does not exist" in (result.reason or "")
+
+
 async def test_servers_never_see_each_others_documents(kb: KnowledgeBase) -> None:
     one, two = new_guild_id(), new_guild_id()
     await kb.add_bytes(one, [("guide.md", GUIDE)], uploader="a")
@@ -434,6 +516,59 @@ async def test_embedding_runs_off_the_event_loop(
     report = await upload
     assert report.results[0].status == "added"
     assert threads and loop_thread not in threads
+
+
+class GatedEmbedder:
+    """The real local model, whose passage batches wait at a gate until the test opens it."""
+
+    def __init__(self, inner: LocalEmbedder) -> None:
+        self._inner = inner
+        self.waiting = threading.Event()  # an upload is inside embed_documents
+        self.gate = threading.Event()
+
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        self.waiting.set()
+        self.gate.wait(timeout=600)  # only a guard against hanging the suite
+        return self._inner.embed_documents(texts)
+
+    def embed_query(self, text: str) -> np.ndarray:
+        return self._inner.embed_query(text)
+
+
+async def test_a_search_returns_while_an_upload_is_still_running(
+    kb_settings: Settings, local_embedder: LocalEmbedder
+) -> None:
+    guild = new_guild_id()
+    config = knowledge_config(kb_settings)
+    # Added by another process (or before a restart): this one has no keyword index for it yet.
+    earlier = KnowledgeBase(config, embedder=local_embedder)
+    await earlier.add_bytes(guild, [("guide.md", GUIDE)], uploader="a")
+    await earlier.aclose()
+
+    gated = GatedEmbedder(local_embedder)
+    kb = KnowledgeBase(config, embedder=gated)
+    big = " ".join(f"Parcel {n} ships from Rotterdam to Lyon by train." for n in range(300))
+    upload = asyncio.create_task(kb.add_bytes(guild, [("big.txt", big.encode())], uploader="b"))
+    try:
+        assert await asyncio.to_thread(gated.waiting.wait, 120)
+        # Bounded only so that a search stuck behind the upload fails instead of hanging.
+        hybrid = await asyncio.wait_for(kb.search(guild, "what does E-4711 mean?", k=3), 60)
+        keyword = await asyncio.wait_for(kb.search(guild, "E-4711", k=3, mode="keyword"), 60)
+        assert not upload.done()  # the upload is still held at the gate
+        assert hybrid[0].document == "guide.md" and [s.document for s in keyword] == ["guide.md"]
+        assert await kb.search(guild, "Rotterdam Lyon", k=3, mode="keyword") == []
+    finally:
+        gated.gate.set()
+    report = await upload
+    assert [(r.name, r.status) for r in report.results] == [("big.txt", "added")]
+    # The keyword index built during the upload gave way to one with its passages.
+    after = await kb.search(guild, "Rotterdam Lyon", k=3, mode="keyword")
+    assert after and {s.document for s in after} == {"big.txt"}
+    await kb.aclose()
 
 
 async def test_another_model_is_a_clear_error_until_reindexed(

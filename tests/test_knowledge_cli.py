@@ -92,6 +92,38 @@ def test_add_list_search_remove(cli_env: Settings, tmp_path: Path) -> None:
     assert "no documents yet" in other.stdout
 
 
+def test_links_are_reported_and_a_named_one_needs_follow_symlinks(
+    cli_env: Settings, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    secret = tmp_path / "shadow.txt"
+    secret.write_text("root:SECRETHASH4711:19000")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "guide.md").write_text(GUIDE)
+    (docs / "shadow.txt").symlink_to(secret)
+    named = tmp_path / "named.txt"
+    named.symlink_to(secret)
+
+    added = runner.invoke(knowledge_app, ["add", str(docs), str(named), "--guild", "9"])
+    assert added.exit_code == 1, added.output  # the named link was refused
+    assert "1 added, 1 skipped, 1 refused" in added.stdout
+    flat = " ".join(added.stdout.split())  # the table wraps long reasons
+    assert "outside the folder" in flat and "--follow-symlinks" in flat
+    listed = json.loads(runner.invoke(knowledge_app, ["list", "--guild", "9", "--json"]).stdout)
+    assert [r["name"] for r in listed] == ["guide.md"]
+
+    followed = runner.invoke(
+        knowledge_app, ["add", str(named), "--guild", "9", "--follow-symlinks"]
+    )
+    assert followed.exit_code == 0, followed.output
+    assert "1 added" in followed.stdout
+    found = runner.invoke(
+        knowledge_app, ["search", "SECRETHASH4711", "--guild", "9", "--mode", "keyword", "--json"]
+    )
+    assert [h["document"] for h in json.loads(found.stdout)] == ["named.txt"]
+
+
 def test_reindex_and_model_mismatch(
     cli_env: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import random
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from knowledge.loaders import SUPPORTED_TYPES, RefusedFile, parse, split_markdown
+from knowledge.loaders import SUPPORTED_TYPES, RefusedFile, binary_offset, parse, split_markdown
 from knowledge.splitter import split_sections
-from tests.fixtures.knowledge import encrypt_pdf, make_docx, make_pdf, make_zip_bomb
+from tests.fixtures.knowledge import PDF_CIPHERS, encrypt_pdf, make_docx, make_pdf, make_zip_bomb
 
 MB = 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_markdown_is_split_along_headings() -> None:
@@ -86,6 +92,50 @@ def test_bad_input_is_refused_with_a_reason(name: str, data: bytes, message: str
     assert name in caught.value.message
 
 
+PROSE = ("The quick brown fox jumps over the lazy dog. " * 2400).encode()  # ~108 KB of text
+
+
+def _noise(size: int, *, nul: bool) -> bytes:
+    """Random bytes, as compressed or encrypted data looks; without NUL bytes if `nul` is false."""
+    data = random.Random(size).randbytes(size)
+    return data if nul else data.replace(b"\x00", b"\x01")
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("tail.txt", PROSE + _noise(4096, nul=True)),
+        ("nul-free tail.txt", PROSE + _noise(2048, nul=False)),
+        ("middle.md", PROSE + _noise(1024, nul=False) + PROSE),
+        ("one nul at the end.txt", PROSE + b"\x00"),
+        ("utf16 tail.txt", PROSE.decode().encode("utf-16") + b"\x00\x00" * 8),
+        ("latin1 tail.html", "café ".encode("cp1252") * 30000 + _noise(2048, nul=False)),
+    ],
+)
+def test_binary_data_after_the_start_of_a_text_file_is_refused(name: str, data: bytes) -> None:
+    with pytest.raises(RefusedFile, match="then looks like binary data") as caught:
+        parse(name, data, max_bytes=MB)
+    assert caught.value.message.startswith(f"{name} is text up to about character ")
+
+
+def test_binary_offset_points_at_where_the_binary_data_starts() -> None:
+    text = "plain words " * 10_000
+    assert binary_offset(text) is None
+    assert binary_offset(text + "\x00rest") == len(text)
+    offset = binary_offset(text + _noise(2048, nul=False).decode("cp1252", errors="replace"))
+    assert offset is not None and len(text) <= offset < len(text) + 200
+
+
+def test_text_with_a_few_control_characters_still_reads() -> None:
+    # A log with colour codes now and then, form feeds between pages, a stray bell.
+    lines = [
+        f"\x1b[32mok\x1b[0m step {n} finished without trouble" if n % 20 == 0 else f"step {n} ran"
+        for n in range(5000)
+    ]
+    text = "\n".join(lines) + "\f\nPage two\a\n"
+    assert parse("build.log.txt", text.encode(), max_bytes=MB)[0].text.startswith("\x1b[32mok")
+
+
 def test_unsupported_type_lists_supported_ones() -> None:
     with pytest.raises(RefusedFile) as caught:
         parse("slides.pptx", b"data", max_bytes=MB)
@@ -93,14 +143,43 @@ def test_unsupported_type_lists_supported_ones() -> None:
         assert ext in caught.value.message
 
 
-def test_encrypted_pdf_is_refused() -> None:
-    with pytest.raises(RefusedFile, match="password-protected"):
-        parse("secret.pdf", encrypt_pdf(make_pdf(["classified"]), "hunter2"), max_bytes=MB)
+@pytest.mark.parametrize("cipher", PDF_CIPHERS)
+def test_password_protected_pdf_is_refused_with_the_reason(cipher: str) -> None:
+    data = encrypt_pdf(make_pdf(["classified"]), "hunter2", cipher)
+    with pytest.raises(RefusedFile, match="secret.pdf is password-protected. Save a copy without"):
+        parse("secret.pdf", data, max_bytes=MB)
 
 
-def test_pdf_encrypted_with_empty_password_still_reads() -> None:
-    sections = parse("open.pdf", encrypt_pdf(make_pdf(["readable anyway"]), ""), max_bytes=MB)
-    assert sections[0].text == "readable anyway"
+@pytest.mark.parametrize("cipher", PDF_CIPHERS)
+def test_pdf_encrypted_with_an_empty_password_still_reads(cipher: str) -> None:
+    data = encrypt_pdf(make_pdf(["readable anyway", "page two"]), "", cipher)
+    sections = parse("open.pdf", data, max_bytes=MB)
+    assert [(s.location, s.text) for s in sections] == [
+        ("page 1", "readable anyway"),
+        ("page 2", "page two"),
+    ]
+
+
+def test_aes_pdf_without_cryptography_names_the_missing_package(tmp_path: Path) -> None:
+    # An install without `cryptography` (nor pycryptodome), in a fresh interpreter that cannot import them.
+    pdf = tmp_path / "open.pdf"
+    pdf.write_bytes(encrypt_pdf(make_pdf(["needs AES"]), "", "AES-128"))
+    script = (
+        "import sys\n"
+        "sys.modules['cryptography'] = sys.modules['Crypto'] = None\n"
+        "from pathlib import Path\n"
+        "from knowledge.loaders import RefusedFile, parse\n"
+        "try:\n"
+        f"    parse('open.pdf', Path({str(pdf)!r}).read_bytes(), max_bytes=1 << 20)\n"
+        "except RefusedFile as exc:\n"
+        "    print(exc.message)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert out.stdout.startswith(
+        "open.pdf is encrypted with AES, which needs the `cryptography` package"
+    )
 
 
 def test_file_over_the_size_cap_is_refused() -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,10 +28,12 @@ from chains.local import (
     PortInUse,
     _Launch,
     _start_server,
+    default_threads,
     local_http_client,
     validate_gguf,
 )
 from chains.registry import ModelSpec
+from core.threads import usable_cores
 from tests.fixtures.local import BUNDLED, local_server_children, process_running
 
 pytestmark = pytest.mark.slow
@@ -92,6 +94,60 @@ async def test_bundled_model_streams_an_answer_with_usage_and_stops_cleanly(
         await servers.aclose()
     assert not process_running(pid)
     assert local_server_children() == []
+
+
+def _environment_of(pid: int) -> dict[str, str]:
+    """The environment a process started with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode("utf-8", "replace")
+    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+
+
+def _argument_of(pid: int, option: str) -> str:
+    """The value given to `option` on a process's command line."""
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    return command[command.index(option) + 1]
+
+
+@pytest.fixture
+def busy_cores() -> Iterator[None]:
+    """A CPU-bound neighbour process on every core, as another busy program would be."""
+    neighbours = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(usable_cores())
+    ]
+    try:
+        yield
+    finally:
+        for neighbour in neighbours:
+            neighbour.kill()
+            neighbour.wait()
+
+
+async def test_answers_arrive_while_every_core_is_busy(
+    local_servers: LocalServers,
+    local_spec: Callable[..., ModelSpec],
+    monkeypatch: pytest.MonkeyPatch,
+    busy_cores: None,
+) -> None:
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    spec = local_spec()
+    base_url = await local_servers.ensure(spec)
+    pid = local_servers.pid(spec)
+    assert pid is not None
+    env = _environment_of(pid)
+    threads = str(default_threads())
+    assert (env["OMP_WAIT_POLICY"], env["GOMP_SPINCOUNT"], env["OMP_NUM_THREADS"]) == (
+        "PASSIVE",
+        "0",
+        threads,
+    )
+    assert _argument_of(pid, "--threads") == threads
+    for question in ("Say hello.", "What is 2 + 2?", "Name a colour."):
+        # Not a speed test: with spinning OpenMP threads single answers took 26-150 s here.
+        reply = await asyncio.wait_for(
+            _chat(base_url, max_tokens=16).ainvoke([("user", question)]), 60
+        )
+        assert str(reply.content).strip()
 
 
 async def test_a_server_killed_mid_reply_is_reported_and_restarted(

@@ -627,3 +627,14 @@ async def test_0005_feedback_tables_and_corrections_down_and_up(empty_database_u
     assert await v1_snapshot(url) == before, "every message but the correction stays"
     await upgrade_database(url)
     assert await differences(url, Base.metadata) == []
+
+
+async def test_0006_battles_down_and_up(empty_database_url: str) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0005")
+    await upgrade_database(url, "0006")
+    assert {"battles", "battle_votes", "preferences"} <= await table_names(url)
+    await downgrade_database(url, "0005")
+    assert not {"battles", "battle_votes", "preferences"} & await table_names(url)
+    await upgrade_database(url)
+    assert await differences(url, Base.metadata) == []

@@ -16,15 +16,24 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import ValidationError
 
 from bot.service.conversations import ConversationIndex, Turn
+from bot.service.feedback import (
+    AnswerOrigin,
+    Correction,
+    Feedback,
+    FeedbackStats,
+    VoteOutcome,
+    VoteSource,
+)
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
@@ -33,7 +42,7 @@ from chains.chat import messages_to_dicts
 from chains.check import CheckResult, check_model
 from chains.registry import Lineage, ModelSpec
 from core.errors import ConfigError, NotFound, Unavailable, UserError
-from core.exchange import Exchange, LoggedAnswer, Status
+from core.exchange import Exchange, LoggedAnswer, MessageKind, Status
 from core.messages import (
     Author,
     ChatEvent,
@@ -77,6 +86,9 @@ class _Asked:
     system_prompt: str
     sources: list[Source]
     started: float
+    # A retry: the prompt is stored already, and this is another try at `alternative_to`.
+    kind: MessageKind = "answer"
+    alternative_to: str | None = None
 
 
 class ChatService:
@@ -91,6 +103,7 @@ class ChatService:
         place_settings: PlaceSettings,
         exchange_log: ExchangeLog,
         writer: LogWriter,
+        feedback: Feedback,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -101,6 +114,7 @@ class ChatService:
         self.place_settings = place_settings
         self.exchange_log = exchange_log
         self.writer = writer
+        self.feedback = feedback
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
         self.clock = clock
@@ -139,13 +153,22 @@ class ChatService:
             sources=sources,
             started=started,
         )
-        yield ReplyStarted(
-            model=spec.name, conversation_id=asked.conversation_id, message_id=asked.answer_id
-        )
-
-        prompt = Prompt(asked.system_prompt, [(t.role, t.content) for t in history], text, sources)
-        attempts: list[Attempt] = []
         chain = self.catalog.registry.fallback_chain(spec.name)
+        async with aclosing(self._run(asked, chain)) as events:
+            async for event in events:
+                yield event
+
+    async def _run(
+        self, asked: _Asked, chain: Sequence[ModelSpec]
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """Ask `chain` (a model and its fallbacks) what `asked` asks; log what happened."""
+        yield ReplyStarted(
+            model=chain[0].name, conversation_id=asked.conversation_id, message_id=asked.answer_id
+        )
+        history = [(t.role, t.content) for t in asked.history]
+        prompt = Prompt(asked.system_prompt, history, asked.question, asked.sources)
+        attempts: list[Attempt] = []
+        started = asked.started
         try:
             async with aclosing(
                 with_fallbacks(self.answerer, chain, prompt, attempts, started)
@@ -161,6 +184,60 @@ class ChatService:
                 self._finish(asked, attempts)
             raise
         yield ReplyFinished(self._finish(asked, attempts))
+
+    async def retry(
+        self, answer_id: str, author: Author, model: str | None = None
+    ) -> AsyncIterator[ChatEvent]:
+        """Answer the prompt `answer_id` answered again, with the history it had.
+
+        With `model`, that model answers (and no fallback: it was chosen); else the model
+        that answered, or the one in force there now. The new answer is an "alternative"
+        sibling of the original, and the conversation continues from it.
+        """
+        started = self.clock()
+        original = await self.feedback.answer(answer_id)
+        prompt = (
+            await self.conversations.stored_message(original.parent_id)
+            if original.parent_id
+            else None
+        )
+        if prompt is None:
+            raise NotFound("The question that answer answered is no longer in my log.")
+        place = Place(original.guild_id, original.channel_id or 0, original.thread_id)
+        settings = await self.place_settings.effective(place)
+        if model is not None:
+            chain = [await self.catalog.get(model)]
+        elif original.model_name and original.model_name in self.catalog.registry:
+            chain = self.catalog.registry.fallback_chain(original.model_name)
+        else:
+            chain = self.catalog.registry.fallback_chain((await self._model_for(settings)).name)
+        history = await self.conversations.history(
+            prompt.parent_id, limit=max(8, chain[0].context_window // 16)
+        )
+        request = ChatRequest(
+            place, author, prompt.content, discord_message_id=prompt.discord_message_id
+        )
+        sources = (
+            await self._retrieve(request, settings, prompt.content) if original.source_ids else []
+        )
+        asked = _Asked(
+            request=request,
+            conversation_id=original.conversation_id,
+            leaf_id=prompt.parent_id,
+            history=history,
+            prompt_id=prompt.id,
+            answer_id=uuid.uuid4().hex,
+            question=prompt.content,
+            cleaned=False,
+            system_prompt=original.system_prompt or settings.system_prompt.value,
+            sources=sources,
+            started=started,
+            kind="alternative",
+            alternative_to=original.id,
+        )
+        async with aclosing(self._run(asked, chain)) as events:
+            async for event in events:
+                yield event
 
     async def answer(self, request: ChatRequest) -> ChatResult:
         """Answer `request` and return the finished result (no streaming)."""
@@ -195,7 +272,7 @@ class ChatService:
             answers.append(
                 LoggedAnswer(
                     id=asked.answer_id if is_final else uuid.uuid4().hex,
-                    kind="answer" if is_final else "attempt",
+                    kind=asked.kind if is_final else "attempt",
                     model_name=attempt.spec.name,
                     provider=attempt.spec.provider,
                     provider_model=attempt.spec.model,
@@ -211,6 +288,7 @@ class ChatService:
                     cost_usd=cost if is_final else None,
                     fallback_from=fallback_from if is_final else None,
                     cleaned=attempt.cleaned,
+                    alternative_to=asked.alternative_to if is_final else None,
                 )
             )
         request = asked.request
@@ -225,6 +303,7 @@ class ChatService:
                 author_name=clean(request.author.name)[0],
                 text=asked.question,
                 prompt_cleaned=asked.cleaned,
+                new_prompt=asked.alternative_to is None,
                 system_prompt=asked.system_prompt,
                 answers=tuple(answers),
                 source_ids=tuple(s.chunk_id for s in asked.sources),
@@ -304,6 +383,87 @@ class ChatService:
     async def has_conversation(self, thread_id: int) -> bool:
         """Whether the bot has a conversation in this thread (or started it from an answer)."""
         return await self.conversations.has_conversation(thread_id)
+
+    # ---------------------------------------------------------------- feedback
+
+    async def vote(
+        self,
+        answer_id: str,
+        voter: Author,
+        value: int,
+        *,
+        source: VoteSource,
+        reason: str | None = None,
+        comment: str | None = None,
+    ) -> VoteOutcome:
+        """Record `voter`'s 👍 (1) or 👎 (-1) on an answer (replacing theirs)."""
+        return await self.feedback.vote(
+            answer_id, voter, value, source=source, reason=reason, comment=comment
+        )
+
+    async def unvote(self, answer_id: str, voter: Author) -> VoteOutcome:
+        """Take back `voter`'s vote on an answer."""
+        return await self.feedback.unvote(answer_id, voter)
+
+    async def vote_on_discord_message(
+        self,
+        discord_message_id: int,
+        voter: Author,
+        value: int | None,
+        *,
+        source: VoteSource = "reaction",
+        taking_back: int | None = None,
+    ) -> VoteOutcome | None:
+        """A vote by reaction on a Discord message of ours (None removes it); None when the
+        message carries no answer we know (so it is not ours to count).
+
+        A removal may say which thumb was `taking_back`: the vote then goes only while it
+        is that thumb (the person may have reacted with both, or changed it by button).
+        """
+        found = await self.conversations.find_carrier(discord_message_id)
+        if found is None or found.leaf_id is None:
+            return None
+        if value is None:
+            return await self.feedback.unvote(found.leaf_id, voter, only=taking_back)
+        return await self.feedback.vote(found.leaf_id, voter, value, source=source)
+
+    async def answer_of_discord_message(self, discord_message_id: int) -> str | None:
+        """The id of the answer a Discord message of ours carries, if we know it."""
+        found = await self.conversations.find_carrier(discord_message_id)
+        return found.leaf_id if found is not None else None
+
+    async def answer_origin(self, answer_id: str) -> AnswerOrigin:
+        """The model that wrote an answer and the Discord message that asked for it
+        (where another try is shown); NotFound for an answer the log does not know."""
+        original = await self.feedback.answer(answer_id)
+        prompt = (
+            await self.conversations.stored_message(original.parent_id)
+            if original.parent_id
+            else None
+        )
+        return AnswerOrigin(
+            answer_id, original.model_name, prompt.discord_message_id if prompt else None
+        )
+
+    async def correct(self, answer_id: str, author: Author, text: str) -> Correction:
+        """Store `author`'s better answer to the prompt `answer_id` answered."""
+        return await self.feedback.correct(answer_id, author, text)
+
+    async def answer_text(self, answer_id: str) -> str:
+        """The text of an answer (to start a correction from)."""
+        return await self.feedback.answer_text(answer_id)
+
+    async def feedback_stats(
+        self,
+        guild_id: int | None,
+        channel_id: int | None = None,
+        model: str | None = None,
+        since: datetime | None = None,
+    ) -> FeedbackStats:
+        """Per model: answers, votes, share 👍 with a 95% interval, top reasons, corrections."""
+        return await self.feedback.stats(
+            guild_id=guild_id, channel_id=channel_id, model=model, since=since
+        )
 
     # ---------------------------------------------------------------- models
 

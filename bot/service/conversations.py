@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from core.cache import LRU, MISS, Miss
 from core.messages import ChatRequest
 from store.db import failure_reason, is_outage
+from store.models import Message
 from store.repositories import ConversationRepository
 from store.writer import LogWriter
 
@@ -197,6 +198,11 @@ class ConversationIndex:
         # Remember misses too: every reply between two people asks. link_carriers replaces them.
         self._carriers.put(discord_message_id, located if located is not None else MISS)
         return located
+
+    async def stored_message(self, message_id: str) -> Message | None:
+        """A stored message by id (None when it is not in the database)."""
+        async with self.sessions() as session:
+            return await ConversationRepository(session).get_message(message_id)
 
     async def has_conversation(self, thread_id: int) -> bool:
         """Whether the bot converses in this thread (or the thread grew out of one of its answers)."""
