@@ -153,18 +153,22 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 
 
 def extra_cogs(sb: Any) -> list[Any]:
-    """The optional cogs, built around the app's parts."""
+    """The cogs built around the app's parts besides the service: /export, /knowledge."""
+    from bot.discord.export import ExportCog
+
+    cogs: list[Any] = [ExportCog(sb.exporter, manager_role=sb.settings.manager_role)]
     if sb.knowledge is None:
-        return []
+        return cogs
     from bot.discord.knowledge import KnowledgeCog
 
     return [
+        *cogs,
         KnowledgeCog(
             sb.knowledge,
             sb.service,
             knowledge_role=sb.settings.knowledge_role,
             manager_role=sb.settings.manager_role,
-        )
+        ),
     ]
 
 

@@ -113,21 +113,6 @@ def kto_example(prompt: Messages, completion: str, label: bool) -> dict[str, Any
     return {"prompt": prompt, "completion": [assistant(completion)], "label": label}
 
 
-def example_messages(example: Mapping[str, Any], fmt: Format) -> list[Mapping[str, Any]]:
-    """Every message of an example (for counting its tokens)."""
-    if fmt in ("openai-chat", "sft"):
-        return list(example["messages"])
-    if fmt == "openai-dpo":
-        return [
-            *example["input"]["messages"],
-            *example["preferred_output"],
-            *example["non_preferred_output"],
-        ]
-    if fmt == "dpo":
-        return [*example["prompt"], *example["chosen"], *example["rejected"]]
-    return [*example["prompt"], *example["completion"]]
-
-
 def _messages_problem(
     messages: Any, *, ends_with: str, weights: bool = False, what: str = "messages"
 ) -> str | None:
