@@ -77,6 +77,20 @@ def seed(path: Path) -> None:
     db = sqlite3.connect(path)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=OFF")
+    # Bulk loading is quicker without the indexes: drop them, put them back afterwards
+    # exactly as the migrations made them.
+    indexes = [
+        sql
+        for (sql,) in db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL AND tbl_name "
+            "IN ('messages', 'message_inputs', 'votes', 'conversations')"
+        )
+    ]
+    for (name,) in db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL AND tbl_name "
+        "IN ('messages', 'message_inputs', 'votes', 'conversations')"
+    ).fetchall():
+        db.execute(f'DROP INDEX "{name}"')
     columns = (
         "id, conversation_id, parent_id, role, kind, content, author_id, author_name, guild_id, "
         "channel_id, created_at, model_name, provider, provider_model, system_prompt, "
@@ -164,6 +178,8 @@ def seed(path: Path) -> None:
             for i in range(OPTED_OUT)
         ],
     )
+    for sql in indexes:
+        db.execute(sql)
     db.commit()
     db.execute("ANALYZE")
     db.close()

@@ -23,7 +23,7 @@ import os
 import sqlite3
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +39,9 @@ from store.export.options import ExportOptions, Format
 from store.export.redact import MIN_NAME_CHARS, PHONE_REGION, PLACEHOLDER_KINDS, PersonalData
 
 MIN_EXAMPLES = 10  # OpenAI refuses fewer; TRL trains on them, but little is learned
-_CACHE_ENTRIES = 50_000  # texts redacted and counted, kept while they come back
+# Texts redacted and counted, kept while they come back (a conversation's history comes
+# back in each later answer of it): about 20 MB of chat text at most.
+_CACHE_ENTRIES = 20_000
 # Why a candidate was left out, in the order they are decided (the manifest's "removed").
 REASONS: tuple[str, ...] = (
     *select.FILTERS,
@@ -239,8 +241,13 @@ class Exporter:
         run = _Run(self, options, out, targets, names, counts, corrected, people)
         try:
             if counts.kept:
-                async with self.sessions() as session:
-                    async for batch in _ahead(select.stream_candidates(session, options)):
+                async with (
+                    self.sessions() as session,
+                    contextlib.aclosing(
+                        _ahead(select.stream_candidates(session, options))
+                    ) as batches,
+                ):
+                    async for batch in batches:
                         run.take(batch)
                         if progress is not None:
                             progress(run.done, counts.kept)
@@ -250,7 +257,7 @@ class Exporter:
             run.abandon()
 
 
-async def _ahead(batches: AsyncIterator[T]) -> AsyncIterator[T]:
+async def _ahead(batches: AsyncIterator[T]) -> AsyncGenerator[T, None]:
     """The batches, each next one fetched while the caller works on the one before.
 
     The database's side (SQLite's stepping, in aiosqlite's thread; PostgreSQL's server)
