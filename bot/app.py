@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.service.chat import ChatService
+from bot.service.compare import Comparisons
 from bot.service.conversations import ConversationIndex
 from bot.service.feedback import Feedback
 from bot.service.limits import PersonLimit
@@ -224,14 +225,23 @@ async def open_app(
             stack.push_async_callback(kb.aclose)
 
         counter = TokenCounter()
+        answerer = Answerer(models, counter)
         service = ChatService(
             catalog=catalog,
-            answerer=Answerer(models, counter),
+            answerer=answerer,
             conversations=ConversationIndex(sessions, writer),
             place_settings=PlaceSettings(sessions, registry),
             exchange_log=exchange_log,
             writer=writer,
             feedback=Feedback(sessions, writer),
+            comparisons=Comparisons(
+                catalog,
+                answerer,
+                exchange_log,
+                writer,
+                sessions,
+                votes_per_day=settings.arena_votes_per_day,
+            ),
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )
