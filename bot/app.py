@@ -251,7 +251,7 @@ async def open_app(
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )
-        evaluator = Evaluator(catalog, answerer)
+        evaluator = Evaluator(catalog, answerer, sessions)
         exporter = Exporter(
             sessions,
             counter,

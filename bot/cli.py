@@ -364,6 +364,31 @@ def eval_command(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Ask again what failed in an earlier run.")
     ] = False,
+    from_log: Annotated[
+        bool,
+        typer.Option(
+            "--from-log",
+            help="Take the prompts from the log (the export's filters below) instead of a file.",
+        ),
+    ] = False,
+    guild: Annotated[int | None, typer.Option(help="--from-log: only this server id.")] = None,
+    channel: Annotated[int | None, typer.Option(help="--from-log: only this channel id.")] = None,
+    log_model: Annotated[
+        str | None, typer.Option(help="--from-log: only prompts this model answered.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="--from-log: from this ISO date or time on (UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="--from-log: before this ISO time; a date keeps its day.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="--from-log: the newest this many prompts.")] = 100,
+    no_redact: Annotated[
+        bool,
+        typer.Option(
+            "--no-redact", help="--from-log: keep personal data in the prompts (sent and written)."
+        ),
+    ] = False,
 ) -> None:
     """Run models on a dataset: exact, contains, regex and judge scores, speed, tokens, cost."""
     settings = _settings()
@@ -371,7 +396,7 @@ def eval_command(
     _chat_logging(settings, json_mode=False)
 
     async def main() -> int:
-        from bot.cli_eval import run_eval, split_models
+        from bot.cli_eval import LogFilters, run_eval, split_models
 
         return await run_eval(
             settings,
@@ -384,6 +409,9 @@ def eval_command(
             regex=regex,
             concurrency=concurrency,
             retry_failed=retry_failed,
+            log=LogFilters(guild, channel, log_model, since, until, limit, not no_redact)
+            if from_log
+            else None,
         )
 
     raise typer.Exit(_run(main))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,10 +45,12 @@ from bot.service.evaluate import (
     EvalProgress,
     EvalResults,
     load_dataset,
+    write_dataset,
 )
 from bot.service.leaderboard import Leaderboard, LeaderboardEntry, LeaderboardScope
 from core.errors import UserError
 from core.settings import Settings
+from store.export import ExportOptions, parse_when
 
 
 def leaderboard_scope(guild: int | None, channel: int | None) -> LeaderboardScope:
@@ -176,6 +179,34 @@ async def run_leaderboard(
 # ------------------------------------------------------------------------------ eval
 
 
+LOGGED_DATASET = "dataset.jsonl"  # --from-log: the prompts taken, beside the results
+
+
+@dataclass(frozen=True, slots=True)
+class LogFilters:
+    """--from-log and the export's filters that go with it."""
+
+    guild: int | None = None
+    channel: int | None = None
+    model: str | None = None
+    since: str | None = None
+    until: str | None = None
+    limit: int = 100
+    redact: bool = True
+
+    def options(self) -> ExportOptions:
+        """The export's options for these filters (the format only picks its query order)."""
+        return ExportOptions(
+            "sft",
+            model=self.model,
+            guild_id=self.guild,
+            channel_id=self.channel,
+            since=parse_when(self.since, "--since") if self.since else None,
+            until=parse_when(self.until, "--until", end=True) if self.until else None,
+            redact=self.redact,
+        )
+
+
 def split_models(models: str) -> list[str]:
     """ "a, b,c" → ["a", "b", "c"]."""
     return [name.strip() for name in models.split(",") if name.strip()]
@@ -216,17 +247,27 @@ async def run_eval(
     regex: str | None = None,
     concurrency: int = DEFAULT_CONCURRENCY,
     retry_failed: bool = False,
+    log: LogFilters | None = None,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run (or resume) an evaluation into `folder`, write its report, print the summary."""
+    """Run (or resume) an evaluation into `folder`, write its report, print the summary.
+
+    With `log`, the prompts come from the log (written to `folder/dataset.jsonl` too, so
+    the same rows can be run again as a file)."""
     from bot.app import open_app
 
     err = Console(stderr=True, soft_wrap=True)
-    if dataset is None:
-        raise UserError("Give the dataset to evaluate on: switchboard eval DATASET.jsonl ...")
+    if dataset is None and log is None:
+        raise UserError(
+            "Give the dataset to evaluate on (switchboard eval DATASET.jsonl ...), "
+            "or --from-log to take the prompts from the log."
+        )
+    if dataset is not None and log is not None:
+        raise UserError("Give a dataset or --from-log, not both.")
     if judge_mode not in JUDGE_MODES:
         raise UserError(f"--judge-mode is {' or '.join(JUDGE_MODES)}, not {judge_mode!r}.")
-    examples = await asyncio.to_thread(load_dataset, dataset)
+    options = log.options() if log is not None else None
+    examples = await asyncio.to_thread(load_dataset, dataset) if dataset is not None else []
     bar = Progress(
         TextColumn("[bold]Evaluating[/bold]"),
         BarColumn(),
@@ -245,6 +286,23 @@ async def run_eval(
 
     recorded = folder / RESULTS_FILE
     async with open_app(settings, knowledge=False) as sb:
+        if log is not None and options is not None:
+            examples, logged = await sb.evaluator.from_log(options, log.limit)
+            taken = folder / LOGGED_DATASET
+            try:
+                await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+                await asyncio.to_thread(write_dataset, taken, examples)
+            except OSError as exc:
+                raise UserError(f"Cannot write {taken}: {exc.strerror or exc}.") from None
+            newest = f"the newest {len(examples):,} of {logged.found:,}"
+            err.print(
+                f"{len(examples):,} prompt{'s' if len(examples) != 1 else ''} from the log ("
+                + (newest if logged.found > len(examples) else "all that match")
+                + (f"; {logged.left_out:,} left out for privacy" if logged.left_out else "")
+                + f"), written to {taken}.",
+                markup=False,
+                highlight=False,
+            )
         try:
             with bar:
                 results = await sb.evaluator.run(

@@ -159,6 +159,12 @@ def test_eval_mistakes_are_one_line(eval_env: dict[str, str], tmp_path: Path) ->
         ([str(write_dataset(tmp_path / "d.jsonl")), "--models", "main", "--judge", "backup"],
          "A pairwise judge compares models: name two or more, or use --judge-mode rubric."),
         ([str(tmp_path / "d.jsonl"), "--models", "main,nope"], None),
+        (["--models", "main"], "Give the dataset to evaluate on (switchboard eval DATASET.jsonl ...), or --from-log to take the prompts from the log."),
+        ([str(tmp_path / "d.jsonl"), "--models", "main", "--from-log"], "Give a dataset or --from-log, not both."),
+        (["--models", "main", "--from-log", "--guild", "5"],
+         "No logged prompts match those filters: widen --guild, --channel, --log-model, --since or --until."),
+        (["--models", "main", "--from-log", "--since", "May"],
+         "--since 'May' is not an ISO date: write it like 2024-05-01 or 2024-05-01T14:30."),
     ]:  # fmt: skip
         proc = switchboard(eval_env, "eval", *args, "--out", str(tmp_path / "out"))
         assert proc.returncode == 1, proc.stdout
@@ -168,3 +174,43 @@ def test_eval_mistakes_are_one_line(eval_env: dict[str, str], tmp_path: Path) ->
             assert lines[0] == message
         else:
             assert "nope" in lines[0] and "switchboard models list" in lines[0]
+
+
+def test_eval_from_the_log_tries_models_on_real_traffic(
+    eval_env: dict[str, str],
+    fake_server: FakeOpenAI,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    # Real traffic: two conversations in one channel, one in another server.
+    for guild, lines in [("10", ["What is the capital of France?", "And of Italy?"]),
+                         ("10", ["What is the capital of Spain?"]),
+                         ("99", ["What is the capital of Japan?"])]:  # fmt: skip
+        chat = switchboard(
+            eval_env, "chat", "--json", "--guild", guild, "--channel", "20",
+            stdin="\n".join(lines) + "\n",
+        )  # fmt: skip
+        assert chat.returncode == 0, chat.stderr
+    out = tmp_path / "run"
+    args = ["eval", "--from-log", "--guild", "10", "--models", "main,solo", "--out", str(out)]
+    proc = switchboard(eval_env, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"3 prompts from the log (all that match), written to {out / 'dataset.jsonl'}." in (
+        proc.stderr
+    )
+    taken = [json.loads(line) for line in (out / "dataset.jsonl").read_text().splitlines()]
+    assert [row["prompt"] for row in taken] == [
+        "What is the capital of France?",
+        "And of Italy?",
+        "What is the capital of Spain?",
+    ]
+    assert [turn["role"] for turn in taken[1]["history"]] == ["user", "assistant"]
+    assert "Evaluation: 3 rows" in proc.stdout
+    with (out / "examples.csv").open(encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 6 and all(r["error"] == "" for r in rows)
+    # Resumed: the same command asks nothing again; --limit keeps the newest.
+    asked = len(fake_server.chat_requests)
+    again = switchboard(eval_env, *args, "--limit", "1")
+    assert again.returncode == 0, again.stderr
+    assert "1 prompt from the log (the newest 1 of 3)" in again.stderr
+    assert len(fake_server.chat_requests) == asked

@@ -23,7 +23,10 @@ from bot.service.evaluate import (
     write_dataset,
 )
 from core.errors import NotFound, UserError
+from core.messages import Place
+from store.export import ExportOptions
 from tests.fakes.openai_server import FakeOpenAI, FakeRequest
+from tests.fixtures.export import BOB, CAROL, GUILD, OTHER_CHANNEL, OTHER_GUILD, Log
 
 # The test registry's models and the provider ids the fake server sees.
 GOOD, BAD, BROKEN, JUDGE = "main", "solo", "tiny", "backup"
@@ -293,3 +296,57 @@ async def test_what_cannot_run_is_one_line(chat_app: App, fake: FakeOpenAI, tmp_
     with pytest.raises(UserError, match="--regex"):
         await evaluator.run(dataset(), [GOOD], tmp_path, default_regex="(")
     assert fake.chat_requests == []
+
+
+# ----------------------------------------------------------------------------- --from-log
+
+
+async def test_prompts_from_the_log_follow_the_exports_filters_and_privacy(
+    log: Log, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    await log.converse(["What is a switchboard?", "Who invented it? Mail me at al@example.com"])
+    await log.set_replies(fake_openai, "Another answer.")
+    await log.retry("What is a switchboard?")  # a second answer: still one prompt
+    await log.converse(["in another server"], author=BOB, place=Place(OTHER_GUILD, 5))
+    await log.converse(["carol asks"], author=CAROL)
+    await log.opt_out(CAROL)
+    fake_openai.reply = replies
+    evaluator = log.app.evaluator
+
+    examples, logged = await evaluator.from_log(ExportOptions("sft", guild_id=GUILD))
+    assert [e.prompt for e in examples] == [
+        "What is a switchboard?",
+        "Who invented it? Mail me at <EMAIL>",  # redacted as the export redacts
+    ]
+    assert (logged.found, logged.left_out) == (2, 1)  # Carol opted out
+    first, second = examples
+    assert first.history == ()
+    assert first.system is not None and first.system.startswith("You are Switchboard")  # as used
+    assert second.history == (
+        ("user", "What is a switchboard?"),
+        ("assistant", "Echo: What is a switchboard?"),
+    )
+    assert (
+        first.id
+        == f"log-{(await log.message(log.answers['What is a switchboard?'].message_id)).parent_id}"
+    )
+
+    newest, logged = await evaluator.from_log(ExportOptions("sft", guild_id=GUILD), limit=1)
+    assert [e.prompt for e in newest] == [second.prompt] and logged.found == 2
+    unredacted, _ = await evaluator.from_log(ExportOptions("sft", guild_id=GUILD, redact=False))
+    assert unredacted[1].prompt.endswith("al@example.com")
+    with pytest.raises(UserError, match="No logged prompts match those filters"):
+        await evaluator.from_log(ExportOptions("sft", guild_id=GUILD, channel_id=OTHER_CHANNEL))
+    with pytest.raises(UserError, match="--limit"):
+        await evaluator.from_log(ExportOptions("sft"), limit=0)
+
+    # The models get the conversation as it was before the question; a rerun asks nothing.
+    before = len(fake_openai.chat_requests)
+    results = await evaluator.run(examples, [GOOD], tmp_path)
+    assert results.complete and results.summary(GOOD).answered == 2
+    sent = fake_openai.chat_requests[before:]
+    turns = sorted(([m["role"] for m in r.messages] for r in sent), key=len)
+    assert turns == [["system", "user"], ["system", "user", "assistant", "user"]]
+    again, _ = await evaluator.from_log(ExportOptions("sft", guild_id=GUILD))
+    await evaluator.run(again, [GOOD], tmp_path)
+    assert len(fake_openai.chat_requests) == before + 2

@@ -38,11 +38,14 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from bot.service.models import ModelCatalog
 from chains.answer import Answerer, Prompt
 from chains.registry import ModelSpec
 from core.errors import UserError
 from core.text import clean
+from store.export import ExportOptions, LoggedPrompts, logged_prompts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ JUDGE_MODES: tuple[JudgeMode, ...] = ("pairwise", "rubric")
 SCORES: tuple[str, ...] = ("exact", "contains", "regex", "judge")
 RESULTS_FILE = "results.jsonl"
 DEFAULT_CONCURRENCY = 4
+DEFAULT_LOG_LIMIT = 100  # --from-log: the newest this many logged prompts
 _ROLES = frozenset({"user", "assistant"})
 _VERDICT = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)
 _RATING = re.compile(r"\[\[\s*(10|[1-9])(?:\s*/\s*10)?\s*\]\]")
@@ -671,9 +675,48 @@ class _Run:
 class Evaluator:
     """Runs datasets through models (and a judge), recording as it goes."""
 
-    def __init__(self, catalog: ModelCatalog, answerer: Answerer) -> None:
+    def __init__(
+        self,
+        catalog: ModelCatalog,
+        answerer: Answerer,
+        sessions: async_sessionmaker[AsyncSession] | None = None,
+    ) -> None:
         self.catalog = catalog
         self.answerer = answerer
+        self.sessions = sessions
+
+    async def from_log(
+        self, options: ExportOptions, limit: int = DEFAULT_LOG_LIMIT
+    ) -> tuple[list[EvalExample], LoggedPrompts]:
+        """The newest `limit` logged prompts the export's filters keep, as a dataset.
+
+        Each row is a real question with the conversation before it and the system prompt
+        it was answered with (without the retrieved passages), redacted as the export redacts
+        (unless `options.redact` is off); people who opted out are left out. A row's id
+        is its message's, so a rerun on newer traffic still skips what is done.
+        """
+        if limit < 1:
+            raise UserError("--limit is at least 1.")
+        if self.sessions is None:
+            raise RuntimeError("this Evaluator has no database")
+        async with self.sessions() as session:
+            logged = await logged_prompts(session, options, limit=limit)
+        if not logged.prompts:
+            raise UserError(
+                "No logged prompts match those filters"
+                + (f" ({logged.left_out:,} left out for privacy)" if logged.left_out else "")
+                + ": widen --guild, --channel, --log-model, --since or --until."
+            )
+        examples = [
+            EvalExample(
+                id=f"log-{p.id}",
+                prompt=p.prompt,
+                system=p.system if p.system is not None else "",  # none was sent
+                history=p.history,
+            )
+            for p in logged.prompts
+        ]
+        return examples, logged
 
     async def run(
         self,
