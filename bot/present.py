@@ -254,12 +254,13 @@ def latency_text(ms: float | None) -> str:
 
 
 def dollars(amount: float | None) -> str:
-    """'$0.0042', '$1.20', 'free', or '' when unknown."""
+    """'$0.0042', '$0.30', '$1.20', 'free', or '' when unknown."""
     if amount is None:
         return ""
     if amount == 0:
         return "free"
-    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.2g}"
+    # Cents as cents ($0.30, not $0.3); below a cent, two significant digits.
+    return f"${amount:,.2f}" if amount >= 0.1 else f"${amount:.2g}"
 
 
 def blended_price_text(entry: LeaderboardEntry) -> str:
