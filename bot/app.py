@@ -27,6 +27,7 @@ from bot.service.chat import ChatService
 from bot.service.compare import Comparisons
 from bot.service.conversations import ConversationIndex
 from bot.service.feedback import Feedback
+from bot.service.leaderboard import Leaderboards
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
@@ -231,6 +232,9 @@ async def open_app(
             exchange_log=exchange_log,
             writer=writer,
             feedback=Feedback(sessions, writer),
+            leaderboards=Leaderboards(
+                sessions, catalog, min_battles=settings.leaderboard_min_battles
+            ),
             comparisons=Comparisons(
                 catalog,
                 answerer,

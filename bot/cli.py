@@ -298,6 +298,33 @@ def compare(
     raise typer.Exit(_run(main))
 
 
+@app.command()
+def leaderboard(
+    guild: Annotated[
+        int | None, typer.Option(help="Only this server's battles (with --channel: its channel).")
+    ] = None,
+    channel: Annotated[int | None, typer.Option(help="Only this channel's battles.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the chart (PNG) to this file.")
+    ] = None,
+    json_mode: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per model instead of a table.")
+    ] = False,
+) -> None:
+    """Models rated from blind battles (Bradley–Terry, 95% intervals), with 👍, speed and cost."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> int:
+        from bot.cli_eval import run_leaderboard
+
+        return await run_leaderboard(
+            settings, guild=guild, channel=channel, chart=out, json_mode=json_mode
+        )
+
+    raise typer.Exit(_run(main))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List the configured and registered models."""

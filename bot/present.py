@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
+from bot.service.leaderboard import Leaderboard, LeaderboardEntry
 from bot.service.place_settings import SettingChange
 from chains.registry import ModelSpec
 from core.messages import scope_word
@@ -236,3 +237,70 @@ def vote_line(outcome: VoteOutcome) -> str:
     if outcome.previous is not None:
         return f"Changed your vote to {thumb}."
     return f"Thanks for the {thumb}."
+
+
+# ------------------------------------------------------------------ the leaderboard
+
+LEADERBOARD_WHERE: dict[str, str] = {
+    "channel": "this channel",
+    "server": "this server",
+    "global": "every server",
+}
+
+
+def rank_text(entry: LeaderboardEntry) -> str:
+    """'#1', 'unranked (5 battles)', or 'no battles'."""
+    if entry.rating is None:
+        return "no battles"
+    if entry.rating.rank is None:
+        return f"unranked ({entry.battles} battle{'s' if entry.battles != 1 else ''})"
+    return f"#{entry.rating.rank}"
+
+
+def rating_text(entry: LeaderboardEntry) -> str:
+    """'1,143 (+21/−19)': the rating and how far its 95% interval reaches; '' without battles."""
+    rating = entry.rating
+    if rating is None:
+        return ""
+    up, down = rating.high - rating.rating, rating.rating - rating.low
+    return f"{rating.rating:,.0f} (+{up:.0f}/−{down:.0f})"
+
+
+def record_text(entry: LeaderboardEntry) -> str:
+    """'31–12–4' (won, lost, tied verdicts); '' without battles."""
+    rating = entry.rating
+    return f"{rating.wins}–{rating.losses}–{rating.ties}" if rating is not None else ""
+
+
+def latency_text(ms: float | None) -> str:
+    """'850 ms', '2.4 s', or '' when unknown."""
+    if ms is None:
+        return ""
+    return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:,.1f} s"
+
+
+def dollars(amount: float | None) -> str:
+    """'$0.0042', '$1.20', 'free', or '' when unknown."""
+    if amount is None:
+        return ""
+    if amount == 0:
+        return "free"
+    return f"${amount:,.2f}" if amount >= 1 else f"${amount:.2g}"
+
+
+def blended_price_text(entry: LeaderboardEntry) -> str:
+    """'$0.26 / 1M tokens' (3 input : 1 output), 'free', or '' for a model no longer configured."""
+    if entry.price is None:
+        return ""
+    if entry.price.free:
+        return "free"
+    return f"{dollars(entry.price.blended)} / 1M tokens"
+
+
+def leaderboard_caption(board: Leaderboard) -> str:
+    """What the board is made of and how it was computed, in one line."""
+    battles = f"{board.battles:,} battle{'s' if board.battles != 1 else ''}"
+    return (
+        f"{battles} in {LEADERBOARD_WHERE[board.scope]}. {board.method} "
+        f"A model needs {board.min_battles} battles to be ranked. Price: 3 input : 1 output tokens."
+    )

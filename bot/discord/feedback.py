@@ -31,7 +31,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.charts import share_chart
+from bot.charts import share_chart
 from bot.discord.chat import ChatCog
 from bot.discord.checks import author_of, limit_refusal, permission_refusal, place_of
 from bot.discord.respond import answering, send
