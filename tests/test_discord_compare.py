@@ -1,4 +1,4 @@
-"""Comparing models in Discord through simcord: /compare, /arena and /arena-pool.
+"""Comparing models in Discord through simcord: /compare, /arena, /arena-pool and /leaderboard.
 
 The real bot and the real chat service over a migrated SQLite file; the models are the
 fake OpenAI server (and, for a failing model, a real endpoint that refuses connections).
@@ -7,6 +7,7 @@ What people do is checked where it lands: the preferences, battles and votes tab
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,14 +15,19 @@ from typing import Any
 import discord
 import pytest
 import simcord
+from PIL import Image
 from sqlalchemy import select
 
 from bot.app import App
 from bot.discord.compare import CONTENT_LIMIT, DESCRIPTION_LIMIT, EMBEDS_LIMIT
+from bot.discord.leaderboard import leaderboard_embed
+from bot.service.leaderboard import Leaderboard, LeaderboardEntry
 from bot.service.limits import PersonLimit
+from bot.service.ratings import fit_ratings
 from core.settings import Settings
 from store.models import Battle, BattleVote, Preference
 from tests.fakes.openai_server import FakeOpenAI, FakeRequest
+from tests.fixtures.battles import add_answers, add_battle
 from tests.fixtures.discord import World
 from tests.test_service_compare import leaky_reply, register_dead_model, with_config_extra
 
@@ -435,3 +441,94 @@ async def test_compare_and_arena_buttons_work_after_a_restart(
     )
     assert shown.modal is not None
     assert len(await rows(app, Preference)) == 1 and len(await rows(app, BattleVote)) == 1
+
+
+# ---------------------------------------------------------------------- /leaderboard
+
+
+async def test_the_leaderboard_shows_each_model_with_its_chart(world: World, chat_app: App) -> None:
+    boards = chat_app.service.leaderboards
+    boards.min_battles, boards.resamples = 6, 200  # a small board, fitted quickly
+    guild, here = world.guild.id, world.channel.id
+    elsewhere = world.guild.create_text_channel("elsewhere").id
+    async with chat_app.sessions() as session, session.begin():
+        for outcome in ["a"] * 18 + ["b"] + ["tie"]:  # main beats solo, mostly
+            await add_battle(session, "main", "solo", [outcome], guild_id=guild, channel_id=here)
+        await add_battle(session, "backup", "solo", ["a"], guild_id=guild, channel_id=elsewhere)
+        await add_answers(
+            session,
+            "main",
+            [200.0, 400.0, 1500.0],
+            guild_id=guild,
+            channel_id=here,
+            cost_usd=0.002,
+            votes=[1, 1, 1, -1],
+        )
+
+    done = await world.alice.slash(world.channel, "leaderboard")
+    shown = done.response
+    assert not shown.ephemeral, "shown to the channel"
+    [embed] = shown.embeds
+    assert embed.title == "Leaderboard: this channel"
+    assert embed.description == "20 battles counted in this channel."
+    assert "Bradley–Terry" in str(embed.footer.text)
+    board = {str(f.name): str(f.value) for f in embed.fields}
+    assert list(board) == ["#1 · main", "#2 · solo"]
+    main = board["#1 · main"]
+    assert main.startswith("Rating **") and "(95% interval " in main
+    assert "20 battles (W–L–T 18–1–1)" in main
+    assert "👍 75% of 4 votes · median latency 400 ms · $2.00 per 1,000 answers" in main
+    assert "👍 no votes · median latency — · — per 1,000 answers" in board["#2 · solo"]
+    [chart] = shown.attachments
+    assert chart.filename == "leaderboard.png"
+    assert embed.image.url == "attachment://leaderboard.png"
+    image = Image.open(io.BytesIO(await chart.read()))
+    assert image.format == "PNG" and image.width > 300 and image.height > 100
+
+    server = await world.alice.slash(world.channel, "leaderboard", scope="server")
+    [embed] = server.response.embeds
+    assert embed.title == "Leaderboard: this server"
+    assert {str(f.name).split(" · ")[1] for f in embed.fields} == {"main", "solo", "backup"}
+    assert any(str(f.name).startswith("unranked (1 battle) · ") for f in embed.fields)
+
+    in_dm = await world.alice.user.slash("leaderboard", scope="server")
+    assert in_dm.response.content.startswith("⚠️ There is no server here")
+    empty = await world.alice.user.slash("leaderboard")
+    assert empty.response.content.startswith("No battles and no answers in this channel yet")
+    assert not empty.response.attachments
+
+
+async def test_a_leaderboard_of_more_models_than_an_embed_holds_says_so(
+    world: World, chat_app: App
+) -> None:
+    chat_app.service.leaderboards.resamples = 50
+    async with chat_app.sessions() as session, session.begin():
+        for n in range(30):
+            await add_answers(
+                session,
+                f"model-{n:02d}",
+                [100.0],
+                guild_id=world.guild.id,
+                channel_id=world.channel.id,
+                votes=[1],
+            )
+    done = await world.alice.slash(world.channel, "leaderboard", scope="global")
+    [embed] = done.response.embeds
+    assert len(embed.fields) == 25 and len(embed) <= EMBEDS_LIMIT
+    assert embed.description.endswith(
+        f"models are shown ({30 - len(embed.fields)} more): "
+        "`switchboard leaderboard` lists them all."
+    )
+    assert done.response.attachments, "the chart of the 👍 shares, without battles"
+
+
+def test_a_leaderboard_embed_of_long_names_keeps_to_discords_6000_characters() -> None:
+    entries = tuple(
+        LeaderboardEntry(f"{n:02d}-" + "m" * 200, None, 3, 1, 4, 120.0, 0.5, None)
+        for n in range(25)
+    )
+    board = Leaderboard("global", None, None, entries, fit_ratings([], resamples=10))
+    embed = leaderboard_embed(board, chart=False)
+    assert 10 < len(embed.fields) < 25 and len(embed) <= EMBEDS_LIMIT
+    assert f"({25 - len(embed.fields)} more)" in str(embed.description)
+    assert not embed.image.url

@@ -22,6 +22,7 @@ from bot.discord.chat import ChatCog
 from bot.discord.compare import DYNAMIC_ITEMS as COMPARE_ITEMS
 from bot.discord.compare import CompareCog
 from bot.discord.feedback import DYNAMIC_ITEMS, FeedbackCog, answer_buttons
+from bot.discord.leaderboard import LeaderboardCog
 from bot.discord.settings_cog import SettingsCog
 from bot.service import ChatService
 from core.errors import ConfigError, UserError
@@ -43,8 +44,8 @@ def bot_intents() -> discord.Intents:
 
 
 class SwitchboardBot(commands.AutoShardedBot):
-    """Switchboard's Discord face: the chat, settings, feedback and compare cogs, plus any extra
-    cogs given."""
+    """Switchboard's Discord face: the chat, settings, feedback, compare and leaderboard
+    cogs, plus any extra cogs given."""
 
     def __init__(
         self,
@@ -95,6 +96,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
         await self.add_cog(FeedbackCog(self, self.service, chat, manager_role=self.manager_role))
         await self.add_cog(CompareCog(self.service, manager_role=self.manager_role))
+        await self.add_cog(LeaderboardCog(self.service))
         for cog in self.extra_cogs:
             await self.add_cog(cog)
         if self.sync_commands:
