@@ -288,7 +288,8 @@ def compare(
     _logging(settings, quiet=True)
 
     async def main() -> int:
-        from bot.cli_compare import run_compare, split_models
+        from bot.cli_compare import run_compare
+        from bot.present import split_models
 
         return await run_compare(
             settings,

@@ -135,6 +135,33 @@ def pool_text(pool: list[str] | None) -> str:
     return ", ".join(f"**{name}**" for name in pool) if pool else "every model"
 
 
+def split_models(models: str | None) -> list[str] | None:
+    """ "a, b,c" → ["a", "b", "c"]; None or blank → None (the place's default set)."""
+    if models is None:
+        return None
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    return names or None
+
+
+def duration_text(ms: float | None) -> str:
+    """A time for people: 850 → "850 ms", 1234 → "1.2 s"; None → "—"."""
+    if ms is None:
+        return "—"
+    return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:,.1f} s"
+
+
+def cost_text(usd: float | None) -> str:
+    """What an answer cost: "free", "$0.000123", "$1.25"; None (not known) → "—"."""
+    if usd is None:
+        return "—"
+    if usd == 0:
+        return "free"
+    if usd >= 0.01:
+        return f"${usd:,.2f}"
+    shown = f"{usd:.6f}".rstrip("0")
+    return f"${shown}" if shown != "0." else "under $0.000001"
+
+
 # What each outcome of a battle vote says.
 OUTCOME_WORDS: dict[str, str] = {
     "a": "A was better",
