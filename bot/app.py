@@ -29,6 +29,7 @@ from bot.service.feedback import Feedback
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
+from bot.service.privacy import Privacy
 from chains.answer import Answerer
 from chains.models import ClientConfig
 from chains.registry import ModelRegistry, ModelSpec
@@ -221,14 +222,18 @@ async def open_app(
         if kb is not None:
             stack.push_async_callback(kb.aclose)
 
+        conversations = ConversationIndex(sessions, writer)
+        place_settings = PlaceSettings(sessions, registry, retention_days=settings.retention_days)
+        privacy = Privacy(sessions, writer, exchange_log, conversations, place_settings, uploads=kb)
         service = ChatService(
             catalog=catalog,
             answerer=Answerer(models, TokenCounter()),
-            conversations=ConversationIndex(sessions, writer),
-            place_settings=PlaceSettings(sessions, registry),
+            conversations=conversations,
+            place_settings=place_settings,
             exchange_log=exchange_log,
             writer=writer,
-            feedback=Feedback(sessions, writer),
+            feedback=Feedback(sessions, writer, opted_out=privacy.opted_out),
+            privacy=privacy,
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )

@@ -30,6 +30,7 @@ from bot.service.feedback import Correction, Feedback, FeedbackStats, VoteOutcom
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
+from bot.service.privacy import ForgetReport, Privacy, PrivacyStatus, PurgeReport
 from chains.answer import Answerer, Attempt, Prompt, with_fallbacks
 from chains.chat import messages_to_dicts
 from chains.check import CheckResult, check_model
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 # Logged as the error of an answer whose reader went away before it was finished.
 STOPPED = "The reply was stopped before it was finished: nobody was reading it any more."
 SYSTEM_PROMPT_LIMIT = 8000
+MAX_RETENTION_DAYS = 36_500
 
 
 class Retriever(Protocol):
@@ -79,9 +81,13 @@ class _Asked:
     system_prompt: str
     sources: list[Source]
     started: float
+    # Its author opted out, or its place logs nothing: answered, counted, never stored.
+    private: bool
+    privacy_mark: int  # Privacy.mark when it began
     # A retry: the prompt is stored already, and this is another try at `alternative_to`.
     kind: MessageKind = "answer"
     alternative_to: str | None = None
+    prompt_author_id: int | None = None  # a retry's: who wrote the prompt (else the requester)
 
 
 class ChatService:
@@ -97,6 +103,7 @@ class ChatService:
         exchange_log: ExchangeLog,
         writer: LogWriter,
         feedback: Feedback,
+        privacy: Privacy,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -108,6 +115,7 @@ class ChatService:
         self.exchange_log = exchange_log
         self.writer = writer
         self.feedback = feedback
+        self.privacy = privacy
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
         self.clock = clock
@@ -127,6 +135,7 @@ class ChatService:
         if not text:
             raise UserError("There is nothing to answer: the message is empty.")
         settings = await self.place_settings.effective(request.place)
+        private = not settings.logging.value or await self.privacy.opted_out(request.author.id)
         spec = await self._model_for(settings)
         where = await self.conversations.resolve(request)
         history = await self.conversations.history(
@@ -145,6 +154,8 @@ class ChatService:
             system_prompt=settings.system_prompt.value,
             sources=sources,
             started=started,
+            private=private,
+            privacy_mark=self.privacy.mark,
         )
         chain = self.catalog.registry.fallback_chain(spec.name)
         async with aclosing(self._run(asked, chain)) as events:
@@ -198,6 +209,7 @@ class ChatService:
             raise NotFound("The question that answer answered is no longer in my log.")
         place = Place(original.guild_id, original.channel_id or 0, original.thread_id)
         settings = await self.place_settings.effective(place)
+        private = not settings.logging.value or await self.privacy.opted_out(author.id)
         if model is not None:
             chain = [await self.catalog.get(model)]
         elif original.model_name and original.model_name in self.catalog.registry:
@@ -225,8 +237,11 @@ class ChatService:
             system_prompt=original.system_prompt or settings.system_prompt.value,
             sources=sources,
             started=started,
+            private=private,
+            privacy_mark=self.privacy.mark,
             kind="alternative",
             alternative_to=original.id,
+            prompt_author_id=prompt.author_id,
         )
         async with aclosing(self._run(asked, chain)) as events:
             async for event in events:
@@ -249,6 +264,12 @@ class ChatService:
         usage = self.answerer.billed(final)
         cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
 
+        request = asked.request
+        store = self._may_store(asked, attempts)
+        # What an answer was built from: only messages that are stored (or on their way).
+        storable = {
+            turn.id for turn in asked.history if turn.stored and not self.privacy.is_gone(turn.id)
+        }
         history_ids = [turn.id for turn in asked.history]
         answers: list[LoggedAnswer] = []
         for attempt in attempts:
@@ -262,6 +283,7 @@ class ChatService:
                 if attempt.history_used
                 else []
             )
+            used = [turn_id for turn_id in used if turn_id in storable]
             answers.append(
                 LoggedAnswer(
                     id=asked.answer_id if is_final else uuid.uuid4().hex,
@@ -284,30 +306,64 @@ class ChatService:
                     alternative_to=asked.alternative_to if is_final else None,
                 )
             )
-        request = asked.request
-        self.exchange_log.add(
-            Exchange(
-                conversation_id=asked.conversation_id,
-                place=request.place,
-                origin="discord" if request.discord_message_id is not None else "terminal",
-                prompt_id=asked.prompt_id,
-                parent_id=asked.leaf_id,
-                author_id=request.author.id,
-                author_name=clean(request.author.name)[0],
-                text=asked.question,
-                prompt_cleaned=asked.cleaned,
-                new_prompt=asked.alternative_to is None,
-                system_prompt=asked.system_prompt,
-                answers=tuple(answers),
-                source_ids=tuple(s.chunk_id for s in asked.sources),
-                discord_message_id=request.discord_message_id,
+        if store:
+            # The line goes on from the newest message that is stored: turns answered but
+            # not stored (and messages deleted meanwhile) are skipped.
+            parent_id = self.conversations.stored_ancestor(asked.leaf_id)
+            if parent_id is not None and self.privacy.is_gone(parent_id):
+                parent_id = None
+            self.exchange_log.add(
+                Exchange(
+                    conversation_id=asked.conversation_id,
+                    place=request.place,
+                    origin="discord" if request.discord_message_id is not None else "terminal",
+                    prompt_id=asked.prompt_id,
+                    parent_id=parent_id,
+                    author_id=request.author.id,
+                    author_name=clean(request.author.name)[0],
+                    text=asked.question,
+                    prompt_cleaned=asked.cleaned,
+                    new_prompt=asked.alternative_to is None,
+                    system_prompt=asked.system_prompt,
+                    answers=tuple(answers),
+                    source_ids=tuple(s.chunk_id for s in asked.sources),
+                    discord_message_id=request.discord_message_id,
+                )
             )
-        )
+        else:
+            self.privacy.count(
+                request.place.guild_id,
+                final.spec.name,
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+                cost or 0.0,
+            )
         reply = final.reply
+        # Remembered either way, so the conversation goes on; a private turn's text is never
+        # stored later as another answer's history. A retry's prompt is stored already.
+        retry = asked.alternative_to is not None
+        author_id = asked.prompt_author_id if retry else request.author.id
         self.conversations.remember(
             asked.conversation_id,
-            Turn(asked.prompt_id, asked.conversation_id, "user", asked.question, asked.leaf_id),
-            Turn(asked.answer_id, asked.conversation_id, "assistant", reply, asked.prompt_id),
+            Turn(
+                asked.prompt_id,
+                asked.conversation_id,
+                "user",
+                asked.question,
+                asked.leaf_id,
+                author_id,
+                stored=store or retry,
+                private=asked.private and not retry,
+            ),
+            Turn(
+                asked.answer_id,
+                asked.conversation_id,
+                "assistant",
+                reply,
+                asked.prompt_id,
+                stored=store,
+                private=asked.private,
+            ),
         )
         return ChatResult(
             reply=reply,
@@ -321,7 +377,30 @@ class ChatService:
             fallback_from=fallback_from,
             error=None if ok else final.error,
             sources=tuple(asked.sources),
-            log_problem=self.log_problem,
+            log_problem=self.log_problem if store else None,
+            stored=store,
+        )
+
+    def _may_store(self, asked: _Asked, attempts: list[Attempt]) -> bool:
+        """Whether this exchange may be stored: not private, built on nothing that may not
+        be stored (a private turn, a message deleted meanwhile), nobody whose words it
+        holds forgotten and its Discord message not deleted while it was being answered."""
+        if asked.private:
+            return False
+        request = asked.request
+        sent = max((attempt.history_used for attempt in attempts), default=0)
+        used = asked.history[len(asked.history) - sent :] if sent else []
+        if any(turn.private or self.privacy.is_gone(turn.id) for turn in used):
+            return False
+        if asked.alternative_to is not None and self.privacy.is_gone(asked.prompt_id):
+            return False
+        # Whose words it holds: its author's, and those of every prompt in its history.
+        authors = {request.author.id}
+        if asked.prompt_author_id is not None:
+            authors.add(asked.prompt_author_id)
+        authors.update(turn.author_id for turn in used if turn.author_id is not None)
+        return self.privacy.may_store(
+            authors=authors, mark=asked.privacy_mark, discord_message_id=request.discord_message_id
         )
 
     async def _retrieve(
@@ -367,7 +446,8 @@ class ChatService:
         """Record that `discord_message_ids` carry answer `message_id`, so replies continue it."""
         ids = list(discord_message_ids)
         self.conversations.link_carriers(message_id, conversation_id, ids)
-        self.exchange_log.link_discord_messages(message_id, conversation_id, ids)
+        if self.conversations.is_stored(message_id):  # else there is no row to link to
+            self.exchange_log.link_discord_messages(message_id, conversation_id, ids)
 
     async def is_conversation_message(self, discord_message_id: int) -> bool:
         """Whether this Discord message is part of one of our answers."""
@@ -521,7 +601,8 @@ class ChatService:
     # ---------------------------------------------------------------- settings
 
     async def effective_settings(self, place: Place) -> EffectiveSettings:
-        """The model, system prompt and knowledge switch in force at `place`, with their sources."""
+        """The settings in force at `place` (model, system prompt, knowledge, logging,
+        retention), with their sources."""
         return await self.place_settings.effective(place)
 
     async def set_model(
@@ -561,3 +642,48 @@ class ChatService:
         if enabled and place.guild_id is None:
             raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")
         return await self.place_settings.change(place, scope, "knowledge", enabled, actor)
+
+    async def set_logging(
+        self, place: Place, scope: Scope, enabled: bool | None, actor: Author
+    ) -> SettingChange:
+        """Store what is said in `scope`, or not (False: only counted; None: inherit)."""
+        return await self.place_settings.change(place, scope, "logging", enabled, actor)
+
+    async def set_retention(self, place: Place, days: int | None, actor: Author) -> SettingChange:
+        """How many days this server keeps its exchanges (0: forever; None: the bot's default)."""
+        if place.guild_id is None:
+            raise UserError(
+                "Retention is a server's setting: use it in one of the server's channels."
+            )
+        if days is not None and not 0 <= days <= MAX_RETENTION_DAYS:
+            raise UserError(
+                f"Retention is a number of days from 1 to {MAX_RETENTION_DAYS:,}, or 0 to keep "
+                "exchanges forever."
+            )
+        return await self.place_settings.change(place, "guild", "retention", days, actor)
+
+    # ---------------------------------------------------------------- privacy
+
+    async def privacy_status(self, author: Author) -> PrivacyStatus:
+        """Whether `author` opted out, and how much of theirs is stored."""
+        return await self.privacy.status(author)
+
+    async def opt_out(self, author: Author) -> PrivacyStatus:
+        """Answer `author` from now on without storing anything they write or receive."""
+        return await self.privacy.set_opted_out(author, True)
+
+    async def opt_in(self, author: Author) -> PrivacyStatus:
+        """Store `author`'s exchanges again from now on."""
+        return await self.privacy.set_opted_out(author, False)
+
+    async def forget(self, author: Author, *, by_name: bool = False) -> ForgetReport:
+        """Delete everything stored about `author`; says what went (see `Privacy.forget`)."""
+        return await self.privacy.forget(author, by_name=by_name)
+
+    async def message_deleted(self, discord_message_id: int) -> None:
+        """A person deleted their Discord message: delete its prompt and what derives from it."""
+        self.privacy.message_deleted(discord_message_id)
+
+    async def purge(self, dry_run: bool = False) -> PurgeReport:
+        """Apply the retention: delete exchanges older than it (a dry run only counts)."""
+        return await self.privacy.purge(dry_run=dry_run)
