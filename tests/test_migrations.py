@@ -41,6 +41,7 @@ from migrations import (
     database_revision,
     downgrade_database,
     migrations_dir,
+    plan_downgrade,
     upgrade_database,
 )
 from store.db import create_engine, create_session_factory
@@ -625,5 +626,20 @@ async def test_0005_feedback_tables_and_corrections_down_and_up(empty_database_u
     assert "votes" not in await table_names(url)
     assert "alternative_to" not in await message_columns(url)
     assert await v1_snapshot(url) == before, "every message but the correction stays"
+    await upgrade_database(url)
+    assert await differences(url, Base.metadata) == []
+
+
+async def test_0006_indexes_discord_message_ids_down_and_up(empty_database_url: str) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0001")
+    await seed_v1(url)
+    before = await v1_snapshot(url)
+    await upgrade_database(url, "0006")
+    assert await differences(url, Base.metadata) == []
+    plan = await plan_downgrade(url, "0005")
+    assert plan.undone == ("0006",) and plan.dropped == ()  # an index holds no data
+    await downgrade_database(url, "0005")
+    assert await v1_snapshot(url) == before
     await upgrade_database(url)
     assert await differences(url, Base.metadata) == []
