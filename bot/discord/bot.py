@@ -13,12 +13,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 
 import aiohttp
 import discord
 from discord.ext import commands
 
 from bot.discord.chat import ChatCog
+from bot.discord.privacy import PURGE_EVERY, PrivacyCog
 from bot.discord.settings_cog import SettingsCog
 from bot.service import ChatService
 from core.errors import ConfigError, UserError
@@ -37,7 +39,7 @@ def bot_intents() -> discord.Intents:
 
 
 class SwitchboardBot(commands.AutoShardedBot):
-    """Switchboard's Discord face: the chat and settings cogs, plus any extra cogs given."""
+    """Switchboard's Discord face: the chat, settings and privacy cogs, plus any extra cogs given."""
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         shard_ids: Sequence[int] | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
+        purge_every: timedelta | None = PURGE_EVERY,
     ) -> None:
         # The bot never joins voice channels: discord.py's warnings that voice support
         # libraries are missing are noise before every start.
@@ -71,6 +74,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         self.sync_commands = sync_commands
         self.clock = clock
         self.sleep = sleep
+        self.purge_every = purge_every  # how often the retention is applied (None: never)
         self._notices: set[asyncio.Task[None]] = set()
         self._unwatch_log: Callable[[], None] | None = None
 
@@ -80,6 +84,9 @@ class SwitchboardBot(commands.AutoShardedBot):
         chat = ChatCog(self, self.service, clock=self.clock, sleep=self.sleep)
         await self.add_cog(chat)
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
+        await self.add_cog(
+            PrivacyCog(self.service, manager_role=self.manager_role, purge_every=self.purge_every)
+        )
         for cog in self.extra_cogs:
             await self.add_cog(cog)
         if self.sync_commands:

@@ -11,7 +11,15 @@ from discord.ext import commands
 
 from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
 from bot.discord.respond import answering, send
-from bot.present import SOURCE_WORDS, change_line, context_size, endpoint, price
+from bot.present import (
+    SOURCE_WORDS,
+    change_line,
+    context_size,
+    endpoint,
+    logging_words,
+    price,
+    retention_words,
+)
 from bot.service import ChatService
 from core.messages import Place, Scope
 
@@ -230,4 +238,9 @@ class SettingsCog(commands.Cog):
                 + f" ({SOURCE_WORDS.get(effective.knowledge.source, effective.knowledge.source)})",
                 inline=False,
             )
+            embed.add_field(name="Logging", value=logging_words(effective.logging), inline=False)
+            if interaction.guild_id is not None:
+                embed.add_field(
+                    name="Retention", value=retention_words(effective.retention), inline=False
+                )
             await send(interaction, embed=embed, ephemeral=True)

@@ -17,6 +17,7 @@ answer being written while they went is not stored on top of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -51,6 +52,8 @@ CACHED_PEOPLE = 50_000
 REMEMBERED_DELETIONS = 50_000
 # How long a forget waits for the log to write what is queued before it.
 DRAIN_TIMEOUT_S = 30.0
+# How long a status waits for the log to write what was just said.
+STATUS_WAIT_S = 2.0
 # Expired prompts deleted per transaction by a purge.
 PURGE_BATCH = 1000
 
@@ -263,6 +266,8 @@ class Privacy:
 
     async def status(self, author: Author) -> PrivacyStatus:
         """What is stored about `author` now, and whether they opted out."""
+        with contextlib.suppress(TimeoutError):  # their last exchange may be on its way
+            await self.writer.drain(timeout=STATUS_WAIT_S)
         async with self._database("read what is stored about you") as session:
             person = await PeopleRepository(session).get(author.id)
             messages, votes = await PrivacyRepository(session).stored_about(author.id)
