@@ -165,8 +165,10 @@ class ExchangeLog:
         # the order exchanges finished in, even when the clock does not move between two.
         self._next_at = utcnow()
         self._lost: set[str] = set()  # ids of messages that could not be stored at all
-        # Messages deleted on purpose lately (a person forgotten, a Discord message deleted,
-        # retention): an exchange still waiting that names one is never written.
+        # Messages deleted on purpose lately, and whether their words may live on in an
+        # answer built on them: not after a person is forgotten or a Discord message is
+        # deleted (an exchange still waiting that was built on one is never written), but
+        # after retention, yes (it is only no longer referred to).
         self._gone: LRU[str, bool] = LRU(GONE_REMEMBERED)
         # Exchanges answered but not stored, counted until the next write takes them.
         self._counts: dict[tuple[date, int, str], AnonymousCountRow] = {}
@@ -312,14 +314,19 @@ class ExchangeLog:
             count += 1
         return count
 
-    def forget_ids(self, message_ids: Iterable[str]) -> None:
-        """These messages were deleted on purpose: never write an exchange that names one,
-        nor link to one (the exchanges and links still waiting are left out when written)."""
+    def forget_ids(self, message_ids: Iterable[str], *, words: bool = True) -> None:
+        """These messages were deleted on purpose: waiting exchanges and links no longer
+        refer to them; with `words`, an exchange built on one is not written at all (its
+        request holds the deleted words), which is what forgetting asks."""
         for message_id in message_ids:
-            self._gone.put(message_id, True)
+            self._gone.put(message_id, words or bool(self._gone.get(message_id)))
 
     def is_gone(self, message_id: str) -> bool:
-        """Whether this message was deleted on purpose lately (see `forget_ids`)."""
+        """Whether this message was deleted lately with its words (see `forget_ids`)."""
+        return bool(self._gone.get(message_id))
+
+    def is_deleted(self, message_id: str) -> bool:
+        """Whether this message was deleted lately, for whatever reason."""
         return message_id in self._gone
 
     def is_lost(self, message_id: str) -> bool:
@@ -397,18 +404,20 @@ class ExchangeLog:
             )
 
     def _without_gone(self, rows: list[_Rows]) -> list[_Rows]:
-        """Exchanges that are, or were built on, messages deleted meanwhile are not written
-        (their requests hold the deleted words); one that merely follows one starts a line."""
+        """Exchanges that are, or were built on the words of, messages deleted meanwhile are
+        not written (their requests hold the deleted words); one that merely follows one,
+        or cites one that expired, starts a line and cites the rest."""
         gone = self._gone
         kept: list[_Rows] = []
         for conversation, messages, links in rows:
             if any(row["id"] in gone for row in messages) or any(
-                link["input_id"] in gone for link in links
+                gone.get(link["input_id"]) for link in links
             ):
                 continue
             messages = [
                 {**row, "parent_id": None} if row["parent_id"] in gone else row for row in messages
             ]
+            links = [link for link in links if link["input_id"] not in gone]
             kept.append((conversation, messages, links))
         return kept
 

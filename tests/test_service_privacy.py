@@ -313,3 +313,20 @@ async def test_without_a_retention_purge_deletes_nothing(chat_app: App) -> None:
     await age(chat_app, "kept", 4000)
     report = await chat_app.service.purge()
     assert report.messages == 0 and "everything is kept" in purge_line(report)
+
+
+async def test_while_opt_outs_cannot_be_read_unknown_people_are_not_stored(
+    chat_app: App,
+) -> None:
+    service = chat_app.service
+    service.privacy.ttl = 0  # every message reads again
+    await service.opt_out(BOB)
+    assert (await service.answer(said("alice is known", place=Place(GUILD, 1)))).stored
+    async with chat_app.engine.begin() as connection:  # the table cannot be read any more
+        await connection.exec_driver_sql("ALTER TABLE people RENAME TO people_away")
+    carol = Author(9, "carol")
+    assert not (await service.answer(said("carol is unknown", carol, Place(GUILD, 2)))).stored
+    assert not (await service.answer(said("bob opted out", BOB, Place(GUILD, 3)))).stored
+    assert (await service.answer(said("alice still known", place=Place(GUILD, 1)))).stored
+    texts = await stored_texts(chat_app)
+    assert "carol is unknown" not in texts and "alice still known" in texts

@@ -267,9 +267,15 @@ class ChatService:
         request = asked.request
         store = self._may_store(asked, attempts)
         # What an answer was built from: only messages that are stored (or on their way).
-        storable = {
-            turn.id for turn in asked.history if turn.stored and not self.privacy.is_gone(turn.id)
-        }
+        storable = (
+            {
+                turn.id
+                for turn in asked.history
+                if turn.stored and not self.privacy.is_deleted(turn.id)
+            }
+            if store
+            else set()
+        )
         history_ids = [turn.id for turn in asked.history]
         answers: list[LoggedAnswer] = []
         for attempt in attempts:
@@ -310,7 +316,7 @@ class ChatService:
             # The line goes on from the newest message that is stored: turns answered but
             # not stored (and messages deleted meanwhile) are skipped.
             parent_id = self.conversations.stored_ancestor(asked.leaf_id)
-            if parent_id is not None and self.privacy.is_gone(parent_id):
+            if parent_id is not None and self.privacy.is_deleted(parent_id):
                 parent_id = None
             self.exchange_log.add(
                 Exchange(
@@ -392,7 +398,7 @@ class ChatService:
         used = asked.history[len(asked.history) - sent :] if sent else []
         if any(turn.private or self.privacy.is_gone(turn.id) for turn in used):
             return False
-        if asked.alternative_to is not None and self.privacy.is_gone(asked.prompt_id):
+        if asked.alternative_to is not None and self.privacy.is_deleted(asked.prompt_id):
             return False
         # Whose words it holds: its author's, and those of every prompt in its history.
         authors = {request.author.id}

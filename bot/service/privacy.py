@@ -53,7 +53,7 @@ REMEMBERED_DELETIONS = 50_000
 # How long a forget waits for the log to write what is queued before it.
 DRAIN_TIMEOUT_S = 30.0
 # How long a status waits for the log to write what was just said.
-STATUS_WAIT_S = 2.0
+STATUS_WAIT_S = 1.0  # Discord wants an answer within 3 s
 # Expired prompts deleted per transaction by a purge.
 PURGE_BATCH = 1000
 
@@ -238,8 +238,13 @@ class Privacy:
         return True
 
     def is_gone(self, message_id: str) -> bool:
-        """Whether this message was deleted lately (forgotten, deleted in Discord, expired)."""
+        """Whether this message was deleted lately with its words (a person forgotten, a
+        Discord message deleted): nothing built on it may be stored."""
         return self.exchange_log.is_gone(message_id)
+
+    def is_deleted(self, message_id: str) -> bool:
+        """Whether this message was deleted lately for whatever reason (retention too)."""
+        return self.exchange_log.is_deleted(message_id)
 
     def count(
         self,
@@ -381,8 +386,8 @@ class Privacy:
                     break
                 removal = await repo.expire([prompt_id for _, prompt_id in batch], dry_run=dry_run)
             after = batch[-1]  # keyset pagination: a dry run deletes nothing, so page on
-            if not dry_run:
-                self._forget_in_memory(removal)
+            if not dry_run:  # expired, not forgotten: answers built on them may stay
+                self._forget_in_memory(removal, words=False)
             removal.message_ids = set()  # counted; no need to hold every id of a big purge
             total.add(removal)
         prompts = total.kinds.get("prompt", 0)
@@ -395,8 +400,10 @@ class Privacy:
             servers=overrides,
         )
 
-    def _forget_in_memory(self, removal: Removal, author_id: int | None = None) -> None:
-        self.exchange_log.forget_ids(removal.message_ids)
+    def _forget_in_memory(
+        self, removal: Removal, author_id: int | None = None, *, words: bool = True
+    ) -> None:
+        self.exchange_log.forget_ids(removal.message_ids, words=words)
         self.conversations.forget(removal.message_ids, author_id)
 
     @asynccontextmanager
