@@ -134,6 +134,25 @@ def change_line(change: SettingChange) -> str:
     return f"Knowledge base for {where}: **{state}**."
 
 
+# The 👎 reasons (core.exchange.VOTE_REASONS) as people read them.
+REASON_WORDS: dict[str, str] = {
+    "wrong": "Wrong",
+    "unhelpful": "Unhelpful",
+    "unsafe": "Unsafe",
+    "off_topic": "Off-topic",
+    "too_long": "Too long",
+    "refused": "Refused wrongly",
+    "other": "Other",
+}
+
+
+def reasons_text(reasons: list[tuple[str, int]]) -> str:
+    """'Too long ×3, Wrong ×1', or 'none given'."""
+    if not reasons:
+        return "none given"
+    return ", ".join(f"{REASON_WORDS.get(reason, reason)} ×{count}" for reason, count in reasons)
+
+
 def share_text(model: ModelFeedback) -> str:
     """'72% 👍 (95% CI 61–81%)', or 'no votes'."""
     share, interval = model.share_up, model.interval

@@ -42,6 +42,7 @@ SETTING_FIELDS: tuple[str, ...] = (
     "knowledge_enabled",
     "log_enabled",
     "retention_days",
+    "arena_pool",
 )
 
 # Stable constraint names, so later migrations (and SQLite batch mode) can refer to them.
@@ -133,6 +134,8 @@ class ChannelSetting(Base):
     log_enabled: Mapped[bool | None] = mapped_column(Boolean)
     # Server scope only: keep exchanges this many days (0: forever); NULL: the bot's default.
     retention_days: Mapped[int | None] = mapped_column(Integer)
+    # The models blind battles (/arena) draw from here; NULL: the config's arena_pool.
+    arena_pool: Mapped[list[str] | None] = mapped_column(JSONValue)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     updated_by: Mapped[int | None] = mapped_column(BigInteger)
 
@@ -230,7 +233,7 @@ class Message(Base):
     guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     channel_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     thread_id: Mapped[int | None] = mapped_column(BigInteger)
-    # Indexed (0006): every Discord message deletion the bot hears of is looked up by it.
+    # Indexed (0007): every Discord message deletion the bot hears of is looked up by it.
     discord_message_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 
@@ -358,6 +361,68 @@ class AnonymousCount(Base):
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class Battle(Base):
+    """A blind battle: two models answered one prompt anonymously as A and B.
+
+    Invalid (with the reason) when an answer gave its model away: its votes do not count.
+    """
+
+    __tablename__ = "battles"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    prompt_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    answer_a: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"))
+    answer_b: Mapped[str] = mapped_column(String(32), ForeignKey("messages.id", ondelete="CASCADE"))
+    # The models' names, kept here so the leaderboard fit reads one table.
+    model_a: Mapped[str] = mapped_column(String(200))
+    model_b: Mapped[str] = mapped_column(String(200))
+    pool: Mapped[list[str] | None] = mapped_column(JSONValue)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    channel_id: Mapped[int | None] = mapped_column(BigInteger)
+    thread_id: Mapped[int | None] = mapped_column(BigInteger)
+    asked_by: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    invalid: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class BattleVote(Base):
+    """One person's verdict on a battle: A better, B better, a tie, or both bad."""
+
+    __tablename__ = "battle_votes"
+    __table_args__ = (
+        UniqueConstraint("battle_id", "voter_id"),  # one vote per person per battle
+        CheckConstraint("outcome IN ('a', 'b', 'tie', 'bad')", name="outcome"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    battle_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("battles.id", ondelete="CASCADE"), index=True
+    )
+    voter_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    outcome: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+
+class Preference(Base):
+    """In a side-by-side comparison, the answer one person found best (one per person)."""
+
+    __tablename__ = "preferences"
+    __table_args__ = (UniqueConstraint("prompt_id", "voter_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    prompt_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
+    chosen_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("messages.id", ondelete="CASCADE")
+    )
+    voter_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 MESSAGE_FIELDS: frozenset[str] = frozenset(Message.__table__.columns.keys())

@@ -37,12 +37,15 @@ from store.models import (
     SETTING_FIELDS,
     SETTING_SCOPES,
     AnonymousCount,
+    Battle,
+    BattleVote,
     ChannelSetting,
     Conversation,
     DiscordMessage,
     Message,
     MessageInput,
     Person,
+    Preference,
     RegisteredModel,
     SettingChange,
     Vote,
@@ -62,6 +65,7 @@ _FIELD_TYPES: dict[str, type] = {
     "knowledge_enabled": bool,
     "log_enabled": bool,
     "retention_days": int,
+    "arena_pool": list,
 }
 # Every messages column, in one order: rows that all carry every column insert as one batch.
 MESSAGE_COLUMNS: tuple[str, ...] = tuple(sorted(MESSAGE_FIELDS))
@@ -95,6 +99,8 @@ def _as_text(value: object) -> str | None:
         return None
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(str(item) for item in value)
     return str(value)
 
 
@@ -901,7 +907,7 @@ class PersonForgotten:
     """What forgetting a person did to the database."""
 
     removed: Removal
-    votes: int  # their votes (others' votes went with the answers removed)
+    votes: int  # their votes, battle verdicts and preferences (others' went with the answers)
     setting_changes: int  # changes in the settings history now without their name
 
 
@@ -934,7 +940,8 @@ class PrivacyRepository:
     async def forget_person(self, user_id: int) -> PersonForgotten:
         """Delete everything stored about a person, in the caller's transaction.
 
-        Their messages (prompts and corrections) and what derives from them, their votes,
+        Their messages (prompts and corrections) and what derives from them (battles and
+        comparisons of their prompts too), their votes, battle verdicts and preferences,
         their id and name in the settings history and on conversations and settings rows.
         Whether they opted out stays (it is what keeps them out of the log); a person who
         never opted out has no row left.
@@ -956,7 +963,12 @@ class PrivacyRepository:
             ).all()
         )
         # Their votes first: some are on answers that go below, and would go uncounted.
-        votes = await self.session.execute(delete(Vote).where(Vote.voter_id == user_id))
+        votes = _rowcount(await self.session.execute(delete(Vote).where(Vote.voter_id == user_id)))
+        # Their verdicts in blind battles and side-by-side comparisons are votes too.
+        for verdicts in (BattleVote, Preference):
+            votes += _rowcount(
+                await self.session.execute(delete(verdicts).where(verdicts.voter_id == user_id))
+            )
         removed = await self._remove(theirs, stop_at=others_prompt, extra_conversations=started)
         changes = await self.session.execute(
             update(SettingChange)
@@ -972,11 +984,14 @@ class PrivacyRepository:
             update(Conversation).where(Conversation.started_by == user_id).values(started_by=None)
         )
         await self.session.execute(
+            update(Battle).where(Battle.asked_by == user_id).values(asked_by=None)
+        )
+        await self.session.execute(
             delete(Person).where(Person.user_id == user_id, Person.opted_out.is_(False))
         )
         return PersonForgotten(
             removed=removed,
-            votes=_rowcount(votes),
+            votes=votes,
             setting_changes=_rowcount(changes),
         )
 

@@ -243,13 +243,25 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("postgres_url"))
 
 
+def known_revisions() -> list[str]:
+    from alembic.script import ScriptDirectory
+
+    from migrations import alembic_config
+
+    return [
+        s.revision
+        for s in ScriptDirectory.from_config(alembic_config("sqlite://")).walk_revisions()
+    ]
+
+
 async def test_plan_downgrade_counts_what_each_revision_drops(fresh_url: str) -> None:
     url = fresh_url
     await upgrade_database(url)
     await seed(url)
 
     to_0002 = await plan_downgrade(url, "0002")
-    assert to_0002.undone == ("0006", "0005", "0004", "0003") and to_0002.target == "0002"
+    later = tuple(sorted((r for r in known_revisions() if r > "0002"), reverse=True))
+    assert to_0002.undone == later and to_0002.target == "0002"
     assert [str(drop) for drop in to_0002.losing] == ["messages.cleaned (1 row)"]
     assert "votes (0 rows)" in [str(drop) for drop in to_0002.dropped], "empty ones are named too"
 
@@ -261,7 +273,7 @@ async def test_plan_downgrade_counts_what_each_revision_drops(fresh_url: str) ->
     ]
     nothing = await plan_downgrade(url, "head")
     head = nothing.current
-    assert nothing.undone == () and head == "0006"
+    assert nothing.undone == () and head == max(known_revisions())
     assert await database_revision(url) == head  # planning changes nothing
 
 

@@ -167,3 +167,11 @@ async def test_the_bot_applies_the_retention_on_its_own(world: World, chat_app: 
     await world.env.advance_time(timedelta(hours=1).total_seconds() + 1)
     await world.env.settle()
     assert sorted(await stored_texts(chat_app)) == ["Echo: a new question", "a new question"]
+
+
+async def test_an_answer_that_is_not_stored_has_no_feedback_buttons(world: World) -> None:
+    await world.alice.send(world.channel, f"{world.bot.user.mention} stored, so rated")
+    await world.alice.slash(world.channel, "privacy opt-out")
+    await world.alice.send(world.channel, f"{world.bot.user.mention} not stored")
+    rated, unrated = bot_messages(world)
+    assert rated.components and not unrated.components

@@ -312,11 +312,13 @@ def embedding_cli(
             "SWITCHBOARD_EMBEDDING_BASE_URL": fake.base_url,
             "SWITCHBOARD_EMBEDDING_API_KEY_ENV": "SB_TEST_EMBED_KEY",
             "SB_TEST_EMBED_KEY": EMBED_KEY,
-            "SWITCHBOARD_CONFIG": str(tmp_path / "none.toml"),
             "COLUMNS": "2000",
         }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("CHROMA_HOST", raising=False)
+        # No config: the built-in registry (a config file named but missing is an error).
+        monkeypatch.delenv("SWITCHBOARD_CONFIG", raising=False)
+        monkeypatch.chdir(tmp_path)
         doc = tmp_path / "guide.md"
         doc.write_text("# Guide\n\nError code E-4711 means the lid is not locked.\n")
         yield fake, doc

@@ -14,6 +14,7 @@ from store.models import (
     Message,
     MessageInput,
     Person,
+    Preference,
     SettingChange,
     Vote,
     new_id,
@@ -176,6 +177,8 @@ async def test_forgetting_a_person_leaves_nothing_of_their_words(
                      comment="alice comment", source="button", created_at=NOW, updated_at=NOW),
                 Vote(answer_id=r1, voter_id=BOB, voter_name="bob", value=-1, source="button",
                      created_at=NOW, updated_at=NOW),
+                # And preferred Bob's answer in a side-by-side comparison.
+                Preference(prompt_id=b3, chosen_id=u3, voter_id=ALICE, created_at=NOW),
             ]
         )  # fmt: skip
         await ConversationRepository(session).add_messages(
@@ -198,7 +201,7 @@ async def test_forgetting_a_person_leaves_nothing_of_their_words(
     assert removed.kinds == {"prompt": 3, "answer": 4, "correction": 1}  # u1 used her words
     assert removed.detached == 2  # Bob's two prompts in the thread now start lines
     assert removed.conversations == 1  # her conversation alone
-    assert done.votes == 1 and done.setting_changes == 1
+    assert done.votes == 2 and done.setting_changes == 1  # her vote and her preference
 
     for needle in ("alice secret", "alice shared", "alice comment", "alice correction", "user11"):
         assert await find_text(any_session_factory, needle) == [], needle
@@ -213,6 +216,7 @@ async def test_forgetting_a_person_leaves_nothing_of_their_words(
         assert (await repo.get(shared)).started_by is None  # type: ignore[union-attr]
         votes = (await session.scalars(select(Vote))).all()
         assert votes == []  # hers, and Bob's on her answer (which went)
+        assert await count(session, Preference) == 0
         changes = (await session.scalars(select(SettingChange))).all()
         assert sorted((c.actor_id, c.actor_name) for c in changes) == [
             (0, FORGOTTEN_NAME),
@@ -317,8 +321,9 @@ async def test_forgetting_a_long_line_on_sqlite_depth(any_session_factory: Sessi
         log = Log(session)
         conversation = await log.conversation()
         after = None
-        for n in range(600):  # 1,200 messages in one line
-            _, after = await log.exchange(conversation, ALICE, f"line {n}", after=after)
+        for n in range(600):  # 1,200 messages in one line, each later than the one before
+            at = NOW + timedelta(milliseconds=n)
+            _, after = await log.exchange(conversation, ALICE, f"line {n}", after=after, at=at)
     async with any_session_factory() as session, session.begin():
         done = await PrivacyRepository(session).forget_person(ALICE)
     assert done.removed.messages == 1200 and done.removed.conversations == 1

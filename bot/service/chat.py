@@ -26,7 +26,14 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from bot.service.conversations import ConversationIndex, Turn
-from bot.service.feedback import Correction, Feedback, FeedbackStats, VoteOutcome, VoteSource
+from bot.service.feedback import (
+    AnswerOrigin,
+    Correction,
+    Feedback,
+    FeedbackStats,
+    VoteOutcome,
+    VoteSource,
+)
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
@@ -491,20 +498,38 @@ class ChatService:
         value: int | None,
         *,
         source: VoteSource = "reaction",
+        taking_back: int | None = None,
     ) -> VoteOutcome | None:
         """A vote by reaction on a Discord message of ours (None removes it); None when the
-        message carries no answer we know (so it is not ours to count)."""
+        message carries no answer we know (so it is not ours to count).
+
+        A removal may say which thumb was `taking_back`: the vote then goes only while it
+        is that thumb (the person may have reacted with both, or changed it by button).
+        """
         found = await self.conversations.find_carrier(discord_message_id)
         if found is None or found.leaf_id is None:
             return None
         if value is None:
-            return await self.feedback.unvote(found.leaf_id, voter)
+            return await self.feedback.unvote(found.leaf_id, voter, only=taking_back)
         return await self.feedback.vote(found.leaf_id, voter, value, source=source)
 
     async def answer_of_discord_message(self, discord_message_id: int) -> str | None:
         """The id of the answer a Discord message of ours carries, if we know it."""
         found = await self.conversations.find_carrier(discord_message_id)
         return found.leaf_id if found is not None else None
+
+    async def answer_origin(self, answer_id: str) -> AnswerOrigin:
+        """The model that wrote an answer and the Discord message that asked for it
+        (where another try is shown); NotFound for an answer the log does not know."""
+        original = await self.feedback.answer(answer_id)
+        prompt = (
+            await self.conversations.stored_message(original.parent_id)
+            if original.parent_id
+            else None
+        )
+        return AnswerOrigin(
+            answer_id, original.model_name, prompt.discord_message_id if prompt else None
+        )
 
     async def correct(self, answer_id: str, author: Author, text: str) -> Correction:
         """Store `author`'s better answer to the prompt `answer_id` answered."""
