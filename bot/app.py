@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.service.chat import ChatService
+from bot.service.compare import Comparisons
 from bot.service.conversations import ConversationIndex
 from bot.service.feedback import Feedback
 from bot.service.limits import PersonLimit
@@ -225,14 +226,24 @@ async def open_app(
         conversations = ConversationIndex(sessions, writer)
         place_settings = PlaceSettings(sessions, registry, retention_days=settings.retention_days)
         privacy = Privacy(sessions, writer, exchange_log, conversations, place_settings, uploads=kb)
+        answerer = Answerer(models, TokenCounter())
         service = ChatService(
             catalog=catalog,
-            answerer=Answerer(models, TokenCounter()),
+            answerer=answerer,
             conversations=conversations,
             place_settings=place_settings,
             exchange_log=exchange_log,
             writer=writer,
             feedback=Feedback(sessions, writer, opted_out=privacy.opted_out),
+            comparisons=Comparisons(
+                catalog,
+                answerer,
+                exchange_log,
+                writer,
+                sessions,
+                votes_per_day=settings.arena_votes_per_day,
+                opted_out=privacy.opted_out,
+            ),
             privacy=privacy,
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,

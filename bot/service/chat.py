@@ -18,13 +18,22 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import ValidationError
 
+from bot.service.compare import (
+    Battle,
+    BattleVerdict,
+    Comparison,
+    Comparisons,
+    OnAnswer,
+    PreferenceOutcome,
+    Question,
+)
 from bot.service.conversations import ConversationIndex, Turn
 from bot.service.feedback import (
     AnswerOrigin,
@@ -88,8 +97,9 @@ class _Asked:
     system_prompt: str
     sources: list[Source]
     started: float
-    # Its author opted out, or its place logs nothing: answered, counted, never stored.
-    private: bool
+    # False: answered, counted, never stored (its author opted out, or its place logs
+    # nothing: see ChatService._may_store); True: stored unless `_storable` finds otherwise.
+    store: bool
     privacy_mark: int  # Privacy.mark when it began
     # A retry: the prompt is stored already, and this is another try at `alternative_to`.
     kind: MessageKind = "answer"
@@ -110,6 +120,7 @@ class ChatService:
         exchange_log: ExchangeLog,
         writer: LogWriter,
         feedback: Feedback,
+        comparisons: Comparisons,
         privacy: Privacy,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
@@ -122,6 +133,7 @@ class ChatService:
         self.exchange_log = exchange_log
         self.writer = writer
         self.feedback = feedback
+        self.comparisons = comparisons
         self.privacy = privacy
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
@@ -142,7 +154,6 @@ class ChatService:
         if not text:
             raise UserError("There is nothing to answer: the message is empty.")
         settings = await self.place_settings.effective(request.place)
-        private = not settings.logging.value or await self.privacy.opted_out(request.author.id)
         spec = await self._model_for(settings)
         where = await self.conversations.resolve(request)
         history = await self.conversations.history(
@@ -161,7 +172,7 @@ class ChatService:
             system_prompt=settings.system_prompt.value,
             sources=sources,
             started=started,
-            private=private,
+            store=await self._may_store(request, settings),
             privacy_mark=self.privacy.mark,
         )
         chain = self.catalog.registry.fallback_chain(spec.name)
@@ -216,7 +227,6 @@ class ChatService:
             raise NotFound("The question that answer answered is no longer in my log.")
         place = Place(original.guild_id, original.channel_id or 0, original.thread_id)
         settings = await self.place_settings.effective(place)
-        private = not settings.logging.value or await self.privacy.opted_out(author.id)
         if model is not None:
             chain = [await self.catalog.get(model)]
         elif original.model_name and original.model_name in self.catalog.registry:
@@ -244,7 +254,7 @@ class ChatService:
             system_prompt=original.system_prompt or settings.system_prompt.value,
             sources=sources,
             started=started,
-            private=private,
+            store=await self._may_store(request, settings),
             privacy_mark=self.privacy.mark,
             kind="alternative",
             alternative_to=original.id,
@@ -272,7 +282,7 @@ class ChatService:
         cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
 
         request = asked.request
-        store = self._may_store(asked, attempts)
+        store = self._storable(asked, attempts)
         # What an answer was built from: only messages that are stored (or on their way).
         storable = (
             {
@@ -366,7 +376,7 @@ class ChatService:
                 asked.leaf_id,
                 author_id,
                 stored=store or retry,
-                private=asked.private and not retry,
+                private=not asked.store and not retry,
             ),
             Turn(
                 asked.answer_id,
@@ -375,7 +385,7 @@ class ChatService:
                 reply,
                 asked.prompt_id,
                 stored=store,
-                private=asked.private,
+                private=not asked.store,
             ),
         )
         return ChatResult(
@@ -394,11 +404,12 @@ class ChatService:
             stored=store,
         )
 
-    def _may_store(self, asked: _Asked, attempts: list[Attempt]) -> bool:
-        """Whether this exchange may be stored: not private, built on nothing that may not
-        be stored (a private turn, a message deleted meanwhile), nobody whose words it
-        holds forgotten and its Discord message not deleted while it was being answered."""
-        if asked.private:
+    def _storable(self, asked: _Asked, attempts: list[Attempt]) -> bool:
+        """Whether this exchange may be stored now that it is answered: `_may_store` said
+        so, it was built on nothing that may not be stored (a private turn, a message
+        deleted meanwhile), nobody whose words it holds was forgotten and its Discord
+        message was not deleted while it was being answered."""
+        if not asked.store:
             return False
         request = asked.request
         sent = max((attempt.history_used for attempt in attempts), default=0)
@@ -415,6 +426,14 @@ class ChatService:
         return self.privacy.may_store(
             authors=authors, mark=asked.privacy_mark, discord_message_id=request.discord_message_id
         )
+
+    async def _may_store(self, request: ChatRequest, settings: EffectiveSettings) -> bool:
+        """Whether what `request` asks, and its answers, may be stored: the one decision
+        chat, retries, comparisons and battles share. Not when its author opted out, nor
+        where nothing is logged; what is not stored is only counted."""
+        if not settings.logging.value:
+            return False
+        return not await self.privacy.opted_out(request.author.id)
 
     async def _retrieve(
         self, request: ChatRequest, settings: EffectiveSettings, text: str
@@ -551,6 +570,73 @@ class ChatService:
             guild_id=guild_id, channel_id=channel_id, model=model, since=since
         )
 
+    # --------------------------------------------------------------- comparing
+
+    async def compare(
+        self,
+        place: Place,
+        author: Author,
+        text: str,
+        models: Sequence[str] | None = None,
+        *,
+        discord_message_id: int | None = None,
+        on_answer: OnAnswer | None = None,
+    ) -> Comparison:
+        """Ask 2-4 models `text` side by side (default: the place's model and the config's
+        comparison_models), with the place's system prompt and the same passages."""
+        question, settings = await self._question(place, author, text, discord_message_id)
+        named = bool(models)
+        if not models:
+            default = (await self._model_for(settings)).name
+            models = [default, *self.catalog.registry.comparison_models]
+        comparison = await self.comparisons.compare(
+            question, models, named=named, on_answer=on_answer
+        )
+        return replace(comparison, log_problem=self.log_problem if comparison.stored else None)
+
+    async def prefer(
+        self, prompt_id: str, chosen_answer_id: str, voter: Author
+    ) -> PreferenceOutcome:
+        """Record the answer of a comparison `voter` found best (one per person; changeable)."""
+        return await self.comparisons.prefer(prompt_id, chosen_answer_id, voter)
+
+    async def battle(
+        self, place: Place, author: Author, text: str, *, discord_message_id: int | None = None
+    ) -> Battle:
+        """A blind battle: two models of the place's arena pool answer `text` as A and B."""
+        question, settings = await self._question(place, author, text, discord_message_id)
+        battle = await self.comparisons.battle(question, settings.arena_pool)
+        return replace(battle, log_problem=self.log_problem if battle.stored else None)
+
+    async def battle_vote(
+        self, battle_id: str, voter: Author, outcome: str, reason: str | None = None
+    ) -> BattleVerdict:
+        """`voter`'s verdict on a battle ("a", "b", "tie" or "bad"), revealing its models."""
+        return await self.comparisons.vote(battle_id, voter, outcome, reason)
+
+    async def _question(
+        self, place: Place, author: Author, text: str, discord_message_id: int | None
+    ) -> tuple[Question, EffectiveSettings]:
+        """What every model of a comparison or battle is asked: the cleaned text, the
+        place's system prompt and the passages (retrieved once, so all get the same)."""
+        text, cleaned = clean(text)
+        text = text.strip()
+        if not text:
+            raise UserError("There is nothing to ask: the question is empty.")
+        settings = await self.place_settings.effective(place)
+        request = ChatRequest(place, author, text, discord_message_id=discord_message_id)
+        question = Question(
+            place=place,
+            author=author,
+            text=text,
+            cleaned=cleaned,
+            system_prompt=settings.system_prompt.value,
+            sources=tuple(await self._retrieve(request, settings, text)),
+            discord_message_id=discord_message_id,
+            store=await self._may_store(request, settings),
+        )
+        return question, settings
+
     # ---------------------------------------------------------------- models
 
     async def warm_up(self, place: Place | None = None) -> None:
@@ -632,8 +718,8 @@ class ChatService:
     # ---------------------------------------------------------------- settings
 
     async def effective_settings(self, place: Place) -> EffectiveSettings:
-        """The settings in force at `place` (model, system prompt, knowledge, logging,
-        retention), with their sources."""
+        """The settings in force at `place` (model, system prompt, knowledge, arena pool,
+        logging, retention), with their sources."""
         return await self.place_settings.effective(place)
 
     async def set_model(
@@ -673,6 +759,17 @@ class ChatService:
         if enabled and place.guild_id is None:
             raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")
         return await self.place_settings.change(place, scope, "knowledge", enabled, actor)
+
+    async def set_arena_pool(
+        self, place: Place, scope: Scope, names: Sequence[str] | None, actor: Author
+    ) -> SettingChange:
+        """The models blind battles in `scope` draw from (None: inherit); two at least."""
+        pool = None
+        if names is not None:
+            pool = [(await self.catalog.get(name)).name for name in dict.fromkeys(names)]
+            if len(pool) < 2:
+                raise UserError("An arena pool needs at least two different models.")
+        return await self.place_settings.change(place, scope, "arena_pool", pool, actor)
 
     async def set_logging(
         self, place: Place, scope: Scope, enabled: bool | None, actor: Author

@@ -1,5 +1,5 @@
-"""What applies where: each place's model, system prompt, knowledge and logging switches and
-its server's retention, with sources.
+"""What applies where: each place's model, system prompt, knowledge and logging switches,
+arena pool and its server's retention, with their sources.
 
 A setting is made on a scope (a thread, a channel, a server) and inherited below it: a
 thread takes its channel's, a channel its server's, and what nobody set comes from the
@@ -42,7 +42,7 @@ class Setting:
     source: Scope
 
 
-SettingName = Literal["model", "system_prompt", "knowledge", "logging", "retention"]
+SettingName = Literal["model", "system_prompt", "knowledge", "arena_pool", "logging", "retention"]
 # The column each setting is stored in.
 _COLUMNS: dict[SettingName, str] = {
     "model": "model",
@@ -50,6 +50,7 @@ _COLUMNS: dict[SettingName, str] = {
     "knowledge": "knowledge_enabled",
     "logging": "log_enabled",
     "retention": "retention_days",
+    "arena_pool": "arena_pool",
 }
 
 
@@ -78,6 +79,8 @@ class EffectiveSettings:
     logging: Setting
     # The server's (else the bot's) retention in days; None or 0: kept forever.
     retention: Setting
+    # The models blind battles draw from here (a list of names); None: every model.
+    arena_pool: Setting
 
 
 class PlaceSettings:
@@ -214,6 +217,8 @@ class PlaceSettings:
             "system_prompt": DEFAULT_SYSTEM_PROMPT,
             "knowledge_enabled": False,
             "log_enabled": True,
+            # The config's pool, else None: every model (registered ones too, as they come).
+            "arena_pool": list(self.registry.arena_pool) or None,
         }
         resolved: dict[str, Setting] = {}
         for name, default in defaults.items():
@@ -241,4 +246,5 @@ class PlaceSettings:
             knowledge=resolved["knowledge_enabled"],
             logging=resolved["log_enabled"],
             retention=retention,
+            arena_pool=resolved["arena_pool"],
         )
