@@ -237,7 +237,9 @@ async def open_app(
             place_settings=place_settings,
             exchange_log=exchange_log,
             writer=writer,
-            feedback=Feedback(sessions, writer, opted_out=privacy.opted_out),
+            feedback=Feedback(
+                sessions, writer, opted_out=privacy.opted_out, logging_on=privacy.logging_on
+            ),
             comparisons=Comparisons(
                 catalog,
                 answerer,
@@ -246,6 +248,9 @@ async def open_app(
                 sessions,
                 votes_per_day=settings.arena_votes_per_day,
                 opted_out=privacy.opted_out,
+                logging_on=privacy.logging_on,
+                count_unstored=privacy.count,
+                still_storable=privacy.may_store,
             ),
             privacy=privacy,
             limits=PersonLimit(settings.messages_per_minute),

@@ -216,7 +216,10 @@ def share_text(model: ModelFeedback) -> str:
 def vote_line(outcome: VoteOutcome) -> str:
     """What a vote did, for the person who voted."""
     if not outcome.stored:
-        return "Thanks! (You opted out of storage, so your vote is not kept.)"
+        return (
+            "Thanks! (Your vote is not kept: you opted out of storage, or nothing said "
+            "where that answer was given is stored.)"
+        )
     if outcome.value == 0:
         return "Your vote is removed." if outcome.previous else "You had not voted on that answer."
     thumb = "👍" if outcome.value > 0 else "👎"

@@ -634,6 +634,7 @@ class ChatService:
             sources=tuple(await self._retrieve(request, settings, text)),
             discord_message_id=discord_message_id,
             store=await self._may_store(request, settings),
+            mark=self.privacy.mark,
         )
         return question, settings
 

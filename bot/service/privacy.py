@@ -32,7 +32,7 @@ from bot.service.conversations import ConversationIndex
 from bot.service.place_settings import PlaceSettings
 from core.cache import LRU
 from core.errors import StorageUnavailable, UserError
-from core.messages import Author
+from core.messages import Author, Place
 from store.db import failure_reason, is_outage
 from store.exchange_log import ExchangeLog
 from store.repositories import (
@@ -217,6 +217,10 @@ class Privacy:
                 self._people.put(user_id, (fresh_until, user_id in out))
             if not future.done():
                 future.set_result(user_id in out)
+
+    async def logging_on(self, place: Place) -> bool:
+        """Whether `place` stores what is said there (its effective logging switch)."""
+        return bool((await self.place_settings.effective(place)).logging.value)
 
     @property
     def mark(self) -> int:
