@@ -1,7 +1,9 @@
 """Search every text column of every table for a piece of text: what "forgotten" is checked by.
 
 The columns are read from the database's own catalogue (SQLAlchemy's inspector), not from
-our models, so a table or column added later is searched too without changing this.
+our models, so a table or column added later is searched too without changing this: the
+arena's `battles` (model names, pool, why invalid), `battle_votes` (reasons) and
+`preferences` are, as `tests/test_store_privacy.py` checks.
 """
 
 from __future__ import annotations

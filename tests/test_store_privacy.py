@@ -9,6 +9,8 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from store.models import (
+    Battle,
+    BattleVote,
     ChannelSetting,
     Conversation,
     Message,
@@ -28,7 +30,7 @@ from store.repositories import (
     PrivacyRepository,
     SettingsRepository,
 )
-from tests.scan import find_text
+from tests.scan import find_text, text_columns
 
 Sessions = async_sessionmaker[AsyncSession]
 GUILD, OTHER_GUILD, CHANNEL, THREAD = 1000, 1001, 2000, 3000
@@ -179,6 +181,20 @@ async def test_forgetting_a_person_leaves_nothing_of_their_words(
                      created_at=NOW, updated_at=NOW),
                 # And preferred Bob's answer in a side-by-side comparison.
                 Preference(prompt_id=b3, chosen_id=u3, voter_id=ALICE, created_at=NOW),
+                # A blind battle on her prompt, which Bob judged; one on Bob's, which she did.
+                Battle(id="hers", prompt_id=a1, answer_a=r1, answer_b=r1, model_a="m",
+                       model_b="n", guild_id=GUILD, asked_by=ALICE, created_at=NOW),
+                Battle(id="bobs", prompt_id=b3, answer_a=u3, answer_b=u3, model_a="m",
+                       model_b="n", guild_id=GUILD, asked_by=BOB, created_at=NOW),
+            ]
+        )  # fmt: skip
+        await session.flush()
+        session.add_all(
+            [
+                BattleVote(battle_id="hers", voter_id=BOB, outcome="a",
+                           reason="bob judges alice", created_at=NOW),
+                BattleVote(battle_id="bobs", voter_id=ALICE, outcome="b",
+                           reason="alice battle reason", created_at=NOW),
             ]
         )  # fmt: skip
         await ConversationRepository(session).add_messages(
@@ -201,9 +217,13 @@ async def test_forgetting_a_person_leaves_nothing_of_their_words(
     assert removed.kinds == {"prompt": 3, "answer": 4, "correction": 1}  # u1 used her words
     assert removed.detached == 2  # Bob's two prompts in the thread now start lines
     assert removed.conversations == 1  # her conversation alone
-    assert done.votes == 2 and done.setting_changes == 1  # her vote and her preference
+    # Her vote, her preference and her battle verdict.
+    assert done.votes == 3 and done.setting_changes == 1
 
-    for needle in ("alice secret", "alice shared", "alice comment", "alice correction", "user11"):
+    columns = await text_columns(any_session_factory)
+    assert "reason" in columns["battle_votes"] and "invalid" in columns["battles"]
+    for needle in ("alice secret", "alice shared", "alice comment", "alice correction", "user11",
+                   "alice battle", "judges alice"):  # fmt: skip
         assert await find_text(any_session_factory, needle) == [], needle
     async with any_session_factory() as session:
         repo = ConversationRepository(session)
@@ -217,6 +237,9 @@ async def test_forgetting_a_person_leaves_nothing_of_their_words(
         votes = (await session.scalars(select(Vote))).all()
         assert votes == []  # hers, and Bob's on her answer (which went)
         assert await count(session, Preference) == 0
+        # Her battle went with her prompt (and Bob's verdict on it); Bob's stays, without hers.
+        assert [b.id for b in (await session.scalars(select(Battle))).all()] == ["bobs"]
+        assert await count(session, BattleVote) == 0
         changes = (await session.scalars(select(SettingChange))).all()
         assert sorted((c.actor_id, c.actor_name) for c in changes) == [
             (0, FORGOTTEN_NAME),
