@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.fixtures.knowledge",
     "tests.fixtures.local",
     "tests.fixtures.service",
+    "tests.fixtures.tune",
 ]
