@@ -133,8 +133,9 @@ def prepare_base(
         if is_prepared(target):
             return target
         _check_room(info.path, cache_dir)
+        for stale in cache_dir.glob(f".{target.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a process that died holding the lock
         partial = cache_dir / f".{target.name}.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         try:
             run_worker(
