@@ -63,19 +63,25 @@ def fake_model_server(latency: float = 0.0, token_delay: float = 0.0) -> Iterato
 
 
 @contextlib.contextmanager
-def bench_settings(base_url: str, **extra: object) -> Iterator[Settings]:
-    """Settings for a throwaway data folder with one model, `fake`, served at `base_url`."""
+def bench_settings(
+    base_url: str, *, models: Sequence[str] = ("fake",), **extra: object
+) -> Iterator[Settings]:
+    """Settings for a throwaway data folder whose models (default: one, `fake`; the first is
+    the default model) are all served at `base_url`."""
     with tempfile.TemporaryDirectory(prefix="switchboard-bench-") as tmp:
         config = Path(tmp) / "switchboard.toml"
         config.write_text(
-            'default_model = "fake"\n'
-            "[models.fake]\n"
-            'provider = "openai-compatible"\n'
-            'model = "fake-model"\n'
-            f'base_url = "{base_url}"\n'
-            "context_window = 16384\n"
-            "input_price = 0.15\n"
-            "output_price = 0.60\n"
+            f'default_model = "{models[0]}"\n'
+            + "".join(
+                f"[models.{name}]\n"
+                'provider = "openai-compatible"\n'
+                'model = "fake-model"\n'
+                f'base_url = "{base_url}"\n'
+                "context_window = 16384\n"
+                "input_price = 0.15\n"
+                "output_price = 0.60\n"
+                for name in models
+            )
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         yield Settings(config=config, data_dir=Path(tmp) / "data", environ=env, **extra)

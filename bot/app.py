@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.service.chat import ChatService
+from bot.service.compare import Comparisons
 from bot.service.conversations import ConversationIndex
 from bot.service.feedback import Feedback
 from bot.service.limits import PersonLimit
@@ -221,14 +222,23 @@ async def open_app(
         if kb is not None:
             stack.push_async_callback(kb.aclose)
 
+        answerer = Answerer(models, TokenCounter())
         service = ChatService(
             catalog=catalog,
-            answerer=Answerer(models, TokenCounter()),
+            answerer=answerer,
             conversations=ConversationIndex(sessions, writer),
             place_settings=PlaceSettings(sessions, registry),
             exchange_log=exchange_log,
             writer=writer,
             feedback=Feedback(sessions, writer),
+            comparisons=Comparisons(
+                catalog,
+                answerer,
+                exchange_log,
+                writer,
+                sessions,
+                votes_per_day=settings.arena_votes_per_day,
+            ),
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )

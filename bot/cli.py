@@ -260,6 +260,43 @@ def chat(
     raise typer.Exit(_run(main))
 
 
+@app.command()
+def compare(
+    prompt: Annotated[str, typer.Argument(help="What every model is asked.")],
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="2 to 4 models, comma-separated (default: the channel's model and the "
+            "config's comparison_models)."
+        ),
+    ] = None,
+    guild: Annotated[int, typer.Option(help="Server id whose settings apply.")] = 0,
+    channel: Annotated[int, typer.Option(help="Channel id whose settings apply.")] = 0,
+    user: Annotated[str, typer.Option(help="Who is asking, for the log.")] = "terminal",
+    json_mode: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per model instead of a table.")
+    ] = False,
+) -> None:
+    """Ask several models the same prompt at once and show their answers side by side."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> int:
+        from bot.cli_compare import run_compare, split_models
+
+        return await run_compare(
+            settings,
+            prompt,
+            split_models(models),
+            guild=guild,
+            channel=channel,
+            user=user,
+            json_mode=json_mode,
+        )
+
+    raise typer.Exit(_run(main))
+
+
 @models_app.command("list")
 def models_list() -> None:
     """List the configured and registered models."""

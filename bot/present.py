@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.place_settings import SettingChange
 from chains.registry import ModelSpec
@@ -115,8 +116,76 @@ def change_line(change: SettingChange) -> str:
         if change.new is None:
             return f"System prompt for {where} reset to the inherited one."
         return f"System prompt for {where} set ({len(str(change.new))} characters)."
+    if change.name == "arena_pool":
+        if change.new is None:
+            now = change.now
+            return (
+                f"Arena pool for {where} reset; battles now draw from {pool_text(now.value)} "
+                f"({SOURCE_WORDS[now.source]})."
+            )
+        return f"Arena pool for {where}: {pool_text(change.new)}."
     state = "inherited" if change.new is None else ("on" if change.new else "off")
     return f"Knowledge base for {where}: **{state}**."
+
+
+def pool_text(pool: list[str] | None) -> str:
+    """An arena pool in words: '**a**, **b**', or 'every model'."""
+    return ", ".join(f"**{name}**" for name in pool) if pool else "every model"
+
+
+# What each outcome of a battle vote says.
+OUTCOME_WORDS: dict[str, str] = {
+    "a": "A was better",
+    "b": "B was better",
+    "tie": "a tie",
+    "bad": "both were bad",
+}
+
+
+def verdict_line(verdict: BattleVerdict) -> str:
+    """What a battle vote did, with the two models revealed (Discord Markdown)."""
+    reveal = f"A was **{verdict.model_a}**, B was **{verdict.model_b}**."
+    said = OUTCOME_WORDS[verdict.outcome]
+    if verdict.already_voted:
+        return f"You already voted on this battle ({said}); one vote per person. {reveal}"
+    if not verdict.stored:
+        return f"Thanks for your vote ({said}). {reveal} Nothing of this battle is stored."
+    line = f"Thanks for your vote ({said}). {reveal}"
+    if verdict.invalid:
+        line += f" This battle does not count: {verdict.invalid}"
+    if verdict.votes_left_today is not None and verdict.votes_left_today <= 5:
+        line += f" ({verdict.votes_left_today} votes left today.)"
+    return line
+
+
+def preference_line(outcome: PreferenceOutcome) -> str:
+    """What picking the best answer of a comparison did, for the person who picked."""
+    if not outcome.stored:
+        return f"Noted: **{outcome.model}** (not stored)."
+    if outcome.previous_id == outcome.chosen_id:
+        return f"**{outcome.model}** was already your pick; it stays."
+    if outcome.previous_id is not None:
+        return f"Changed your pick from **{outcome.previous_model}** to **{outcome.model}**."
+    return f"Noted: **{outcome.model}** gave the best answer."
+
+
+# The 👎 reasons (core.exchange.VOTE_REASONS) as people read them.
+REASON_WORDS: dict[str, str] = {
+    "wrong": "Wrong",
+    "unhelpful": "Unhelpful",
+    "unsafe": "Unsafe",
+    "off_topic": "Off-topic",
+    "too_long": "Too long",
+    "refused": "Refused wrongly",
+    "other": "Other",
+}
+
+
+def reasons_text(reasons: list[tuple[str, int]]) -> str:
+    """'Too long ×3, Wrong ×1', or 'none given'."""
+    if not reasons:
+        return "none given"
+    return ", ".join(f"{REASON_WORDS.get(reason, reason)} ×{count}" for reason, count in reasons)
 
 
 def share_text(model: ModelFeedback) -> str:

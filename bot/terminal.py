@@ -36,7 +36,7 @@ from rich.segment import Segment
 from rich.spinner import Spinner
 
 from bot.cli_common import models_table
-from bot.present import change_line, models_text, vote_line
+from bot.present import change_line, models_text, pool_text, verdict_line, vote_line
 from bot.service import ChatService
 from core.errors import UserError, apology, report_unexpected
 from core.exchange import VOTE_REASONS
@@ -69,11 +69,15 @@ HELP = """Commands:
                            refused, other)
   /better TEXT             a better answer than the last one (kept to train on)
   /retry [MODEL]           another answer to the last question (by MODEL); votes then apply to it
+  /arena PROMPT            a blind battle: two anonymous models answer as A and B
+  /vote a|b|tie|bad [WHY]  which was better (bad: both were); then you see who they were
   /settings                the settings in force here and where each comes from
   /new                     start a new conversation
   /help                    this list
   /quit                    leave (Ctrl-D works too; Ctrl-C stops an answer)"""
 
+# Commands that ask models, which take a while: shown with a spinner, Ctrl-C stops them.
+SLOW_COMMANDS = frozenset({"arena"})
 # The bundled model a newcomer meets first: say what to expect of it, and how to do better.
 TINY_BUNDLED = frozenset({"smollm2-135m-instruct"})
 TINY_MODEL_NOTE = (
@@ -114,6 +118,7 @@ class CommandResult:
     ok: bool
     message: str
     quit: bool = False
+    data: dict[str, Any] | None = None  # more fields for `chat --json` (a battle's answers)
 
 
 class TerminalChat:
@@ -133,6 +138,7 @@ class TerminalChat:
         self.knowledge = knowledge
         self.conversation_id: str | None = None
         self.last_answer_id: str | None = None  # what /good, /bad, /better and /retry are about
+        self.last_battle_id: str | None = None  # what /vote is about
 
     @property
     def scope(self) -> Scope:
@@ -182,7 +188,8 @@ class TerminalChat:
             words = shlex.split(line[1:])
         except ValueError:
             words = line[1:].split()
-        name = " ".join(words[:2]) if words else ""
+        # Commands followed by free text are named by their first word alone.
+        name = words[0] if words and words[0] in SLOW_COMMANDS | {"vote"} else " ".join(words[:2])
         try:
             return await self._dispatch(words, line)
         except UserError as exc:
@@ -220,6 +227,10 @@ class TerminalChat:
             return CommandResult(
                 head, True, "Thanks: your better answer is kept beside the original."
             )
+        if head == "arena":
+            return await self._arena(line.split(None, 1)[1].strip() if len(words) > 1 else "")
+        if head == "vote":
+            return await self._vote(sub, rest)
         if head == "help":
             return CommandResult(head, True, HELP)
         if head == "new":
@@ -232,6 +243,7 @@ class TerminalChat:
                 f"model: {eff.model.value} (from {eff.model.source})",
                 f"system prompt: {prompt[:80]}{'…' if len(prompt) > 80 else ''} (from {eff.system_prompt.source})",
                 f"knowledge: {'on' if eff.knowledge.value else 'off'} (from {eff.knowledge.source})",
+                f"arena pool: {pool_text(eff.arena_pool.value)} (from {eff.arena_pool.source})",
             ]
             return CommandResult(head, True, "\n".join(lines))
         if head == "model" and sub == "list":
@@ -273,6 +285,43 @@ class TerminalChat:
         raise UserError(
             f"Unknown or incomplete command `/{' '.join(words)}`. Type /help for the list."
         )
+
+    async def _arena(self, text: str) -> CommandResult:
+        """`/arena PROMPT`: two anonymous models answer; `/vote` reveals them."""
+        if not text:
+            raise UserError("Write the question after /arena, e.g. `/arena Explain DNS briefly.`")
+        battle = await self.service.battle(self.place, self.author, text)
+        self.last_battle_id = battle.id
+        sides = [("A", battle.a), ("B", battle.b)]
+        parts = [f"--- {label} ---\n{side.reply or ''}{side.error or ''}" for label, side in sides]
+        message = "\n".join(
+            [*parts, "Which was better? /vote a, /vote b, /vote tie or /vote bad (both were)."]
+        )
+        data = {
+            "battle_id": battle.id,
+            **{label.lower(): {"reply": side.reply, "error": side.error} for label, side in sides},
+        }
+        return CommandResult("arena", True, message, data=data)
+
+    async def _vote(self, outcome: str, reason: str) -> CommandResult:
+        """`/vote a|b|tie|bad [REASON]` on the last battle: the models are revealed."""
+        if self.last_battle_id is None:
+            raise UserError("There is no battle to vote on: start one with /arena PROMPT.")
+        if not outcome:
+            raise UserError("Vote /vote a, /vote b, /vote tie or /vote bad (both were bad).")
+        verdict = await self.service.battle_vote(
+            self.last_battle_id, self.author, outcome.lower(), reason or None
+        )
+        data = {
+            "battle_id": verdict.battle_id,
+            "outcome": verdict.outcome,
+            "model_a": verdict.model_a,
+            "model_b": verdict.model_b,
+            "counted": verdict.counted,
+            "invalid": verdict.invalid,
+            "already_voted": verdict.already_voted,
+        }
+        return CommandResult("vote", True, verdict_line(verdict), data=data)
 
     async def _no_documents(self) -> bool:
         """Whether this server's knowledge base is known to be empty (False when unsure)."""
@@ -467,7 +516,14 @@ async def run_json(
     async for line in input_lines(stdin):
         if line.startswith("/") and not is_retry(line):
             result = await chat.command(line)
-            emit({"command": result.command, "ok": result.ok, "message": result.message})
+            emit(
+                {
+                    "command": result.command,
+                    "ok": result.ok,
+                    "message": result.message,
+                    **(result.data or {}),
+                }
+            )
             if result.quit:
                 break
             continue
@@ -514,7 +570,11 @@ async def run_interactive(
         if not line:
             continue
         if line.startswith("/") and not is_retry(line):
-            result = await chat.command(line)
+            slow = (line[1:].split() or [""])[0] in SLOW_COMMANDS
+            finished = await (_slow_command(chat, line, console) if slow else chat.command(line))
+            if finished is None:  # stopped with Ctrl-C
+                continue
+            result = finished
             if line == "/model list" and result.ok:
                 console.print(models_table(chat.service.list_models(), chat.service.default_model))
             else:
@@ -523,6 +583,20 @@ async def run_interactive(
                 return 0
             continue
         await answer_in_console(chat, line, console)
+
+
+async def _slow_command(chat: TerminalChat, line: str, console: Console) -> CommandResult | None:
+    """A command that asks models: "thinking…" meanwhile; Ctrl-C stops it (None)."""
+    task = asyncio.create_task(chat.command(line))
+    with _interrupt_cancels(task), console.status("thinking…", spinner="dots"):
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the whole chat is stopping (SIGTERM)
+    console.print("Stopped.", style="yellow", markup=False, highlight=False)
+    return None
 
 
 async def _banner(chat: TerminalChat, console: Console, log_file: Path | None) -> None:

@@ -1,6 +1,8 @@
 """The model registry: models from a TOML file, plus models registered at run time.
 
     default_model = "gpt-4o-mini"
+    comparison_models = ["llama3"]   # compared with a place's own model by default
+    arena_pool = ["gpt-4o-mini", "llama3", "smollm2"]   # what blind battles draw from
     [models.gpt-4o-mini]
     provider = "openai"              # openai | azure-openai | openai-compatible | llama.cpp
     model = "gpt-4o-mini"            # the provider's model id (defaults to the entry's name)
@@ -16,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +38,11 @@ DEFAULT_KEY_ENV: dict[str, str] = {
     "openai": "OPENAI_API_KEY",
     "azure-openai": "AZURE_OPENAI_API_KEY",
 }
-TOP_LEVEL_KEYS: frozenset[str] = frozenset({"default_model", "models"})
+TOP_LEVEL_KEYS: frozenset[str] = frozenset(
+    {"default_model", "models", "comparison_models", "arena_pool"}
+)
+# A comparison asks at most this many models; the place's own model joins comparison_models.
+MAX_COMPARED = 4
 # Keys people write when they paste a secret into the file; refused without echoing the value.
 _SECRET_KEYS = frozenset(
     {
@@ -188,7 +194,13 @@ class ModelRegistry:
     """The models the bot knows: from the config file, built in, or registered at run time."""
 
     def __init__(
-        self, specs: Iterable[ModelSpec], default_model: str, source: str = "<built-in>"
+        self,
+        specs: Iterable[ModelSpec],
+        default_model: str,
+        source: str = "<built-in>",
+        *,
+        comparison_models: Sequence[str] = (),
+        arena_pool: Sequence[str] = (),
     ) -> None:
         self.source = source
         self._specs: dict[str, ModelSpec] = {}
@@ -203,6 +215,40 @@ class ModelRegistry:
             )
         self.default_model = default_model
         self._check_fallbacks(self._specs.values())
+        # Compared with a place's own model when no models are named (at most 3 of them).
+        self.comparison_models: tuple[str, ...] = self._model_list(
+            "comparison_models", comparison_models, most=MAX_COMPARED - 1
+        )
+        # What blind battles draw from where no place sets a pool (empty: every model).
+        self.arena_pool: tuple[str, ...] = self._model_list("arena_pool", arena_pool, least=2)
+
+    def _model_list(
+        self, key: str, names: Sequence[str], *, least: int = 0, most: int | None = None
+    ) -> tuple[str, ...]:
+        """A top-level list of model names, checked: defined models, each once, how many."""
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise ConfigError(
+                f'{self.source}: {key} must be a list of model names, e.g. {key} = ["a", "b"].'
+            )
+        for name in names:
+            if name not in self._specs:
+                raise ConfigError(
+                    f"{self.source}: {key}: '{name}' is not a defined model."
+                    f"{_suggest(name, self._specs)} Defined: {', '.join(self._specs)}."
+                )
+        twice = sorted({name for name in names if list(names).count(name) > 1})
+        if twice:
+            raise ConfigError(f"{self.source}: {key} names {', '.join(twice)} more than once.")
+        if names and len(names) < least:
+            raise ConfigError(
+                f"{self.source}: {key} needs at least {least} models (a battle draws two)."
+            )
+        if most is not None and len(names) > most:
+            raise ConfigError(
+                f"{self.source}: {key} lists {len(names)} models; at most {most}, because a "
+                f"place's own model joins them and a comparison asks {MAX_COMPARED} at most."
+            )
+        return tuple(names)
 
     @classmethod
     def builtin(cls) -> ModelRegistry:
@@ -268,7 +314,13 @@ class ModelRegistry:
             default = specs[0].name
         if not isinstance(default, str):
             raise ConfigError(f"{source}: default_model must be a model name in quotes.")
-        return cls(specs, default_model=default, source=source)
+        return cls(
+            specs,
+            default_model=default,
+            source=source,
+            comparison_models=data.get("comparison_models", ()),
+            arena_pool=data.get("arena_pool", ()),
+        )
 
     # -- lookups ------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 The chat service builds an `Exchange` when an answer is finished (or stopped); `store`
 maps it to rows (`store.exchange_log`). Everything a later fine-tune, comparison or
 privacy request needs is here: the exact messages each model was sent, which stored
-messages went into it, and what kind of answer each one is.
+messages went into it, and what kind of answer each one is. A blind battle's own record
+(`LoggedBattle`: which answer was A and which B) is logged after its exchange.
 """
 
 from __future__ import annotations
@@ -101,3 +102,22 @@ class Exchange:
     new_prompt: bool = True
     # The person's text had characters no database stores and was cleaned before it was sent.
     prompt_cleaned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedBattle:
+    """A blind battle, logged after its exchange: which answer was A, which B, drawn from what.
+
+    `invalid` says why its votes do not count (an answer gave its model away, or failed).
+    """
+
+    id: str
+    prompt_id: str
+    answer_a: str
+    answer_b: str
+    model_a: str
+    model_b: str
+    pool: tuple[str, ...]
+    place: Place
+    asked_by: int
+    invalid: str | None = None

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Messages one person may address to the bot in Discord per minute; 0 for no limit.",
     )
+    arena_votes_per_day: int = Field(
+        default=50,
+        ge=0,
+        description="Blind-battle votes one person may cast per day (UTC); 0 for no limit.",
+    )
     request_timeout: float = Field(
         default=60.0, gt=0, description="Seconds before a model request is given up."
     )

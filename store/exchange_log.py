@@ -2,7 +2,8 @@
 
 An `Exchange` (core.exchange) becomes: its conversation row (an insert that skips a
 stored one), the prompt row (unless the prompt is already stored), one row per answer
-or failed attempt, and the answers' `message_inputs` links. At a busy moment many
+or failed attempt, and the answers' `message_inputs` links. A blind battle's `battles`
+row (`LoggedBattle`) is written by the op submitted after its exchange's. At a busy moment many
 exchanges finish while the log writer is still busy with the last write; they are all
 written by the next write, as one insert each of conversations, messages and inputs.
 """
@@ -19,12 +20,12 @@ from typing import Any
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from core.exchange import Exchange, LoggedAnswer
+from core.exchange import Exchange, LoggedAnswer, LoggedBattle
 from core.messages import Place
 from core.text import clean_deep
 from store.db import failure_reason, is_outage, sqlstate
 from store.models import utcnow
-from store.repositories import MESSAGE_COLUMNS, ConversationRepository
+from store.repositories import MESSAGE_COLUMNS, ArenaRepository, ConversationRepository
 from store.writer import LogWriter
 
 _TICK = timedelta(microseconds=1)
@@ -205,6 +206,25 @@ class ExchangeLog:
 
         self.writer.submit(write, f"link discord messages of {message_id}", spill=spill)
 
+    def add_battle(self, battle: LoggedBattle, *, at: datetime | None = None) -> None:
+        """Log a blind battle (in the background), after the exchange that holds its answers.
+
+        Submitted after that exchange, so the writer stores it second; were the exchange
+        kept for later (the database away), this fails on its foreign keys and is kept
+        behind it.
+        """
+        at = at or utcnow()
+
+        async def write(session: AsyncSession) -> None:
+            if {battle.prompt_id, battle.answer_a, battle.answer_b} & self._lost:
+                return  # its exchange could not be stored: there is nothing to refer to
+            await ArenaRepository(session).add_battle(battle_row(battle, at))
+
+        def spill() -> list[dict[str, Any]]:
+            return [{"kind": "battle", "at": at.isoformat(), "battle": battle_to_json(battle)}]
+
+        self.writer.submit(write, f"log battle {battle.id}", spill=spill)
+
     def replay_folder(self, folder: Path) -> int:
         """Queue again every file a writer spilled into `folder` at shutdown; how many records.
 
@@ -237,6 +257,10 @@ class ExchangeLog:
             if record.get("kind") == "exchange":
                 self.add(
                     exchange_from_json(record["exchange"]), at=datetime.fromisoformat(record["at"])
+                )
+            elif record.get("kind") == "battle":
+                self.add_battle(
+                    battle_from_json(record["battle"]), at=datetime.fromisoformat(record["at"])
                 )
             elif record.get("kind") == "discord_links":
                 self.link_discord_messages(
@@ -373,3 +397,33 @@ def exchange_from_json(data: dict[str, Any]) -> Exchange:
             "source_ids": tuple(data["source_ids"]),
         }
     )
+
+
+def battle_row(battle: LoggedBattle, at: datetime) -> dict[str, Any]:
+    """The `battles` row of a logged battle."""
+    return {
+        "id": battle.id,
+        "prompt_id": battle.prompt_id,
+        "answer_a": battle.answer_a,
+        "answer_b": battle.answer_b,
+        "model_a": battle.model_a,
+        "model_b": battle.model_b,
+        "pool": list(battle.pool),
+        "guild_id": battle.place.guild_id,
+        "channel_id": battle.place.channel_id,
+        "thread_id": battle.place.thread_id,
+        "asked_by": battle.asked_by,
+        "invalid": battle.invalid,
+        "created_at": at,
+    }
+
+
+def battle_to_json(battle: LoggedBattle) -> dict[str, Any]:
+    """A battle as JSON-ready data."""
+    data: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(battle)))
+    return data
+
+
+def battle_from_json(data: dict[str, Any]) -> LoggedBattle:
+    """The battle `battle_to_json` made."""
+    return LoggedBattle(**{**data, "place": Place(**data["place"]), "pool": tuple(data["pool"])})

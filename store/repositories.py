@@ -1,4 +1,4 @@
-"""Repositories: the SQL behind settings, conversations and registered models.
+"""Repositories: the SQL behind settings, conversations, registered models, feedback and the arena.
 
 Each takes an `AsyncSession`; the caller owns the transaction and commits.
 """
@@ -34,11 +34,14 @@ from store.models import (
     MESSAGE_FIELDS,
     SETTING_FIELDS,
     SETTING_SCOPES,
+    Battle,
+    BattleVote,
     ChannelSetting,
     Conversation,
     DiscordMessage,
     Message,
     MessageInput,
+    Preference,
     RegisteredModel,
     SettingChange,
     Vote,
@@ -751,3 +754,86 @@ class FeedbackRepository:
             )
             for name, row in sorted(rows.items())
         ]
+
+
+class ArenaRepository:
+    """Blind battles and their votes, and the answer people preferred in a comparison."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add_battle(self, row: Mapping[str, Any]) -> None:
+        """Store a battle (its exchange is stored first); storing it twice is harmless."""
+        await self.session.execute(
+            _insert_ignoring_conflicts(self.session, table_of(Battle)), [dict(row)]
+        )
+
+    async def battle(self, battle_id: str) -> Battle | None:
+        """One battle by id."""
+        return await self.session.get(Battle, battle_id)
+
+    async def vote_of(self, battle_id: str, voter_id: int) -> BattleVote | None:
+        """A person's vote on a battle, if any."""
+        return await self.session.scalar(
+            select(BattleVote).where(
+                BattleVote.battle_id == battle_id, BattleVote.voter_id == voter_id
+            )
+        )
+
+    async def votes_since(self, voter_id: int, since: datetime) -> int:
+        """How many battle votes a person cast from `since` on."""
+        count = await self.session.scalar(
+            select(func.count())
+            .select_from(BattleVote)
+            .where(BattleVote.voter_id == voter_id, BattleVote.created_at >= since)
+        )
+        return int(count or 0)
+
+    async def add_vote(
+        self, battle_id: str, voter_id: int, outcome: str, reason: str | None
+    ) -> None:
+        """Record a person's verdict on a battle (a second one breaks the unique key)."""
+        self.session.add(
+            BattleVote(
+                id=new_id(),
+                battle_id=battle_id,
+                voter_id=voter_id,
+                outcome=outcome,
+                reason=reason,
+                created_at=utcnow(),
+            )
+        )
+        await self.session.flush()
+
+    async def comparison_answers(self, prompt_id: str) -> list[Message]:
+        """The answers a side-by-side comparison gave to `prompt_id`, in the order stored."""
+        rows = await self.session.scalars(
+            select(Message)
+            .where(Message.parent_id == prompt_id, Message.kind == "comparison")
+            .order_by(Message.created_at, Message.id)
+        )
+        return list(rows.all())
+
+    async def prefer(self, prompt_id: str, chosen_id: str, voter_id: int) -> str | None:
+        """Record which answer a person found best (replacing theirs); the one it replaced."""
+        existing = await self.session.scalar(
+            select(Preference)
+            .where(Preference.prompt_id == prompt_id, Preference.voter_id == voter_id)
+            .with_for_update()
+        )
+        if existing is None:
+            self.session.add(
+                Preference(
+                    id=new_id(),
+                    prompt_id=prompt_id,
+                    chosen_id=chosen_id,
+                    voter_id=voter_id,
+                    created_at=utcnow(),
+                )
+            )
+            await self.session.flush()
+            return None
+        previous = existing.chosen_id
+        existing.chosen_id = chosen_id
+        await self.session.flush()
+        return previous

@@ -297,3 +297,44 @@ def test_the_registry_takes_lora_only_for_local_models_and_resolves_it_beside_th
     config.write_text('[models.remote]\nprovider = "openai"\nlora = "zorbia.gguf"\n')
     with pytest.raises(ConfigError, match='only works with provider "llama.cpp"'):
         ModelRegistry.from_toml(config)
+
+
+TWO = ENTRY + '[models.n]\nprovider = "openai-compatible"\nbase_url = "http://h/v1"\n'
+
+
+def test_comparison_models_and_arena_pool_are_defined_models(tmp_path: Path) -> None:
+    registry = load(tmp_path, 'comparison_models = ["n"]\narena_pool = ["n", "m"]\n' + TWO)
+    assert registry.comparison_models == ("n",) and registry.arena_pool == ("n", "m")
+    plain = load(tmp_path, TWO)
+    assert plain.comparison_models == () and plain.arena_pool == (), "unset: none, every model"
+
+
+@pytest.mark.parametrize(
+    ("top", "expected"),
+    [
+        (
+            'comparison_models = ["mm"]\n',
+            "comparison_models: 'mm' is not a defined model. Did you mean 'm'?",
+        ),
+        ('arena_pool = ["m", "x"]\n', "arena_pool: 'x' is not a defined model."),
+        ('arena_pool = ["m", "m"]\n', "arena_pool names m more than once."),
+        ('arena_pool = ["m"]\n', "arena_pool needs at least 2 models"),
+        ('arena_pool = "m, n"\n', "arena_pool must be a list of model names"),
+        ("comparison_models = [1]\n", "comparison_models must be a list of model names"),
+        (
+            'comparison_models = ["m", "n", "m2", "m3"]\n',
+            "comparison_models lists 4 models; at most 3",
+        ),
+    ],
+)
+def test_bad_comparison_and_arena_lists_are_one_line_naming_the_file(
+    tmp_path: Path, top: str, expected: str
+) -> None:
+    extra = "".join(
+        f'[models.{name}]\nprovider = "openai-compatible"\nbase_url = "http://h/v1"\n'
+        for name in ("m2", "m3")
+    )
+    path = write(tmp_path, top + TWO + extra)
+    with pytest.raises(ConfigError) as caught:
+        ModelRegistry.from_toml(path)
+    assert str(caught.value).startswith(f"{path}: ") and expected in str(caught.value)

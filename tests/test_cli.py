@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,71 @@ def test_chat_json_exits_zero_when_replies_fail(
     for reply in out[1:]:
         assert reply["reply"] is None and "solo" in reply["error"]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def with_dead_models(env: dict[str, str], *names: str) -> dict[str, str]:
+    """The test config plus models whose endpoint refuses connections."""
+    config = Path(env["SWITCHBOARD_CONFIG"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tables = "".join(
+        f'\n[models.{name}]\nprovider = "openai-compatible"\nmodel = "x"\n'
+        f'base_url = "http://127.0.0.1:{port}/v1"\n'
+        for name in names
+    )
+    config.write_text(config.read_text() + tables)
+    return env
+
+
+def test_compare_json_one_object_per_model_and_a_failure_of_its_own(
+    cli_env: dict[str, str], fake_server: FakeOpenAI
+) -> None:
+    env = with_dead_models(cli_env, "dead")
+    proc = switchboard(env, "compare", "What is 2+2?", "--models", "main, solo,dead", "--json")
+    assert proc.returncode == 0, proc.stderr
+    main, solo, dead = (json.loads(line) for line in proc.stdout.splitlines())
+    for answer in (main, solo, dead):
+        assert set(answer) >= {
+            "model",
+            "reply",
+            "latency_ms",
+            "ttft_ms",
+            "usage",
+            "cost_usd",
+            "error",
+        }
+    assert (main["model"], main["reply"], main["error"]) == ("main", "Echo: What is 2+2?", None)
+    assert main["usage"]["total_tokens"] > 0 and main["cost_usd"] > 0 and main["ttft_ms"] > 0
+    assert solo["reply"] == "Echo: What is 2+2?" and solo["cost_usd"] == 0.0
+    assert dead["model"] == "dead" and dead["reply"] is None and "dead" in dead["error"]
+    assert len({a["prompt_id"] for a in (main, solo, dead)}) == 1
+    assert sorted(r.model for r in fake_server.chat_requests) == ["fake-model", "fake-solo"]
+
+    all_fail = switchboard(env, "compare", "hi", "--models", "dead,dead", "--json")
+    assert all_fail.returncode == 1 and "at least two" in all_fail.stderr
+    with_dead_models(env, "dead2")
+    all_fail = switchboard(env, "compare", "hi", "--models", "dead,dead2", "--json")
+    assert all_fail.returncode == 1, "every model failed"
+    assert [json.loads(line)["error"] is not None for line in all_fail.stdout.splitlines()] == [
+        True,
+        True,
+    ]
+
+
+def test_compare_prints_a_table_and_refuses_unknown_models_in_one_line(
+    cli_env: dict[str, str],
+) -> None:
+    proc = switchboard(cli_env, "compare", "hello", "--models", "main,solo")
+    assert proc.returncode == 0, proc.stderr
+    for shown in ("main", "solo", "Echo: hello", " ms", "$0.0000", "free"):
+        assert shown in proc.stdout, shown
+    unknown = switchboard(cli_env, "compare", "hello", "--models", "main,nope")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == ("No model named 'nope'. See `switchboard models list`.")
+    alone = switchboard(cli_env, "compare", "hello")
+    assert alone.returncode == 1 and "Only main would answer" in alone.stderr
+    assert "Traceback" not in proc.stderr + unknown.stderr + alone.stderr
 
 
 def test_missing_api_key_names_the_variable(tmp_path: Path, cli_env: dict[str, str]) -> None:

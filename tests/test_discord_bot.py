@@ -37,6 +37,8 @@ def test_intents_are_the_few_the_bot_needs() -> None:
         and intents.guilds
         and intents.guild_messages
         and intents.dm_messages
+        and intents.guild_reactions  # 👍/👎 on answers are votes
+        and intents.dm_reactions
     )
     assert not intents.members and not intents.presences and not intents.guild_typing
 

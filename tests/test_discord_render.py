@@ -124,17 +124,22 @@ class ListSink:
     clock: FakeClock
     contents: dict[int, str] = field(default_factory=dict)
     writes: list[tuple[int, float, str]] = field(default_factory=list)
+    lasts: list[int] = field(default_factory=list)  # the parts written as the finished last part
 
-    async def send(self, content: str, after: int | None) -> int:
+    async def send(self, content: str, after: int | None, *, last: bool = False) -> int:
         number = len(self.contents)
         assert after == (number - 1 if number else None)
         self.contents[number] = content
         self.writes.append((number, self.clock.now, content))
+        if last:
+            self.lasts.append(number)
         return number
 
-    async def edit(self, message: int, content: str) -> None:
+    async def edit(self, message: int, content: str, *, last: bool = False) -> None:
         self.contents[message] = content
         self.writes.append((message, self.clock.now, content))
+        if last:
+            self.lasts.append(message)
 
 
 async def test_streaming_reply_edits_at_most_once_per_second_per_message() -> None:
@@ -157,6 +162,29 @@ async def test_streaming_reply_edits_at_most_once_per_second_per_message() -> No
         times = [t for m, t, _ in sink.writes if m == message]
         assert len(times) >= 3  # it really streamed
         assert all(b - a >= 1.0 for a, b in zip(times, times[1:], strict=False))
+
+
+async def test_only_the_finished_last_part_is_written_as_last_and_with_no_extra_write() -> None:
+    clock = FakeClock()
+    sink = ListSink(clock)
+    reply = StreamingReply(sink, clock=clock, sleep=clock.sleep)
+    text = ""
+    for i in range(400):
+        text += f"tok{i:03d} "
+        await reply.update(text)
+        clock.now += 0.05
+    streamed = len(sink.writes)
+    messages = await reply.finish(text)
+    assert len(messages) == 2 and sink.lasts == [messages[-1]]
+    # The finish wrote only the last part (its marker went), and that write was marked last.
+    assert [m for m, _, _ in sink.writes[streamed:]] == [messages[-1]]
+
+    # A finish whose last part shows no new text still marks it, once.
+    short = ListSink(clock)
+    quiet = StreamingReply(short, clock=clock, sleep=clock.sleep)
+    await quiet.finish("done")
+    await quiet.finish("done")
+    assert short.lasts == [0] and len(short.writes) == 1
 
 
 async def test_finish_waits_out_the_throttle() -> None:
@@ -193,13 +221,13 @@ class FlakySink(ListSink):
             self.times -= 1
         raise self.failure
 
-    async def send(self, content: str, after: int | None) -> int:
+    async def send(self, content: str, after: int | None, *, last: bool = False) -> int:
         self._attempt()
-        return await super().send(content, after)
+        return await super().send(content, after, last=last)
 
-    async def edit(self, message: int, content: str) -> None:
+    async def edit(self, message: int, content: str, *, last: bool = False) -> None:
         self._attempt()
-        await super().edit(message, content)
+        await super().edit(message, content, last=last)
 
 
 class Outage(Exception):

@@ -84,6 +84,35 @@ async def test_a_vote_by_reaction_finds_the_answer_its_message_carries(chat_app:
     assert await svc.vote_on_discord_message(123456, BOB, 1) is None, "not one of our answers"
 
 
+async def test_taking_back_one_thumb_keeps_a_vote_that_is_the_other(chat_app: App) -> None:
+    svc = chat_app.service
+    result = await svc.answer(ask("hello", 1))
+    await svc.link_discord_messages(result.message_id, result.conversation_id, [7001])
+    await svc.vote_on_discord_message(7001, BOB, 1)
+    await svc.vote_on_discord_message(7001, BOB, -1)  # reacted 👎 too: the vote is now 👎
+    kept = await svc.vote_on_discord_message(7001, BOB, None, taking_back=1)  # the 👍 goes
+    assert kept is not None and (kept.value, kept.previous) == (-1, -1)
+    assert await votes_on(chat_app, result.message_id) == [(2, -1, None)]
+    gone = await svc.vote_on_discord_message(7001, BOB, None, taking_back=-1)
+    assert gone is not None and (gone.value, gone.previous) == (0, -1)
+    assert await votes_on(chat_app, result.message_id) == []
+
+
+async def test_an_answers_origin_names_its_model_and_the_message_that_asked(
+    chat_app: App,
+) -> None:
+    svc = chat_app.service
+    result = await svc.answer(ask("hello", 4242))
+    origin = await svc.answer_origin(result.message_id)
+    assert (origin.answer_id, origin.model, origin.prompt_discord_id) == (
+        result.message_id,
+        "main",
+        4242,
+    )
+    with pytest.raises(NotFound, match="don't have that answer"):
+        await svc.answer_origin("0" * 32)
+
+
 async def test_a_correction_is_a_sibling_that_used_the_same_inputs(chat_app: App) -> None:
     svc = chat_app.service
     first = await svc.answer(ask("My name is Ada.", 1))

@@ -92,6 +92,34 @@ async def test_threads_inherit_the_knowledge_switch_and_other_servers_see_nothin
     assert elsewhere.sources == () and "ZX-4471" not in str(fake_openai.chat_requests[-1].messages)
 
 
+async def test_every_model_of_a_comparison_or_battle_gets_the_same_passages(
+    kb_app: App, fake_openai: FakeOpenAI
+) -> None:
+    svc = kb_app.service
+    place = Place(GUILD, CHANNEL)
+    await svc.set_knowledge(place, "channel", True, MOD)
+    comparison = await svc.compare(
+        place, Author(1, "alice"), "What is the event code for game night?", ["main", "solo"]
+    )
+    assert comparison.sources and comparison.sources[0].document == "rules.md"
+    sent = [r.messages for r in fake_openai.chat_requests]
+    assert len(sent) == 2 and sent[0] == sent[1], "identical context, retrieved once"
+    assert "ZX-4471" in sent[0][-1]["content"]
+    await kb_app.writer.drain()
+    async with kb_app.sessions() as session:
+        for answer in comparison.answers:
+            row = await session.get(Message, answer.answer_id)
+            assert row is not None and row.kind == "comparison"
+            assert row.source_ids == [s.chunk_id for s in comparison.sources]
+
+    fake_openai.reset()
+    await svc.set_arena_pool(place, "channel", ["main", "backup"], MOD)
+    battle = await svc.battle(place, Author(1, "alice"), "What is the event code for game night?")
+    assert [s.chunk_id for s in battle.sources] == [s.chunk_id for s in comparison.sources]
+    a, b = (r.messages for r in fake_openai.chat_requests)
+    assert a == b and "ZX-4471" in a[-1]["content"]
+
+
 async def test_knowledge_cannot_be_turned_on_in_dms(kb_app: App) -> None:
     with pytest.raises(UserError, match="server"):
         await kb_app.service.set_knowledge(Place(None, 5), "channel", True, MOD)

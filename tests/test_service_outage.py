@@ -6,6 +6,7 @@ database turned read-only; real shutdowns with writes still pending.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from pathlib import Path
@@ -21,7 +22,7 @@ from core.messages import Author, ChatRequest, Place
 from core.settings import Settings
 from migrations import upgrade_database
 from store.db import create_engine, create_session_factory, sqlite_file
-from store.models import Message
+from store.models import Battle, Message
 from tests.fakes.openai_server import FakeOpenAI
 
 PLACE = Place(10, 20)
@@ -126,6 +127,34 @@ async def test_what_is_still_unwritten_at_shutdown_is_kept_and_written_at_the_ne
         assert not list((service_settings.data_dir / "unwritten").glob("*.jsonl"))
         assert await app.service.is_conversation_message(9002)
     assert await count_messages(service_settings.sqlalchemy_url) == 4
+
+
+async def test_a_battle_during_an_outage_is_kept_over_a_shutdown_and_votable_after(
+    service_settings: Settings, tmp_path: Path
+) -> None:
+    db = sqlite_file(service_settings.sqlalchemy_url)
+    assert db is not None
+    async with open_app(service_settings, knowledge=False) as app:
+        quick_retries(app)
+        backup(db, tmp_path / "backup.db")
+        delete(db)
+        battle = await app.service.battle(PLACE, ALICE, "during the outage")
+        await app.writer.drain()
+        later = await app.service.compare(PLACE, ALICE, "still away", ["main", "solo"])
+        assert later.log_problem and "database cannot be written" in later.log_problem
+    spilled = list((service_settings.data_dir / "unwritten").glob("unwritten-*.jsonl"))
+    records = [line for path in spilled for line in path.read_text().splitlines()]
+    assert [json.loads(line)["kind"] for line in records] == ["exchange", "battle", "exchange"], (
+        "the battle after its exchange"
+    )
+
+    shutil.copy(tmp_path / "backup.db", db)
+    async with open_app(service_settings, knowledge=False) as app:
+        verdict = await app.service.battle_vote(battle.id, MOD, "a")
+        async with app.sessions() as session:
+            row = await session.get(Battle, battle.id)
+        assert row is not None and (verdict.model_a, verdict.model_b) == (row.model_a, row.model_b)
+        assert (row.answer_a, row.answer_b) == (battle.a.answer_id, battle.b.answer_id)
 
 
 @pytest.mark.postgres

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from bot.service import STOPPED
+from bot.service.compare import STOPPED as BATTLE_STOPPED
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.service import write_config
 
@@ -159,6 +160,27 @@ def test_ctrl_c_stops_the_answer_and_returns_to_the_prompt(
     assert status == "error" and error == STOPPED
     assert content.startswith("word") and len(content) < len(LONG_REPLY.strip())
     assert finished == ("ok", None, "Short answer.")
+    assert "Traceback" not in terminal.screen()
+
+
+def test_ctrl_c_stops_a_battle_and_the_chat_goes_on(
+    terminal: Terminal, tmp_path: Path, slow_server: FakeOpenAI
+) -> None:
+    mark = terminal.wait_for("you>")
+    terminal.type(b"/arena tell me everything\r")
+    mark = terminal.wait_for("thinking", mark)
+    deadline = time.monotonic() + PATIENCE_S
+    while len(slow_server.chat_requests) < 2:  # both models have been asked and are writing
+        assert time.monotonic() < deadline and terminal.proc.poll() is None
+        time.sleep(0.05)
+    terminal.type(b"\x03")
+    mark = terminal.wait_for("Stopped.", mark)
+    terminal.wait_for("you>", mark)
+    terminal.type(b"\x04")  # Ctrl-D leaves
+    assert terminal.close() == 0
+
+    stopped = answers(tmp_path / "data")
+    assert [(status, error) for status, error, _ in stopped] == [("error", BATTLE_STOPPED)] * 2
     assert "Traceback" not in terminal.screen()
 
 

@@ -19,6 +19,7 @@ import discord
 from discord.ext import commands
 
 from bot.discord.chat import ChatCog
+from bot.discord.feedback import DYNAMIC_ITEMS, FeedbackCog, answer_buttons
 from bot.discord.settings_cog import SettingsCog
 from bot.service import ChatService
 from core.errors import ConfigError, UserError
@@ -27,12 +28,15 @@ log = logging.getLogger(__name__)
 
 
 def bot_intents() -> discord.Intents:
-    """Just what the bot needs: servers and channels, messages in them and in DMs, and their text."""
+    """Just what the bot needs: servers and channels, messages in them and in DMs, their text,
+    and 👍/👎 reactions on its answers (votes)."""
     intents = discord.Intents.none()
     intents.guilds = True
     intents.guild_messages = True
     intents.dm_messages = True
     intents.message_content = True  # privileged: enable it in the developer portal
+    intents.guild_reactions = True
+    intents.dm_reactions = True
     return intents
 
 
@@ -77,9 +81,15 @@ class SwitchboardBot(commands.AutoShardedBot):
     async def setup_hook(self) -> None:
         """Add the cogs, publish the slash commands, and watch the log for the operators."""
         self._unwatch_log = self.service.watch_log(self._log_changed)
-        chat = ChatCog(self, self.service, clock=self.clock, sleep=self.sleep)
+        # The feedback buttons under answers carry the answer id in their custom id:
+        # registered here, they work on answers from before a restart too.
+        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        chat = ChatCog(
+            self, self.service, clock=self.clock, sleep=self.sleep, buttons=answer_buttons
+        )
         await self.add_cog(chat)
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
+        await self.add_cog(FeedbackCog(self, self.service, chat, manager_role=self.manager_role))
         for cog in self.extra_cogs:
             await self.add_cog(cog)
         if self.sync_commands:

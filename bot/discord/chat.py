@@ -6,8 +6,9 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from typing import Any
 
 import aiohttp
 import discord
@@ -19,6 +20,7 @@ from bot.service import ChatService
 from bot.service.limits import Admission
 from core.errors import UserError, apology, report_unexpected
 from core.messages import (
+    ChatEvent,
     ChatRequest,
     ChatResult,
     FallbackUsed,
@@ -42,24 +44,40 @@ SHUTDOWN_GRACE_S = 10.0
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
 
 
+# What a reply answers: the person's message (a partial one when only its id is known,
+# as for another try at an answer).
+Trigger = discord.Message | discord.PartialMessage
+# The buttons under a finished answer, given its id (bot/discord/feedback.py).
+ButtonsFor = Callable[[str], discord.ui.View]
+
+
 class _ChannelSink:
     """Posts a reply's parts: the first answers the person's message, the rest follow it."""
 
-    def __init__(self, trigger: discord.Message) -> None:
+    def __init__(self, trigger: Trigger) -> None:
         self.trigger = trigger
+        # Shown under the finished answer's last part; set once the answer is known to be good.
+        self.view: discord.ui.View | None = None
 
-    async def send(self, content: str, after: discord.Message | None) -> discord.Message:
+    def _extra(self, last: bool) -> dict[str, Any]:
+        return {"view": self.view} if last and self.view is not None else {}
+
+    async def send(
+        self, content: str, after: discord.Message | None, *, last: bool = False
+    ) -> discord.Message:
         """Post a part: the first as a reply to the person, later ones as replies to the part before."""
         if after is None:
             reference = self.trigger.to_reference(fail_if_not_exists=False)
             return await self.trigger.channel.send(
-                content, reference=reference, allowed_mentions=ANSWER_MENTIONS
+                content, reference=reference, allowed_mentions=ANSWER_MENTIONS, **self._extra(last)
             )
-        return await after.reply(content, mention_author=False, allowed_mentions=QUIET_MENTIONS)
+        return await after.reply(
+            content, mention_author=False, allowed_mentions=QUIET_MENTIONS, **self._extra(last)
+        )
 
-    async def edit(self, message: discord.Message, content: str) -> None:
+    async def edit(self, message: discord.Message, content: str, *, last: bool = False) -> None:
         """Replace a part's content; model text never pings anyone."""
-        await message.edit(content=content, allowed_mentions=QUIET_MENTIONS)
+        await message.edit(content=content, allowed_mentions=QUIET_MENTIONS, **self._extra(last))
 
 
 class _Typing:
@@ -94,12 +112,14 @@ class ChatCog(commands.Cog):
         *,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
+        buttons: ButtonsFor | None = None,
     ) -> None:
         self.bot = bot
         self.service = service
         self.clock = clock
         self.sleep = sleep
-        self._answering: set[asyncio.Task[None]] = set()
+        self.buttons = buttons
+        self._answering: set[asyncio.Task[Any]] = set()
 
     async def cog_unload(self) -> None:
         """Let answers being written finish (briefly) before the connection closes."""
@@ -124,14 +144,7 @@ class ChatCog(commands.Cog):
             if admission.notify:
                 await self._tell_over_the_limit(message, admission)
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._answering.add(task)
-        try:
-            await self.answer(message, request)
-        finally:
-            if task is not None:
-                self._answering.discard(task)
+        await self.answer(message, request)
 
     async def _tell_over_the_limit(self, message: discord.Message, admission: Admission) -> None:
         """Say once per window that the author's further messages are skipped for a while."""
@@ -194,8 +207,31 @@ class ChatCog(commands.Cog):
 
     async def answer(self, message: discord.Message, request: ChatRequest) -> None:
         """Stream the service's answer to `message` into one or more reply messages."""
+        await self.show(message, self.service.stream(request))
+
+    async def show(
+        self, message: Trigger, events: AsyncIterator[ChatEvent]
+    ) -> list[discord.Message]:
+        """Stream a reply (`ChatService.stream` or `retry` events) as replies to `message`.
+
+        The finished answer gets the feedback buttons on its last part, and its messages
+        are linked to it so that replies continue it. Returns the messages shown.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self._answering.add(task)
+        try:
+            return await self._show(message, events)
+        finally:
+            if task is not None:
+                self._answering.discard(task)
+
+    async def _show(
+        self, message: Trigger, events: AsyncIterator[ChatEvent]
+    ) -> list[discord.Message]:
+        sink = _ChannelSink(message)
         reply: StreamingReply[discord.Message] = StreamingReply(
-            _ChannelSink(message), clock=self.clock, sleep=self.sleep, passing=discord_hiccup
+            sink, clock=self.clock, sleep=self.sleep, passing=discord_hiccup
         )
         typing = _Typing(message.channel)
         text = ""
@@ -205,8 +241,8 @@ class ChatCog(commands.Cog):
         try:
             await typing.start()
             # aclosing: if Discord fails mid-answer, the model's stream is closed right away.
-            async with aclosing(self.service.stream(request)) as events:
-                async for event in events:
+            async with aclosing(events) as stream:
+                async for event in stream:
                     if isinstance(event, ReplyStarted):
                         started = event
                     elif isinstance(event, ReplyDelta):
@@ -225,14 +261,17 @@ class ChatCog(commands.Cog):
             )
             if not text and not footer:
                 text = EMPTY_ANSWER
+            if self.buttons is not None and result.error is None and result.message_id:
+                sink.view = self.buttons(result.message_id)  # shown by the final write
             messages = await reply.finish(text, footer)
         except UserError as exc:
             await typing.stop()
+            sink.view = None  # a problem shown instead of an answer: nothing to rate
             messages = await self._show_problem(message, reply, text, f"⚠️ {exc.message}")
         except discord.Forbidden:
             await typing.stop()
             log.warning("no permission to answer in channel %s", message.channel.id)
-            return
+            return []
         except discord.NotFound:
             # Someone deleted the answer (or its channel) while it was being written: they
             # do not want it. The model's stream is closed and the exchange logged as stopped.
@@ -240,19 +279,21 @@ class ChatCog(commands.Cog):
             log.info(
                 "the answer to message %s was deleted while being written; stopped", message.id
             )
-            return
+            return []
         except Exception as exc:
             await typing.stop()
             error_id = report_unexpected(log, exc, f"answering message {message.id}")
+            sink.view = None
             messages = await self._show_problem(message, reply, text, apology(error_id))
         if started is not None and messages:
             await self.service.link_discord_messages(
                 started.message_id, started.conversation_id, [m.id for m in messages]
             )
+        return messages
 
     async def _show_problem(
         self,
-        message: discord.Message,
+        message: Trigger,
         reply: StreamingReply[discord.Message],
         text: str,
         problem: str,

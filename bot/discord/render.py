@@ -170,13 +170,18 @@ M = TypeVar("M")
 
 
 class ReplySink(Protocol[M]):
-    """Where a streaming reply's messages go (a Discord channel, or a list in tests)."""
+    """Where a streaming reply's messages go (a Discord channel, or a list in tests).
 
-    async def send(self, content: str, after: M | None) -> M:
+    `last` marks the write that shows the finished reply's last part: a sink may put
+    what belongs under a finished answer there (Discord's feedback buttons), in the same
+    request, so finishing never costs an extra edit.
+    """
+
+    async def send(self, content: str, after: M | None, *, last: bool = False) -> M:
         """Post a new part; `after` is the previous part (None for the first)."""
         ...
 
-    async def edit(self, message: M, content: str) -> None:
+    async def edit(self, message: M, content: str, *, last: bool = False) -> None:
         """Replace a posted part's content."""
         ...
 
@@ -211,6 +216,7 @@ class StreamingReply(Generic[M]):
         self._shown: list[str] = []
         self._written_at: list[float] = []
         self._held_until = -math.inf
+        self._sealed: int | None = None  # the part last written with `last=True`
 
     @property
     def started(self) -> bool:
@@ -254,20 +260,25 @@ class StreamingReply(Generic[M]):
 
     async def _render(self, contents: list[str], *, final: bool) -> None:
         for index, content in enumerate(contents):
+            last = final and index == len(contents) - 1
             if index == len(self.messages):
                 previous = self.messages[-1] if self.messages else None
-                message = await self.sink.send(displayable(content), previous)
+                message = await self.sink.send(displayable(content), previous, last=last)
                 self.messages.append(message)
                 self._shown.append(content)
                 self._written_at.append(self.clock())
+                if last:
+                    self._sealed = index
                 continue
-            if self._shown[index] == content:
+            if self._shown[index] == content and not (last and self._sealed != index):
                 continue
             wait = self._written_at[index] + self.interval - self.clock()
             if wait > 0:
                 if not final:
                     continue  # a later update or the finish shows it
                 await self.sleep(wait)
-            await self.sink.edit(self.messages[index], displayable(content))
+            await self.sink.edit(self.messages[index], displayable(content), last=last)
             self._shown[index] = content
             self._written_at[index] = self.clock()
+            if last:
+                self._sealed = index

@@ -17,6 +17,9 @@ async def send(
     content: str | None = None,
     *,
     embed: discord.Embed | None = None,
+    embeds: list[discord.Embed] | None = None,
+    view: discord.ui.View | None = None,
+    file: discord.File | None = None,
     ephemeral: bool,
 ) -> None:
     """Respond to an interaction, or follow up if it was already answered; never pings anyone."""
@@ -27,6 +30,12 @@ async def send(
     }
     if embed is not None:
         kwargs["embed"] = embed
+    if embeds:
+        kwargs["embeds"] = embeds
+    if view is not None:
+        kwargs["view"] = view
+    if file is not None:
+        kwargs["file"] = file
     if interaction.response.is_done():
         await interaction.followup.send(**kwargs)
     else:

@@ -57,6 +57,17 @@ def model_embed(spec: ModelSpec) -> discord.Embed:
     return embed
 
 
+def model_choices(service: ChatService, current: str) -> list[app_commands.Choice[str]]:
+    """Autocomplete for a model option: the names containing what has been typed, best first."""
+    typed = current.casefold()
+    names = [spec.name for spec in service.list_models()]
+    matches = sorted(
+        (n for n in names if typed in n.casefold()),
+        key=lambda n: (not n.casefold().startswith(typed), n),
+    )
+    return [app_commands.Choice(name=n, value=n) for n in matches[:_AUTOCOMPLETE_MAX]]
+
+
 def prompt_preview(text: str, limit: int = _PROMPT_PREVIEW) -> str:
     """A system prompt shortened for display, quoted."""
     short = text if len(text) <= limit else text[:limit].rstrip() + "…"
@@ -151,13 +162,7 @@ class SettingsCog(commands.Cog):
         self, interaction: discord.Interaction, current: str
     ) -> list[app_commands.Choice[str]]:
         """Model names containing what has been typed so far."""
-        typed = current.casefold()
-        names = [spec.name for spec in self.service.list_models()]
-        matches = sorted(
-            (n for n in names if typed in n.casefold()),
-            key=lambda n: (not n.casefold().startswith(typed), n),
-        )
-        return [app_commands.Choice(name=n, value=n) for n in matches[:_AUTOCOMPLETE_MAX]]
+        return model_choices(self.service, current)
 
     # ------------------------------------------------------------ /system
 

@@ -18,15 +18,31 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
 from pydantic import ValidationError
 
+from bot.service.compare import (
+    Battle,
+    BattleVerdict,
+    Comparison,
+    Comparisons,
+    OnAnswer,
+    PreferenceOutcome,
+    Question,
+)
 from bot.service.conversations import ConversationIndex, Turn
-from bot.service.feedback import Correction, Feedback, FeedbackStats, VoteOutcome, VoteSource
+from bot.service.feedback import (
+    AnswerOrigin,
+    Correction,
+    Feedback,
+    FeedbackStats,
+    VoteOutcome,
+    VoteSource,
+)
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
@@ -79,6 +95,7 @@ class _Asked:
     system_prompt: str
     sources: list[Source]
     started: float
+    store: bool  # False: answered but not stored (see ChatService._may_store)
     # A retry: the prompt is stored already, and this is another try at `alternative_to`.
     kind: MessageKind = "answer"
     alternative_to: str | None = None
@@ -97,6 +114,7 @@ class ChatService:
         exchange_log: ExchangeLog,
         writer: LogWriter,
         feedback: Feedback,
+        comparisons: Comparisons,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -108,6 +126,7 @@ class ChatService:
         self.exchange_log = exchange_log
         self.writer = writer
         self.feedback = feedback
+        self.comparisons = comparisons
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
         self.clock = clock
@@ -145,6 +164,7 @@ class ChatService:
             system_prompt=settings.system_prompt.value,
             sources=sources,
             started=started,
+            store=await self._may_store(request, settings),
         )
         chain = self.catalog.registry.fallback_chain(spec.name)
         async with aclosing(self._run(asked, chain)) as events:
@@ -225,6 +245,7 @@ class ChatService:
             system_prompt=original.system_prompt or settings.system_prompt.value,
             sources=sources,
             started=started,
+            store=await self._may_store(request, settings),
             kind="alternative",
             alternative_to=original.id,
         )
@@ -285,24 +306,25 @@ class ChatService:
                 )
             )
         request = asked.request
-        self.exchange_log.add(
-            Exchange(
-                conversation_id=asked.conversation_id,
-                place=request.place,
-                origin="discord" if request.discord_message_id is not None else "terminal",
-                prompt_id=asked.prompt_id,
-                parent_id=asked.leaf_id,
-                author_id=request.author.id,
-                author_name=clean(request.author.name)[0],
-                text=asked.question,
-                prompt_cleaned=asked.cleaned,
-                new_prompt=asked.alternative_to is None,
-                system_prompt=asked.system_prompt,
-                answers=tuple(answers),
-                source_ids=tuple(s.chunk_id for s in asked.sources),
-                discord_message_id=request.discord_message_id,
+        if asked.store:
+            self.exchange_log.add(
+                Exchange(
+                    conversation_id=asked.conversation_id,
+                    place=request.place,
+                    origin="discord" if request.discord_message_id is not None else "terminal",
+                    prompt_id=asked.prompt_id,
+                    parent_id=asked.leaf_id,
+                    author_id=request.author.id,
+                    author_name=clean(request.author.name)[0],
+                    text=asked.question,
+                    prompt_cleaned=asked.cleaned,
+                    new_prompt=asked.alternative_to is None,
+                    system_prompt=asked.system_prompt,
+                    answers=tuple(answers),
+                    source_ids=tuple(s.chunk_id for s in asked.sources),
+                    discord_message_id=request.discord_message_id,
+                )
             )
-        )
         reply = final.reply
         self.conversations.remember(
             asked.conversation_id,
@@ -323,6 +345,16 @@ class ChatService:
             sources=tuple(asked.sources),
             log_problem=self.log_problem,
         )
+
+    async def _may_store(self, request: ChatRequest, settings: EffectiveSettings) -> bool:
+        """Whether what `request` asks, and its answers, may be stored: the one decision
+        chat, retries, comparisons and battles share.
+
+        Everything is stored for now. The privacy slice (issue #13: people who opted out,
+        places that log nothing) decides here; chat and retries then also need its
+        handling of turns that were answered but not stored.
+        """
+        return True
 
     async def _retrieve(
         self, request: ChatRequest, settings: EffectiveSettings, text: str
@@ -405,20 +437,38 @@ class ChatService:
         value: int | None,
         *,
         source: VoteSource = "reaction",
+        taking_back: int | None = None,
     ) -> VoteOutcome | None:
         """A vote by reaction on a Discord message of ours (None removes it); None when the
-        message carries no answer we know (so it is not ours to count)."""
+        message carries no answer we know (so it is not ours to count).
+
+        A removal may say which thumb was `taking_back`: the vote then goes only while it
+        is that thumb (the person may have reacted with both, or changed it by button).
+        """
         found = await self.conversations.find_carrier(discord_message_id)
         if found is None or found.leaf_id is None:
             return None
         if value is None:
-            return await self.feedback.unvote(found.leaf_id, voter)
+            return await self.feedback.unvote(found.leaf_id, voter, only=taking_back)
         return await self.feedback.vote(found.leaf_id, voter, value, source=source)
 
     async def answer_of_discord_message(self, discord_message_id: int) -> str | None:
         """The id of the answer a Discord message of ours carries, if we know it."""
         found = await self.conversations.find_carrier(discord_message_id)
         return found.leaf_id if found is not None else None
+
+    async def answer_origin(self, answer_id: str) -> AnswerOrigin:
+        """The model that wrote an answer and the Discord message that asked for it
+        (where another try is shown); NotFound for an answer the log does not know."""
+        original = await self.feedback.answer(answer_id)
+        prompt = (
+            await self.conversations.stored_message(original.parent_id)
+            if original.parent_id
+            else None
+        )
+        return AnswerOrigin(
+            answer_id, original.model_name, prompt.discord_message_id if prompt else None
+        )
 
     async def correct(self, answer_id: str, author: Author, text: str) -> Correction:
         """Store `author`'s better answer to the prompt `answer_id` answered."""
@@ -439,6 +489,73 @@ class ChatService:
         return await self.feedback.stats(
             guild_id=guild_id, channel_id=channel_id, model=model, since=since
         )
+
+    # --------------------------------------------------------------- comparing
+
+    async def compare(
+        self,
+        place: Place,
+        author: Author,
+        text: str,
+        models: Sequence[str] | None = None,
+        *,
+        discord_message_id: int | None = None,
+        on_answer: OnAnswer | None = None,
+    ) -> Comparison:
+        """Ask 2-4 models `text` side by side (default: the place's model and the config's
+        comparison_models), with the place's system prompt and the same passages."""
+        question, settings = await self._question(place, author, text, discord_message_id)
+        named = bool(models)
+        if not models:
+            default = (await self._model_for(settings)).name
+            models = [default, *self.catalog.registry.comparison_models]
+        comparison = await self.comparisons.compare(
+            question, models, named=named, on_answer=on_answer
+        )
+        return replace(comparison, log_problem=self.log_problem if comparison.stored else None)
+
+    async def prefer(
+        self, prompt_id: str, chosen_answer_id: str, voter: Author
+    ) -> PreferenceOutcome:
+        """Record the answer of a comparison `voter` found best (one per person; changeable)."""
+        return await self.comparisons.prefer(prompt_id, chosen_answer_id, voter)
+
+    async def battle(
+        self, place: Place, author: Author, text: str, *, discord_message_id: int | None = None
+    ) -> Battle:
+        """A blind battle: two models of the place's arena pool answer `text` as A and B."""
+        question, settings = await self._question(place, author, text, discord_message_id)
+        battle = await self.comparisons.battle(question, settings.arena_pool)
+        return replace(battle, log_problem=self.log_problem if battle.stored else None)
+
+    async def battle_vote(
+        self, battle_id: str, voter: Author, outcome: str, reason: str | None = None
+    ) -> BattleVerdict:
+        """`voter`'s verdict on a battle ("a", "b", "tie" or "bad"), revealing its models."""
+        return await self.comparisons.vote(battle_id, voter, outcome, reason)
+
+    async def _question(
+        self, place: Place, author: Author, text: str, discord_message_id: int | None
+    ) -> tuple[Question, EffectiveSettings]:
+        """What every model of a comparison or battle is asked: the cleaned text, the
+        place's system prompt and the passages (retrieved once, so all get the same)."""
+        text, cleaned = clean(text)
+        text = text.strip()
+        if not text:
+            raise UserError("There is nothing to ask: the question is empty.")
+        settings = await self.place_settings.effective(place)
+        request = ChatRequest(place, author, text, discord_message_id=discord_message_id)
+        question = Question(
+            place=place,
+            author=author,
+            text=text,
+            cleaned=cleaned,
+            system_prompt=settings.system_prompt.value,
+            sources=tuple(await self._retrieve(request, settings, text)),
+            discord_message_id=discord_message_id,
+            store=await self._may_store(request, settings),
+        )
+        return question, settings
 
     # ---------------------------------------------------------------- models
 
@@ -561,3 +678,14 @@ class ChatService:
         if enabled and place.guild_id is None:
             raise UserError("The knowledge base belongs to a server; it cannot be used in DMs.")
         return await self.place_settings.change(place, scope, "knowledge", enabled, actor)
+
+    async def set_arena_pool(
+        self, place: Place, scope: Scope, names: Sequence[str] | None, actor: Author
+    ) -> SettingChange:
+        """The models blind battles in `scope` draw from (None: inherit); two at least."""
+        pool = None
+        if names is not None:
+            pool = [(await self.catalog.get(name)).name for name in dict.fromkeys(names)]
+            if len(pool) < 2:
+                raise UserError("An arena pool needs at least two different models.")
+        return await self.place_settings.change(place, scope, "arena_pool", pool, actor)

@@ -51,6 +51,15 @@ class VoteOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerOrigin:
+    """What another try at an answer starts from: the model that answered, the question's message."""
+
+    answer_id: str
+    model: str | None
+    prompt_discord_id: int | None  # the Discord message that asked (None from the terminal)
+
+
+@dataclass(frozen=True, slots=True)
 class Correction:
     """A person's better answer, stored beside the answer it corrects."""
 
@@ -152,14 +161,24 @@ class Feedback:
         previous = await self._write(answer_id, work)
         return VoteOutcome(answer_id, value, previous)
 
-    async def unvote(self, answer_id: str, voter: Author) -> VoteOutcome:
-        """Take back `voter`'s vote on an answer (nothing to take back is fine)."""
+    async def unvote(
+        self, answer_id: str, voter: Author, *, only: int | None = None
+    ) -> VoteOutcome:
+        """Take back `voter`'s vote on an answer (nothing to take back is fine).
 
-        async def work(repo: FeedbackRepository, answer: Message) -> int | None:
-            return await repo.unvote(answer.id, voter.id)
+        With `only` (1 or -1), the vote goes only while it is that value: a person who
+        reacted 👍, then 👎, and takes the 👍 away still means 👎.
+        """
 
-        previous = await self._write(answer_id, work)
-        return VoteOutcome(answer_id, 0, previous)
+        async def work(repo: FeedbackRepository, answer: Message) -> tuple[int, int | None]:
+            if only is not None:
+                current = await repo.vote_of(answer.id, voter.id)
+                if current is not None and current.value != only:
+                    return current.value, current.value  # kept as it is
+            return 0, await repo.unvote(answer.id, voter.id)
+
+        value, previous = await self._write(answer_id, work)
+        return VoteOutcome(answer_id, value, previous)
 
     async def correct(self, answer_id: str, author: Author, text: str) -> Correction:
         """Store `author`'s better answer to the prompt `answer_id` answered."""

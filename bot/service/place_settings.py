@@ -1,4 +1,5 @@
-"""What applies where: each place's model, system prompt and knowledge switch, with sources.
+"""What applies where: each place's model, system prompt, knowledge switch and arena pool, with
+their sources.
 
 A setting is made on a scope (a thread, a channel, a server) and inherited below it: a
 thread takes its channel's, a channel its server's, and what nobody set comes from the
@@ -41,12 +42,13 @@ class Setting:
     source: Scope
 
 
-SettingName = Literal["model", "system_prompt", "knowledge"]
+SettingName = Literal["model", "system_prompt", "knowledge", "arena_pool"]
 # The column each setting is stored in.
 _COLUMNS: dict[SettingName, str] = {
     "model": "model",
     "system_prompt": "system_prompt",
     "knowledge": "knowledge_enabled",
+    "arena_pool": "arena_pool",
 }
 
 
@@ -71,6 +73,8 @@ class EffectiveSettings:
     model: Setting
     system_prompt: Setting
     knowledge: Setting
+    # The models blind battles draw from here (a list of names); None: every model.
+    arena_pool: Setting
 
 
 class PlaceSettings:
@@ -199,6 +203,8 @@ class PlaceSettings:
             "model": self.registry.default_model,
             "system_prompt": DEFAULT_SYSTEM_PROMPT,
             "knowledge_enabled": False,
+            # The config's pool, else None: every model (registered ones too, as they come).
+            "arena_pool": list(self.registry.arena_pool) or None,
         }
         resolved: dict[str, Setting] = {}
         for name, default in defaults.items():
@@ -214,4 +220,5 @@ class PlaceSettings:
             model=resolved["model"],
             system_prompt=resolved["system_prompt"],
             knowledge=resolved["knowledge_enabled"],
+            arena_pool=resolved["arena_pool"],
         )
