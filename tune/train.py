@@ -60,7 +60,7 @@ class TrainResult:
     wall_s: float  # the whole call: start-up, loading, training, saving
     rows: int
     dataset_sha256: str
-    stopped_by: str  # "steps" (or epochs) | "time"
+    stopped_by: str  # "steps" | "epochs" | "time": which limit ended it
     peak_rss_bytes: int  # of the worker process
 
     @property

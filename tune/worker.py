@@ -266,7 +266,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "mean_loss": float(output.training_loss),
         "tokens": int(trainer.state.num_input_tokens_seen),
         "train_seconds": round(elapsed, 3),
-        "stopped_by": "time" if "stopped_by_time" in state_box else "steps",
+        "stopped_by": (
+            "time" if "stopped_by_time" in state_box else "steps" if args.steps else "epochs"
+        ),
         "rows": len(rows),
     }
     (Path(args.out) / RESULT).write_text(json.dumps(result, indent=2), encoding="utf-8")
