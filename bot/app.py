@@ -48,6 +48,7 @@ from store.db import (
     prepare_folder,
 )
 from store.exchange_log import ExchangeLog
+from store.export import Exporter, ModelTarget
 from store.writer import LogWriter
 
 if TYPE_CHECKING:  # imported when used: they bring llama.cpp's and Chroma's machinery
@@ -70,6 +71,7 @@ class App:
     local: LocalServers
     knowledge: KnowledgeBase | None
     redact: Redactor
+    exporter: Exporter
 
 
 def secrets_redactor(settings: Settings, specs: Iterable[ModelSpec] = ()) -> Redactor:
@@ -222,7 +224,8 @@ async def open_app(
         if kb is not None:
             stack.push_async_callback(kb.aclose)
 
-        answerer = Answerer(models, TokenCounter())
+        counter = TokenCounter()
+        answerer = Answerer(models, counter)
         service = ChatService(
             catalog=catalog,
             answerer=answerer,
@@ -242,4 +245,20 @@ async def open_app(
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )
-        yield App(settings, engine, sessions, writer, registry, service, local, kb, redact)
+        exporter = Exporter(
+            sessions,
+            counter,
+            targets=lambda: export_targets(catalog.all()),
+            default_model=lambda: catalog.registry.default_model,
+        )
+        yield App(
+            settings, engine, sessions, writer, registry, service, local, kb, redact, exporter
+        )
+
+
+def export_targets(specs: Iterable[ModelSpec]) -> dict[str, ModelTarget]:
+    """What the dataset export needs of each model: its window and its training price."""
+    return {
+        spec.name: ModelTarget(spec.name, spec.context_window, spec.training_price)
+        for spec in specs
+    }

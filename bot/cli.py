@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bot.cli_common import LOG_FILE, load_settings, models_table, run_async, show_error
+from bot.cli_export import export
 from bot.cli_knowledge import knowledge_app
 from core.errors import NotFound, UserError
 from core.settings import Settings
@@ -39,6 +40,7 @@ db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=Tru
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.add_typer(knowledge_app, name="knowledge")
+app.command("export")(export)
 
 err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
 out = Console(soft_wrap=True, markup=False)  # the db commands print paths and revisions as they are
@@ -151,18 +153,22 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 
 
 def extra_cogs(sb: Any) -> list[Any]:
-    """The optional cogs, built around the app's parts."""
+    """The cogs built around the app's parts besides the service: /export, /knowledge."""
+    from bot.discord.export import ExportCog
+
+    cogs: list[Any] = [ExportCog(sb.exporter, manager_role=sb.settings.manager_role)]
     if sb.knowledge is None:
-        return []
+        return cogs
     from bot.discord.knowledge import KnowledgeCog
 
     return [
+        *cogs,
         KnowledgeCog(
             sb.knowledge,
             sb.service,
             knowledge_role=sb.settings.knowledge_role,
             manager_role=sb.settings.manager_role,
-        )
+        ),
     ]
 
 

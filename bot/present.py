@@ -16,6 +16,7 @@ from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.place_settings import SettingChange
 from chains.registry import ModelSpec
 from core.messages import scope_word
+from store.export import ExportOptions, ExportSummary, removed_text
 
 # How each source of a setting is called, as in "(server default)".
 SOURCE_WORDS: dict[str, str] = {
@@ -209,3 +210,78 @@ def vote_line(outcome: VoteOutcome) -> str:
     if outcome.previous is not None:
         return f"Changed your vote to {thumb}."
     return f"Thanks for the {thumb}."
+
+
+def export_summary_lines(summary: ExportSummary) -> list[str]:
+    """What an export says it did: examples and tokens, files, what was left out, the cost."""
+    options = summary.options
+    lines = [
+        f"Exported {summary.examples:,} {summary.format} examples ({summary.tokens:,} tokens) "
+        f"from {summary.candidates:,} answers."
+    ]
+    for file in summary.files:
+        share = "" if file.split == "all" else f"{file.split}: "
+        lines.append(
+            f"  {share}{file.path} ({file.examples:,} examples, {human_size(file.bytes)}, "
+            f"sha256 {file.sha256[:12]}…)"
+        )
+    lines.append(f"  manifest: {summary.manifest}")
+    left_out = removed_text(summary.removed, options)
+    if left_out:
+        lines.append(f"Left out: {left_out}.")
+    if summary.kto is not None:
+        kto = summary.kto
+        lines.append(
+            f"KTO: {kto['desirable']:,.0f} desirable, {kto['undesirable']:,.0f} undesirable; "
+            f"desirable_weight {kto['desirable_weight']:g}, undesirable_weight "
+            f"{kto['undesirable_weight']:g}."
+        )
+    if summary.cost_usd is not None:
+        priced = (
+            ""
+            if summary.priced_examples == summary.examples
+            else f" ({summary.priced_examples:,} of {summary.examples:,} examples have a price)"
+        )
+        lines.append(f"Estimated training cost: ${summary.cost_usd:.2f} per epoch{priced}.")
+    else:
+        lines.append(
+            "No training price for these models: set training_price in the registry to see "
+            "the estimated cost."
+        )
+    if summary.redacted:
+        written = sum(summary.placeholders.values())
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in summary.placeholders.items() if n)
+        lines.append(
+            f"Personal data redacted: {written:,} placeholders" + (f" ({kinds})." if kinds else ".")
+        )
+    else:
+        lines.append("Not redacted (--no-redact): the files hold personal data as it was logged.")
+    return lines
+
+
+def export_command(options: ExportOptions, output: str | None = None) -> str:
+    """The `switchboard export` command line that runs the same export."""
+    parts = ["switchboard export", f"--format {options.format}"]
+    if output:
+        parts.append(f"--output {output}")
+    if options.min_rating != 1:
+        parts.append(f"--min-rating {options.min_rating}")
+    if options.model:
+        parts.append(f"--model {options.model}")
+    if options.guild_id is not None:
+        parts.append(f"--guild {options.guild_id}")
+    if options.channel_id is not None:
+        parts.append(f"--channel {options.channel_id}")
+    if options.since is not None:
+        parts.append(f"--since {options.since.strftime('%Y-%m-%dT%H:%M:%S')}")
+    if options.until is not None:
+        parts.append(f"--until {options.until.strftime('%Y-%m-%dT%H:%M:%S')}")
+    if options.include_unrated:
+        parts.append("--include-unrated")
+    if options.with_context:
+        parts.append("--with-context")
+    if options.split is not None:
+        parts.append(f"--split {options.split:g}")
+    if not options.redact:
+        parts.append("--no-redact")
+    return " ".join(parts)

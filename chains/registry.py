@@ -90,6 +90,9 @@ class ModelSpec(BaseModel):
     context_window: int = Field(default=DEFAULT_CONTEXT_WINDOW, gt=0)
     input_price: float = Field(default=0.0, ge=0)
     output_price: float = Field(default=0.0, ge=0)
+    # USD per million training tokens, where the provider fine-tunes this model: the
+    # estimated cost `switchboard export` prints.
+    training_price: float | None = Field(default=None, ge=0)
     open_weights: bool = False
     description: str = ""
     path: str | None = None

@@ -139,13 +139,56 @@ def public_url(url: str) -> str:
     return scrub_patterns(urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment)))
 
 
-def scrub_patterns(text: str) -> str:
-    """`text` without anything shaped like a credential (the pattern pass alone)."""
-    text = _URL_USERINFO.sub(_mask_userinfo, text)
-    text = _QUERY_PAIR.sub(_mask_query_pair, text)
+def scrub_patterns(text: str, mark: str = MARK) -> str:
+    """`text` without anything shaped like a credential (the pattern pass alone).
+
+    `mark` replaces each one (the dataset export writes a typed placeholder instead).
+    """
+    if mark == MARK:
+        text = _URL_USERINFO.sub(_mask_userinfo, text)
+        text = _QUERY_PAIR.sub(_mask_query_pair, text)
+        for pattern in _PATTERNS:
+            text = pattern.sub(_mask, text)
+        return text
+    text = _URL_USERINFO.sub(lambda m: _mask_userinfo(m, mark), text)
+    text = _QUERY_PAIR.sub(lambda m: _mask_query_pair(m, mark), text)
     for pattern in _PATTERNS:
-        text = pattern.sub(_mask, text)
+        text = pattern.sub(lambda m: _mask(m, mark), text)
     return text
+
+
+# Something every credential shape above holds, looked for with plain substring searches
+# in the lower-cased text: a text with none of them cannot match any pattern, so callers
+# that scrub a lot of ordinary text (the dataset export) skip the pattern pass for it.
+# Keep in step with _PATTERNS. Markers with a - or _ are only looked for when the text
+# has one.
+_SHAPE_MARKERS: tuple[str, ...] = (
+    "://", "=",  # URLs with user:password@; name=value pairs; padded base64
+    "aiza", "akia", "eyj", "bearer", "apikey", "authorization", "accesstoken",
+    "clientsecret", "password",
+)  # fmt: skip
+_DASHED_MARKERS: tuple[str, ...] = (
+    "sk-", "sk_", "pk-", "pk_", "rk-", "rk_", "hf_", "xai-", "pplx-", "r8_", "ghp_",
+    "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xox", "key-", "key_", "api-", "api_",
+    "access-token", "access_token", "client-secret", "client_secret",
+)  # fmt: skip
+_LONG_TOKEN = re.compile(r"[A-Za-z0-9]{32}")
+# The only characters that a case-insensitive pattern matches as an ASCII letter besides
+# the letter itself (İ ı → i, ſ → s, K → k); str.lower() alone keeps them apart.
+_ASCII_FOLD = str.maketrans({"\u0130": "i", "\u0131": "i", "\u017f": "s", "\u212a": "k"})
+
+
+def may_hold_credential(text: str) -> bool:
+    """False only when `scrub_patterns` would surely leave `text` as it is (a cheap test)."""
+    lower = (text if text.isascii() else text.translate(_ASCII_FOLD)).lower()
+    for marker in _SHAPE_MARKERS:
+        if marker in lower:
+            return True
+    if "-" in lower or "_" in lower:
+        for marker in _DASHED_MARKERS:
+            if marker in lower:
+                return True
+    return len(text) >= 32 and _LONG_TOKEN.search(text) is not None
 
 
 class Redactor:
@@ -195,21 +238,21 @@ class Redactor:
         return scrub_patterns(text)
 
 
-def _mask(match: re.Match[str]) -> str:
+def _mask(match: re.Match[str], mark: str = MARK) -> str:
     keep = match.groupdict().get("keep")
-    return f"{keep}{MARK}" if keep else MARK
+    return f"{keep}{mark}" if keep else mark
 
 
-def _mask_userinfo(match: re.Match[str]) -> str:
+def _mask_userinfo(match: re.Match[str], mark: str = MARK) -> str:
     if match["password"] is None:
-        return f"{match['scheme']}{MARK}@"  # a lone user before @ is a token
-    return f"{match['scheme']}{match['user']}:{MARK}@"
+        return f"{match['scheme']}{mark}@"  # a lone user before @ is a token
+    return f"{match['scheme']}{match['user']}:{mark}@"
 
 
-def _mask_query_pair(match: re.Match[str]) -> str:
+def _mask_query_pair(match: re.Match[str], mark: str = MARK) -> str:
     if not is_secret_name(match["name"]):
         return match[0]
-    return f"{match['keep']}{MARK}"
+    return f"{match['keep']}{mark}"
 
 
 class RedactingFilter(logging.Filter):

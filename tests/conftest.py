@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.local",
     "tests.fixtures.service",
     "tests.fixtures.tune",
+    "tests.fixtures.export",
 ]
