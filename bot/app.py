@@ -30,6 +30,7 @@ from bot.service.feedback import Feedback
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
+from bot.service.tune import TuneService
 from chains.answer import Answerer
 from chains.models import ClientConfig
 from chains.registry import ModelRegistry, ModelSpec
@@ -72,6 +73,7 @@ class App:
     knowledge: KnowledgeBase | None
     redact: Redactor
     exporter: Exporter
+    tunes: TuneService
 
 
 def secrets_redactor(settings: Settings, specs: Iterable[ModelSpec] = ()) -> Redactor:
@@ -251,8 +253,31 @@ async def open_app(
             targets=lambda: export_targets(catalog.all()),
             default_model=lambda: catalog.registry.default_model,
         )
+        from bot.service.tune_local import LocalLoraBackend
+
+        tune_dir = settings.data_dir / "tune"
+        tunes = TuneService(
+            sessions,
+            catalog,
+            service.place_settings,
+            exporter,
+            # An OpenAI backend (uploads, provider jobs) drops in here under "openai".
+            backends={"local": LocalLoraBackend(tune_dir / "bases")},
+            jobs_dir=tune_dir / "jobs",
+        )
+        stack.push_async_callback(tunes.aclose)
         yield App(
-            settings, engine, sessions, writer, registry, service, local, kb, redact, exporter
+            settings,
+            engine,
+            sessions,
+            writer,
+            registry,
+            service,
+            local,
+            kb,
+            redact,
+            exporter,
+            tunes,
         )
 
 

@@ -58,6 +58,7 @@ class ModelFacts:
     description: str
     fallback: str
     is_default: bool
+    candidate: bool = False  # a fine-tune not yet promoted
 
 
 def price(spec: ModelSpec) -> str:
@@ -88,6 +89,7 @@ def model_facts(spec: ModelSpec, default_model: str) -> ModelFacts:
         description=spec.description,
         fallback=spec.fallback or "",
         is_default=spec.name == default_model,
+        candidate=spec.candidate,
     )
 
 
@@ -97,6 +99,7 @@ def models_text(specs: list[ModelSpec], default_model: str) -> str:
     for spec in specs:
         facts = model_facts(spec, default_model)
         mark = " (default)" if facts.is_default else ""
+        mark += " (candidate: admins only until promoted)" if facts.candidate else ""
         local = ", local" if facts.local else ""
         lines.append(
             f"{facts.name}{mark}: {facts.provider}, {facts.weights} weights{local}, {facts.context} tokens, {facts.price}"

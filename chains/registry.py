@@ -102,6 +102,9 @@ class ModelSpec(BaseModel):
     threads: int | None = Field(default=None, gt=0)
     parallel: int | None = Field(default=None, gt=0)
     lineage: Lineage | None = None
+    # A fine-tune not yet promoted: admins may choose it (and /compare and /arena offer
+    # it), members may not, until `switchboard tune promote` clears this.
+    candidate: bool = False
     origin: Origin = "config"
 
     @model_validator(mode="before")

@@ -50,7 +50,7 @@ from chains.answer import Answerer, Attempt, Prompt, with_fallbacks
 from chains.chat import messages_to_dicts
 from chains.check import CheckResult, check_model
 from chains.registry import Lineage, ModelSpec
-from core.errors import ConfigError, NotFound, Unavailable, UserError
+from core.errors import ConfigError, NotFound, PermissionDenied, Unavailable, UserError
 from core.exchange import Exchange, LoggedAnswer, MessageKind, Status
 from core.messages import (
     Author,
@@ -99,6 +99,14 @@ class _Asked:
     # A retry: the prompt is stored already, and this is another try at `alternative_to`.
     kind: MessageKind = "answer"
     alternative_to: str | None = None
+
+
+def candidate_refusal(name: str) -> str:
+    """Why a member may not choose the candidate fine-tune `name` (one line)."""
+    return (
+        f"`{name}` is a candidate fine-tune: only server admins (Manage Server) can choose it "
+        f"until it is promoted (`switchboard tune promote {name}`)."
+    )
 
 
 class ChatService:
@@ -642,10 +650,12 @@ class ChatService:
         return await self.place_settings.effective(place)
 
     async def set_model(
-        self, place: Place, scope: Scope, name: str, actor: Author
+        self, place: Place, scope: Scope, name: str, actor: Author, *, admin: bool = False
     ) -> SettingChange:
-        """Choose the model for `scope`."""
+        """Choose the model for `scope`; a candidate fine-tune only when the actor is an `admin`."""
         spec = await self.catalog.get(name)
+        if spec.candidate and not admin:
+            raise PermissionDenied(candidate_refusal(spec.name))
         return await self.place_settings.change(place, scope, "model", spec.name, actor)
 
     async def reset_model(self, place: Place, scope: Scope, actor: Author) -> SettingChange:
