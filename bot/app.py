@@ -254,6 +254,7 @@ async def open_app(
             default_model=lambda: catalog.registry.default_model,
         )
         from bot.service.tune_local import LocalLoraBackend
+        from bot.service.tune_openai import OpenAIBackend
 
         tune_dir = settings.data_dir / "tune"
         tunes = TuneService(
@@ -261,8 +262,12 @@ async def open_app(
             catalog,
             service.place_settings,
             exporter,
-            # An OpenAI backend (uploads, provider jobs) drops in here under "openai".
-            backends={"local": LocalLoraBackend(tune_dir / "bases")},
+            backends={
+                "local": LocalLoraBackend(tune_dir / "bases"),
+                "openai": OpenAIBackend(
+                    settings.secret, redact, poll_interval_s=settings.tune_poll_seconds
+                ),
+            },
             jobs_dir=tune_dir / "jobs",
         )
         stack.push_async_callback(tunes.aclose)

@@ -199,6 +199,10 @@ def run(
                 logging.getLogger("switchboard").warning(
                     "fine-tuning job %s (%s) was interrupted: marked failed", job.id[:8], job.name
                 )
+            for job in await sb.tunes.resume():  # provider jobs: polled from here on
+                logging.getLogger("switchboard").info(
+                    "following fine-tuning job %s (%s) at its provider", job.id[:8], job.name
+                )
             freeze_long_lived_heap()
             token = settings.discord_token.get_secret_value()  # type: ignore[union-attr]
             warm = asyncio.create_task(sb.service.warm_up())

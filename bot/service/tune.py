@@ -23,7 +23,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -101,6 +101,7 @@ class TuneBackend(Protocol):
     kind: str
     resumable: bool
     poll_interval_s: float
+    export_formats: dict[str, str]  # method -> the export format its snapshot is written in
 
     def check(self, base: ModelSpec, method: str) -> None:
         """Raise a one-line UserError if it cannot fine-tune `base` with `method`."""
@@ -116,6 +117,10 @@ class TuneBackend(Protocol):
 
     async def cancel(self, external_id: str) -> None:
         """Stop the job; return once it has stopped."""
+        ...
+
+    def resume(self, ticket: JobTicket, base: ModelSpec, external_id: str) -> None:
+        """Follow a job another process started (only where `resumable`)."""
         ...
 
 
@@ -264,14 +269,9 @@ class TuneService:
         )
         backend = self.backends.get(kind) if kind else None
         if backend is None:
-            if kind == "openai":
-                raise UserError(
-                    f"`{base.name}` is an OpenAI model; fine-tuning through OpenAI is not "
-                    "available in this version yet. Choose a local (llama.cpp) base."
-                )
             raise UserError(
                 f"`{base.name}` ({base.provider}) cannot be fine-tuned: choose a local llama.cpp "
-                "model (or, later, an OpenAI one)."
+                "model, or an OpenAI or Azure OpenAI one with a training_price."
             )
         return backend
 
@@ -314,7 +314,7 @@ class TuneService:
         folder = self.jobs_dir / job_id
         folder.mkdir(parents=True)
         try:
-            summary, data = await self._snapshot(request, folder)
+            summary, data = await self._snapshot(request, backend, folder)
             job = TuneJob(
                 id=job_id,
                 guild_id=request.guild_id,
@@ -349,9 +349,11 @@ class TuneService:
             raise
         return await self.job(job_id), summary
 
-    async def _snapshot(self, request: TuneRequest, folder: Path) -> tuple[ExportSummary, Any]:
+    async def _snapshot(
+        self, request: TuneRequest, backend: TuneBackend, folder: Path
+    ) -> tuple[ExportSummary, Any]:
         options = ExportOptions(
-            format="sft" if request.method == "sft" else "dpo",
+            format=backend.export_formats[request.method],  # type: ignore[arg-type]
             min_rating=request.min_rating,
             model=request.model,
             guild_id=request.guild_id,
@@ -399,7 +401,17 @@ class TuneService:
             )
         base = await self.catalog.get(job.base_model)
         backend = self.backend_for(base)
-        ticket = JobTicket(
+        ticket = self._ticket(job)
+
+        async def begin() -> str:
+            external = await backend.start(ticket, base)
+            await self._write(job_id, external_id=external)
+            return external
+
+        return await self._carry(job, backend, begin, on_update)
+
+    def _ticket(self, job: TuneJob) -> JobTicket:
+        return JobTicket(
             job_id=job.id,
             name=job.name,
             method=job.method,  # type: ignore[arg-type]
@@ -412,10 +424,19 @@ class TuneService:
             started_by=job.started_by,
             guild_id=job.guild_id,
         )
+
+    async def _carry(
+        self,
+        job: TuneJob,
+        backend: TuneBackend,
+        begin: Callable[[], Awaitable[str]],
+        on_update: Callable[[JobView], None] | None,
+    ) -> JobView:
+        """Start (or pick up) the backend's job, follow it to its end, and record how it ended."""
+        job_id = job.id
         external: str | None = None
         try:
-            external = await backend.start(ticket, base)
-            await self._write(job_id, external_id=external)
+            external = await begin()
             poll = await self._follow(job_id, backend, external, on_update)
             if poll.cancelled:
                 await self._finish(job_id, status="cancelled", phase="cancelled")
@@ -426,6 +447,10 @@ class TuneService:
             else:
                 await self._register(job, poll.spec)
         except BaseException as exc:
+            if not isinstance(exc, Exception) and backend.resumable and external is not None:
+                # The provider keeps training while this process stops: the next bot start
+                # picks the polling up (`resume`), so nothing is cancelled or marked.
+                raise
             if external is not None:
                 await asyncio.shield(backend.cancel(external))
             if not isinstance(exc, Exception):  # Ctrl-C, or the bot shutting down
@@ -445,6 +470,44 @@ class TuneService:
         if on_update is not None:
             on_update(view)
         return view
+
+    async def resume(self) -> list[JobView]:
+        """Pick up the provider jobs nobody follows any more (a bot start calls it); those resumed.
+
+        A job is followed by the process that started it, which writes a heartbeat; one
+        silent for STALE_S lost its follower, and this process polls it from now on.
+        """
+        cutoff = utcnow() - timedelta(seconds=STALE_S)
+        resumed: list[JobView] = []
+        async with self.sessions() as session:
+            repo = TuneJobRepository(session)
+            stale = [
+                job
+                for kind, backend in self.backends.items()
+                if backend.resumable
+                for job in await repo.stale(kind, cutoff)
+                if job.external_id and job.id not in self._tasks
+            ]
+        for job in stale:
+            backend = self.backends[job.backend]
+            try:
+                base = await self.catalog.get(job.base_model)
+                backend.resume(self._ticket(job), base, job.external_id or "")
+            except UserError as exc:
+                await self._finish(job.id, status="failed", phase="failed", error=str(exc))
+                continue
+            await self._write(job.id, heartbeat_at=utcnow())
+
+            async def begin(external: str = job.external_id or "") -> str:
+                return external
+
+            task = asyncio.create_task(
+                self._carry(job, backend, begin, None), name=f"tune-job-{job.id}"
+            )
+            self._tasks[job.id] = task
+            task.add_done_callback(lambda _t, key=job.id: self._tasks.pop(key, None))
+            resumed.append(_view(job, None))
+        return resumed
 
     async def _follow(
         self,
@@ -621,6 +684,9 @@ class TuneService:
         if job.status == "queued":
             _discard(self.jobs_dir / job.id)
             return await self.job(job.id)
+        if self.backends[job.backend].resumable:
+            # A provider's job nobody follows now: follow it here, which cancels it at once.
+            await self.resume()
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             await self.recover()  # a runner that died never answers: it is marked failed
@@ -735,6 +801,10 @@ class TuneService:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        for backend in self.backends.values():
+            close = getattr(backend, "aclose", None)  # a provider backend's HTTP clients
+            if close is not None:
+                await close()
 
 
 def _busy(job: TuneJob) -> str:

@@ -52,11 +52,16 @@ class LocalLoraBackend:
     kind = "local"
     resumable = False
     poll_interval_s = 0.5
+    export_formats = {"sft": "sft", "dpo": "dpo"}  # TRL's conversational formats
 
     def __init__(self, cache_dir: Path, *, threads: int | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         self.threads = threads
         self._runs: dict[str, _Run] = {}
+
+    def resume(self, ticket: JobTicket, base: ModelSpec, external_id: str) -> None:
+        """A local run dies with its process: it cannot be picked up elsewhere."""
+        raise UserError("A local training run cannot be resumed by another process.")
 
     def check(self, base: ModelSpec, method: str) -> None:
         """Refuse a base or method this backend cannot train, in one line."""
