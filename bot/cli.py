@@ -156,10 +156,14 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 
 
 def extra_cogs(sb: Any) -> list[Any]:
-    """The cogs built around the app's parts besides the service: /export, /knowledge."""
+    """The cogs built around the app's parts besides the service: /export, /tune, /knowledge."""
     from bot.discord.export import ExportCog
+    from bot.discord.tune import TuneCog
 
-    cogs: list[Any] = [ExportCog(sb.exporter, manager_role=sb.settings.manager_role)]
+    cogs: list[Any] = [
+        ExportCog(sb.exporter, manager_role=sb.settings.manager_role),
+        TuneCog(sb.tunes, manager_role=sb.settings.manager_role),
+    ]
     if sb.knowledge is None:
         return cogs
     from bot.discord.knowledge import KnowledgeCog

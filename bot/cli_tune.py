@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bot.cli_common import load_settings, run_async
-from bot.present import export_summary_lines
+from bot.present import export_summary_lines, tune_status_lines
 from core.messages import Author
 from store.export import parse_when
 
@@ -55,35 +55,6 @@ def _quiet_logs() -> None:
     logging.basicConfig(
         level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-def status_lines(job: object) -> list[str]:
-    """A job as `tune status` prints it."""
-    from bot.service.tune import JobView
-
-    assert isinstance(job, JobView)
-    progress = f"step {job.step}/{job.total_steps}" if job.total_steps else f"step {job.step}"
-    loss = f"loss {job.loss:.4f}" if job.loss is not None else "no loss yet"
-    lines = [
-        f"Job {job.id} — {job.name}: {job.status} ({job.phase}, {progress}, {loss})",
-        f"  base {job.base_model} · {job.backend} {job.method} · snapshot {job.snapshot_rows} "
-        f"examples, sha256 {job.snapshot_sha256[:12]}…",
-        f"  started by {job.started_by} at {job.created_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
-        f" · elapsed {_duration(job.elapsed_s)}"
-        + (f" · about {_duration(job.eta_s)} left" if job.active and job.eta_s else ""),
-    ]
-    if job.model_name:
-        lines.append(f"  model: {job.model_name} ({job.gate})")
-    if job.error:
-        lines.append(f"  {'error' if job.status == 'failed' else 'note'}: {job.error}")
-    return lines
 
 
 @tune_app.command("start")
@@ -175,7 +146,7 @@ def start(
                     )
 
                 final = await sb.tunes.run(job.id, on_update=show)
-        for line in status_lines(final):
+        for line in tune_status_lines(final):
             (_out if final.status == "succeeded" else _err).print(line)
         if final.status != "succeeded":
             raise typer.Exit(1)
@@ -216,7 +187,7 @@ def run_job(job: Annotated[str, typer.Argument(help="A queued job's id.")]) -> N
 
         async with open_app(settings, knowledge=False) as sb:
             final = await sb.tunes.run(job)
-        for line in status_lines(final):
+        for line in tune_status_lines(final):
             _out.print(line)
 
     run_async(work, _err)
@@ -243,7 +214,7 @@ def status(
             raise UserError(
                 "No fine-tuning jobs yet: start one with `switchboard tune start --base MODEL`."
             )
-        for line in status_lines(view):
+        for line in tune_status_lines(view):
             _out.print(line)
 
     run_async(work, _err)
@@ -309,7 +280,7 @@ def cancel(
         async with open_app(settings, knowledge=False) as sb:
             with _err.status("Stopping the job…"):
                 view = await sb.tunes.cancel(job, cli_actor())
-        for line in status_lines(view):
+        for line in tune_status_lines(view):
             _out.print(line)
 
     run_async(work, _err)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC
 
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.place_settings import SettingChange
+from bot.service.tune import JobView
 from chains.registry import ModelSpec
 from core.messages import scope_word
 from store.export import ExportOptions, ExportSummary, removed_text
@@ -288,3 +290,29 @@ def export_command(options: ExportOptions, output: str | None = None) -> str:
     if not options.redact:
         parts.append("--no-redact")
     return " ".join(parts)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def tune_status_lines(job: JobView) -> list[str]:
+    """A fine-tuning job as `tune status` and `/tune status` show it."""
+    progress = f"step {job.step}/{job.total_steps}" if job.total_steps else f"step {job.step}"
+    loss = f"loss {job.loss:.4f}" if job.loss is not None else "no loss yet"
+    lines = [
+        f"Job {job.id} — {job.name}: {job.status} ({job.phase}, {progress}, {loss})",
+        f"  base {job.base_model} · {job.backend} {job.method} · snapshot {job.snapshot_rows} "
+        f"examples, sha256 {job.snapshot_sha256[:12]}…",
+        f"  started by {job.started_by} at {job.created_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        f" · elapsed {_duration(job.elapsed_s)}"
+        + (f" · about {_duration(job.eta_s)} left" if job.active and job.eta_s else ""),
+    ]
+    if job.model_name:
+        lines.append(f"  model: {job.model_name} ({job.gate})")
+    if job.error:
+        lines.append(f"  {'error' if job.status == 'failed' else 'note'}: {job.error}")
+    return lines

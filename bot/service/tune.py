@@ -379,9 +379,11 @@ class TuneService:
 
     # -------------------------------------------------------------- run
 
-    def launch(self, job_id: str) -> asyncio.Task[JobView]:
+    def launch(
+        self, job_id: str, on_update: Callable[[JobView], None] | None = None
+    ) -> asyncio.Task[JobView]:
         """Run a queued job in the background of this process (the bot's way)."""
-        task = asyncio.create_task(self.run(job_id), name=f"tune-job-{job_id}")
+        task = asyncio.create_task(self.run(job_id, on_update), name=f"tune-job-{job_id}")
         self._tasks[job_id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(job_id, None))
         return task
