@@ -257,7 +257,9 @@ def test_error_messages_are_shown_exactly_as_written(
     assert "models.a must be a table ([models.a])." in proc.stderr
 
 
-async def test_run_builds_the_export_tune_and_knowledge_cogs_with_both_roles(service_settings) -> None:
+async def test_run_builds_the_export_tune_and_knowledge_cogs_with_both_roles(
+    service_settings,
+) -> None:
     from bot.app import open_app
     from bot.cli import extra_cogs
     from bot.discord.export import ExportCog
