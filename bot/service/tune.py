@@ -19,6 +19,7 @@ set. Every step of the gate is a `model_gate_events` row naming who did it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import shutil
@@ -31,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.service.evaluate import EvalExample
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
 from chains.registry import Lineage, ModelSpec
@@ -45,6 +47,11 @@ log = logging.getLogger(__name__)
 
 Method = Literal["sft", "dpo"]
 MIN_EXAMPLES = 10  # tune.dataset.MIN_ROWS: fewer teach a model nothing reliable
+# With at least this many examples, a tenth of the conversations is held out of training
+# (the export's split: no example in both) for `tune eval`; below it, every one is trained on.
+HOLD_OUT_FROM = 2 * MIN_EXAMPLES
+HOLD_OUT_SPLIT = 0.9
+HELD_OUT_FILE = "snapshot.validation.jsonl"
 # A local job's runner writes a heartbeat this often; one silent for STALE_S has died.
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
@@ -364,6 +371,17 @@ class TuneService:
         )
         try:
             summary = await self.exporter.run(options, folder / "snapshot.jsonl")
+            if summary.examples >= HOLD_OUT_FROM:
+                held = await self.exporter.run(
+                    replace(options, split=HOLD_OUT_SPLIT), folder / "snapshot.jsonl"
+                )
+                train, validation = held.files
+                if train.examples >= MIN_EXAMPLES and validation.examples:
+                    (folder / "snapshot.jsonl").unlink(missing_ok=True)
+                    return held, train
+                for file in held.files:  # an unlucky split: train on everything
+                    file.path.unlink(missing_ok=True)
+                summary = await self.exporter.run(options, folder / "snapshot.jsonl")
         except UserError as exc:  # "Nothing to export: of 40 answers, 30 unrated, ..."
             raise UserError(f"Cannot fine-tune: {str(exc)[0].lower()}{str(exc)[1:]}") from None
         if summary.examples < MIN_EXAMPLES:
@@ -406,11 +424,9 @@ class TuneService:
         ticket = self._ticket(job)
 
         async def begin() -> str:
-            external = await backend.start(ticket, base)
-            await self._write(job_id, external_id=external)
-            return external
+            return await backend.start(ticket, base)
 
-        return await self._carry(job, backend, begin, on_update)
+        return await self._carry(job, backend, begin, on_update, record=True)
 
     def _ticket(self, job: TuneJob) -> JobTicket:
         return JobTicket(
@@ -433,12 +449,17 @@ class TuneService:
         backend: TuneBackend,
         begin: Callable[[], Awaitable[str]],
         on_update: Callable[[JobView], None] | None,
+        *,
+        record: bool = False,
     ) -> JobView:
         """Start (or pick up) the backend's job, follow it to its end, and record how it ended."""
         job_id = job.id
         external: str | None = None
         try:
             external = await begin()
+            if record:
+                # Shielded: a stop right now must still leave the id a later process resumes by.
+                await asyncio.shield(self._write(job_id, external_id=external))
             poll = await self._follow(job_id, backend, external, on_update)
             if poll.cancelled:
                 await self._finish(job_id, status="cancelled", phase="cancelled")
@@ -698,6 +719,36 @@ class TuneService:
             await asyncio.sleep(0.5)
         return await self.job(job.id)
 
+    # -------------------------------------------------------------- evaluation
+
+    async def held_out(self, ref: str) -> tuple[JobView, list[EvalExample]]:
+        """A finished job and the prompts of its snapshot it was not trained on.
+
+        Each row is a held-out example's last question, with the conversation and system
+        prompt before it and the liked answer as its reference.
+        """
+        job = await self.job(ref)
+        if job.model_name is None:
+            raise UserError(
+                f"Job {job.id[:8]} ({job.name}) is {job.status}: only a finished fine-tune "
+                "can be evaluated."
+            )
+        path = Path(job.snapshot_path).with_name(HELD_OUT_FILE)
+        try:
+            lines = await asyncio.to_thread(_read_lines, path)
+        except FileNotFoundError:
+            raise UserError(
+                f"{job.name} was trained on all {job.snapshot_rows} of its examples (a tenth "
+                f"is held out from {HOLD_OUT_FROM} on), so none are left to evaluate it on: "
+                f"try `switchboard eval --from-log --models {job.name},{job.base_model}`."
+            ) from None
+        examples = [
+            example
+            for number, line in enumerate(lines, 1)
+            if line.strip() and (example := _held_out_example(json.loads(line), number))
+        ]
+        return job, examples
+
     # -------------------------------------------------------------- the gate
 
     async def _fine_tune(self, name: str) -> ModelSpec:
@@ -834,3 +885,32 @@ def _discard(folder: Path) -> None:
     """Remove what a failed or cancelled job made, keeping its snapshot."""
     shutil.rmtree(folder / "adapter", ignore_errors=True)
     (folder / "adapter.gguf").unlink(missing_ok=True)
+
+
+def _read_lines(path: Path) -> list[str]:
+    with path.open(encoding="utf-8") as file:
+        return file.readlines()
+
+
+def _held_out_example(row: dict[str, Any], number: int) -> EvalExample | None:
+    """An evaluation row from one example of the snapshot, in any of its formats."""
+    if "messages" in row:  # sft, openai-chat: the conversation, then the liked answer
+        messages, answer = row["messages"][:-1], row["messages"][-1]
+    elif "input" in row:  # openai-dpo
+        messages, answer = row["input"]["messages"], row["preferred_output"][-1]
+    elif "prompt" in row and isinstance(row["prompt"], list):  # dpo (conversational)
+        messages, answer = row["prompt"], row["chosen"][-1]
+    else:
+        return None
+    system = next((m["content"] for m in messages if m["role"] == "system"), "")
+    turns = [m for m in messages if m["role"] in ("user", "assistant")]
+    if not turns or turns[-1]["role"] != "user":
+        return None
+    history = tuple((m["role"], str(m["content"])) for m in turns[:-1])
+    return EvalExample(
+        id=f"held-out-{number}",
+        prompt=str(turns[-1]["content"]),
+        reference=str(answer["content"]),
+        system=str(system),
+        history=history,
+    )
