@@ -212,3 +212,21 @@ async def test_cancel_reaches_a_provider_job_nobody_follows(
     assert view.status == "cancelled"
     assert fake_openai.tuning.jobs[external].status == "cancelled"
     assert job.name not in [s.name for s in app.service.list_models()]
+
+
+async def test_forgetting_the_admin_who_fine_tuned_leaves_their_name_nowhere(
+    app: App, fake_openai: FakeOpenAI
+) -> None:
+    from tests.scan import find_text
+
+    await log_liked_zorbia_answers(app, fake_openai, guild=GUILD)
+    zelda = Author(77, "zelda-the-admin")
+    job, _ = await app.tunes.start(TuneRequest(base="mini", name="mini-z", guild_id=GUILD), zelda)
+    assert (await app.tunes.run(job.id)).status == "succeeded"
+    await app.tunes.promote("mini-z", zelda)
+    assert await find_text(app.sessions, "zelda-the-admin")  # the job and the gate name her
+    await app.service.forget(zelda)
+    assert await find_text(app.sessions, "zelda-the-admin") == []
+    view = await app.tunes.job(job.id)
+    assert view.status == "succeeded" and view.started_by != "zelda-the-admin (77)"
+    assert (await app.service.get_model("mini-z")).lineage.created_by == f"tune job {job.id}"  # type: ignore[union-attr]

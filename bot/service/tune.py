@@ -604,7 +604,9 @@ class TuneService:
         spec = spec.model_copy(
             update={
                 "candidate": True,
-                "lineage": lineage.model_copy(update={"created_by": job.started_by}),
+                # The job, not the person: who started it is in the job's record, which
+                # forgetting that person anonymises (the registry is not rewritten).
+                "lineage": lineage.model_copy(update={"created_by": f"tune job {job.id}"}),
             }
         )
         await self.catalog.register(spec, created_by=f"tune job {job.id}")

@@ -205,7 +205,7 @@ class OpenAIBackend:
                     base_model=base.name,
                     source="openai-fine-tune",
                     dataset_hash=ticket.dataset_sha256,
-                    created_by=ticket.started_by,
+                    created_by=f"tune job {ticket.job_id}",
                 ),
                 "origin": "runtime",
             }
