@@ -26,7 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.service.chat import ChatService
 from bot.service.compare import Comparisons
 from bot.service.conversations import ConversationIndex
+from bot.service.evaluate import Evaluator
 from bot.service.feedback import Feedback
+from bot.service.leaderboard import Leaderboards
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
@@ -73,6 +75,7 @@ class App:
     knowledge: KnowledgeBase | None
     redact: Redactor
     exporter: Exporter
+    evaluator: Evaluator
     tunes: TuneService
 
 
@@ -236,6 +239,9 @@ async def open_app(
             exchange_log=exchange_log,
             writer=writer,
             feedback=Feedback(sessions, writer),
+            leaderboards=Leaderboards(
+                sessions, catalog, min_battles=settings.leaderboard_min_battles
+            ),
             comparisons=Comparisons(
                 catalog,
                 answerer,
@@ -247,6 +253,7 @@ async def open_app(
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )
+        evaluator = Evaluator(catalog, answerer, sessions)
         exporter = Exporter(
             sessions,
             counter,
@@ -277,6 +284,7 @@ async def open_app(
             kb,
             redact,
             exporter,
+            evaluator,
             tunes,
         )
 

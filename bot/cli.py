@@ -295,7 +295,8 @@ def compare(
     _logging(settings, quiet=True)
 
     async def main() -> int:
-        from bot.cli_compare import run_compare, split_models
+        from bot.cli_compare import run_compare
+        from bot.present import split_models
 
         return await run_compare(
             settings,
@@ -305,6 +306,120 @@ def compare(
             channel=channel,
             user=user,
             json_mode=json_mode,
+        )
+
+    raise typer.Exit(_run(main))
+
+
+@app.command()
+def leaderboard(
+    guild: Annotated[
+        int | None, typer.Option(help="Only this server's battles (with --channel: its channel).")
+    ] = None,
+    channel: Annotated[int | None, typer.Option(help="Only this channel's battles.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the chart (PNG) to this file.")
+    ] = None,
+    json_mode: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per model instead of a table.")
+    ] = False,
+) -> None:
+    """Models rated from blind battles (Bradley–Terry, 95% intervals), with 👍, speed and cost."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> int:
+        from bot.cli_eval import run_leaderboard
+
+        return await run_leaderboard(
+            settings, guild=guild, channel=channel, chart=out, json_mode=json_mode
+        )
+
+    raise typer.Exit(_run(main))
+
+
+@app.command("eval")
+def eval_command(
+    dataset: Annotated[
+        Path | None,
+        typer.Argument(
+            help='JSON Lines: "prompt", and optionally "reference", "system", "regex", "id", "history".'
+        ),
+    ] = None,
+    models: Annotated[str, typer.Option(help="The models to evaluate, comma-separated.")] = "",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="Folder for the results and the report; running again resumes there."
+        ),
+    ] = Path("eval"),
+    judge: Annotated[
+        str | None, typer.Option(help="A model that judges the answers (see --judge-mode).")
+    ] = None,
+    judge_mode: Annotated[
+        str,
+        typer.Option(
+            help="pairwise: every two answers compared, in both orders; rubric: each rated 1-10."
+        ),
+    ] = "pairwise",
+    system: Annotated[
+        str | None, typer.Option(help="System prompt for rows without one (default: the bot's).")
+    ] = None,
+    regex: Annotated[
+        str | None, typer.Option(help="A pattern answers must contain, for rows without one.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help="Model calls at once.")] = 4,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Ask again what failed in an earlier run.")
+    ] = False,
+    from_log: Annotated[
+        bool,
+        typer.Option(
+            "--from-log",
+            help="Take the prompts from the log (the export's filters below) instead of a file.",
+        ),
+    ] = False,
+    guild: Annotated[int | None, typer.Option(help="--from-log: only this server id.")] = None,
+    channel: Annotated[int | None, typer.Option(help="--from-log: only this channel id.")] = None,
+    log_model: Annotated[
+        str | None, typer.Option(help="--from-log: only prompts this model answered.")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="--from-log: from this ISO date or time on (UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="--from-log: before this ISO time; a date keeps its day.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="--from-log: the newest this many prompts.")] = 100,
+    no_redact: Annotated[
+        bool,
+        typer.Option(
+            "--no-redact", help="--from-log: keep personal data in the prompts (sent and written)."
+        ),
+    ] = False,
+) -> None:
+    """Run models on a dataset: exact, contains, regex and judge scores, speed, tokens, cost."""
+    settings = _settings()
+    # Failed calls are results here: their warnings go to the log file, not over the bar.
+    _chat_logging(settings, json_mode=False)
+
+    async def main() -> int:
+        from bot.cli_eval import LogFilters, run_eval, split_models
+
+        return await run_eval(
+            settings,
+            dataset,
+            split_models(models),
+            out,
+            judge=judge,
+            judge_mode=judge_mode,
+            system=system,
+            regex=regex,
+            concurrency=concurrency,
+            retry_failed=retry_failed,
+            log=LogFilters(guild, channel, log_model, since, until, limit, not no_redact)
+            if from_log
+            else None,
         )
 
     raise typer.Exit(_run(main))

@@ -23,14 +23,6 @@ from core.messages import Author, Place
 from core.settings import Settings
 
 
-def split_models(models: str | None) -> list[str] | None:
-    """ "a, b,c" → ["a", "b", "c"]; None or blank → None (the place's default set)."""
-    if models is None:
-        return None
-    names = [name.strip() for name in models.split(",") if name.strip()]
-    return names or None
-
-
 def answer_json(answer: ModelAnswer, comparison: Comparison) -> dict[str, Any]:
     """The JSON object `compare --json` prints for one model."""
     usage = answer.usage

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
+from bot.service.leaderboard import Leaderboard, LeaderboardEntry
 from bot.service.place_settings import SettingChange
 from chains.registry import ModelSpec
 from core.messages import scope_word
@@ -137,6 +138,33 @@ def pool_text(pool: list[str] | None) -> str:
     return ", ".join(f"**{name}**" for name in pool) if pool else "every model"
 
 
+def split_models(models: str | None) -> list[str] | None:
+    """ "a, b,c" → ["a", "b", "c"]; None or blank → None (the place's default set)."""
+    if models is None:
+        return None
+    names = [name.strip() for name in models.split(",") if name.strip()]
+    return names or None
+
+
+def duration_text(ms: float | None) -> str:
+    """A time for people: 850 → "850 ms", 1234 → "1.2 s"; None → "—"."""
+    if ms is None:
+        return "—"
+    return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:,.1f} s"
+
+
+def cost_text(usd: float | None) -> str:
+    """What an answer cost: "free", "$0.000123", "$1.25"; None (not known) → "—"."""
+    if usd is None:
+        return "—"
+    if usd == 0:
+        return "free"
+    if usd >= 0.01:
+        return f"${usd:,.2f}"
+    shown = f"{usd:.6f}".rstrip("0")
+    return f"${shown}" if shown != "0." else "under $0.000001"
+
+
 # What each outcome of a battle vote says.
 OUTCOME_WORDS: dict[str, str] = {
     "a": "A was better",
@@ -213,6 +241,74 @@ def vote_line(outcome: VoteOutcome) -> str:
     if outcome.previous is not None:
         return f"Changed your vote to {thumb}."
     return f"Thanks for the {thumb}."
+
+
+# ------------------------------------------------------------------ the leaderboard
+
+LEADERBOARD_WHERE: dict[str, str] = {
+    "channel": "this channel",
+    "server": "this server",
+    "global": "every server",
+}
+
+
+def rank_text(entry: LeaderboardEntry) -> str:
+    """'#1', 'unranked (5 battles)', or 'no battles'."""
+    if entry.rating is None:
+        return "no battles"
+    if entry.rating.rank is None:
+        return f"unranked ({entry.battles} battle{'s' if entry.battles != 1 else ''})"
+    return f"#{entry.rating.rank}"
+
+
+def rating_text(entry: LeaderboardEntry) -> str:
+    """'1,143 (+21/−19)': the rating and how far its 95% interval reaches; '' without battles."""
+    rating = entry.rating
+    if rating is None:
+        return ""
+    up, down = rating.high - rating.rating, rating.rating - rating.low
+    return f"{rating.rating:,.0f} (+{up:.0f}/−{down:.0f})"
+
+
+def record_text(entry: LeaderboardEntry) -> str:
+    """'31–12–4' (won, lost, tied verdicts); '' without battles."""
+    rating = entry.rating
+    return f"{rating.wins}–{rating.losses}–{rating.ties}" if rating is not None else ""
+
+
+def latency_text(ms: float | None) -> str:
+    """'850 ms', '2.4 s', or '' when unknown."""
+    if ms is None:
+        return ""
+    return f"{ms:,.0f} ms" if ms < 1000 else f"{ms / 1000:,.1f} s"
+
+
+def dollars(amount: float | None) -> str:
+    """'$0.0042', '$0.30', '$1.20', 'free', or '' when unknown."""
+    if amount is None:
+        return ""
+    if amount == 0:
+        return "free"
+    # Cents as cents ($0.30, not $0.3); below a cent, two significant digits.
+    return f"${amount:,.2f}" if amount >= 0.1 else f"${amount:.2g}"
+
+
+def blended_price_text(entry: LeaderboardEntry) -> str:
+    """'$0.26 / 1M tokens' (3 input : 1 output), 'free', or '' for a model no longer configured."""
+    if entry.price is None:
+        return ""
+    if entry.price.free:
+        return "free"
+    return f"{dollars(entry.price.blended)} / 1M tokens"
+
+
+def leaderboard_caption(board: Leaderboard) -> str:
+    """What the board is made of and how it was computed, in one line."""
+    battles = f"{board.battles:,} battle{'s' if board.battles != 1 else ''}"
+    return (
+        f"{battles} in {LEADERBOARD_WHERE[board.scope]}. {board.method} "
+        f"A model needs {board.min_battles} battles to be ranked. Price: 3 input : 1 output tokens."
+    )
 
 
 def export_summary_lines(summary: ExportSummary) -> list[str]:

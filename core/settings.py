@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         description="Retries of a failed model request before its fallback answers.",
     )
     log_level: str = Field(default="INFO")
+    leaderboard_min_battles: int = Field(
+        default=20,
+        ge=1,
+        description="Battles a model needs before the leaderboard ranks it (fewer: 'unranked').",
+    )
     shard_count: int | None = Field(
         default=None,
         ge=1,

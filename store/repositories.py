@@ -1,4 +1,5 @@
-"""Repositories: the SQL behind settings, conversations, registered models, feedback and the arena.
+"""Repositories: the SQL behind settings, conversations, registered models, feedback, the arena
+and the leaderboard.
 
 Each takes an `AsyncSession`; the caller owns the transaction and commits.
 """
@@ -837,3 +838,133 @@ class ArenaRepository:
         existing.chosen_id = chosen_id
         await self.session.flush()
         return previous
+
+
+# Battle verdicts that compare the two answers; "bad" (both bad) says nothing about which is better.
+COUNTED_OUTCOMES: tuple[str, ...] = ("a", "b", "tie")
+# Answers whose latency and cost say what a model is like to use: it answered.
+_ANSWERED: tuple[str, ...] = ("ok", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class CountedVerdict:
+    """One person's counted verdict on a valid battle: "a", "b" or "tie"."""
+
+    battle_id: str
+    model_a: str
+    model_b: str
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    """What using one model was like in a place: how many answers, how fast, what they cost."""
+
+    model_name: str
+    answers: int
+    median_latency_ms: float | None
+    mean_cost_usd: float | None  # over the answers whose cost is known
+
+
+class LeaderboardRepository:
+    """What the leaderboard is made of: battle verdicts, and each model's speed and cost.
+
+    A place is a server (`guild_id`) and, within it, a channel (`channel_id`, a thread
+    counting as its channel); None means any. The terminal's made-up channel ids repeat
+    across servers, so a channel is asked for with its server.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def battle_verdicts(
+        self, *, guild_id: int | None = None, channel_id: int | None = None
+    ) -> list[CountedVerdict]:
+        """The verdicts of valid battles (oldest first): A better, B better, or a tie.
+
+        A battle marked invalid (an answer gave its model away, or failed) counts for
+        nothing; a "both bad" verdict compares nothing, so it is left out too.
+        """
+        query = (
+            select(Battle.id, Battle.model_a, Battle.model_b, BattleVote.outcome)
+            .join(BattleVote, BattleVote.battle_id == Battle.id)
+            .where(Battle.invalid.is_(None), BattleVote.outcome.in_(COUNTED_OUTCOMES))
+            .order_by(Battle.created_at, Battle.id, BattleVote.created_at, BattleVote.id)
+        )
+        if guild_id is not None:
+            query = query.where(Battle.guild_id == guild_id)
+        if channel_id is not None:
+            query = query.where(Battle.channel_id == channel_id)
+        rows = (await self.session.execute(query)).tuples().all()
+        return [CountedVerdict(str(b), str(ma), str(mb), str(o)) for b, ma, mb, o in rows]
+
+    async def model_usage(
+        self, *, guild_id: int | None = None, channel_id: int | None = None
+    ) -> list[ModelUsage]:
+        """Per model (by name): its answers, their median latency and mean cost."""
+        where: list[ColumnElement[bool]] = [
+            Message.kind.in_(VOTABLE_KINDS),
+            Message.model_name.is_not(None),
+            Message.status.in_(_ANSWERED),
+        ]
+        if guild_id is not None:
+            where.append(Message.guild_id == guild_id)
+        if channel_id is not None:
+            where.append(Message.channel_id == channel_id)
+        totals = (
+            (
+                await self.session.execute(
+                    select(
+                        Message.model_name,
+                        func.count(),
+                        func.avg(Message.cost_usd),
+                        func.count(Message.latency_ms),
+                    )
+                    .where(*where)
+                    .group_by(Message.model_name)
+                    .order_by(Message.model_name)
+                )
+            )
+            .tuples()
+            .all()
+        )
+        medians = await self._median_latencies(where, {str(n): int(k) for n, _, _, k in totals})
+        return [
+            ModelUsage(
+                model_name=str(name),
+                answers=int(answers),
+                median_latency_ms=medians.get(str(name)),
+                mean_cost_usd=float(cost) if cost is not None else None,
+            )
+            for name, answers, cost, _ in totals
+        ]
+
+    async def _median_latencies(
+        self, where: list[ColumnElement[bool]], timed: dict[str, int]
+    ) -> dict[str, float]:
+        """The median latency per model, for the models with `timed[model]` timed answers."""
+        timed = {name: count for name, count in timed.items() if count}
+        if not timed:
+            return {}
+        latency = Message.latency_ms
+        if self.session.get_bind().dialect.name == "postgresql":
+            rows = await self.session.execute(
+                select(Message.model_name, func.percentile_cont(0.5).within_group(latency))
+                .where(*where, latency.is_not(None))
+                .group_by(Message.model_name)
+            )
+            return {str(name): float(value) for name, value in rows.tuples()}
+        # SQLite has no percentile: the middle one or two values, found by their position.
+        medians: dict[str, float] = {}
+        for name, count in timed.items():
+            middle = await self.session.scalars(
+                select(latency)
+                .where(*where, latency.is_not(None), Message.model_name == name)
+                .order_by(latency)
+                .offset((count - 1) // 2)
+                .limit(2 - count % 2)
+            )
+            values = [float(v) for v in middle.all() if v is not None]
+            if values:
+                medians[name] = sum(values) / len(values)
+        return medians

@@ -470,3 +470,64 @@ async def test_clear_errors(sqlite_log: Log, out: Path, tmp_path: Path) -> None:
         await sqlite_log.app.exporter.run(ExportOptions("sft"), tmp_path)
     # Nothing is left behind by a failed export.
     assert listing(out.parent) == []
+
+
+STYLES = {"fake-model": "Red.", "fake-solo": "Blue.", "fake-backup": "Green.", "fake-tiny": "Grey."}
+
+
+def arena_reply(request: Any) -> str:
+    """Each model answers in its own words; asked who it is, every one says (and is found out)."""
+    if "Who are you?" in request.last_user_text:
+        return f"I am {request.model}."
+    return f"{STYLES[request.model]} ({request.last_user_text})"
+
+
+async def test_arena_votes_and_comparison_picks_are_pairs_and_kto_labels(
+    log: Log, fake_openai: FakeOpenAI, out: Path
+) -> None:
+    fake_openai.reply = arena_reply
+    svc = log.app.service
+    # A comparison: Bob and Carol pick main's answer, Dave picks solo's; backup is never picked.
+    compared = await svc.compare(PLACE, ALICE, "Name a colour.", ["main", "solo", "backup"])
+    by_model = {answer.model: answer for answer in compared.answers}
+    for voter, model in [(BOB, "main"), (CAROL, "main"), (DAVE, "solo")]:
+        await svc.prefer(compared.prompt_id, by_model[model].answer_id, voter)
+    # A battle Bob says A won and Carol called a tie; one with only a tie and "both bad";
+    # one invalid (the answers name their models), whatever its votes say.
+    won = await svc.battle(PLACE, ALICE, "Pick a colour.")
+    await svc.battle_vote(won.id, BOB, "a")
+    await svc.battle_vote(won.id, CAROL, "tie")
+    even = await svc.battle(PLACE, ALICE, "Any colour?")
+    await svc.battle_vote(even.id, BOB, "tie")
+    await svc.battle_vote(even.id, CAROL, "bad")
+    invalid = await svc.battle(PLACE, ALICE, "Who are you?")
+    await svc.battle_vote(invalid.id, BOB, "a")
+    # Dave's pick stops counting once he opts out.
+    before_opt_out = await log.app.exporter.run(ExportOptions("dpo"), out)
+    assert before_opt_out.examples == 3 + 1
+    await log.opt_out(DAVE)
+    await log.app.writer.drain()
+
+    red, blue, green = (by_model[m].reply for m in ("main", "solo", "backup"))
+    expected = {(red, blue), (red, green), (won.a.reply, won.b.reply)}
+    await log.app.exporter.run(ExportOptions("dpo"), out)
+    dpo = lines(out)
+    assert {(e["chosen"][0]["content"], e["rejected"][0]["content"]) for e in dpo} == expected
+    for example in dpo:
+        check_dpo(example)
+        assert example["prompt"][-1]["content"] in {"Name a colour.", "Pick a colour."}
+    openai = out.with_name("openai.jsonl")
+    await log.app.exporter.run(ExportOptions("openai-dpo"), openai)
+    assert {
+        (e["preferred_output"][0]["content"], e["non_preferred_output"][0]["content"])
+        for e in lines(openai)
+    } == expected
+
+    kto_out = out.with_name("kto.jsonl")
+    summary = await log.app.exporter.run(ExportOptions("kto"), kto_out)
+    labels = {e["completion"][0]["content"]: e["label"] for e in lines(kto_out)}
+    assert labels == {red: True, blue: False, green: False, won.a.reply: True, won.b.reply: False}
+    assert summary.kto is not None and summary.kto["desirable"] == 2
+    # The tied and the invalid battles' answers are in no format.
+    for answer in (even.a, even.b, invalid.a, invalid.b):
+        assert answer.reply not in labels

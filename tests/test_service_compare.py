@@ -25,7 +25,7 @@ from core.errors import NotFound, UserError
 from core.messages import Author, ChatRequest, Place
 from core.settings import Settings
 from store.models import Battle, BattleVote, Message, Preference
-from store.repositories import ConversationRepository
+from store.repositories import ArenaRepository, ConversationRepository
 from tests.fakes.openai_server import FakeOpenAI, FakeRequest, echo_reply
 
 PLACE = Place(10, 20)
@@ -221,6 +221,35 @@ async def test_one_preference_per_person_that_changes(arena_app: App) -> None:
     await arena_app.writer.drain()
     with pytest.raises(NotFound, match="don't have that comparison"):
         await svc.prefer(answer.message_id, answer.message_id, BOB)  # not a comparison
+
+
+async def test_a_choice_read_while_the_log_writer_commits_the_comparison_still_finds_it(
+    arena_app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A person may press "best" just as the comparison is being written: the read misses
+    the rows the writer commits meanwhile, and once it is over nothing is pending any more."""
+    svc, writer = arena_app.service, arena_app.writer
+    released = asyncio.Event()
+
+    async def held(session: object) -> None:
+        await released.wait()
+
+    writer.submit(held, "a write that holds the writer")  # the comparison queues behind it
+    comparison = await svc.compare(PLACE, ALICE, "hi", ["main", "solo"])
+    read = ArenaRepository.comparison_answers
+    reads: list[str] = []
+
+    async def read_during_the_commit(self: ArenaRepository, prompt_id: str) -> list[Message]:
+        reads.append(prompt_id)
+        if len(reads) == 1:  # began before the commit: sees nothing, ends after it
+            released.set()
+            await writer.drain()
+            return []
+        return await read(self, prompt_id)
+
+    monkeypatch.setattr(ArenaRepository, "comparison_answers", read_during_the_commit)
+    pick = await svc.prefer(comparison.prompt_id, comparison.answers[1].answer_id, BOB)
+    assert pick.model == "solo" and pick.stored and len(reads) == 2
 
 
 async def test_a_stopped_comparison_is_logged_with_what_was_written(

@@ -19,7 +19,10 @@ import discord
 from discord.ext import commands
 
 from bot.discord.chat import ChatCog
+from bot.discord.compare import DYNAMIC_ITEMS as COMPARE_ITEMS
+from bot.discord.compare import CompareCog
 from bot.discord.feedback import DYNAMIC_ITEMS, FeedbackCog, answer_buttons
+from bot.discord.leaderboard import LeaderboardCog
 from bot.discord.settings_cog import SettingsCog
 from bot.service import ChatService
 from core.errors import ConfigError, UserError
@@ -41,7 +44,8 @@ def bot_intents() -> discord.Intents:
 
 
 class SwitchboardBot(commands.AutoShardedBot):
-    """Switchboard's Discord face: the chat and settings cogs, plus any extra cogs given."""
+    """Switchboard's Discord face: the chat, settings, feedback, compare and leaderboard
+    cogs, plus any extra cogs given."""
 
     def __init__(
         self,
@@ -81,15 +85,18 @@ class SwitchboardBot(commands.AutoShardedBot):
     async def setup_hook(self) -> None:
         """Add the cogs, publish the slash commands, and watch the log for the operators."""
         self._unwatch_log = self.service.watch_log(self._log_changed)
-        # The feedback buttons under answers carry the answer id in their custom id:
-        # registered here, they work on answers from before a restart too.
-        self.add_dynamic_items(*DYNAMIC_ITEMS)
+        # The feedback buttons under answers, and the voting buttons under comparisons and
+        # battles, carry what they vote on in their custom id: registered here, they work
+        # on messages from before a restart too.
+        self.add_dynamic_items(*DYNAMIC_ITEMS, *COMPARE_ITEMS)
         chat = ChatCog(
             self, self.service, clock=self.clock, sleep=self.sleep, buttons=answer_buttons
         )
         await self.add_cog(chat)
         await self.add_cog(SettingsCog(self.service, manager_role=self.manager_role))
         await self.add_cog(FeedbackCog(self, self.service, chat, manager_role=self.manager_role))
+        await self.add_cog(CompareCog(self.service, manager_role=self.manager_role))
+        await self.add_cog(LeaderboardCog(self.service))
         for cog in self.extra_cogs:
             await self.add_cog(cog)
         if self.sync_commands:

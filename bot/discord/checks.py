@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import TYPE_CHECKING, Literal
 
 import discord
 
 from core.errors import PermissionDenied, UserError
-from core.messages import Author, Place, Scope
+from core.messages import Author, ChatRequest, Place, Scope
+
+if TYPE_CHECKING:
+    from bot.service import ChatService
 
 
 def place_of(
@@ -24,6 +28,26 @@ def place_of(
 def author_of(user: discord.abc.User) -> Author:
     """The service's `Author` for a Discord user (their display name where they have one)."""
     return Author(id=user.id, name=user.display_name)
+
+
+def limit_refusal(service: ChatService, interaction: discord.Interaction) -> str | None:
+    """Why the person behind `interaction` may not ask a model now (the per-person limit of
+    messages a minute); None if they may. Whatever asks a model counts like a message."""
+    admission = service.admit(
+        ChatRequest(
+            place_of(interaction.channel, interaction.guild_id),
+            author_of(interaction.user),
+            "",
+            discord_message_id=interaction.id,
+            sent_at=interaction.created_at.timestamp(),
+        )
+    )
+    if admission.allowed:
+        return None
+    return (
+        f"You are asking me faster than I answer ({admission.per_minute} a minute); "
+        f"try again in {max(1, math.ceil(admission.retry_after))} s."
+    )
 
 
 def scope_for(place: Place, server: bool) -> Scope:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import math
 import re
 from datetime import timedelta
 from typing import Any, Literal
@@ -32,9 +31,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.charts import share_chart
+from bot.charts import share_chart
 from bot.discord.chat import ChatCog
-from bot.discord.checks import author_of, permission_refusal, place_of
+from bot.discord.checks import author_of, limit_refusal, permission_refusal, place_of
 from bot.discord.respond import answering, send
 from bot.discord.settings_cog import EMBED_COLOUR, model_choices
 from bot.present import REASON_WORDS, reasons_text, share_text, vote_line
@@ -42,7 +41,7 @@ from bot.service import ChatService
 from bot.service.feedback import ModelFeedback
 from core.errors import NotFound, PermissionDenied, UserError
 from core.exchange import VOTE_REASONS
-from core.messages import Author, ChatRequest
+from core.messages import Author
 
 log = logging.getLogger(__name__)
 
@@ -414,25 +413,8 @@ class FeedbackCog(commands.Cog):
             await self._retry(interaction, answer_id, model)
 
     def _refusal(self, interaction: discord.Interaction) -> str | None:
-        """Why the person may not have another answer now (the per-person limit); None if they may.
-
-        Another answer asks a model like a message does, so it counts like one.
-        """
-        admission = self.service.admit(
-            ChatRequest(
-                place_of(interaction.channel, interaction.guild_id),
-                author_of(interaction.user),
-                "",
-                discord_message_id=interaction.id,
-                sent_at=interaction.created_at.timestamp(),
-            )
-        )
-        if admission.allowed:
-            return None
-        return (
-            f"You are asking me faster than I answer ({admission.per_minute} a minute); "
-            f"try again in {max(1, math.ceil(admission.retry_after))} s."
-        )
+        """Why the person may not have another answer now (it asks a model like a message)."""
+        return limit_refusal(self.service, interaction)
 
     async def _retry(
         self, interaction: discord.Interaction, answer_id: str, model: str | None

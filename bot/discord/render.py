@@ -137,6 +137,31 @@ def displayable(content: str) -> str:
     return content if content.strip() else BLANK
 
 
+def shorten(text: str, limit: int) -> tuple[str, bool]:
+    """`text` cut to at most `limit` characters at a line or word break, ending in "…", and
+    whether it was cut. A cut inside a code block closes the block, so it still renders."""
+    if len(text) <= limit:
+        return text, False
+    if limit < 64:  # too little room to break nicely or repair fences
+        return text[: max(limit - 1, 0)] + "…"[: max(limit, 0)], True
+    kept = split_text(text, limit - 2)[0]  # room for "\n…" or " …"
+    return (kept.content + "\n…" if kept.close else kept.content.rstrip() + " …"), True
+
+
+def fair_shares(lengths: Sequence[int], room: int, cap: int) -> list[int]:
+    """How many characters each of several texts may keep so that together they fit `room`
+    and none exceeds `cap`: short texts keep all they have, long ones share the rest evenly.
+    """
+    shares = [0] * len(lengths)
+    left = max(room, 0)
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    for done, index in enumerate(order):
+        share = min(lengths[index], cap, left // (len(order) - done))
+        shares[index] = share
+        left -= share
+    return shares
+
+
 def footer_lines(
     *,
     model: str | None,

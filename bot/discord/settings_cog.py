@@ -17,7 +17,7 @@ from bot.discord.checks import (
     scope_for,
 )
 from bot.discord.respond import answering, send
-from bot.present import SOURCE_WORDS, change_line, context_size, endpoint, price
+from bot.present import SOURCE_WORDS, change_line, context_size, endpoint, pool_text, price
 from bot.service import ChatService
 from core.messages import Place, Scope
 
@@ -249,6 +249,12 @@ class SettingsCog(commands.Cog):
                 name="Knowledge base",
                 value=("on" if effective.knowledge.value else "off")
                 + f" ({SOURCE_WORDS.get(effective.knowledge.source, effective.knowledge.source)})",
+                inline=False,
+            )
+            embed.add_field(
+                name="Arena pool",
+                value=f"{pool_text(effective.arena_pool.value)} "
+                f"({SOURCE_WORDS.get(effective.arena_pool.source, effective.arena_pool.source)})",
                 inline=False,
             )
             await send(interaction, embed=embed, ephemeral=True)

@@ -43,6 +43,7 @@ from bot.service.feedback import (
     VoteOutcome,
     VoteSource,
 )
+from bot.service.leaderboard import Leaderboard, Leaderboards, LeaderboardScope
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
@@ -122,6 +123,7 @@ class ChatService:
         exchange_log: ExchangeLog,
         writer: LogWriter,
         feedback: Feedback,
+        leaderboards: Leaderboards,
         comparisons: Comparisons,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
@@ -134,6 +136,7 @@ class ChatService:
         self.exchange_log = exchange_log
         self.writer = writer
         self.feedback = feedback
+        self.leaderboards = leaderboards
         self.comparisons = comparisons
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
@@ -541,6 +544,20 @@ class ChatService:
     ) -> BattleVerdict:
         """`voter`'s verdict on a battle ("a", "b", "tie" or "bad"), revealing its models."""
         return await self.comparisons.vote(battle_id, voter, outcome, reason)
+
+    async def leaderboard(
+        self,
+        scope: LeaderboardScope,
+        guild_id: int | None = None,
+        channel_id: int | None = None,
+    ) -> Leaderboard:
+        """Models rated from the blind battles of a channel, a server or everywhere, with
+        95% intervals and ranks, beside their 👍 share, median latency, cost and price.
+
+        "channel" needs `channel_id` (and the server's `guild_id`; None for a DM),
+        "server" needs `guild_id`, "global" neither.
+        """
+        return await self.leaderboards.board(scope, guild_id, channel_id)
 
     async def _question(
         self, place: Place, author: Author, text: str, discord_message_id: int | None

@@ -656,11 +656,14 @@ class Comparisons:
         drained = False
         try:
             for attempt in range(3):
+                # Asked before the read, not after it: a write the writer commits while
+                # the read runs is not seen by it, yet leaves nothing pending afterwards.
+                writing = self.writer.pending > 0
                 try:
                     async with self.sessions() as session, session.begin():
                         return await work(ArenaRepository(session))
                 except _NotYet as missing:
-                    if drained or not self.writer.pending:
+                    if drained or not writing:
                         raise NotFound(str(missing)) from None
                     drained = True
                     await self._drain()

@@ -3,7 +3,8 @@
 The adapters (`switchboard export`, `/export`) build `ExportOptions` and call
 `Exporter.run`, which `bot.app.open_app` builds with the app's sessions, token counter
 and model registry. See `run` for how an export goes, `formats` for the five formats and
-their rules, `redact` for what personal data goes, `select` for the SQL, `manifest` for
+their rules, `redact` for what personal data goes, `select` for the SQL, `prompts` for the logged prompts
+that `switchboard eval --from-log` tries models on, `manifest` for
 what is recorded beside the files.
 """
 
@@ -15,6 +16,7 @@ from store.export.options import (
     parse_format,
     parse_when,
 )
+from store.export.prompts import LoggedPrompt, LoggedPrompts, logged_prompts
 from store.export.run import (
     MIN_EXAMPLES,
     Exporter,
@@ -38,10 +40,13 @@ __all__ = [
     "ExportSummary",
     "Exporter",
     "Format",
+    "LoggedPrompt",
+    "LoggedPrompts",
     "MessageCounter",
     "ModelTarget",
     "Progress",
     "check_writable",
+    "logged_prompts",
     "manifest_path",
     "output_paths",
     "parse_format",

@@ -58,6 +58,7 @@ REASONS: tuple[str, ...] = (
     "duplicate",
 )
 _OK_STATUSES = frozenset({"ok", "fallback", None})
+_CONTESTS = frozenset({"battle", "comparison"})  # answers people pick the better of
 
 Progress = Callable[[int, int], None]  # (candidates done, candidates in all)
 T = TypeVar("T")
@@ -377,6 +378,14 @@ class _Run:
         if self.fmt == "kto":
             if correction:
                 label = True
+            elif not votes and row.contest_picks:
+                # A battle or comparison: picked more often than passed over is desirable
+                # (the chosen +, the others −); as often either way says nothing.
+                passed_over = row.contest_picks - row.picks
+                if row.picks == passed_over:
+                    self.removed["unrated"] += 1
+                    return
+                label = row.picks > passed_over
             elif not votes:
                 self.removed["unrated"] += 1
                 return
@@ -414,7 +423,9 @@ class _Run:
             self.labels[label] += 1
 
     def flush_group(self) -> None:
-        """Pairs from the answers to one prompt (the DPO formats)."""
+        """Pairs from the answers to one prompt (the DPO formats): a correction over what it
+        corrects, a liked answer over a disliked one, and in a battle or a comparison an
+        answer people picked more often over one they picked less."""
         group, self._group = self._group, []
         if not group:
             return
@@ -438,6 +449,16 @@ class _Run:
             elif (votes and rating < 0) or (options.include_unrated and not votes):
                 rejected.append(row)
         pairs += [(good, bad) for good in liked for bad in rejected]
+        # Battles and comparisons: an answer picked more often than another of its contest
+        # (the same prompt's battle or comparison answers) is preferred over it.
+        contest = [row for row in usable if row.kind in _CONTESTS and row.contest_picks]
+        pairs += [
+            (good, bad)
+            for good in contest
+            for bad in contest
+            if good.kind == bad.kind and good.picks > bad.picks
+        ]
+        pairs = list({(good.id, bad.id): (good, bad) for good, bad in pairs}.values())
         paired = {row.id for pair in pairs for row in pair}
         self.removed["no_pair"] += len(usable) - len(paired)
         for chosen, other in pairs:

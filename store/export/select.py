@@ -4,7 +4,8 @@ A candidate is an assistant message that can be a training target or one side of
 an answer, a retry ("alternative"), a comparison or battle answer, or a person's
 correction. One query streams them (a server-side cursor on PostgreSQL, SQLite's own
 cursor stepped batch by batch: nothing is loaded whole), each row carrying the prompt's
-text and author and the net rating. What concerns the few (the answers someone
+text and author, the net rating, and how often people picked it in a battle or a
+comparison (`_picks`). What concerns the few (the answers someone
 corrected, the people who opted out, what they wrote and voted) is asked once up front
 instead of for each candidate. The place, model and date filters are in the query;
 `filter_counts` says, in one pass, how many candidates each one removed.
@@ -23,6 +24,7 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    or_,
     select,
     text,
     true,
@@ -31,7 +33,16 @@ from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from store.export.options import ExportOptions
-from store.models import Message, MessageInput, Person, Vote, table_of
+from store.models import (
+    Battle,
+    BattleVote,
+    Message,
+    MessageInput,
+    Person,
+    Preference,
+    Vote,
+    table_of,
+)
 
 # Assistant messages that can be a target: what the conversation went on from, retries,
 # side-by-side answers, and people's corrections. Failed attempts never are.
@@ -47,6 +58,9 @@ _original = _messages.alias("o")  # what a correction corrects
 _votes = table_of(Vote)
 _people = table_of(Person)
 _inputs = table_of(MessageInput)
+_battles = table_of(Battle)
+_battle_votes = table_of(BattleVote)
+_preferences = table_of(Preference)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +188,51 @@ async def opted_out(session: AsyncSession) -> OptedOut:
     return OptedOut(people, answers, votes)
 
 
+def _picks() -> tuple[ColumnElement[int], ColumnElement[int]]:
+    """(picks, contest picks) of a candidate: how many people picked it as the better
+    answer, and how many picked any answer of its contest (its battle or comparison).
+
+    A battle's picks are its A-better and B-better votes, the battle valid (ties and
+    "both bad" pick nothing); a comparison's are its "best" choices. Votes of people who
+    have since opted out do not count. Only battle and comparison answers look (through
+    the prompt's indexed id): every other candidate is 0 without a lookup.
+    """
+    a, b, bv, pf = _answer, _battles, _battle_votes, _preferences
+    opted = select(_people.c.user_id).where(_people.c.opted_out.is_(true()))
+    in_battle = (
+        select(func.count())
+        .select_from(bv.join(b, b.c.id == bv.c.battle_id))
+        .where(b.c.prompt_id == a.c.parent_id, b.c.invalid.is_(None), bv.c.voter_id.not_in(opted))
+    )
+    battle_picks = in_battle.where(
+        or_(
+            and_(bv.c.outcome == "a", b.c.answer_a == a.c.id),
+            and_(bv.c.outcome == "b", b.c.answer_b == a.c.id),
+        )
+    ).scalar_subquery()
+    battle_all = in_battle.where(
+        bv.c.outcome.in_(("a", "b")), or_(b.c.answer_a == a.c.id, b.c.answer_b == a.c.id)
+    ).scalar_subquery()
+    in_comparison = (
+        select(func.count())
+        .select_from(pf)
+        .where(pf.c.prompt_id == a.c.parent_id, pf.c.voter_id.not_in(opted))
+    )
+    comparison_picks = in_comparison.where(pf.c.chosen_id == a.c.id).scalar_subquery()
+    comparison_all = in_comparison.scalar_subquery()
+    picks = case(
+        (a.c.kind == "battle", battle_picks),
+        (a.c.kind == "comparison", comparison_picks),
+        else_=0,
+    )
+    contest = case(
+        (a.c.kind == "battle", battle_all),
+        (a.c.kind == "comparison", comparison_all),
+        else_=0,
+    )
+    return picks, contest
+
+
 def candidates_query(options: ExportOptions) -> Select[Any]:
     """Every candidate that passes the place, model and date filters, in export order.
 
@@ -194,6 +253,7 @@ def candidates_query(options: ExportOptions) -> Select[Any]:
         .scalar_subquery()
         .label("votes")
     )
+    picks, contest = _picks()
     query = (
         select(
             a.c.id,
@@ -215,6 +275,8 @@ def candidates_query(options: ExportOptions) -> Select[Any]:
             p.c.author_id.label("prompt_author_id"),
             rating,
             votes,
+            picks.label("picks"),
+            contest.label("contest_picks"),
         )
         .select_from(
             a.outerjoin(o, o.c.id == a.c.alternative_to).outerjoin(p, p.c.id == a.c.parent_id)

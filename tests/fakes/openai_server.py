@@ -2,7 +2,8 @@
 
 `langchain-openai` and `openai` run their real code against it: chat completions
 (plain and SSE streaming with a usage chunk), Azure's deployment paths, models and
-embeddings. Failures are injected on demand (`fail_next`, `drop_mid_stream`, `hang`);
+embeddings. Failures are injected on demand (`fail_next`, `drop_mid_stream`, `hang`), or
+for every request to one model (`fail_model`, `slow_model`);
 `fail_next(..., echo_key=True)` makes the error body repeat the key the request carried, in
 several forms, as careless providers do. An unknown path gets OpenAI's 404 "Invalid URL
 (POST /path?query)", which repeats the query (and whatever key a base_url put there).
@@ -155,6 +156,9 @@ class FakeOpenAI:
         self._failures: deque[_Failure] = deque()
         self._drops: deque[int] = deque()
         self._hangs: deque[float] = deque()
+        # Per provider model id: every request to it fails, or waits first.
+        self._model_failures: dict[str, _Failure] = {}
+        self._model_delays: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
         self._sleepers: set[asyncio.Future[None]] = set()
@@ -275,12 +279,25 @@ class FakeOpenAI:
         with self._lock:
             self._hangs.extend([seconds] * times)
 
+    def fail_model(self, model: str, status: int = 500, message: str | None = None) -> None:
+        """Answer every chat request for `model` (the provider's model id) with an error."""
+        text = message or _DEFAULT_ERROR_MESSAGES.get(status, f"Error {status}.")
+        with self._lock:
+            self._model_failures[model] = _Failure(status, text, None, None)
+
+    def slow_model(self, model: str, seconds: float) -> None:
+        """Make every request for `model` wait `seconds` before it is answered."""
+        with self._lock:
+            self._model_delays[model] = seconds
+
     def reset(self) -> None:
-        """Forget pending failures and recorded requests."""
+        """Forget pending failures, slow and failing models, and recorded requests."""
         with self._lock:
             self._failures.clear()
             self._drops.clear()
             self._hangs.clear()
+            self._model_failures.clear()
+            self._model_delays.clear()
             self.requests.clear()
 
     @property
@@ -356,7 +373,12 @@ class FakeOpenAI:
         hang = self._pop(self._hangs)
         if hang:
             await self._wait(hang)
-        failure: _Failure | None = self._pop(self._failures)
+        with self._lock:
+            delay = self._model_delays.get(recorded.model or "", 0.0)
+            failure: _Failure | None = self._model_failures.get(recorded.model or "")
+        if delay:
+            await self._wait(delay)
+        failure = failure or self._pop(self._failures)
         if failure is not None:
             message = failure.message
             if failure.echo_key:
