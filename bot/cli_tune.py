@@ -2,6 +2,7 @@
 
     switchboard tune start --base smol --steps 30 --wait   # snapshot, train, register a candidate
     switchboard tune status [JOB] · tune list · tune cancel JOB
+    switchboard tune eval NAME [--dataset FILE] [--judge MODEL]  # the candidate against its base
     switchboard tune promote NAME [--default --guild ID] · tune rollback NAME
 
 A typer group that `bot.cli` mounts; the work is `bot.service.tune.TuneService`, built by
@@ -372,3 +373,62 @@ def rollback(name: Annotated[str, typer.Argument(help="A promoted fine-tune.")])
             )
 
     run_async(work, _err)
+
+
+@tune_app.command("eval")
+def eval_candidate(
+    name: Annotated[str, typer.Argument(help="The fine-tune (the model a job made).")],
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="A dataset file to evaluate on instead of the prompts logged since."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The report's folder (default: eval/ in the job's folder)."),
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="A model that judges which answer is better.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many logged prompts.")] = 100,
+) -> None:
+    """Evaluate a fine-tune against its base on prompts it was not trained on; an HTML report.
+
+    By default the prompts are those logged, in the job's server and channel, after its
+    snapshot was frozen: none of them was in the training data. It runs `switchboard
+    eval` with the two models (scores, judge preference with --judge, latency, cost).
+    """
+    settings = load_settings(_err)
+    _quiet_logs()
+
+    async def work() -> int:
+        from bot.app import open_app
+        from bot.cli_eval import LogFilters, run_eval
+        from core.errors import UserError
+
+        async with open_app(settings, knowledge=False) as sb:
+            job = await sb.tunes.job(name)
+            folder = out or sb.tunes.jobs_dir / job.id / "eval"
+        if job.model_name is None:
+            raise UserError(f"Job {job.id[:8]} ({job.name}) made no model: it {job.status}.")
+        log = None
+        if dataset is None:
+            log = LogFilters(
+                guild=job.guild_id,
+                channel=job.filters_channel,
+                since=job.created_at.isoformat(),
+                limit=limit,
+            )
+        try:
+            return await run_eval(
+                settings, dataset, [job.model_name, job.base_model], folder, judge=judge, log=log
+            )
+        except UserError as exc:
+            if log is None or not str(exc).startswith("No logged prompts"):
+                raise
+            raise UserError(
+                f"No prompts were logged after {job.name}'s snapshot was frozen "
+                f"({job.created_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC), so none is held out: "
+                "try the candidate in a channel first, or pass --dataset FILE."
+            ) from None
+
+    raise typer.Exit(run_async(work, _err))

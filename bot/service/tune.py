@@ -168,6 +168,7 @@ class JobView:
     error: str | None
     model_name: str | None
     gate: str | None  # the model's state: "candidate", "promoted", "removed"; None before
+    filters_channel: int | None = None  # the export's --channel, when one was given
 
     @property
     def loss(self) -> float | None:
@@ -222,6 +223,7 @@ def _view(job: TuneJob, gate: str | None) -> JobView:
         error=job.error,
         model_name=job.model_name,
         gate=gate,
+        filters_channel=(job.filters or {}).get("channel_id"),
     )
 
 
