@@ -32,6 +32,7 @@ from bot.service.leaderboard import Leaderboards
 from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
+from bot.service.privacy import Privacy
 from bot.service.tune import TuneService
 from chains.answer import Answerer
 from chains.models import ClientConfig
@@ -229,16 +230,21 @@ async def open_app(
         if kb is not None:
             stack.push_async_callback(kb.aclose)
 
+        conversations = ConversationIndex(sessions, writer)
+        place_settings = PlaceSettings(sessions, registry, retention_days=settings.retention_days)
+        privacy = Privacy(sessions, writer, exchange_log, conversations, place_settings, uploads=kb)
         counter = TokenCounter()
         answerer = Answerer(models, counter)
         service = ChatService(
             catalog=catalog,
             answerer=answerer,
-            conversations=ConversationIndex(sessions, writer),
-            place_settings=PlaceSettings(sessions, registry),
+            conversations=conversations,
+            place_settings=place_settings,
             exchange_log=exchange_log,
             writer=writer,
-            feedback=Feedback(sessions, writer),
+            feedback=Feedback(
+                sessions, writer, opted_out=privacy.opted_out, logging_on=privacy.logging_on
+            ),
             leaderboards=Leaderboards(
                 sessions, catalog, min_battles=settings.leaderboard_min_battles
             ),
@@ -249,7 +255,12 @@ async def open_app(
                 writer,
                 sessions,
                 votes_per_day=settings.arena_votes_per_day,
+                opted_out=privacy.opted_out,
+                logging_on=privacy.logging_on,
+                count_unstored=privacy.count,
+                still_storable=privacy.may_store,
             ),
+            privacy=privacy,
             limits=PersonLimit(settings.messages_per_minute),
             knowledge=kb,
         )

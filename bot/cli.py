@@ -37,7 +37,9 @@ app = typer.Typer(
 models_app = typer.Typer(
     help="The model registry: list, check, add and remove models.", no_args_is_help=True
 )
-db_app = typer.Typer(help="The database: apply migrations.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The database: apply migrations, apply the retention.", no_args_is_help=True
+)
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.add_typer(knowledge_app, name="knowledge")
@@ -621,3 +623,24 @@ def db_downgrade(
         return 0
 
     raise typer.Exit(_run(main))
+
+
+@db_app.command("purge")
+def db_purge(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be deleted; change nothing.")
+    ] = False,
+) -> None:
+    """Delete exchanges older than the retention: a server's /retention, else SWITCHBOARD_RETENTION_DAYS."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> None:
+        from bot.app import open_app
+        from bot.present import purge_line
+
+        async with open_app(settings, knowledge=False) as sb:
+            report = await sb.service.purge(dry_run=dry_run)
+        out.print(purge_line(report))
+
+    _run(main)

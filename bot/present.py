@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.leaderboard import Leaderboard, LeaderboardEntry
-from bot.service.place_settings import SettingChange
+from bot.service.place_settings import Setting, SettingChange
+from bot.service.privacy import ForgetReport, PrivacyStatus, PurgeReport
 from chains.registry import ModelSpec
 from core.messages import scope_word
 from store.export import ExportOptions, ExportSummary, removed_text
@@ -121,6 +122,20 @@ def change_line(change: SettingChange) -> str:
         if change.new is None:
             return f"System prompt for {where} reset to the inherited one."
         return f"System prompt for {where} set ({len(str(change.new))} characters)."
+    if change.name == "logging":
+        now = "logged" if change.now.value else "not logged (only counted)"
+        if change.new is None:
+            return f"Logging for {where}: **inherited**; exchanges here are {now}."
+        if change.new:
+            return f"Logging for {where}: **on**; exchanges here are stored again."
+        return (
+            f"Logging for {where}: **off**; nothing said here is stored from now on, "
+            "only counted (day, model, tokens)."
+        )
+    if change.name == "retention":
+        if change.new is None:
+            return f"Retention for this server reset: {retention_words(change.now)}."
+        return f"Retention for this server: {retention_words(change.now)}."
     if change.name == "arena_pool":
         if change.new is None:
             now = change.now
@@ -232,7 +247,10 @@ def share_text(model: ModelFeedback) -> str:
 def vote_line(outcome: VoteOutcome) -> str:
     """What a vote did, for the person who voted."""
     if not outcome.stored:
-        return "Thanks! (You opted out of storage, so your vote is not kept.)"
+        return (
+            "Thanks! (Your vote is not kept: you opted out of storage, or nothing said "
+            "where that answer was given is stored.)"
+        )
     if outcome.value == 0:
         return "Your vote is removed." if outcome.previous else "You had not voted on that answer."
     thumb = "👍" if outcome.value > 0 else "👎"
@@ -309,6 +327,92 @@ def leaderboard_caption(board: Leaderboard) -> str:
         f"{battles} in {LEADERBOARD_WHERE[board.scope]}. {board.method} "
         f"A model needs {board.min_battles} battles to be ranked. Price: 3 input : 1 output tokens."
     )
+
+
+def retention_words(setting: Setting) -> str:
+    """How long exchanges are kept, with where that comes from: "**30 days** (server default)"."""
+    days = setting.value
+    kept = f"**{days} day{'s' if days != 1 else ''}**" if days else "**kept forever**"
+    return f"{kept} ({SOURCE_WORDS.get(setting.source, setting.source)})"
+
+
+def logging_words(setting: Setting) -> str:
+    """Whether exchanges are stored, with where that comes from: "on (bot default)"."""
+    state = "on" if setting.value else "off: nothing is stored, only counted"
+    return f"{state} ({SOURCE_WORDS.get(setting.source, setting.source)})"
+
+
+def _count(number: int, one: str, many: str | None = None) -> str:
+    return f"{number:,} {one if number == 1 else (many or one + 's')}"
+
+
+def privacy_line(status: PrivacyStatus, forget_command: str = "/privacy forget") -> str:
+    """What `/privacy status` (and opt-out, opt-in) says."""
+    stored = f"{_count(status.messages, 'message')} you wrote and {_count(status.votes, 'vote')}"
+    if status.opted_out:
+        return (
+            "You are **opted out**: you are answered, but nothing you write or receive is "
+            f"stored, and you are never exported. Stored from before: {stored}; "
+            f"`{forget_command}` deletes them."
+        )
+    return (
+        f"You are **opted in**: your exchanges are stored ({stored} so far) and may be "
+        f"used to improve the models. `/privacy opt-out` stops that; `{forget_command}` "
+        "deletes what is stored."
+    )
+
+
+def forget_line(report: ForgetReport) -> str:
+    """What `/privacy forget` says it deleted."""
+    if report.nothing:
+        line = "Nothing was stored about you; nothing to delete."
+    else:
+        parts = [
+            _count(report.messages, "message") + " you wrote",
+            _count(report.answers, "answer") + " to them or built on them",
+            _count(report.votes, "vote"),
+            _count(report.corrections, "correction"),
+        ]
+        if report.conversations:
+            parts.append(_count(report.conversations, "conversation") + " left empty")
+        line = "Deleted " + ", ".join(parts) + "."
+        renamed = []
+        if report.setting_changes:
+            renamed.append(_count(report.setting_changes, "settings change"))
+        if report.documents:
+            renamed.append(_count(report.documents, "document"))
+        if renamed:
+            line += f" Your name was taken off {' and '.join(renamed)}."
+    if report.documents_problem:
+        line += (
+            f" Your name could not be taken off your documents ({report.documents_problem}); "
+            "run the command again later."
+        )
+    return line
+
+
+def purge_line(report: PurgeReport) -> str:
+    """What `switchboard db purge` says it deleted (or would delete)."""
+    if report.default_days is None and not any(report.servers.values()):
+        policy = (
+            "no retention is set (SWITCHBOARD_RETENTION_DAYS, /retention), so everything is kept"
+        )
+    else:
+        default = f"{report.default_days} days" if report.default_days else "kept forever"
+        policy = f"retention {default}"
+        if report.servers:
+            own = ", ".join(
+                f"server {guild_id}: {days} days" if days else f"server {guild_id}: forever"
+                for guild_id, days in sorted(report.servers.items())
+            )
+            policy += f" ({own})"
+    what = (
+        f"{_count(report.prompts, 'prompt')} with {_count(report.answers, 'answer')}, "
+        f"{_count(report.conversations, 'conversation')} left empty"
+    )
+    if report.dry_run:
+        return f"Would delete {what}; nothing was changed ({policy})."
+    return f"Deleted {what} ({policy})."
 
 
 def export_summary_lines(summary: ExportSummary) -> list[str]:

@@ -36,7 +36,15 @@ from rich.segment import Segment
 from rich.spinner import Spinner
 
 from bot.cli_common import models_table
-from bot.present import change_line, models_text, pool_text, verdict_line, vote_line
+from bot.present import (
+    change_line,
+    forget_line,
+    models_text,
+    pool_text,
+    privacy_line,
+    verdict_line,
+    vote_line,
+)
 from bot.service import ChatService
 from core.errors import UserError, apology, report_unexpected
 from core.exchange import VOTE_REASONS
@@ -71,6 +79,11 @@ HELP = """Commands:
   /retry [MODEL]           another answer to the last question (by MODEL); votes then apply to it
   /arena PROMPT            a blind battle: two anonymous models answer as A and B
   /vote a|b|tie|bad [WHY]  which was better (bad: both were); then you see who they were
+  /logging on|off|inherit  store what is said here, or not (then it is only counted)
+  /privacy status          whether your exchanges are stored, and how much of yours is
+  /privacy opt-out         keep being answered, but store nothing of yours from now on
+  /privacy opt-in          store your exchanges again
+  /privacy forget          delete everything stored about you, at once
   /settings                the settings in force here and where each comes from
   /new                     start a new conversation
   /help                    this list
@@ -243,6 +256,10 @@ class TerminalChat:
                 f"model: {eff.model.value} (from {eff.model.source})",
                 f"system prompt: {prompt[:80]}{'…' if len(prompt) > 80 else ''} (from {eff.system_prompt.source})",
                 f"knowledge: {'on' if eff.knowledge.value else 'off'} (from {eff.knowledge.source})",
+                f"logging: {'on' if eff.logging.value else 'off'} (from {eff.logging.source})",
+                "retention: "
+                + (f"{eff.retention.value} days" if eff.retention.value else "kept forever")
+                + f" (from {eff.retention.source})",
                 f"arena pool: {pool_text(eff.arena_pool.value)} (from {eff.arena_pool.source})",
             ]
             return CommandResult(head, True, "\n".join(lines))
@@ -277,6 +294,25 @@ class TerminalChat:
         if head == "system" and sub == "reset":
             return CommandResult(
                 name, True, change_line(await svc.reset_system_prompt(place, self.scope, who))
+            )
+        if head == "privacy" and sub == "forget":
+            # The person is at the keyboard: no question first. Uploads they made with
+            # `switchboard knowledge add --as NAME` carry their name alone, so match it.
+            report = await svc.forget(who, by_name=True)
+            self.conversation_id = self.last_answer_id = None  # what they continue is gone
+            return CommandResult(name, True, forget_line(report))
+        if head == "privacy" and sub in {"status", "opt-out", "opt-in"}:
+            if sub == "status":
+                status = await svc.privacy_status(who)
+            elif sub == "opt-out":
+                status = await svc.opt_out(who)
+            else:
+                status = await svc.opt_in(who)
+            return CommandResult(name, True, privacy_line(status))
+        if head == "logging" and sub in {"on", "off", "inherit"}:
+            enabled = {"on": True, "off": False, "inherit": None}[sub]
+            return CommandResult(
+                name, True, change_line(await svc.set_logging(place, self.scope, enabled, who))
             )
         if head == "knowledge" and sub in {"on", "off"}:
             change = await svc.set_knowledge(place, self.scope, sub == "on", who)

@@ -51,6 +51,10 @@ class LRU(Generic[K, V]):
         """Forget `key`; its value, or None."""
         return self._data.pop(key, None)
 
+    def items(self) -> list[tuple[K, V]]:
+        """A snapshot of the entries, least recently used first (their order is left as it is)."""
+        return list(self._data.items())
+
     def clear(self) -> None:
         """Forget everything."""
         self._data.clear()

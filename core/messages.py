@@ -117,6 +117,9 @@ class ChatResult:
     sources: tuple[Source, ...] = ()
     # Set while the log cannot be written: the exchange is kept and written later.
     log_problem: str | None = None
+    # False when the exchange was answered but not stored (an opted-out person, a place
+    # that logs nothing): there is no stored answer to vote on, retry or export.
+    stored: bool = True
 
 
 @dataclass(frozen=True, slots=True)

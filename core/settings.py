@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Retries of a failed model request before its fallback answers.",
     )
+    retention_days: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete logged exchanges older than this many days (daily, and with "
+        "`switchboard db purge`); unset or 0 keeps them. A server may set its own with /retention.",
+    )
     log_level: str = Field(default="INFO")
     leaderboard_min_battles: int = Field(
         default=20,

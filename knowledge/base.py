@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 _INDEX_RECHECK_S = 1.0  # how stale another process's writes may look to this one's keyword index
 _PAGE = 5000  # passages per read or write of a collection (capped by Chroma's own batch limit)
 _BACKGROUND_REBUILD_AT = 20_000  # passages; smaller keyword indexes rebuild in well under a second
+# Who added a document, once that person asked to be forgotten.
+FORGOTTEN_UPLOADER = "(forgotten)"
 
 
 @dataclass(slots=True)
@@ -256,6 +258,55 @@ class KnowledgeBase:
             with self._index_locks[guild_id]:
                 self._rebuild_index(guild_id, collection)
             return doc
+
+    async def forget_uploader(self, uploader_id: int | None, name: str | None = None) -> int:
+        """Take a person off the documents they added, in every server; how many documents.
+
+        A document keeps its passages; its uploader becomes FORGOTTEN_UPLOADER with no id.
+        It matches on `uploader_id`, and, given a `name`, also on documents added under
+        that name without an id (the terminal knows people by a name alone).
+        """
+        if uploader_id is None and not name:
+            return 0
+        return await asyncio.to_thread(self._forget_uploader_sync, uploader_id, name)
+
+    def _forget_uploader_sync(self, uploader_id: int | None, name: str | None) -> int:
+        client = self._get_client()
+        prefix = self.collection_name(0)[:-1]  # "<prefix>guild-"
+        guilds = []
+        for item in client.list_collections():
+            suffix = str(getattr(item, "name", item)).removeprefix(prefix)
+            if suffix != str(getattr(item, "name", item)) and suffix.isdigit():
+                guilds.append(int(suffix))
+        forgotten = 0
+        for guild_id in sorted(guilds):
+            with self._write_locks[guild_id]:
+                collection = self._open(guild_id, create=False, check_model=False)
+                if collection is None:
+                    continue
+                theirs = [
+                    doc
+                    for doc in self._documents_sync(collection)
+                    if (uploader_id is not None and doc.uploader_id == uploader_id)
+                    or (name and doc.uploader_id is None and doc.uploader_name == name)
+                ]
+                for doc in theirs:
+                    ids = collection.get(where={"doc_id": doc.id}, include=[])["ids"]
+                    for start in range(0, len(ids), _PAGE):
+                        page = ids[start : start + _PAGE]
+                        # None removes a metadata key (Chroma merges what update is given).
+                        anonymous = {
+                            "uploader_name": FORGOTTEN_UPLOADER,
+                            "uploader": FORGOTTEN_UPLOADER,
+                            "uploader_id": None,
+                        }
+                        collection.update(ids=page, metadatas=[anonymous] * len(page))
+                if theirs:
+                    self._bump_revision(guild_id, collection)
+                    with self._index_locks[guild_id]:
+                        self._rebuild_index(guild_id, collection)
+                forgotten += len(theirs)
+        return forgotten
 
     # -- uploads ----------------------------------------------------------------------
 

@@ -13,22 +13,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from datetime import datetime, timedelta
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from core.cache import LRU
 from core.exchange import Exchange, LoggedAnswer, LoggedBattle
 from core.messages import Place
 from core.text import clean_deep
 from store.db import failure_reason, is_outage, sqlstate
 from store.models import utcnow
-from store.repositories import MESSAGE_COLUMNS, ArenaRepository, ConversationRepository
+from store.repositories import (
+    MESSAGE_COLUMNS,
+    AnonymousCountRepository,
+    AnonymousCountRow,
+    ArenaRepository,
+    ConversationRepository,
+    PrivacyRepository,
+    Removal,
+)
 from store.writer import LogWriter
 
 _TICK = timedelta(microseconds=1)
+GONE_REMEMBERED = 50_000
 # A message row with every column unset: rows built on it all have the same keys.
 _BLANK: dict[str, Any] = dict.fromkeys(MESSAGE_COLUMNS)
 
@@ -156,6 +167,13 @@ class ExchangeLog:
         # the order exchanges finished in, even when the clock does not move between two.
         self._next_at = utcnow()
         self._lost: set[str] = set()  # ids of messages that could not be stored at all
+        # Messages deleted on purpose lately, and whether their words may live on in an
+        # answer built on them: not after a person is forgotten or a Discord message is
+        # deleted (an exchange still waiting that was built on one is never written), but
+        # after retention, yes (it is only no longer referred to).
+        self._gone: LRU[str, bool] = LRU(GONE_REMEMBERED)
+        # Exchanges answered but not stored, counted until the next write takes them.
+        self._counts: dict[tuple[date, int, str], AnonymousCountRow] = {}
         self.isolated = 0  # exchanges written alone after a batch failed on its data
         self.cleaned = 0  # exchanges stored only once every text in them was cleaned
         self.lost = 0  # exchanges that could not be stored at all
@@ -188,8 +206,8 @@ class ExchangeLog:
         ids = list(discord_message_ids)
 
         async def write(session: AsyncSession) -> None:
-            if message_id in self._lost:
-                return  # its exchange could not be stored: there is nothing to link to
+            if message_id in self._lost or message_id in self._gone:
+                return  # its exchange could not be stored, or was deleted: nothing to link to
             await ConversationRepository(session).link_discord_messages(
                 message_id, conversation_id, ids
             )
@@ -206,6 +224,48 @@ class ExchangeLog:
 
         self.writer.submit(write, f"link discord messages of {message_id}", spill=spill)
 
+    def count_anonymous(self, row: AnonymousCountRow) -> None:
+        """Count (in the background) exchanges that were answered but not stored.
+
+        Counts arriving before the write runs are added up in memory: one upsert per day,
+        server and model, whatever the number of exchanges.
+        """
+        key = (row.day, row.guild_id, row.model_name)
+        first = not self._counts
+        had = self._counts.get(key)
+        self._counts[key] = (
+            row
+            if had is None
+            else dataclasses.replace(
+                had,
+                exchanges=had.exchanges + row.exchanges,
+                prompt_tokens=had.prompt_tokens + row.prompt_tokens,
+                completion_tokens=had.completion_tokens + row.completion_tokens,
+                cost_usd=had.cost_usd + row.cost_usd,
+            )
+        )
+        if first:
+            write = _CountWrite(self)
+            self.writer.submit(write, "count exchanges not stored", spill=write.spill)
+
+    def delete_discord_prompt(
+        self, discord_message_id: int, removed: Callable[[Removal], None] | None = None
+    ) -> None:
+        """Delete (in the background, after every write queued before it) the prompt a
+        person's Discord message became, with what derives from it; `removed` hears what
+        went. Queued behind the log, a message deleted just after it was sent goes too."""
+
+        async def write(session: AsyncSession) -> None:
+            removal = await PrivacyRepository(session).delete_discord_message(discord_message_id)
+            self.forget_ids(removal.message_ids)
+            if removed is not None and removal.message_ids:
+                removed(removal)  # may run again if the write is retried: it only forgets
+
+        def spill() -> list[dict[str, Any]]:
+            return [{"kind": "discord_deletion", "discord_message_id": discord_message_id}]
+
+        self.writer.submit(write, f"delete Discord message {discord_message_id}", spill=spill)
+
     def add_battle(self, battle: LoggedBattle, *, at: datetime | None = None) -> None:
         """Log a blind battle (in the background), after the exchange that holds its answers.
 
@@ -216,8 +276,9 @@ class ExchangeLog:
         at = at or utcnow()
 
         async def write(session: AsyncSession) -> None:
-            if {battle.prompt_id, battle.answer_a, battle.answer_b} & self._lost:
-                return  # its exchange could not be stored: there is nothing to refer to
+            ids = (battle.prompt_id, battle.answer_a, battle.answer_b)
+            if set(ids) & self._lost or any(id in self._gone for id in ids):
+                return  # its exchange could not be stored, or was deleted: nothing to refer to
             await ArenaRepository(session).add_battle(battle_row(battle, at))
 
         def spill() -> list[dict[str, Any]]:
@@ -258,6 +319,13 @@ class ExchangeLog:
                 self.add(
                     exchange_from_json(record["exchange"]), at=datetime.fromisoformat(record["at"])
                 )
+            elif record.get("kind") == "anonymous_counts":
+                for row in record["rows"]:
+                    self.count_anonymous(
+                        AnonymousCountRow(**{**row, "day": date.fromisoformat(row["day"])})
+                    )
+            elif record.get("kind") == "discord_deletion":
+                self.delete_discord_prompt(int(record["discord_message_id"]))
             elif record.get("kind") == "battle":
                 self.add_battle(
                     battle_from_json(record["battle"]), at=datetime.fromisoformat(record["at"])
@@ -271,6 +339,21 @@ class ExchangeLog:
                 continue
             count += 1
         return count
+
+    def forget_ids(self, message_ids: Iterable[str], *, words: bool = True) -> None:
+        """These messages were deleted on purpose: waiting exchanges and links no longer
+        refer to them; with `words`, an exchange built on one is not written at all (its
+        request holds the deleted words), which is what forgetting asks."""
+        for message_id in message_ids:
+            self._gone.put(message_id, words or bool(self._gone.get(message_id)))
+
+    def is_gone(self, message_id: str) -> bool:
+        """Whether this message was deleted lately with its words (see `forget_ids`)."""
+        return bool(self._gone.get(message_id))
+
+    def is_deleted(self, message_id: str) -> bool:
+        """Whether this message was deleted lately, for whatever reason."""
+        return message_id in self._gone
 
     def is_lost(self, message_id: str) -> bool:
         """Whether this message belonged to an exchange that could not be stored at all."""
@@ -293,6 +376,8 @@ class ExchangeLog:
                 await self._insert_alone(session, one)
 
     async def _insert(self, session: AsyncSession, rows: list[_Rows]) -> None:
+        if len(self._gone):
+            rows = self._without_gone(rows)
         conversations: dict[str, dict[str, Any]] = {}
         messages: list[dict[str, Any]] = []
         inputs: list[dict[str, Any]] = []
@@ -344,6 +429,24 @@ class ExchangeLog:
                 failure_reason(first),
             )
 
+    def _without_gone(self, rows: list[_Rows]) -> list[_Rows]:
+        """Exchanges that are, or were built on the words of, messages deleted meanwhile are
+        not written (their requests hold the deleted words); one that merely follows one,
+        or cites one that expired, starts a line and cites the rest."""
+        gone = self._gone
+        kept: list[_Rows] = []
+        for conversation, messages, links in rows:
+            if any(row["id"] in gone for row in messages) or any(
+                gone.get(link["input_id"]) for link in links
+            ):
+                continue
+            messages = [
+                {**row, "parent_id": None} if row["parent_id"] in gone else row for row in messages
+            ]
+            links = [link for link in links if link["input_id"] not in gone]
+            kept.append((conversation, messages, links))
+        return kept
+
     def _without_lost(
         self, messages: list[dict[str, Any]], inputs: list[dict[str, Any]]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -375,6 +478,25 @@ class _Write:
             {"kind": "exchange", "at": at.isoformat(), "exchange": exchange_to_json(exchange)}
             for exchange, at in taken
         ]
+
+
+class _CountWrite:
+    """One write of the anonymous counts waiting when it first runs (a retry writes the same)."""
+
+    def __init__(self, log: ExchangeLog) -> None:
+        self._log = log
+        self._taken: list[AnonymousCountRow] | None = None
+
+    async def __call__(self, session: AsyncSession) -> None:
+        if self._taken is None:
+            self._taken, self._log._counts = list(self._log._counts.values()), {}
+        await AnonymousCountRepository(session).add(self._taken)
+
+    def spill(self) -> list[dict[str, Any]]:
+        """The counts of this write as one JSON-ready record (for a writer shutting down)."""
+        taken = list(self._log._counts.values()) if self._taken is None else self._taken
+        rows = [{**dataclasses.asdict(row), "day": row.day.isoformat()} for row in taken]
+        return [{"kind": "anonymous_counts", "rows": rows}] if rows else []
 
 
 def exchange_to_json(exchange: Exchange) -> dict[str, Any]:

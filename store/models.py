@@ -233,6 +233,7 @@ class Message(Base):
     guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     channel_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     thread_id: Mapped[int | None] = mapped_column(BigInteger)
+    # Indexed (0007): every Discord message deletion the bot hears of is looked up by it.
     discord_message_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
 

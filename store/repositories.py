@@ -1,14 +1,15 @@
-"""Repositories: the SQL behind settings, conversations, registered models, feedback, the arena
-and the leaderboard.
+"""Repositories: the SQL behind settings, conversations, registered models, feedback, the
+arena, the leaderboard and privacy.
 
 Each takes an `AsyncSession`; the caller owns the transaction and commits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -23,6 +24,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -35,6 +37,7 @@ from store.models import (
     MESSAGE_FIELDS,
     SETTING_FIELDS,
     SETTING_SCOPES,
+    AnonymousCount,
     Battle,
     BattleVote,
     ChannelSetting,
@@ -42,6 +45,7 @@ from store.models import (
     DiscordMessage,
     Message,
     MessageInput,
+    Person,
     Preference,
     RegisteredModel,
     SettingChange,
@@ -968,3 +972,410 @@ class LeaderboardRepository:
             if values:
                 medians[name] = sum(values) / len(values)
         return medians
+
+
+def _upsert(
+    session: AsyncSession,
+    table: Any,
+    keys: Sequence[str],
+    updates: Callable[[Any], Mapping[str, Any]],
+) -> Insert:
+    """INSERT that updates the row with the same `keys` instead (SQLite and PostgreSQL).
+
+    `updates(excluded)` says what to set, given the row that was about to be inserted.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        pg = pg_insert(table)
+        return pg.on_conflict_do_update(index_elements=list(keys), set_=updates(pg.excluded))
+    if dialect == "sqlite":
+        lite = sqlite_insert(table)
+        return lite.on_conflict_do_update(index_elements=list(keys), set_=updates(lite.excluded))
+    raise NotImplementedError(f"no upsert for {dialect}")
+
+
+class PeopleRepository:
+    """What each person chose about their data (opted out or not)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def opted_out(self, user_ids: Iterable[int]) -> set[int]:
+        """Which of these people have opted out; one query per 5,000 ids."""
+        ids = sorted(set(user_ids))
+        found: set[int] = set()
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            rows = await self.session.scalars(
+                select(Person.user_id).where(Person.user_id.in_(chunk), Person.opted_out.is_(True))
+            )
+            found.update(rows.all())
+        return found
+
+    async def get(self, user_id: int) -> Person | None:
+        """One person's row, if they ever chose anything."""
+        return await self.session.get(Person, user_id)
+
+    async def set_opted_out(self, user_id: int, opted_out: bool) -> None:
+        """Record the person's choice (one statement, so two processes cannot both insert)."""
+        now = utcnow()
+        await self.session.execute(
+            _upsert(
+                self.session,
+                table_of(Person),
+                ["user_id"],
+                lambda new: {"opted_out": new.opted_out, "changed_at": new.changed_at},
+            ).values(user_id=user_id, opted_out=opted_out, changed_at=now)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AnonymousCountRow:
+    """An exchange answered but not stored, as it is counted: when, where, which model, usage."""
+
+    day: date
+    guild_id: int  # 0: DMs
+    model_name: str
+    exchanges: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+
+
+class AnonymousCountRepository:
+    """Counts of exchanges that were answered but not stored, per day, server and model."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, rows: Iterable[AnonymousCountRow]) -> None:
+        """Add these counts to the stored ones (one upsert per row)."""
+        table = table_of(AnonymousCount)
+        statement = _upsert(
+            self.session,
+            table,
+            ["day", "guild_id", "model_name"],
+            lambda new: {
+                "exchanges": table.c.exchanges + new.exchanges,
+                "prompt_tokens": table.c.prompt_tokens + new.prompt_tokens,
+                "completion_tokens": table.c.completion_tokens + new.completion_tokens,
+                "cost_usd": table.c.cost_usd + new.cost_usd,
+            },
+        )
+        for row in rows:
+            await self.session.execute(statement.values(id=new_id(), **dataclasses.asdict(row)))
+
+    async def totals(self, guild_id: int | None = None) -> list[AnonymousCountRow]:
+        """The stored counts (of one server, when given), oldest day first."""
+        query = select(AnonymousCount).order_by(
+            AnonymousCount.day, AnonymousCount.guild_id, AnonymousCount.model_name
+        )
+        if guild_id is not None:
+            query = query.where(AnonymousCount.guild_id == guild_id)
+        return [
+            AnonymousCountRow(
+                day=row.day,
+                guild_id=row.guild_id,
+                model_name=row.model_name,
+                exchanges=row.exchanges,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                cost_usd=row.cost_usd,
+            )
+            for row in (await self.session.scalars(query)).all()
+        ]
+
+
+# What a forgotten person's name becomes where a record must keep a name (settings history).
+FORGOTTEN_NAME = "(forgotten)"
+
+
+@dataclass(slots=True)
+class Removal:
+    """What a privacy deletion removed (or, in a dry run, would remove)."""
+
+    kinds: dict[str, int] = field(default_factory=dict)  # messages removed, by kind
+    conversations: int = 0  # conversations left empty, removed with them
+    detached: int = 0  # other people's prompts that now start a line of their own
+    message_ids: set[str] = field(default_factory=set)
+    conversation_ids: set[str] = field(default_factory=set)  # those removed
+    touched: dict[str, int] = field(default_factory=dict)  # conversation id -> messages removed
+
+    @property
+    def messages(self) -> int:
+        return sum(self.kinds.values())
+
+    def add(self, other: Removal) -> None:
+        for kind, count in other.kinds.items():
+            self.kinds[kind] = self.kinds.get(kind, 0) + count
+        self.conversations += other.conversations
+        self.detached += other.detached
+        self.message_ids |= other.message_ids
+        self.conversation_ids |= other.conversation_ids
+        for conversation_id, count in other.touched.items():
+            self.touched[conversation_id] = self.touched.get(conversation_id, 0) + count
+
+
+@dataclass(frozen=True, slots=True)
+class PersonForgotten:
+    """What forgetting a person did to the database."""
+
+    removed: Removal
+    votes: int  # their votes, battle verdicts and preferences (others' went with the answers)
+    setting_changes: int  # changes in the settings history now without their name
+
+
+class PrivacyRepository:
+    """The SQL behind forgetting a person, honouring deleted messages, and retention.
+
+    Deleting a message deletes what derives from it: the answers to it (every kind), the
+    answers whose input links name it, and the line built on them, newest first
+    (`ConversationRepository.delete_messages`). The walk down the line stops at a prompt
+    that is not being deleted itself: that prompt (someone else's, or a later one of the
+    same person when only one message goes) stays and starts a line of its own
+    (`parent_id` NULL), so one person's deletion never takes other people's words with it.
+    Conversations left empty go too.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.conversations = ConversationRepository(session)
+
+    async def stored_about(self, user_id: int) -> tuple[int, int]:
+        """(messages they wrote, votes they gave) that are stored now."""
+        messages = await self.session.scalar(
+            select(func.count()).select_from(Message).where(Message.author_id == user_id)
+        )
+        votes = await self.session.scalar(
+            select(func.count()).select_from(Vote).where(Vote.voter_id == user_id)
+        )
+        return int(messages or 0), int(votes or 0)
+
+    async def forget_person(self, user_id: int) -> PersonForgotten:
+        """Delete everything stored about a person, in the caller's transaction.
+
+        Their messages (prompts and corrections) and what derives from them (battles and
+        comparisons of their prompts too), their votes, battle verdicts and preferences,
+        their id and name in the settings history and on conversations and settings rows.
+        Whether they opted out stays (it is what keeps them out of the log); a person who
+        never opted out has no row left.
+        """
+        theirs = list(
+            (await self.session.scalars(select(Message.id).where(Message.author_id == user_id)))
+            .unique()
+            .all()
+        )
+        others_prompt = and_(
+            Message.kind == "prompt",
+            or_(Message.author_id.is_(None), Message.author_id != user_id),
+        )
+        started = set(
+            (
+                await self.session.scalars(
+                    select(Conversation.id).where(Conversation.started_by == user_id)
+                )
+            ).all()
+        )
+        # Their votes first: some are on answers that go below, and would go uncounted.
+        votes = _rowcount(await self.session.execute(delete(Vote).where(Vote.voter_id == user_id)))
+        # Their verdicts in blind battles and side-by-side comparisons are votes too.
+        for verdicts in (BattleVote, Preference):
+            votes += _rowcount(
+                await self.session.execute(delete(verdicts).where(verdicts.voter_id == user_id))
+            )
+        removed = await self._remove(theirs, stop_at=others_prompt, extra_conversations=started)
+        changes = await self.session.execute(
+            update(SettingChange)
+            .where(SettingChange.actor_id == user_id)
+            .values(actor_id=0, actor_name=FORGOTTEN_NAME)
+        )
+        await self.session.execute(
+            update(ChannelSetting)
+            .where(ChannelSetting.updated_by == user_id)
+            .values(updated_by=None)
+        )
+        await self.session.execute(
+            update(Conversation).where(Conversation.started_by == user_id).values(started_by=None)
+        )
+        await self.session.execute(
+            update(Battle).where(Battle.asked_by == user_id).values(asked_by=None)
+        )
+        await self.session.execute(
+            delete(Person).where(Person.user_id == user_id, Person.opted_out.is_(False))
+        )
+        return PersonForgotten(
+            removed=removed,
+            votes=votes,
+            setting_changes=_rowcount(changes),
+        )
+
+    async def delete_discord_message(self, discord_message_id: int) -> Removal:
+        """A person deleted their Discord message: delete its prompt and what derives from it."""
+        prompts = list(
+            (
+                await self.session.scalars(
+                    select(Message.id).where(
+                        Message.discord_message_id == discord_message_id,
+                        Message.kind == "prompt",
+                    )
+                )
+            ).all()
+        )
+        if not prompts:
+            return Removal()
+        return await self._remove(prompts, stop_at=Message.kind == "prompt")
+
+    async def expired_prompts(
+        self,
+        cutoffs: Mapping[int, datetime | None],
+        default: datetime | None,
+        *,
+        after: tuple[datetime, str] | None = None,
+        limit: int = 1000,
+    ) -> list[tuple[datetime, str]]:
+        """Prompts older than their server's cutoff, oldest first: (created_at, id), `limit` at most.
+
+        `cutoffs` holds the servers with a retention of their own (None: keep forever);
+        every other place (DMs too) uses `default` (None: keep forever). `after` continues
+        from the last prompt of the batch before (keyset pagination).
+        """
+        conditions = [
+            and_(Message.guild_id == guild_id, Message.created_at < cutoff)
+            for guild_id, cutoff in cutoffs.items()
+            if cutoff is not None
+        ]
+        if default is not None:
+            others = Message.created_at < default
+            if cutoffs:
+                others = and_(
+                    others,
+                    or_(Message.guild_id.is_(None), Message.guild_id.not_in(sorted(cutoffs))),
+                )
+            conditions.append(others)
+        if not conditions:
+            return []
+        query = select(Message.created_at, Message.id).where(
+            Message.kind == "prompt", or_(*conditions)
+        )
+        if after is not None:
+            query = query.where(
+                or_(
+                    Message.created_at > after[0],
+                    and_(Message.created_at == after[0], Message.id > after[1]),
+                )
+            )
+        rows = await self.session.execute(
+            query.order_by(Message.created_at, Message.id).limit(limit)
+        )
+        return [(row.created_at, row.id) for row in rows]
+
+    async def expire(self, prompt_ids: Sequence[str], *, dry_run: bool = False) -> Removal:
+        """Delete expired prompts with their answers; later prompts stay, starting a line.
+
+        Answers that used them as history stay (they expire in their own time). A dry run
+        counts what would go and changes nothing (`would_empty` tells the conversations).
+        """
+        return await self._remove(
+            prompt_ids, stop_at=Message.kind == "prompt", follow_inputs=False, dry_run=dry_run
+        )
+
+    async def would_empty(self, touched: Mapping[str, int]) -> set[str]:
+        """The conversations that removing this many of their messages would leave empty."""
+        emptied: set[str] = set()
+        for chunk in _chunks(sorted(touched)):
+            counted = await self.session.execute(
+                select(Message.conversation_id, func.count())
+                .where(Message.conversation_id.in_(chunk))
+                .group_by(Message.conversation_id)
+            )
+            sizes: dict[str, int] = {c: int(n) for c, n in counted.tuples()}
+            emptied |= {c for c in chunk if sizes.get(c, 0) <= touched[c]}
+        return emptied
+
+    async def retention_overrides(self) -> dict[int, int]:
+        """The servers with a retention of their own: guild id -> days (0: keep forever)."""
+        rows = await self.session.execute(
+            select(ChannelSetting.scope_id, ChannelSetting.retention_days).where(
+                ChannelSetting.scope == "guild", ChannelSetting.retention_days.is_not(None)
+            )
+        )
+        return {int(row.scope_id): int(row.retention_days) for row in rows}
+
+    async def _remove(
+        self,
+        roots: Sequence[str],
+        *,
+        stop_at: ColumnElement[bool],
+        follow_inputs: bool = True,
+        extra_conversations: Iterable[str] = (),
+        dry_run: bool = False,
+    ) -> Removal:
+        """Delete `roots` and what derives from them, except the prompts `stop_at` keeps."""
+        doomed = await self._line(roots, stop_at)
+        if follow_inputs:
+            used = set(await self.conversations.answers_using(doomed)) - doomed
+            doomed |= await self._line(sorted(used), stop_at)
+        removal = Removal(message_ids=doomed)
+        ids = sorted(doomed)
+        touched: dict[str, int] = {}
+        for chunk in _chunks(ids):
+            rows = await self.session.execute(
+                select(Message.kind, Message.conversation_id, func.count())
+                .where(Message.id.in_(chunk))
+                .group_by(Message.kind, Message.conversation_id)
+            )
+            for kind, conversation_id, count in rows.tuples():
+                removal.kinds[kind] = removal.kinds.get(kind, 0) + int(count)
+                touched[conversation_id] = touched.get(conversation_id, 0) + int(count)
+        kept: set[str] = set()
+        for chunk in _chunks(ids):
+            children = await self.session.scalars(
+                select(Message.id).where(Message.parent_id.in_(chunk))
+            )
+            kept.update(child for child in children.all() if child not in doomed)
+        removal.detached = len(kept)
+        removal.touched = touched
+        if dry_run:
+            return removal
+        for chunk in _chunks(sorted(kept)):
+            await self.session.execute(
+                update(Message).where(Message.id.in_(chunk)).values(parent_id=None)
+            )
+        await self.conversations.delete_messages(ids)
+        for chunk in _chunks(sorted(set(touched) | set(extra_conversations))):
+            has_messages = select(Message.id).where(Message.conversation_id == Conversation.id)
+            gone = set(
+                (
+                    await self.session.scalars(
+                        select(Conversation.id).where(
+                            Conversation.id.in_(chunk), ~has_messages.exists()
+                        )
+                    )
+                ).all()
+            )
+            if gone:
+                await self.session.execute(delete(Conversation).where(Conversation.id.in_(gone)))
+            removal.conversation_ids |= gone
+        removal.conversations = len(removal.conversation_ids)
+        return removal
+
+    async def _line(self, roots: Sequence[str], stop_at: ColumnElement[bool]) -> set[str]:
+        """`roots` that exist and their descendants, not walking into the prompts `stop_at` keeps."""
+        found: set[str] = set()
+        for chunk in _chunks(list(dict.fromkeys(roots))):
+            line = select(Message.id).where(Message.id.in_(chunk)).cte("line", recursive=True)
+            line = line.union(
+                select(Message.id).join(line, Message.parent_id == line.c.id).where(~stop_at)
+            )
+            found.update((await self.session.scalars(select(line.c.id))).all())
+        return found
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[Sequence[str]]:
+    """`ids` in slices small enough for one IN (...) list."""
+    for start in range(0, len(ids), _IDS_PER_QUERY):
+        yield ids[start : start + _IDS_PER_QUERY]
+
+
+def _rowcount(result: Any) -> int:
+    return int(cast(CursorResult[Any], result).rowcount or 0)

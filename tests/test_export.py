@@ -494,6 +494,8 @@ async def test_arena_votes_and_comparison_picks_are_pairs_and_kto_labels(
         await svc.prefer(compared.prompt_id, by_model[model].answer_id, voter)
     # A battle Bob says A won and Carol called a tie; one with only a tie and "both bad";
     # one invalid (the answers name their models), whatever its votes say.
+    # Two models with answers of their own (tiny and tiny-then-big answer alike).
+    await svc.set_arena_pool(PLACE, "channel", ["main", "solo"], ALICE)
     won = await svc.battle(PLACE, ALICE, "Pick a colour.")
     await svc.battle_vote(won.id, BOB, "a")
     await svc.battle_vote(won.id, CAROL, "tie")
@@ -502,9 +504,10 @@ async def test_arena_votes_and_comparison_picks_are_pairs_and_kto_labels(
     await svc.battle_vote(even.id, CAROL, "bad")
     invalid = await svc.battle(PLACE, ALICE, "Who are you?")
     await svc.battle_vote(invalid.id, BOB, "a")
+    await log.app.writer.drain()  # the battles' rows are written after their answers
     # Dave's pick stops counting once he opts out.
     before_opt_out = await log.app.exporter.run(ExportOptions("dpo"), out)
-    assert before_opt_out.examples == 3 + 1
+    assert before_opt_out.examples == 3 + 1, (lines(out), before_opt_out.removed)
     await log.opt_out(DAVE)
     await log.app.writer.drain()
 

@@ -41,6 +41,7 @@ from migrations import (
     database_revision,
     downgrade_database,
     migrations_dir,
+    plan_downgrade,
     upgrade_database,
 )
 from store.db import create_engine, create_session_factory
@@ -636,5 +637,19 @@ async def test_0006_battles_down_and_up(empty_database_url: str) -> None:
     assert {"battles", "battle_votes", "preferences"} <= await table_names(url)
     await downgrade_database(url, "0005")
     assert not {"battles", "battle_votes", "preferences"} & await table_names(url)
+    await upgrade_database(url)
+    assert await differences(url, Base.metadata) == []
+
+
+async def test_0007_indexes_discord_message_ids_down_and_up(empty_database_url: str) -> None:
+    url = empty_database_url
+    await upgrade_database(url, "0001")
+    await seed_v1(url)
+    before = await v1_snapshot(url)
+    await upgrade_database(url, "0007")
+    plan = await plan_downgrade(url, "0006")
+    assert plan.undone == ("0007",) and plan.dropped == ()  # an index holds no data
+    await downgrade_database(url, "0006")
+    assert await v1_snapshot(url) == before
     await upgrade_database(url)
     assert await differences(url, Base.metadata) == []

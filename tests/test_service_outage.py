@@ -136,6 +136,9 @@ async def test_a_battle_during_an_outage_is_kept_over_a_shutdown_and_votable_aft
     assert db is not None
     async with open_app(service_settings, knowledge=False) as app:
         quick_retries(app)
+        # Her choice is read before the outage: someone never read is taken as opted out
+        # while the database is away (privacy fails closed), and nothing of theirs is kept.
+        assert not await app.service.privacy.opted_out(ALICE.id)
         backup(db, tmp_path / "backup.db")
         delete(db)
         battle = await app.service.battle(PLACE, ALICE, "during the outage")

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
 
 import aiohttp
 import discord
@@ -23,6 +24,7 @@ from bot.discord.compare import DYNAMIC_ITEMS as COMPARE_ITEMS
 from bot.discord.compare import CompareCog
 from bot.discord.feedback import DYNAMIC_ITEMS, FeedbackCog, answer_buttons
 from bot.discord.leaderboard import LeaderboardCog
+from bot.discord.privacy import PURGE_EVERY, PrivacyCog
 from bot.discord.settings_cog import SettingsCog
 from bot.service import ChatService
 from core.errors import ConfigError, UserError
@@ -44,8 +46,8 @@ def bot_intents() -> discord.Intents:
 
 
 class SwitchboardBot(commands.AutoShardedBot):
-    """Switchboard's Discord face: the chat, settings, feedback, compare and leaderboard
-    cogs, plus any extra cogs given."""
+    """Switchboard's Discord face: the chat, settings, feedback, compare, leaderboard and
+    privacy cogs, plus any extra cogs given."""
 
     def __init__(
         self,
@@ -58,6 +60,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         shard_ids: Sequence[int] | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[object]] | None = None,
+        purge_every: timedelta | None = PURGE_EVERY,
     ) -> None:
         # The bot never joins voice channels: discord.py's warnings that voice support
         # libraries are missing are noise before every start.
@@ -79,6 +82,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         self.sync_commands = sync_commands
         self.clock = clock
         self.sleep = sleep
+        self.purge_every = purge_every  # how often the retention is applied (None: never)
         self._notices: set[asyncio.Task[None]] = set()
         self._unwatch_log: Callable[[], None] | None = None
 
@@ -97,6 +101,9 @@ class SwitchboardBot(commands.AutoShardedBot):
         await self.add_cog(FeedbackCog(self, self.service, chat, manager_role=self.manager_role))
         await self.add_cog(CompareCog(self.service, manager_role=self.manager_role))
         await self.add_cog(LeaderboardCog(self.service))
+        await self.add_cog(
+            PrivacyCog(self.service, manager_role=self.manager_role, purge_every=self.purge_every)
+        )
         for cog in self.extra_cogs:
             await self.add_cog(cog)
         if self.sync_commands:

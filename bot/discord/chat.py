@@ -261,7 +261,14 @@ class ChatCog(commands.Cog):
             )
             if not text and not footer:
                 text = EMPTY_ANSWER
-            if self.buttons is not None and result.error is None and result.message_id:
+            # An answer that was not stored (an opted-out person, a place that logs
+            # nothing) has nothing to vote on, correct or retry: no buttons.
+            if (
+                self.buttons is not None
+                and result.error is None
+                and result.message_id
+                and result.stored
+            ):
                 sink.view = self.buttons(result.message_id)  # shown by the final write
             messages = await reply.finish(text, footer)
         except UserError as exc:

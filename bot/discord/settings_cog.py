@@ -17,7 +17,16 @@ from bot.discord.checks import (
     scope_for,
 )
 from bot.discord.respond import answering, send
-from bot.present import SOURCE_WORDS, change_line, context_size, endpoint, pool_text, price
+from bot.present import (
+    SOURCE_WORDS,
+    change_line,
+    context_size,
+    endpoint,
+    logging_words,
+    pool_text,
+    price,
+    retention_words,
+)
 from bot.service import ChatService
 from core.messages import Place, Scope
 
@@ -257,4 +266,9 @@ class SettingsCog(commands.Cog):
                 f"({SOURCE_WORDS.get(effective.arena_pool.source, effective.arena_pool.source)})",
                 inline=False,
             )
+            embed.add_field(name="Logging", value=logging_words(effective.logging), inline=False)
+            if interaction.guild_id is not None:
+                embed.add_field(
+                    name="Retention", value=retention_words(effective.retention), inline=False
+                )
             await send(interaction, embed=embed, ephemeral=True)

@@ -47,6 +47,7 @@ from bot.service.leaderboard import Leaderboard, Leaderboards, LeaderboardScope
 from bot.service.limits import Admission, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
+from bot.service.privacy import ForgetReport, Privacy, PrivacyStatus, PurgeReport
 from chains.answer import Answerer, Attempt, Prompt, with_fallbacks
 from chains.chat import messages_to_dicts
 from chains.check import CheckResult, check_model
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 # Logged as the error of an answer whose reader went away before it was finished.
 STOPPED = "The reply was stopped before it was finished: nobody was reading it any more."
 SYSTEM_PROMPT_LIMIT = 8000
+MAX_RETENTION_DAYS = 36_500
 
 
 class Retriever(Protocol):
@@ -96,10 +98,14 @@ class _Asked:
     system_prompt: str
     sources: list[Source]
     started: float
-    store: bool  # False: answered but not stored (see ChatService._may_store)
+    # False: answered, counted, never stored (its author opted out, or its place logs
+    # nothing: see ChatService._may_store); True: stored unless `_storable` finds otherwise.
+    store: bool
+    privacy_mark: int  # Privacy.mark when it began
     # A retry: the prompt is stored already, and this is another try at `alternative_to`.
     kind: MessageKind = "answer"
     alternative_to: str | None = None
+    prompt_author_id: int | None = None  # a retry's: who wrote the prompt (else the requester)
 
 
 def candidate_refusal(name: str) -> str:
@@ -125,6 +131,7 @@ class ChatService:
         feedback: Feedback,
         leaderboards: Leaderboards,
         comparisons: Comparisons,
+        privacy: Privacy,
         limits: PersonLimit | None = None,
         knowledge: Retriever | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -138,6 +145,7 @@ class ChatService:
         self.feedback = feedback
         self.leaderboards = leaderboards
         self.comparisons = comparisons
+        self.privacy = privacy
         self.limits = limits or PersonLimit(0)
         self.knowledge = knowledge
         self.clock = clock
@@ -176,6 +184,7 @@ class ChatService:
             sources=sources,
             started=started,
             store=await self._may_store(request, settings),
+            privacy_mark=self.privacy.mark,
         )
         chain = self.catalog.registry.fallback_chain(spec.name)
         async with aclosing(self._run(asked, chain)) as events:
@@ -257,8 +266,10 @@ class ChatService:
             sources=sources,
             started=started,
             store=await self._may_store(request, settings),
+            privacy_mark=self.privacy.mark,
             kind="alternative",
             alternative_to=original.id,
+            prompt_author_id=prompt.author_id,
         )
         async with aclosing(self._run(asked, chain)) as events:
             async for event in events:
@@ -281,6 +292,18 @@ class ChatService:
         usage = self.answerer.billed(final)
         cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
 
+        request = asked.request
+        store = self._storable(asked, attempts)
+        # What an answer was built from: only messages that are stored (or on their way).
+        storable = (
+            {
+                turn.id
+                for turn in asked.history
+                if turn.stored and not self.privacy.is_deleted(turn.id)
+            }
+            if store
+            else set()
+        )
         history_ids = [turn.id for turn in asked.history]
         answers: list[LoggedAnswer] = []
         for attempt in attempts:
@@ -294,6 +317,7 @@ class ChatService:
                 if attempt.history_used
                 else []
             )
+            used = [turn_id for turn_id in used if turn_id in storable]
             answers.append(
                 LoggedAnswer(
                     id=asked.answer_id if is_final else uuid.uuid4().hex,
@@ -316,15 +340,19 @@ class ChatService:
                     alternative_to=asked.alternative_to if is_final else None,
                 )
             )
-        request = asked.request
-        if asked.store:
+        if store:
+            # The line goes on from the newest message that is stored: turns answered but
+            # not stored (and messages deleted meanwhile) are skipped.
+            parent_id = self.conversations.stored_ancestor(asked.leaf_id)
+            if parent_id is not None and self.privacy.is_deleted(parent_id):
+                parent_id = None
             self.exchange_log.add(
                 Exchange(
                     conversation_id=asked.conversation_id,
                     place=request.place,
                     origin="discord" if request.discord_message_id is not None else "terminal",
                     prompt_id=asked.prompt_id,
-                    parent_id=asked.leaf_id,
+                    parent_id=parent_id,
                     author_id=request.author.id,
                     author_name=clean(request.author.name)[0],
                     text=asked.question,
@@ -336,11 +364,40 @@ class ChatService:
                     discord_message_id=request.discord_message_id,
                 )
             )
+        else:
+            self.privacy.count(
+                request.place.guild_id,
+                final.spec.name,
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+                cost or 0.0,
+            )
         reply = final.reply
+        # Remembered either way, so the conversation goes on; a private turn's text is never
+        # stored later as another answer's history. A retry's prompt is stored already.
+        retry = asked.alternative_to is not None
+        author_id = asked.prompt_author_id if retry else request.author.id
         self.conversations.remember(
             asked.conversation_id,
-            Turn(asked.prompt_id, asked.conversation_id, "user", asked.question, asked.leaf_id),
-            Turn(asked.answer_id, asked.conversation_id, "assistant", reply, asked.prompt_id),
+            Turn(
+                asked.prompt_id,
+                asked.conversation_id,
+                "user",
+                asked.question,
+                asked.leaf_id,
+                author_id,
+                stored=store or retry,
+                private=not asked.store and not retry,
+            ),
+            Turn(
+                asked.answer_id,
+                asked.conversation_id,
+                "assistant",
+                reply,
+                asked.prompt_id,
+                stored=store,
+                private=not asked.store,
+            ),
         )
         return ChatResult(
             reply=reply,
@@ -354,18 +411,40 @@ class ChatService:
             fallback_from=fallback_from,
             error=None if ok else final.error,
             sources=tuple(asked.sources),
-            log_problem=self.log_problem,
+            log_problem=self.log_problem if store else None,
+            stored=store,
+        )
+
+    def _storable(self, asked: _Asked, attempts: list[Attempt]) -> bool:
+        """Whether this exchange may be stored now that it is answered: `_may_store` said
+        so, it was built on nothing that may not be stored (a private turn, a message
+        deleted meanwhile), nobody whose words it holds was forgotten and its Discord
+        message was not deleted while it was being answered."""
+        if not asked.store:
+            return False
+        request = asked.request
+        sent = max((attempt.history_used for attempt in attempts), default=0)
+        used = asked.history[len(asked.history) - sent :] if sent else []
+        if any(turn.private or self.privacy.is_gone(turn.id) for turn in used):
+            return False
+        if asked.alternative_to is not None and self.privacy.is_deleted(asked.prompt_id):
+            return False
+        # Whose words it holds: its author's, and those of every prompt in its history.
+        authors = {request.author.id}
+        if asked.prompt_author_id is not None:
+            authors.add(asked.prompt_author_id)
+        authors.update(turn.author_id for turn in used if turn.author_id is not None)
+        return self.privacy.may_store(
+            authors=authors, mark=asked.privacy_mark, discord_message_id=request.discord_message_id
         )
 
     async def _may_store(self, request: ChatRequest, settings: EffectiveSettings) -> bool:
         """Whether what `request` asks, and its answers, may be stored: the one decision
-        chat, retries, comparisons and battles share.
-
-        Everything is stored for now. The privacy slice (issue #13: people who opted out,
-        places that log nothing) decides here; chat and retries then also need its
-        handling of turns that were answered but not stored.
-        """
-        return True
+        chat, retries, comparisons and battles share. Not when its author opted out, nor
+        where nothing is logged; what is not stored is only counted."""
+        if not settings.logging.value:
+            return False
+        return not await self.privacy.opted_out(request.author.id)
 
     async def _retrieve(
         self, request: ChatRequest, settings: EffectiveSettings, text: str
@@ -410,7 +489,8 @@ class ChatService:
         """Record that `discord_message_ids` carry answer `message_id`, so replies continue it."""
         ids = list(discord_message_ids)
         self.conversations.link_carriers(message_id, conversation_id, ids)
-        self.exchange_log.link_discord_messages(message_id, conversation_id, ids)
+        if self.conversations.is_stored(message_id):  # else there is no row to link to
+            self.exchange_log.link_discord_messages(message_id, conversation_id, ids)
 
     async def is_conversation_message(self, discord_message_id: int) -> bool:
         """Whether this Discord message is part of one of our answers."""
@@ -579,6 +659,7 @@ class ChatService:
             sources=tuple(await self._retrieve(request, settings, text)),
             discord_message_id=discord_message_id,
             store=await self._may_store(request, settings),
+            mark=self.privacy.mark,
         )
         return question, settings
 
@@ -663,7 +744,8 @@ class ChatService:
     # ---------------------------------------------------------------- settings
 
     async def effective_settings(self, place: Place) -> EffectiveSettings:
-        """The model, system prompt and knowledge switch in force at `place`, with their sources."""
+        """The settings in force at `place` (model, system prompt, knowledge, arena pool,
+        logging, retention), with their sources."""
         return await self.place_settings.effective(place)
 
     async def set_model(
@@ -716,3 +798,48 @@ class ChatService:
             if len(pool) < 2:
                 raise UserError("An arena pool needs at least two different models.")
         return await self.place_settings.change(place, scope, "arena_pool", pool, actor)
+
+    async def set_logging(
+        self, place: Place, scope: Scope, enabled: bool | None, actor: Author
+    ) -> SettingChange:
+        """Store what is said in `scope`, or not (False: only counted; None: inherit)."""
+        return await self.place_settings.change(place, scope, "logging", enabled, actor)
+
+    async def set_retention(self, place: Place, days: int | None, actor: Author) -> SettingChange:
+        """How many days this server keeps its exchanges (0: forever; None: the bot's default)."""
+        if place.guild_id is None:
+            raise UserError(
+                "Retention is a server's setting: use it in one of the server's channels."
+            )
+        if days is not None and not 0 <= days <= MAX_RETENTION_DAYS:
+            raise UserError(
+                f"Retention is a number of days from 1 to {MAX_RETENTION_DAYS:,}, or 0 to keep "
+                "exchanges forever."
+            )
+        return await self.place_settings.change(place, "guild", "retention", days, actor)
+
+    # ---------------------------------------------------------------- privacy
+
+    async def privacy_status(self, author: Author) -> PrivacyStatus:
+        """Whether `author` opted out, and how much of theirs is stored."""
+        return await self.privacy.status(author)
+
+    async def opt_out(self, author: Author) -> PrivacyStatus:
+        """Answer `author` from now on without storing anything they write or receive."""
+        return await self.privacy.set_opted_out(author, True)
+
+    async def opt_in(self, author: Author) -> PrivacyStatus:
+        """Store `author`'s exchanges again from now on."""
+        return await self.privacy.set_opted_out(author, False)
+
+    async def forget(self, author: Author, *, by_name: bool = False) -> ForgetReport:
+        """Delete everything stored about `author`; says what went (see `Privacy.forget`)."""
+        return await self.privacy.forget(author, by_name=by_name)
+
+    async def message_deleted(self, discord_message_id: int) -> None:
+        """A person deleted their Discord message: delete its prompt and what derives from it."""
+        self.privacy.message_deleted(discord_message_id)
+
+    async def purge(self, dry_run: bool = False) -> PurgeReport:
+        """Apply the retention: delete exchanges older than it (a dry run only counts)."""
+        return await self.privacy.purge(dry_run=dry_run)

@@ -16,8 +16,12 @@ its exchange through the log writer.
   per battle, a daily cap per person; an invalid battle's vote is kept but not counted.
 
 Votes and preferences are written at once, not through the log writer: the person is
-waiting for the reveal. What was answered but not stored (see `Question.store`) can still
-be voted on in this process, and nothing about the vote is stored either.
+waiting for the reveal. What was answered but not stored (see `Question.store`: its asker
+opted out, its place logs nothing, or the asker was forgotten or its Discord message
+deleted while it was answered) is only counted (`count_unstored`, as for chat); it can
+still be voted on in this process, and nothing about the vote is stored either. Nor is
+the vote or preference of a person who opted out, or one cast on what was said in a
+place whose logging is off now.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -50,7 +54,7 @@ from core.text import clean
 from store.db import failure_reason, is_outage
 from store.exchange_log import ExchangeLog
 from store.models import Battle as BattleRow
-from store.models import utcnow
+from store.models import Message, utcnow
 from store.repositories import ArenaRepository
 from store.writer import LogWriter
 
@@ -159,6 +163,8 @@ class Question:
     discord_message_id: int | None = None
     # False: answered, but nothing of it is stored (ChatService decides, as for chat).
     store: bool = True
+    # `Privacy.mark` when it was asked: forgetting its asker after that keeps it unstored.
+    mark: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +261,17 @@ class _NotYet(Exception):
 
 
 OnAnswer = Callable[[ModelAnswer], Awaitable[None] | None]
+# Counts what was answered but not stored: (guild id, model, prompt tokens, completion
+# tokens, cost in USD), as `Privacy.count`.
+CountUnstored = Callable[[int | None, str, int, int, float], None]
+
+
+class StillStorable(Protocol):
+    """Whether an exchange begun at `mark` may still be stored (`Privacy.may_store`)."""
+
+    def __call__(
+        self, *, authors: Iterable[int], mark: int, discord_message_id: int | None
+    ) -> bool: ...
 
 
 class Comparisons:
@@ -271,6 +288,9 @@ class Comparisons:
         votes_per_day: int = 50,
         rng: random.Random | None = None,
         opted_out: Callable[[int], Awaitable[bool]] | None = None,
+        logging_on: Callable[[Place], Awaitable[bool]] | None = None,
+        count_unstored: CountUnstored | None = None,
+        still_storable: StillStorable | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.catalog = catalog
@@ -282,6 +302,10 @@ class Comparisons:
         self.rng = rng or random.Random()  # tests inject a seeded one
         # Whether a person opted out of storage (their votes are then not stored).
         self.opted_out = opted_out
+        # Whether a place stores what is said there (votes on what was said there too).
+        self.logging_on = logging_on
+        self.count_unstored = count_unstored
+        self.still_storable = still_storable
         self.clock = clock
         self._unstored: LRU[str, _Unstored] = LRU(UNSTORED_KEPT)
 
@@ -325,7 +349,9 @@ class Comparisons:
                 question, "comparison", prompt_id, conversation_id, attempts, ids, key=prompt_id
             )
             raise
-        self._log(question, "comparison", prompt_id, conversation_id, attempts, ids, key=prompt_id)
+        stored = self._log(
+            question, "comparison", prompt_id, conversation_id, attempts, ids, key=prompt_id
+        )
         return Comparison(
             prompt_id=prompt_id,
             conversation_id=conversation_id,
@@ -333,7 +359,7 @@ class Comparisons:
                 self._answer(attempt, id) for attempt, id in zip(attempts, ids, strict=True)
             ),
             sources=question.sources,
-            stored=question.store,
+            stored=stored,
         )
 
     async def prefer(self, prompt_id: str, chosen_id: str, voter: Author) -> PreferenceOutcome:
@@ -352,7 +378,7 @@ class Comparisons:
             model = self._pick(
                 _Unstored(models, frozenset(a.id for a in answers if a.content)), chosen_id
             )
-            if not keep:
+            if not keep or not await self._logged(answers[0]):
                 return PreferenceOutcome(prompt_id, chosen_id, model, stored=False)
             previous = await repo.prefer(prompt_id, chosen_id, voter.id)
             return PreferenceOutcome(
@@ -392,14 +418,14 @@ class Comparisons:
             )
             raise
         invalid = self._invalid(attempts)
-        self._log_battle(
+        stored = self._log_battle(
             question, battle_id, prompt_id, conversation_id, attempts, ids, names, invalid
         )
         a, b = (
             BattleAnswer(id, attempt.reply, None if attempt.ok else SIDE_FAILED)
             for attempt, id in zip(attempts, ids, strict=True)
         )
-        return Battle(battle_id, prompt_id, conversation_id, a, b, question.sources, question.store)
+        return Battle(battle_id, prompt_id, conversation_id, a, b, question.sources, stored)
 
     async def _pool(self, pool: Setting) -> list[str]:
         """The models of an arena pool that still exist: two at least."""
@@ -449,9 +475,10 @@ class Comparisons:
         ids: Sequence[str],
         pool: Sequence[str],
         invalid: str | None,
-    ) -> None:
-        """Log the battle's exchange, then its `battles` row (in that order, by the writer)."""
-        self._log(
+    ) -> bool:
+        """Log the battle's exchange, then its `battles` row (in that order, by the writer);
+        whether they were stored."""
+        stored = self._log(
             question,
             "battle",
             prompt_id,
@@ -461,8 +488,8 @@ class Comparisons:
             key=battle_id,
             invalid=invalid,
         )
-        if not question.store:
-            return
+        if not stored:
+            return False
         self.exchange_log.add_battle(
             LoggedBattle(
                 id=battle_id,
@@ -477,6 +504,7 @@ class Comparisons:
                 invalid=invalid,
             )
         )
+        return True
 
     async def vote(
         self, battle_id: str, voter: Author, outcome: str, reason: str | None = None
@@ -508,7 +536,7 @@ class Comparisons:
             earlier = await repo.vote_of(battle_id, voter.id)
             if earlier is not None:
                 return _verdict(battle, earlier.outcome, already_voted=True)  # type: ignore[arg-type]
-            if not keep:
+            if not keep or not await self._logged(battle):
                 return _verdict(battle, verdict, stored=False)
             left = None
             if self.votes_per_day:
@@ -591,16 +619,32 @@ class Comparisons:
         *,
         key: str,
         invalid: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Log the question and every model's answer as one exchange, if it may be stored;
-        else remember what its votes need under `key` (the comparison's prompt, the battle)."""
-        if not question.store:
+        else count it and remember what its votes need under `key` (the comparison's
+        prompt, the battle). Whether it was logged."""
+        if not self._storable(question):
             models = {id: attempt.spec.name for attempt, id in zip(attempts, ids, strict=True)}
             answered = frozenset(
                 id for attempt, id in zip(attempts, ids, strict=True) if attempt.reply
             )
             self._unstored.put(key, _Unstored(models, answered, invalid))
-            return
+            if self.count_unstored is not None:
+                for attempt in attempts:  # each model was asked, and may have billed
+                    usage = self.answerer.billed(attempt)
+                    self.count_unstored(
+                        question.place.guild_id,
+                        attempt.spec.name,
+                        usage.prompt_tokens if usage else 0,
+                        usage.completion_tokens if usage else 0,
+                        (
+                            attempt.spec.cost(usage.prompt_tokens, usage.completion_tokens)
+                            if usage
+                            else None
+                        )
+                        or 0.0,
+                    )
+            return False
         answers: list[LoggedAnswer] = []
         for attempt, answer_id in zip(attempts, ids, strict=True):
             shown = self._answer(attempt, answer_id)
@@ -643,6 +687,25 @@ class Comparisons:
             ),
             f"log {kind} {prompt_id}",
         )
+        return True
+
+    def _storable(self, question: Question) -> bool:
+        """Whether the exchange may be stored now that it is answered: `Question.store`
+        said so, and its asker was not forgotten nor its Discord message deleted since."""
+        if not question.store:
+            return False
+        return self.still_storable is None or self.still_storable(
+            authors=(question.author.id,),
+            mark=question.mark,
+            discord_message_id=question.discord_message_id,
+        )
+
+    async def _logged(self, row: BattleRow | Message) -> bool:
+        """Whether the place a battle or comparison was asked in stores what is said there now."""
+        if self.logging_on is None:
+            return True
+        place = Place(row.guild_id, row.channel_id or 0, row.thread_id)
+        return await self.logging_on(place)
 
     # ---------------------------------------------------------------------- storage
 

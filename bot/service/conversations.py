@@ -44,13 +44,19 @@ DRAIN_WAIT_S = 2.0
 
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One stored message, as much as history needs."""
+    """One message, as much as history needs (stored, or remembered here only)."""
 
     id: str
     conversation_id: str
     role: str
     content: str
     parent_id: str | None
+    author_id: int | None = None  # who wrote a prompt; None for answers
+    # False: the exchange was answered but not stored (see bot.service.privacy).
+    stored: bool = True
+    # Its text may never be stored, not even as another answer's history: an opted-out
+    # person's exchange, or one in a place that logs nothing.
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +162,14 @@ class ConversationIndex:
                 rows = []
             for row in reversed(rows):
                 turns.append(
-                    Turn(row.id, row.conversation_id, row.role, row.content, row.parent_id)
+                    Turn(
+                        row.id,
+                        row.conversation_id,
+                        row.role,
+                        row.content,
+                        row.parent_id,
+                        row.author_id,
+                    )
                 )
         turns.reverse()
         return [t for t in turns if t.content]
@@ -170,6 +183,48 @@ class ConversationIndex:
             self._turns.put(answer.id, answer)
             leaf = answer
         self._leaves.put(conversation_id, leaf.id)
+
+    def stored_ancestor(self, message_id: str | None) -> str | None:
+        """`message_id`, or its nearest ancestor that is stored (None: none is).
+
+        A turn this process no longer remembers came from the database, or was stored.
+        """
+        cursor = message_id
+        while cursor is not None:
+            turn = self._turns.get(cursor)
+            if turn is None or turn.stored:
+                return cursor
+            cursor = turn.parent_id
+        return None
+
+    def is_stored(self, message_id: str) -> bool:
+        """Whether a message is (or is on its way to being) stored, as far as memory knows."""
+        turn = self._turns.get(message_id)
+        return turn is None or turn.stored
+
+    def forget(self, message_ids: set[str], author_id: int | None = None) -> int:
+        """Drop these messages (and, given an author, every prompt of theirs and the answers
+        to it) from memory, with whatever points at them; returns how many turns went.
+
+        Conversations whose newest message went are read from the database next time.
+        """
+        doomed = set(message_ids)
+        if author_id is not None:
+            prompts = {key for key, turn in self._turns.items() if turn.author_id == author_id}
+            doomed |= prompts
+            doomed |= {key for key, turn in self._turns.items() if turn.parent_id in prompts}
+        dropped = 0
+        for key in doomed:
+            if self._turns.pop(key) is not None:
+                dropped += 1
+        for conversation_id, leaf in self._leaves.items():
+            if leaf in doomed:
+                self._leaves.pop(conversation_id)
+                self._stored.pop(conversation_id)
+        for discord_id, located in self._carriers.items():
+            if isinstance(located, Located) and located.leaf_id in doomed:
+                self._carriers.pop(discord_id)
+        return dropped
 
     def link_carriers(
         self, answer_id: str, conversation_id: str, discord_message_ids: Sequence[int]

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from core.errors import NotFound, StorageUnavailable, UserError
 from core.exchange import VOTE_REASONS
-from core.messages import Author
+from core.messages import Author, Place
 from core.text import clean
 from store.db import failure_reason, is_outage
 from store.models import Message
@@ -120,11 +120,14 @@ class Feedback:
         writer: LogWriter,
         *,
         opted_out: Callable[[int], Awaitable[bool]] | None = None,
+        logging_on: Callable[[Place], Awaitable[bool]] | None = None,
     ) -> None:
         self.sessions = sessions
         self.writer = writer
         # Whether a person opted out of storage (their votes are then not stored).
         self.opted_out = opted_out
+        # Whether a place stores what is said there (feedback on answers there too).
+        self.logging_on = logging_on
 
     async def vote(
         self,
@@ -145,6 +148,8 @@ class Feedback:
             comment = clean(comment)[0].strip()[:1000] or None
         if self.opted_out is not None and await self.opted_out(voter.id):
             await self.answer(answer_id)  # still say so when the answer is unknown
+            return VoteOutcome(answer_id, value, None, stored=False)
+        if not await self._logged(answer_id):
             return VoteOutcome(answer_id, value, None, stored=False)
 
         async def work(repo: FeedbackRepository, answer: Message) -> int | None:
@@ -194,6 +199,11 @@ class Feedback:
             raise UserError(
                 "You opted out of storage, so a correction cannot be kept. `/privacy opt-in` to allow it."
             )
+        if not await self._logged(answer_id):
+            raise UserError(
+                "Nothing said where that answer was given is stored (logging is off there), "
+                "so a correction cannot be kept."
+            )
 
         async def work(repo: FeedbackRepository, answer: Message) -> str:
             return await repo.add_correction(
@@ -233,13 +243,25 @@ class Feedback:
     async def answer(self, answer_id: str) -> Message:
         """The answer, waiting briefly for the log writer if it may still be on its way."""
         for attempt in range(2):
+            # Read before the query: a write committing while it runs is still waited for.
+            waiting = self.writer.pending
             async with self.sessions() as session:
                 answer = await FeedbackRepository(session).votable(answer_id)
             if answer is not None:
                 return answer
-            if attempt == 0 and self.writer.pending:
+            if attempt == 0 and waiting:
                 await self._drain()
         raise NotFound(UNKNOWN_ANSWER)
+
+    async def _logged(self, answer_id: str) -> bool:
+        """Whether the place the answer was given in stores what is said there now (NotFound
+        for an answer the log does not know)."""
+        if self.logging_on is None:
+            return True
+        answer = await self.answer(answer_id)
+        return await self.logging_on(
+            Place(answer.guild_id, answer.channel_id or 0, answer.thread_id)
+        )
 
     async def _write(
         self, answer_id: str, work: Callable[[FeedbackRepository, Message], Awaitable[T]]
@@ -247,12 +269,13 @@ class Feedback:
         """Run `work` on the answer in one transaction; a database that is away is one line."""
         try:
             for attempt in range(2):
+                waiting = self.writer.pending  # before the query (see `answer`)
                 try:
                     async with self.sessions() as session, session.begin():
                         repo = FeedbackRepository(session)
                         answer = await repo.votable(answer_id)
                         if answer is None:
-                            if attempt == 0 and self.writer.pending:
+                            if attempt == 0 and waiting:
                                 await self._drain()
                                 continue
                             raise NotFound(UNKNOWN_ANSWER)

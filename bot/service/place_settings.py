@@ -1,5 +1,5 @@
-"""What applies where: each place's model, system prompt, knowledge switch and arena pool, with
-their sources.
+"""What applies where: each place's model, system prompt, knowledge and logging switches,
+arena pool and its server's retention, with their sources.
 
 A setting is made on a scope (a thread, a channel, a server) and inherited below it: a
 thread takes its channel's, a channel its server's, and what nobody set comes from the
@@ -42,12 +42,14 @@ class Setting:
     source: Scope
 
 
-SettingName = Literal["model", "system_prompt", "knowledge", "arena_pool"]
+SettingName = Literal["model", "system_prompt", "knowledge", "arena_pool", "logging", "retention"]
 # The column each setting is stored in.
 _COLUMNS: dict[SettingName, str] = {
     "model": "model",
     "system_prompt": "system_prompt",
     "knowledge": "knowledge_enabled",
+    "logging": "log_enabled",
+    "retention": "retention_days",
     "arena_pool": "arena_pool",
 }
 
@@ -73,6 +75,10 @@ class EffectiveSettings:
     model: Setting
     system_prompt: Setting
     knowledge: Setting
+    # False: nothing said here is stored, only counted (`ChatService.stream`).
+    logging: Setting
+    # The server's (else the bot's) retention in days; None or 0: kept forever.
+    retention: Setting
     # The models blind battles draw from here (a list of names); None: every model.
     arena_pool: Setting
 
@@ -81,10 +87,15 @@ class PlaceSettings:
     """Reads (cached and batched) and changes the settings of places."""
 
     def __init__(
-        self, session_factory: async_sessionmaker[AsyncSession], registry: ModelRegistry
+        self,
+        session_factory: async_sessionmaker[AsyncSession],
+        registry: ModelRegistry,
+        *,
+        retention_days: int | None = None,
     ) -> None:
         self.sessions = session_factory
         self.registry = registry  # its default model is the global one, and may change at run time
+        self.retention_days = retention_days or None  # the bot's default; 0 is "keep"
         self._cache: LRU[Place, tuple[float, EffectiveSettings]] = LRU(CACHED_PLACES)
         self._reads: dict[Place, asyncio.Future[EffectiveSettings]] = {}
         self._batch: list[tuple[Place, asyncio.Future[EffectiveSettings]]] = []
@@ -117,6 +128,8 @@ class PlaceSettings:
         }.get(scope)
         if scope_id is None:
             raise UserError(f"There is no {scope_word(scope)} here to change settings for.")
+        if name == "retention" and scope != "guild":
+            raise ValueError("retention is a server setting")
         try:
             async with self.sessions() as session, session.begin():
                 old = await SettingsRepository(session).set_field(
@@ -203,6 +216,7 @@ class PlaceSettings:
             "model": self.registry.default_model,
             "system_prompt": DEFAULT_SYSTEM_PROMPT,
             "knowledge_enabled": False,
+            "log_enabled": True,
             # The config's pool, else None: every model (registered ones too, as they come).
             "arena_pool": list(self.registry.arena_pool) or None,
         }
@@ -216,9 +230,21 @@ class PlaceSettings:
                 if value is not None:
                     resolved[name] = Setting(value, scope)  # type: ignore[arg-type]
                     break
+        # Retention is a server's alone: channels and threads never set it.
+        guild_row = (
+            rows.get(("guild", place.guild_id, place.guild_id))
+            if place.guild_id is not None
+            else None
+        )
+        days = guild_row.retention_days if guild_row is not None else None
+        retention = (
+            Setting(days, "guild") if days is not None else Setting(self.retention_days, "global")
+        )
         return EffectiveSettings(
             model=resolved["model"],
             system_prompt=resolved["system_prompt"],
             knowledge=resolved["knowledge_enabled"],
+            logging=resolved["log_enabled"],
+            retention=retention,
             arena_pool=resolved["arena_pool"],
         )

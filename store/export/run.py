@@ -47,6 +47,7 @@ REASONS: tuple[str, ...] = (
     *select.FILTERS,
     "failed",
     "opted_out",
+    "logging_off",
     "superseded",
     "unrated",
     "rating",
@@ -237,9 +238,10 @@ class Exporter:
             revision = await select.database_revision(session)
             counts = await select.filter_counts(session, options)
             people = await select.opted_out(session)
+            unlogged = await select.unlogged(session)
             corrected = await select.corrected_answers(session, options)
             names = await select.member_names(session, options) if options.redact else {}
-        run = _Run(self, options, out, targets, names, counts, corrected, people)
+        run = _Run(self, options, out, targets, names, counts, corrected, people, unlogged)
         try:
             if counts.kept:
                 async with (
@@ -310,6 +312,7 @@ class _Run:
         counts: select.FilterCounts,
         corrected: set[str],
         people: select.OptedOut,
+        unlogged: select.Unlogged,
     ) -> None:
         self.options = options
         self.fmt: Format = options.format
@@ -322,6 +325,7 @@ class _Run:
         self.counts = counts
         self.corrected = corrected
         self.people = people
+        self.unlogged = unlogged
         self.removed: dict[str, int] = dict.fromkeys(REASONS, 0)
         self.removed.update(counts.removed)
         self.placeholders: dict[str, int] = dict.fromkeys(PLACEHOLDER_KINDS, 0)
@@ -364,6 +368,9 @@ class _Run:
             return False
         if self.people.touches(row):
             self.removed["opted_out"] += 1
+            return False
+        if self.unlogged.touches(row):
+            self.removed["logging_off"] += 1
             return False
         return True
 
@@ -688,6 +695,7 @@ def reason_words(options: ExportOptions) -> dict[str, str]:
         "until": "not before --until",
         "failed": "failed or empty",
         "opted_out": "by or for people who opted out",
+        "logging_off": "said where logging is off",
         "superseded": "corrected (the correction is the target)",
         "unrated": "unrated (add --include-unrated)",
         "rating": f"rated below --min-rating {options.min_rating}",

@@ -5,9 +5,9 @@ an answer, a retry ("alternative"), a comparison or battle answer, or a person's
 correction. One query streams them (a server-side cursor on PostgreSQL, SQLite's own
 cursor stepped batch by batch: nothing is loaded whole), each row carrying the prompt's
 text and author, the net rating, and how often people picked it in a battle or a
-comparison (`_picks`). What concerns the few (the answers someone
-corrected, the people who opted out, what they wrote and voted) is asked once up front
-instead of for each candidate. The place, model and date filters are in the query;
+comparison (`_picks`). What concerns the few (the answers someone corrected, the people
+who opted out, what they wrote and voted, the places that log nothing) is asked once up
+front instead of for each candidate. The place, model and date filters are in the query;
 `filter_counts` says, in one pass, how many candidates each one removed.
 """
 
@@ -36,6 +36,7 @@ from store.export.options import ExportOptions
 from store.models import (
     Battle,
     BattleVote,
+    ChannelSetting,
     Message,
     MessageInput,
     Person,
@@ -61,6 +62,7 @@ _inputs = table_of(MessageInput)
 _battles = table_of(Battle)
 _battle_votes = table_of(BattleVote)
 _preferences = table_of(Preference)
+_settings = table_of(ChannelSetting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +235,52 @@ def _picks() -> tuple[ColumnElement[int], ColumnElement[int]]:
     return picks, contest
 
 
+@dataclass(frozen=True, slots=True)
+class Unlogged:
+    """The places whose logging is off now, asked once up front (a few settings rows).
+
+    What was said there before logging was turned off is stored still, but not exported:
+    turning it off says that nothing said there is for keeping. Resolved as the service
+    resolves every setting: the thread's, else the channel's, else the server's, keyed
+    with the server (the terminal's made-up ids repeat across servers).
+    """
+
+    switches: dict[tuple[str, int | None, int], bool] = field(default_factory=dict)
+
+    def touches(self, row: Row[Any]) -> bool:
+        """Whether the candidate was said in a place that logs nothing now."""
+        if not self.switches:
+            return False
+        for scope, scope_id in (
+            ("thread", row.thread_id),
+            ("channel", row.channel_id),
+            ("guild", row.guild_id),
+        ):
+            if scope_id is None:
+                continue
+            enabled = self.switches.get((scope, row.guild_id, scope_id))
+            if enabled is not None:
+                return not enabled
+        return False
+
+
+async def unlogged(session: AsyncSession) -> Unlogged:
+    """Every logging switch that is set (on or off), for `Unlogged.touches` to resolve."""
+    s = _settings
+    rows = await session.execute(
+        select(s.c.scope, s.c.guild_id, s.c.scope_id, s.c.log_enabled).where(
+            s.c.log_enabled.is_not(None)
+        )
+    )
+    switches = {
+        (scope, guild_id, int(scope_id)): bool(enabled)
+        for scope, guild_id, scope_id, enabled in rows.tuples()
+    }
+    if not any(enabled is False for enabled in switches.values()):
+        return Unlogged()
+    return Unlogged(switches)
+
+
 def candidates_query(options: ExportOptions) -> Select[Any]:
     """Every candidate that passes the place, model and date filters, in export order.
 
@@ -262,6 +310,8 @@ def candidates_query(options: ExportOptions) -> Select[Any]:
             a.c.parent_id,
             a.c.created_at,
             a.c.guild_id,
+            a.c.channel_id,
+            a.c.thread_id,
             a.c.content,
             a.c.status,
             a.c.error,
