@@ -76,8 +76,8 @@ class App:
     knowledge: KnowledgeBase | None
     redact: Redactor
     exporter: Exporter
-    tunes: TuneService
     evaluator: Evaluator
+    tunes: TuneService
 
 
 def secrets_redactor(settings: Settings, specs: Iterable[ModelSpec] = ()) -> Redactor:
@@ -300,8 +300,8 @@ async def open_app(
             kb,
             redact,
             exporter,
-            tunes,
             evaluator,
+            tunes,
         )
 
 

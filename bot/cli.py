@@ -435,52 +435,6 @@ def eval_command(
     raise typer.Exit(_run(main))
 
 
-@tune_app.command("eval")
-def tune_eval(
-    name: Annotated[str, typer.Argument(help="The fine-tuned model (or its job's id).")],
-    judge: Annotated[
-        str | None,
-        typer.Option(help="A model that judges the two answers (pairwise, both orders)."),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Folder for the report (default: the job's folder, eval/)."),
-    ] = None,
-    concurrency: Annotated[int, typer.Option(help="Model calls at once.")] = 4,
-) -> None:
-    """Evaluate a fine-tune against its base on the examples its training held out."""
-    settings = _settings()
-    _chat_logging(settings, json_mode=False)
-
-    async def main() -> int:
-        from bot.app import open_app
-        from bot.cli_eval import run_eval
-        from bot.service.evaluate import write_dataset
-
-        async with open_app(settings, knowledge=False) as sb:
-            job, examples = await sb.tunes.held_out(name)
-        folder = out or Path(job.snapshot_path).parent / "eval"
-        dataset = folder / "held_out.jsonl"
-        await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-        await asyncio.to_thread(write_dataset, dataset, examples)
-        err.print(
-            f"{len(examples)} held-out examples of job {job.id[:8]}: {job.model_name} against "
-            f"its base {job.base_model}.",
-            markup=False,
-            highlight=False,
-        )
-        return await run_eval(
-            settings,
-            dataset,
-            [job.model_name or name, job.base_model],
-            folder,
-            judge=judge,
-            concurrency=concurrency,
-        )
-
-    raise typer.Exit(_run(main))
-
-
 @models_app.command("list")
 def models_list() -> None:
     """List the configured and registered models."""

@@ -2,6 +2,7 @@
 
     switchboard tune start --base smol --steps 30 --wait   # snapshot, train, register a candidate
     switchboard tune status [JOB] · tune list · tune cancel JOB
+    switchboard tune eval NAME [--dataset FILE] [--judge MODEL]  # the candidate against its base
     switchboard tune promote NAME [--default --guild ID] · tune rollback NAME
 
 A typer group that `bot.cli` mounts; the work is `bot.service.tune.TuneService`, built by
@@ -11,6 +12,7 @@ A typer group that `bot.cli` mounts; the work is `bot.service.tune.TuneService`,
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import logging
 import os
@@ -343,3 +345,81 @@ def rollback(name: Annotated[str, typer.Argument(help="A promoted fine-tune.")])
             )
 
     run_async(work, _err)
+
+
+@tune_app.command("eval")
+def eval_candidate(
+    name: Annotated[str, typer.Argument(help="The fine-tune (the model a job made).")],
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="A dataset file to evaluate on instead of the held-out questions."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The report's folder (default: eval/ in the job's folder)."),
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="A model that judges which answer is better.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many logged prompts.")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Model calls at once.")] = 4,
+) -> None:
+    """Evaluate a fine-tune against its base on questions it was not trained on; an HTML report.
+
+    The questions are its snapshot's held-out share (a tenth of the conversations, from
+    20 examples on), with the liked answers as references; for a smaller job, the prompts
+    logged in its server and channel after the snapshot was frozen. It runs `switchboard
+    eval` with the two models (scores, judge preference with --judge, latency, cost).
+    """
+    settings = load_settings(_err)
+    _quiet_logs()
+
+    async def work() -> int:
+        from bot.app import open_app
+        from bot.cli_eval import LogFilters, run_eval
+        from bot.service.evaluate import write_dataset
+        from core.errors import UserError
+
+        async with open_app(settings, knowledge=False) as sb:
+            job = await sb.tunes.job(name)
+            folder = out or sb.tunes.jobs_dir / job.id / "eval"
+            if job.model_name is None:
+                raise UserError(f"Job {job.id[:8]} ({job.name}) made no model: it {job.status}.")
+            held_out = (await sb.tunes.held_out(job.id))[1] if dataset is None else []
+        models = [job.model_name, job.base_model]
+        if held_out:
+            dataset_file = folder / "held_out.jsonl"
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(write_dataset, dataset_file, held_out)
+            _err.print(
+                f"{len(held_out)} held-out examples of job {job.id[:8]}: {job.model_name} "
+                f"against its base {job.base_model}.",
+                markup=False,
+                highlight=False,
+            )
+            return await run_eval(
+                settings, dataset_file, models, folder, judge=judge, concurrency=concurrency
+            )
+        log = None
+        if dataset is None:
+            log = LogFilters(
+                guild=job.guild_id,
+                channel=job.filters_channel,
+                since=job.created_at.isoformat(),
+                limit=limit,
+            )
+        try:
+            return await run_eval(
+                settings, dataset, models, folder, judge=judge, log=log, concurrency=concurrency
+            )
+        except UserError as exc:
+            if log is None or not str(exc).startswith("No logged prompts"):
+                raise
+            raise UserError(
+                f"{job.name} was trained on all {job.snapshot_rows} of its examples (a tenth is "
+                "held out from 20 on), and no prompts were logged after its snapshot was frozen "
+                f"({job.created_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC): try the candidate in a "
+                "channel first, or pass --dataset FILE."
+            ) from None
+
+    raise typer.Exit(run_async(work, _err))

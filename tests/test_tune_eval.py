@@ -95,7 +95,7 @@ def test_a_tenth_is_held_out_and_tune_eval_reports_the_fine_tune_against_its_bas
     assert (out / "report.html").read_text().count("mini-codes") >= 1
 
 
-def test_a_fine_tune_trained_on_everything_says_how_to_evaluate_it(
+def test_a_fine_tune_trained_on_everything_with_nothing_logged_since_says_what_to_do(
     cli_env: dict[str, str],  # noqa: F811
     fake_server: FakeOpenAI,  # noqa: F811
 ) -> None:
@@ -112,8 +112,12 @@ def test_a_fine_tune_trained_on_everything_says_how_to_evaluate_it(
     assert snapshot.name == "snapshot.jsonl"  # too few to hold any out
     proc = switchboard({**cli_env, "OPENAI_API_KEY": KEY}, "tune", "eval", "mini-codes")
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "mini-codes was trained on all 12 of its examples (a tenth is held out from 20 on), so "
-        "none are left to evaluate it on: try `switchboard eval --from-log --models "
-        "mini-codes,mini`."
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "mini-codes was trained on all 12 of its examples (a tenth is held out from 20 on), "
+            "and no prompts were logged after its snapshot was frozen ("
+        )
     )
+    assert "try the candidate in a channel first, or pass --dataset FILE." in proc.stderr

@@ -180,6 +180,7 @@ class JobView:
     error: str | None
     model_name: str | None
     gate: str | None  # the model's state: "candidate", "promoted", "removed"; None before
+    filters_channel: int | None = None  # the export's --channel, when one was given
 
     @property
     def loss(self) -> float | None:
@@ -234,6 +235,7 @@ def _view(job: TuneJob, gate: str | None) -> JobView:
         error=job.error,
         model_name=job.model_name,
         gate=gate,
+        filters_channel=(job.filters or {}).get("channel_id"),
     )
 
 
@@ -724,7 +726,8 @@ class TuneService:
     # -------------------------------------------------------------- evaluation
 
     async def held_out(self, ref: str) -> tuple[JobView, list[EvalExample]]:
-        """A finished job and the prompts of its snapshot it was not trained on.
+        """A finished job and the prompts of its snapshot it was not trained on (none below
+        HOLD_OUT_FROM examples, where every one was trained on).
 
         Each row is a held-out example's last question, with the conversation and system
         prompt before it and the liked answer as its reference.
@@ -738,12 +741,8 @@ class TuneService:
         path = Path(job.snapshot_path).with_name(HELD_OUT_FILE)
         try:
             lines = await asyncio.to_thread(_read_lines, path)
-        except FileNotFoundError:
-            raise UserError(
-                f"{job.name} was trained on all {job.snapshot_rows} of its examples (a tenth "
-                f"is held out from {HOLD_OUT_FROM} on), so none are left to evaluate it on: "
-                f"try `switchboard eval --from-log --models {job.name},{job.base_model}`."
-            ) from None
+        except FileNotFoundError:  # trained on every example (fewer than HOLD_OUT_FROM)
+            return job, []
         examples = [
             example
             for number, line in enumerate(lines, 1)
