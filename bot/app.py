@@ -33,6 +33,7 @@ from bot.service.limits import PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
 from bot.service.privacy import Privacy
+from bot.service.tune import TuneService
 from chains.answer import Answerer
 from chains.models import ClientConfig
 from chains.registry import ModelRegistry, ModelSpec
@@ -76,6 +77,7 @@ class App:
     redact: Redactor
     exporter: Exporter
     evaluator: Evaluator
+    tunes: TuneService
 
 
 def secrets_redactor(settings: Settings, specs: Iterable[ModelSpec] = ()) -> Redactor:
@@ -269,6 +271,24 @@ async def open_app(
             targets=lambda: export_targets(catalog.all()),
             default_model=lambda: catalog.registry.default_model,
         )
+        from bot.service.tune_local import LocalLoraBackend
+        from bot.service.tune_openai import OpenAIBackend
+
+        tune_dir = settings.data_dir / "tune"
+        tunes = TuneService(
+            sessions,
+            catalog,
+            service.place_settings,
+            exporter,
+            backends={
+                "local": LocalLoraBackend(tune_dir / "bases"),
+                "openai": OpenAIBackend(
+                    settings.secret, redact, poll_interval_s=settings.tune_poll_seconds
+                ),
+            },
+            jobs_dir=tune_dir / "jobs",
+        )
+        stack.push_async_callback(tunes.aclose)
         yield App(
             settings,
             engine,
@@ -281,6 +301,7 @@ async def open_app(
             redact,
             exporter,
             evaluator,
+            tunes,
         )
 
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from bot.cli_common import LOG_FILE, load_settings, models_table, run_async, show_error
 from bot.cli_export import export
 from bot.cli_knowledge import knowledge_app
+from bot.cli_tune import tune_app
 from core.errors import NotFound, UserError
 from core.settings import Settings
 
@@ -42,6 +43,7 @@ db_app = typer.Typer(
 app.add_typer(models_app, name="models")
 app.add_typer(db_app, name="db")
 app.add_typer(knowledge_app, name="knowledge")
+app.add_typer(tune_app, name="tune")
 app.command("export")(export)
 
 err = Console(stderr=True, soft_wrap=True)  # one-line messages stay one line
@@ -56,6 +58,7 @@ CHAT_HISTORY = "chat-history"  # the terminal chat's line history, in the data f
 CLI_LISTINGS = {
     "model list": "`switchboard models list`",
     "knowledge list": "`switchboard knowledge list --guild ID`",
+    "tune list": "`switchboard tune list`",
 }
 
 
@@ -155,10 +158,14 @@ def _run(work: Callable[[], Awaitable[T]]) -> T:
 
 
 def extra_cogs(sb: Any) -> list[Any]:
-    """The cogs built around the app's parts besides the service: /export, /knowledge."""
+    """The cogs built around the app's parts besides the service: /export, /tune, /knowledge."""
     from bot.discord.export import ExportCog
+    from bot.discord.tune import TuneCog
 
-    cogs: list[Any] = [ExportCog(sb.exporter, manager_role=sb.settings.manager_role)]
+    cogs: list[Any] = [
+        ExportCog(sb.exporter, manager_role=sb.settings.manager_role),
+        TuneCog(sb.tunes, manager_role=sb.settings.manager_role),
+    ]
     if sb.knowledge is None:
         return cogs
     from bot.discord.knowledge import KnowledgeCog
@@ -194,6 +201,14 @@ def run(
         from bot.discord.bot import run_bot
 
         async with open_app(settings) as sb:
+            for job in await sb.tunes.recover():  # local runs that died with the last process
+                logging.getLogger("switchboard").warning(
+                    "fine-tuning job %s (%s) was interrupted: marked failed", job.id[:8], job.name
+                )
+            for job in await sb.tunes.resume():  # provider jobs: polled from here on
+                logging.getLogger("switchboard").info(
+                    "following fine-tuning job %s (%s) at its provider", job.id[:8], job.name
+                )
             freeze_long_lived_heap()
             token = settings.discord_token.get_secret_value()  # type: ignore[union-attr]
             warm = asyncio.create_task(sb.service.warm_up())

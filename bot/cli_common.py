@@ -120,7 +120,9 @@ def models_table(specs: list[ModelSpec], default_model: str, title: str = "Model
     for spec in specs:
         facts = model_facts(spec, default_model)
         table.add_row(
-            escape(facts.name) + (" *" if facts.is_default else ""),
+            escape(facts.name)
+            + (" *" if facts.is_default else "")
+            + (" (candidate)" if facts.candidate else ""),
             facts.provider,
             escape(spec.model or spec.bundled or str(spec.path or "")),
             facts.weights + (", local" if facts.local else ""),
@@ -129,5 +131,5 @@ def models_table(specs: list[ModelSpec], default_model: str, title: str = "Model
             escape(facts.fallback),
             escape(facts.description),
         )
-    table.caption = "* default model"
+    table.caption = "* default model · (candidate): a fine-tune only admins may pick until promoted"
     return table

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC
 
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.leaderboard import Leaderboard, LeaderboardEntry
 from bot.service.place_settings import Setting, SettingChange
 from bot.service.privacy import ForgetReport, PrivacyStatus, PurgeReport
+from bot.service.tune import JobView
 from chains.registry import ModelSpec
 from core.messages import scope_word
 from store.export import ExportOptions, ExportSummary, removed_text
@@ -60,6 +62,7 @@ class ModelFacts:
     description: str
     fallback: str
     is_default: bool
+    candidate: bool = False  # a fine-tune not yet promoted
 
 
 def price(spec: ModelSpec) -> str:
@@ -90,6 +93,7 @@ def model_facts(spec: ModelSpec, default_model: str) -> ModelFacts:
         description=spec.description,
         fallback=spec.fallback or "",
         is_default=spec.name == default_model,
+        candidate=spec.candidate,
     )
 
 
@@ -99,6 +103,7 @@ def models_text(specs: list[ModelSpec], default_model: str) -> str:
     for spec in specs:
         facts = model_facts(spec, default_model)
         mark = " (default)" if facts.is_default else ""
+        mark += " (candidate: admins only until promoted)" if facts.candidate else ""
         local = ", local" if facts.local else ""
         lines.append(
             f"{facts.name}{mark}: {facts.provider}, {facts.weights} weights{local}, {facts.context} tokens, {facts.price}"
@@ -485,3 +490,29 @@ def export_command(options: ExportOptions, output: str | None = None) -> str:
     if not options.redact:
         parts.append("--no-redact")
     return " ".join(parts)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def tune_status_lines(job: JobView) -> list[str]:
+    """A fine-tuning job as `tune status` and `/tune status` show it."""
+    progress = f"step {job.step}/{job.total_steps}" if job.total_steps else f"step {job.step}"
+    loss = f"loss {job.loss:.4f}" if job.loss is not None else "no loss yet"
+    lines = [
+        f"Job {job.id} — {job.name}: {job.status} ({job.phase}, {progress}, {loss})",
+        f"  base {job.base_model} · {job.backend} {job.method} · snapshot {job.snapshot_rows} "
+        f"examples, sha256 {job.snapshot_sha256[:12]}…",
+        f"  started by {job.started_by} at {job.created_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        f" · elapsed {_duration(job.elapsed_s)}"
+        + (f" · about {_duration(job.eta_s)} left" if job.active and job.eta_s else ""),
+    ]
+    if job.model_name:
+        lines.append(f"  model: {job.model_name} ({job.gate})")
+    if job.error:
+        lines.append(f"  {'error' if job.status == 'failed' else 'note'}: {job.error}")
+    return lines

@@ -267,7 +267,12 @@ class TerminalChat:
             return CommandResult(name, True, models_text(svc.list_models(), svc.default_model))
         if head == "model" and sub == "set" and len(words) > 2:
             return CommandResult(
-                name, True, change_line(await svc.set_model(place, self.scope, words[2], who))
+                name,
+                True,
+                change_line(
+                    # The terminal is the operator's: an admin, who may try candidates.
+                    await svc.set_model(place, self.scope, words[2], who, admin=True)
+                ),
             )
         if head == "model" and sub == "info" and len(words) > 2:
             spec = await svc.get_model(words[2])

@@ -199,6 +199,51 @@ def _read_header(f: BinaryIO, path: Path, size: int) -> GGUFInfo:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class GGUFTensorInfo:
+    """One entry of a GGUF's tensor table: its name, dimensions (innermost first, as ggml counts them), type."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+
+    @property
+    def elements(self) -> int:
+        count = 1
+        for n in self.shape:
+            count *= n
+        return count
+
+
+def read_gguf_tensors(path: Path) -> list[GGUFTensorInfo]:
+    """The tensor table of a GGUF file (names, shapes, types), read past the metadata; no weights are loaded."""
+    path = Path(path).expanduser()
+    info = read_gguf_info(path)  # checks the file, the magic and the metadata first
+    with path.open("rb") as f:
+        try:
+            f.seek(4)
+            _exact(f, 4)
+            tensor_count, kv_count = struct.unpack("<QQ", _exact(f, 16))
+            for _ in range(kv_count):
+                _string(f, info.size_bytes)
+                (kind,) = struct.unpack("<I", _exact(f, 4))
+                _value(f, kind, info.size_bytes)
+            tensors: list[GGUFTensorInfo] = []
+            for _ in range(tensor_count):
+                name = _string(f, info.size_bytes)
+                (dims,) = struct.unpack("<I", _exact(f, 4))
+                if dims > 8:
+                    raise ValueError(f"tensor {name} has {dims} dimensions")
+                shape = struct.unpack(f"<{dims}Q", _exact(f, 8 * dims))
+                ggml_type, _offset = struct.unpack("<IQ", _exact(f, 12))
+                tensors.append(GGUFTensorInfo(name, tuple(int(n) for n in shape), ggml_type))
+        except (struct.error, UnicodeDecodeError, ValueError, OverflowError) as exc:
+            raise GGUFCorrupt(
+                f"{path}: its tensor table is damaged ({exc}). Download the file again."
+            ) from exc
+    return tensors
+
+
 def _exact(f: BinaryIO, n: int) -> bytes:
     """Exactly `n` bytes, or ValueError at the end of the file."""
     data = f.read(n)
@@ -272,3 +317,38 @@ def check_memory(info: GGUFInfo, n_ctx: int, name: str, available: int | None = 
             f"plus the context) but only {available / gib:.1f} GiB is available. Use a smaller quantisation "
             f"(e.g. Q4_K_M), a smaller `context_size`, lower `max_local_models`, or free some memory."
         )
+
+
+class NotLora(GGUFError):
+    """A file named as a model's LoRA adapter is not a GGUF LoRA for its base."""
+
+
+def check_lora(path: Path, base: GGUFInfo, name: str) -> GGUFInfo:
+    """The header of model `name`'s LoRA adapter, checked to be a GGUF LoRA for `base`.
+
+    llama.cpp refuses an adapter of another architecture or a plain model with a message
+    only in its log; this says it in one line before a server is started.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GGUFMissing(
+            f"The LoRA adapter of model `{name}` does not exist: {path}. Check `lora`, or train and export the adapter again."
+        )
+    try:
+        info = read_gguf_info(path)
+    except NotGGUF:
+        raise NotLora(
+            f"The LoRA adapter of model `{name}` ({path}) is not a GGUF file; export the adapter as a GGUF LoRA (tune.export_gguf_lora)."
+        ) from None
+    meta = info.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise NotLora(
+            f"{path} is a GGUF file but not a LoRA adapter (general.type {meta.get('general.type')!r}, "
+            f"adapter.type {meta.get('adapter.type')!r}); `lora` of model `{name}` must name an adapter, `path` the model."
+        )
+    if base.architecture and info.architecture != base.architecture:
+        raise NotLora(
+            f"The LoRA adapter {path.name} of model `{name}` is for `{info.architecture}` models, "
+            f"but its base {base.path.name} is `{base.architecture}`; train the adapter on this base."
+        )
+    return info

@@ -36,6 +36,7 @@ from chains.gguf import (
     GGUFCorrupt,
     GGUFError,
     GGUFInfo,
+    check_lora,
     check_memory,
     read_gguf_info,
     resolve_gguf,
@@ -62,6 +63,7 @@ PROVIDER = "llama.cpp"
 DEFAULT_CONTEXT = 4096
 _STOP_GRACE = 3.0
 _LOG_TAIL_BYTES = 64 * 1024
+_CODE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LocalServerError(UserError):
@@ -86,6 +88,7 @@ class _Launch:
     threads: int
     port: int | None
     sampling: tuple[tuple[str, float], ...] = ()
+    lora: Path | None = None
 
 
 def default_threads() -> int:
@@ -103,10 +106,13 @@ def server_environment(threads: int) -> dict[str, str]:
     Idle OpenMP threads sleep instead of spinning (`core.threads.quiet_openmp`: where the
     operator has not set the variables), and OpenMP's own thread count is the server's
     explicit `threads`, so no OpenMP region starts one thread per core behind its back.
+    The code folder this process imports `chains` from goes first on `PYTHONPATH`.
     """
     env = dict(os.environ)
     quiet_openmp(env)
     env["OMP_NUM_THREADS"] = str(threads)
+    # The child runs the same `chains` as this process, not whichever one is installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_CODE_ROOT), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -234,6 +240,7 @@ def _spawn(name: str, launch: _Launch) -> _Server:
         "chains.local_server",
         "--model",
         str(launch.path),
+        *(["--lora", str(launch.lora)] if launch.lora else []),
         "--port",
         str(launch.port or 0),
         "--ctx",
@@ -317,6 +324,12 @@ def _start_failure(server: _Server) -> UserError:
             f"Port {server.launch.port} on 127.0.0.1 is already in use, so the local model `{server.name}` "
             "cannot listen there. Stop the other program or choose another `port` (or none: a free one is picked)."
         )
+    if server.launch.lora is not None and "lora" in joined.lower():
+        detail = "; ".join(e for e in errors if "lora" in e.lower())[-400:]
+        return GGUFCorrupt(
+            f"llama.cpp could not load the LoRA adapter {server.launch.lora} of model `{server.name}`: {detail}. "
+            "Export the adapter again from the same base model."
+        )
     if (
         "failed to load model" in joined
         or "error loading model" in joined
@@ -334,8 +347,8 @@ def _start_failure(server: _Server) -> UserError:
     return LocalServerError(f"The local model `{server.name}` failed to start ({detail}).")
 
 
-def _launch_for(spec: Any, info: GGUFInfo) -> _Launch:
-    """How to start the server for a registry entry."""
+def _launch_for(spec: Any, info: GGUFInfo, lora: Path | None = None) -> _Launch:
+    """How to start the server for a registry entry (with its checked LoRA adapter, if any)."""
     ctx = getattr(spec, "context_size", None) or default_context_size(info)
     parallel = getattr(spec, "parallel", None) or 1
     threads = getattr(spec, "threads", None) or default_threads()
@@ -351,14 +364,23 @@ def _launch_for(spec: Any, info: GGUFInfo) -> _Launch:
         threads=int(threads),
         port=None,
         sampling=sampling,
+        lora=lora,
     )
+
+
+def _checked_lora(spec: Any, base: GGUFInfo) -> Path | None:
+    """The entry's LoRA adapter (`lora`), checked to be a GGUF LoRA for its base; None without one."""
+    lora = getattr(spec, "lora", None)
+    if not lora:
+        return None
+    return check_lora(Path(lora), base, spec.name).path
 
 
 def _spec_key(spec: Any) -> tuple[Any, ...]:
     """The registry fields that decide how a model's server runs."""
     return tuple(
         getattr(spec, field, None)
-        for field in ("path", "bundled", "context_size", "parallel", "threads")
+        for field in ("path", "bundled", "lora", "context_size", "parallel", "threads")
     )
 
 
@@ -394,7 +416,8 @@ class LocalServers:
                 return server.base_url
             path = resolve_gguf(spec)
             info = await asyncio.to_thread(read_gguf_info, path)
-            launch = _launch_for(spec, info)
+            lora = await asyncio.to_thread(_checked_lora, spec, info)
+            launch = _launch_for(spec, info, lora)
             if server is not None:
                 if not server.alive:
                     logger.warning(

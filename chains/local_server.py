@@ -6,6 +6,7 @@ llama.cpp cannot take the bot down and a stuck model can be killed. The child:
 - asks the kernel to kill it when its parent dies (PR_SET_PDEATHSIG), and also exits as
   soon as its stdin reaches end-of-file, which happens when the parent exits or crashes
   in any way, so no llama.cpp server outlives Switchboard;
+- applies the GGUF LoRA adapter given with `--lora` (a local fine-tune) to every request;
 - binds 127.0.0.1 only, on the port it is given (0: a free one the kernel picks);
 - prints exactly one JSON line on stdout once the model is loaded and the HTTP server
   listens (`{"ok": true, "address": "http://127.0.0.1:PORT"}`), or `{"ok": false, ...}`
@@ -62,6 +63,10 @@ def _params(args: argparse.Namespace) -> Any:
 
     params = xllamacpp.CommonParams()
     params.model.path = args.model
+    if args.lora:
+        # Applied to every request at full scale: a fine-tune gets a server of its own, so
+        # no request ever has to switch adapters (which would need cache_prompt off).
+        params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(args.lora, 1.0)]
     params.hostnames = [LOOPBACK]
     params.port = args.port
     params.n_ctx = args.ctx * args.parallel  # llama.cpp splits n_ctx across the slots
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     """Load the model, serve it on loopback, and live exactly as long as the parent."""
     parser = argparse.ArgumentParser(prog="python -m chains.local_server")
     parser.add_argument("--model", required=True)
+    parser.add_argument("--lora", default=None, help="a GGUF LoRA adapter for the model")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ctx", type=int, default=4096, help="context tokens per slot")
     parser.add_argument("--parallel", type=int, default=1)

@@ -97,10 +97,14 @@ class ModelSpec(BaseModel):
     description: str = ""
     path: str | None = None
     bundled: str | None = None
+    lora: str | None = None  # a GGUF LoRA adapter applied to the base in `path` or `bundled`
     context_size: int | None = Field(default=None, gt=0)
     threads: int | None = Field(default=None, gt=0)
     parallel: int | None = Field(default=None, gt=0)
     lineage: Lineage | None = None
+    # A fine-tune not yet promoted: admins may choose it (and /compare and /arena offer
+    # it), members may not, until `switchboard tune promote` clears this.
+    candidate: bool = False
     origin: Origin = "config"
 
     @model_validator(mode="before")
@@ -152,10 +156,14 @@ class ModelSpec(BaseModel):
                 )
             if self.path and self.bundled:
                 raise ValueError('provider "llama.cpp" takes path or bundled, not both')
+            if self.lora is not None and not self.lora.strip():
+                raise ValueError("lora must be the path of a GGUF LoRA adapter file")
             if self.bundled and self.bundled not in BUNDLED_MODELS:
                 raise ValueError(
                     f"unknown bundled model {self.bundled!r} (available: {', '.join(BUNDLED_MODELS)})"
                 )
+        elif self.lora:
+            raise ValueError('lora (a GGUF LoRA adapter) only works with provider "llama.cpp"')
         if self.fallback == self.name:
             raise ValueError("a model cannot be its own fallback")
         return self
@@ -474,9 +482,10 @@ def _parse_entry(name: str, entry: dict[str, Any], source: str, base_dir: Path |
                 f"{where}: '{forbidden}' cannot be set in the file (the table's name is the model's name)."
             )
     data = {**entry, "name": name, "origin": "config"}
-    if base_dir is not None and isinstance(data.get("path"), str):
-        gguf = Path(data["path"]).expanduser()
-        data["path"] = str(gguf if gguf.is_absolute() else (base_dir / gguf).resolve())
+    for key in ("path", "lora"):
+        if base_dir is not None and isinstance(data.get(key), str) and data[key].strip():
+            gguf = Path(data[key]).expanduser()
+            data[key] = str(gguf if gguf.is_absolute() else (base_dir / gguf).resolve())
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as exc:

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         ge=0,
         description="Messages one person may address to the bot in Discord per minute; 0 for no limit.",
     )
+    tune_poll_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often a provider's fine-tuning job is polled for its status, in seconds.",
+    )
     arena_votes_per_day: int = Field(
         default=50,
         ge=0,

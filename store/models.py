@@ -426,3 +426,84 @@ class Preference(Base):
 
 
 MESSAGE_FIELDS: frozenset[str] = frozenset(Message.__table__.columns.keys())
+
+
+TUNE_STATUSES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+# Queued or running: a server has at most one such job (a partial unique index).
+TUNE_ACTIVE: tuple[str, ...] = ("queued", "running")
+GATE_ACTIONS: tuple[str, ...] = ("candidate", "promoted", "rolled_back", "default_set")
+_ACTIVE_SQL = "status IN ('queued', 'running')"
+
+
+class TuneJob(Base):
+    """A fine-tuning job: what it trains from (a frozen export), how far it got, what it made."""
+
+    __tablename__ = "tune_jobs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN (" + ", ".join(f"'{s}'" for s in TUNE_STATUSES) + ")", name="status"
+        ),
+        CheckConstraint("method IN ('sft', 'dpo')", name="method"),
+        # One queued or running job per server (0: jobs started outside any server).
+        Index(
+            "uq_tune_jobs_active_guild",
+            "guild_key",
+            unique=True,
+            sqlite_where=text(_ACTIVE_SQL),
+            postgresql_where=text(_ACTIVE_SQL),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    guild_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    guild_key: Mapped[int] = mapped_column(BigInteger, default=0)  # guild_id, or 0
+    name: Mapped[str] = mapped_column(String(200))  # the model it registers
+    base_model: Mapped[str] = mapped_column(String(200))
+    backend: Mapped[str] = mapped_column(String(32))  # "local", "openai"
+    method: Mapped[str] = mapped_column(String(8))
+    # The frozen snapshot: the export's data file, its SHA-256 and rows, and its filters.
+    snapshot_path: Mapped[str] = mapped_column(Text)
+    snapshot_sha256: Mapped[str] = mapped_column(String(64))
+    snapshot_rows: Mapped[int] = mapped_column(Integer)
+    filters: Mapped[dict[str, Any]] = mapped_column(JSONValue)
+    steps: Mapped[int | None] = mapped_column(Integer)  # asked for (or epochs)
+    epochs: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    phase: Mapped[str] = mapped_column(String(32), default="queued")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    losses: Mapped[list[float]] = mapped_column(JSONValue, default=list)
+    eta_s: Mapped[float | None] = mapped_column(Float)
+    external_id: Mapped[str | None] = mapped_column(String(200))  # the provider's job id
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Written every few seconds by the process running a local job: a stale one died.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text)
+    model_name: Mapped[str | None] = mapped_column(String(200))  # registered on success
+
+
+class ModelGateEvent(Base):
+    """One step of a fine-tune's way to people: registered as a candidate, promoted, rolled back."""
+
+    __tablename__ = "model_gate_events"
+    __table_args__ = (
+        CheckConstraint(
+            "action IN (" + ", ".join(f"'{a}'" for a in GATE_ACTIONS) + ")", name="action"
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    model_name: Mapped[str] = mapped_column(String(200), index=True)
+    action: Mapped[str] = mapped_column(String(16))
+    job_id: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("tune_jobs.id", ondelete="SET NULL"), index=True
+    )
+    guild_id: Mapped[int | None] = mapped_column(BigInteger)
+    # What was the server's default before a promote --default set it (a rollback restores it).
+    previous_default: Mapped[str | None] = mapped_column(String(200))
+    actor: Mapped[str] = mapped_column(String(200))  # "cli", a Discord user id and name, a job
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

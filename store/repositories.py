@@ -45,10 +45,12 @@ from store.models import (
     DiscordMessage,
     Message,
     MessageInput,
+    ModelGateEvent,
     Person,
     Preference,
     RegisteredModel,
     SettingChange,
+    TuneJob,
     Vote,
     default_kind,
     new_id,
@@ -1200,6 +1202,12 @@ class PrivacyRepository:
         await self.session.execute(
             update(Battle).where(Battle.asked_by == user_id).values(asked_by=None)
         )
+        # Fine-tuning jobs, gate steps and registered models name who did them "name (id)".
+        named = f"% ({user_id})"
+        for column in (TuneJob.started_by, ModelGateEvent.actor, RegisteredModel.created_by):
+            await self.session.execute(
+                update(column.class_).where(column.like(named)).values({column: FORGOTTEN_NAME})
+            )
         await self.session.execute(
             delete(Person).where(Person.user_id == user_id, Person.opted_out.is_(False))
         )

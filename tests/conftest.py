@@ -15,5 +15,6 @@ pytest_plugins = [
     "tests.fixtures.knowledge",
     "tests.fixtures.local",
     "tests.fixtures.service",
+    "tests.fixtures.tune",
     "tests.fixtures.export",
 ]

@@ -283,6 +283,22 @@ def test_spec_is_frozen_and_strict() -> None:
     assert hash(spec) == hash(ModelSpec(name="x", provider="openai"))
 
 
+def test_the_registry_takes_lora_only_for_local_models_and_resolves_it_beside_the_file(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "conf" / "switchboard.toml"
+    config.parent.mkdir()
+    config.write_text(
+        '[models.cand]\nprovider = "llama.cpp"\nbundled = "smollm2-135m-instruct"\n'
+        'lora = "adapters/zorbia.gguf"\n'
+    )
+    spec = ModelRegistry.from_toml(config).get("cand")
+    assert spec.lora == str(tmp_path / "conf" / "adapters" / "zorbia.gguf")
+    config.write_text('[models.remote]\nprovider = "openai"\nlora = "zorbia.gguf"\n')
+    with pytest.raises(ConfigError, match='only works with provider "llama.cpp"'):
+        ModelRegistry.from_toml(config)
+
+
 TWO = ENTRY + '[models.n]\nprovider = "openai-compatible"\nbase_url = "http://h/v1"\n'
 
 

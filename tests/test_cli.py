@@ -257,17 +257,22 @@ def test_error_messages_are_shown_exactly_as_written(
     assert "models.a must be a table ([models.a])." in proc.stderr
 
 
-async def test_run_builds_the_export_and_knowledge_cogs_with_both_roles(service_settings) -> None:
+async def test_run_builds_the_export_tune_and_knowledge_cogs_with_both_roles(
+    service_settings,
+) -> None:
     from bot.app import open_app
     from bot.cli import extra_cogs
     from bot.discord.export import ExportCog
     from bot.discord.knowledge import KnowledgeCog
+    from bot.discord.tune import TuneCog
 
     settings = service_settings.model_copy(
         update={"manager_role": "Mods", "knowledge_role": "Librarians"}
     )
     async with open_app(settings) as app:
-        export, cog = extra_cogs(app)
+        export, tune, cog = extra_cogs(app)
+    assert isinstance(tune, TuneCog)
+    assert tune.tunes is app.tunes and tune.manager_role == "Mods"
     assert isinstance(cog, KnowledgeCog)
     assert (cog.knowledge_role, cog.manager_role) == ("Librarians", "Mods")
     assert cog.kb is app.knowledge and cog.service is app.service

@@ -18,13 +18,15 @@ from chains.gguf import (
     GGUFMissing,
     ModelTooLarge,
     NotGGUF,
+    NotLora,
     bundled_models,
+    check_lora,
     check_memory,
     read_gguf_info,
 )
 from chains.local import LocalServers, gguf_spec
 from chains.registry import ModelSpec
-from tests.fixtures.local import BUNDLED, local_server_children
+from tests.fixtures.local import BUNDLED, foreign_lora, local_server_children
 
 
 def test_bundled_model_is_found_without_importing_its_package() -> None:
@@ -137,3 +139,30 @@ async def test_http_client_is_shared_and_closed_with_the_servers() -> None:
     assert servers.http_client() is client
     await servers.aclose()
     assert client.is_closed
+
+
+def test_an_adapter_is_checked_against_its_base(tmp_path: Path) -> None:
+    base = read_gguf_info(bundled_models()[BUNDLED])
+    with pytest.raises(GGUFMissing, match="LoRA adapter of model `cand` does not exist"):
+        check_lora(tmp_path / "absent.gguf", base, "cand")
+    with pytest.raises(NotLora, match="not a LoRA adapter"):
+        check_lora(bundled_models()[BUNDLED], base, "cand")  # a model, not an adapter
+    (tmp_path / "text.gguf").write_text("hello")
+    with pytest.raises(NotLora, match="not a GGUF file"):
+        check_lora(tmp_path / "text.gguf", base, "cand")
+    foreign = foreign_lora(tmp_path / "qwen.gguf")
+    with pytest.raises(NotLora, match="is for `qwen2` models, but its base"):
+        check_lora(foreign, base, "cand")
+
+
+async def test_a_model_with_a_bad_adapter_starts_no_server(tmp_path: Path) -> None:
+    spec = ModelSpec(
+        name="cand",
+        provider="llama.cpp",
+        bundled="smollm2-135m-instruct",
+        lora=str(foreign_lora(tmp_path / "qwen.gguf")),
+    )
+    async with LocalServers() as servers:
+        with pytest.raises(NotLora, match="is for `qwen2` models"):
+            await servers.ensure(spec)
+        assert local_server_children() == []

@@ -212,6 +212,30 @@ async def test_truncated_gguf_reports_llama_cpp_reason_and_leaves_no_process(
     assert local_server_children() == []
 
 
+async def test_an_adapter_llama_cpp_refuses_is_named_and_leaves_no_process(
+    local_servers: LocalServers, local_spec: Callable[..., ModelSpec], tmp_path: Path
+) -> None:
+    import gguf
+    import numpy as np
+
+    # A llama LoRA header whose first tensor does not fit SmolLM2's query projection (576 x 576).
+    path = tmp_path / "wrong-shape.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 4.0)
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((2, 100), dtype=np.float16))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((576, 2), dtype=np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFCorrupt, match="could not load the LoRA adapter") as failure:
+        await local_servers.ensure(local_spec("cand", lora=str(path)))
+    assert "incorrect shape" in str(failure.value) and "\n" not in str(failure.value)
+    assert local_servers.loaded() == [] and local_server_children() == []
+
+
 async def test_validate_gguf_loads_the_bundled_model_and_stops_it(
     local_spec: Callable[..., ModelSpec],
 ) -> None:

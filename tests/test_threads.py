@@ -55,6 +55,17 @@ def test_a_llama_cpp_server_starts_quiet_with_its_own_thread_count(
     assert (env["OMP_WAIT_POLICY"], env["OMP_NUM_THREADS"]) == ("ACTIVE", "3")
 
 
+def test_a_server_runs_the_same_code_as_the_bot(monkeypatch: pytest.MonkeyPatch) -> None:
+    import chains
+
+    # From a worktree or a checkout, the child imports this `chains`, not an installed one.
+    root = str(Path(chains.__file__).resolve().parent.parent)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert server_environment(1)["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
+    monkeypatch.delenv("PYTHONPATH")
+    assert server_environment(1)["PYTHONPATH"] == root
+
+
 def _load_embedder_and_show_openmp(extra_env: dict[str, str], threads: str) -> tuple[str, str]:
     """Load the local embedding model in a fresh interpreter with libgomp describing its settings."""
     env = {k: v for k, v in os.environ.items() if k not in _OPENMP_VARS}

@@ -9,7 +9,13 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.discord.checks import author_of, ensure_can_change, place_of, scope_for
+from bot.discord.checks import (
+    author_of,
+    ensure_can_change,
+    permission_refusal,
+    place_of,
+    scope_for,
+)
 from bot.discord.respond import answering, send
 from bot.present import (
     SOURCE_WORDS,
@@ -42,6 +48,8 @@ def model_line(spec: ModelSpec, current: str | None = None) -> str:
     """One model as a line of the /model list."""
     where = "runs locally" if spec.is_local else spec.provider
     here = " ← **in use here**" if spec.name == current else ""
+    if spec.candidate:
+        here = " · *candidate (admins only until promoted)*" + here
     weights = "open weights" if spec.open_weights else "closed weights"
     return f"**{spec.name}** · {where} · {weights} · {context_size(spec.context_window)} context · {price(spec)}{here}"
 
@@ -153,7 +161,15 @@ class SettingsCog(commands.Cog):
         """Choose the model that answers in this channel or thread."""
         async with answering(interaction, "setting a model", log):
             place, scope = self._change(interaction, server)
-            change = await self.service.set_model(place, scope, name, author_of(interaction.user))
+            admin = interaction.guild_id is not None and (
+                permission_refusal(
+                    interaction, doing="", needs="manage_guild", role=self.manager_role
+                )
+                is None
+            )
+            change = await self.service.set_model(
+                place, scope, name, author_of(interaction.user), admin=admin
+            )
             await send(interaction, change_line(change), ephemeral=False)
 
     @model.command(name="reset")

@@ -52,7 +52,7 @@ from chains.answer import Answerer, Attempt, Prompt, with_fallbacks
 from chains.chat import messages_to_dicts
 from chains.check import CheckResult, check_model
 from chains.registry import Lineage, ModelSpec
-from core.errors import ConfigError, NotFound, Unavailable, UserError
+from core.errors import ConfigError, NotFound, PermissionDenied, Unavailable, UserError
 from core.exchange import Exchange, LoggedAnswer, MessageKind, Status
 from core.messages import (
     Author,
@@ -106,6 +106,14 @@ class _Asked:
     kind: MessageKind = "answer"
     alternative_to: str | None = None
     prompt_author_id: int | None = None  # a retry's: who wrote the prompt (else the requester)
+
+
+def candidate_refusal(name: str) -> str:
+    """Why a member may not choose the candidate fine-tune `name` (one line)."""
+    return (
+        f"`{name}` is a candidate fine-tune: only server admins (Manage Server) can choose it "
+        f"until it is promoted (`switchboard tune promote {name}`)."
+    )
 
 
 class ChatService:
@@ -741,10 +749,12 @@ class ChatService:
         return await self.place_settings.effective(place)
 
     async def set_model(
-        self, place: Place, scope: Scope, name: str, actor: Author
+        self, place: Place, scope: Scope, name: str, actor: Author, *, admin: bool = False
     ) -> SettingChange:
-        """Choose the model for `scope`."""
+        """Choose the model for `scope`; a candidate fine-tune only when the actor is an `admin`."""
         spec = await self.catalog.get(name)
+        if spec.candidate and not admin:
+            raise PermissionDenied(candidate_refusal(spec.name))
         return await self.place_settings.change(place, scope, "model", spec.name, actor)
 
     async def reset_model(self, place: Place, scope: Scope, actor: Author) -> SettingChange:

@@ -2,8 +2,9 @@
 
 `langchain-openai` and `openai` run their real code against it: chat completions
 (plain and SSE streaming with a usage chunk), Azure's deployment paths, models and
-embeddings. Failures are injected on demand (`fail_next`, `drop_mid_stream`, `hang`), or
-for every request to one model (`fail_model`, `slow_model`);
+embeddings, files and fine-tuning jobs (tests/fakes/openai_finetune.py). Failures are injected on demand
+(`fail_next`, `drop_mid_stream`, `hang`), or for every request to one model (`fail_model`,
+`slow_model`);
 `fail_next(..., echo_key=True)` makes the error body repeat the key the request carried, in
 several forms, as careless providers do. An unknown path gets OpenAI's 404 "Invalid URL
 (POST /path?query)", which repeats the query (and whatever key a base_url put there).
@@ -41,6 +42,8 @@ from typing import Any
 
 import tiktoken
 from aiohttp import web
+
+from tests.fakes.openai_finetune import FakeFineTuning
 
 # Headers that carry credentials: never recorded.
 _SECRET_HEADERS = frozenset({"authorization", "api-key", "cookie", "x-api-key"})
@@ -165,6 +168,8 @@ class FakeOpenAI:
         self._encoding: tiktoken.Encoding | None = None
         self._active = 0
         self.max_active = 0  # the most requests in flight at once (benchmarks read it)
+        # Files and fine-tuning jobs (`switchboard tune` on an OpenAI base).
+        self.tuning = FakeFineTuning(check_key=self._check_key)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -193,6 +198,7 @@ class FakeOpenAI:
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._azure_chat)
         app.router.add_post("/openai/deployments/{deployment}/embeddings", self._azure_embeddings)
+        self.tuning.register(app.router)
         app.router.add_route(
             "*", "/{tail:.*}", self._unknown
         )  # last: only what nothing else serves
