@@ -147,8 +147,11 @@ class PrivacyCog(commands.Cog):
         if purge_every is not None:
             self._purge = tasks.loop(seconds=purge_every.total_seconds())(self._purge_once)
 
-    async def cog_load(self) -> None:
-        if self._purge is not None:
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        # Started once connected, not at cog load: a bot that fails to start (a wrong
+        # token, a missing intent) must not leave a purge running as the app closes.
+        if self._purge is not None and not self._purge.is_running():
             self._purge.start()
 
     async def cog_unload(self) -> None:
