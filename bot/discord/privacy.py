@@ -159,7 +159,7 @@ class PrivacyCog(commands.Cog):
             self._purge.cancel()
 
     async def _purge_once(self) -> None:
-        """Apply the retention (at start-up, then every `purge_every`); failures are logged."""
+        """Apply the retention (once connected, then every `purge_every`); failures are logged."""
         try:
             report = await self.service.purge()
         except Exception as exc:
