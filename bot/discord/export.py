@@ -21,7 +21,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.checks import permission_refusal
-from bot.discord.respond import answering, send
+from bot.discord.respond import answering, fit_lines, send
 from bot.present import export_command, export_summary_lines, human_size
 from core.errors import PermissionDenied
 from store.export import Exporter, ExportOptions, parse_format, parse_when
@@ -29,7 +29,6 @@ from store.export import Exporter, ExportOptions, parse_format, parse_when
 log = logging.getLogger(__name__)
 
 FormatName = Literal["openai-chat", "openai-dpo", "sft", "dpo", "kto"]
-_MESSAGE_ROOM = 1900  # a message holds 2,000 characters
 
 
 class ExportCog(commands.Cog):
@@ -115,7 +114,7 @@ class ExportCog(commands.Cog):
                         ephemeral=True,
                     )
                     return
-                text = _fit(
+                text = fit_lines(
                     [
                         f"**{lines[0]}**",
                         *(line for line in lines[1:] if not line.startswith("  ")),
@@ -129,9 +128,3 @@ class ExportCog(commands.Cog):
                     ephemeral=True,
                     allowed_mentions=discord.AllowedMentions.none(),
                 )
-
-
-def _fit(lines: list[str]) -> str:
-    """Lines joined, cut to what one message holds."""
-    text = "\n".join(lines)
-    return text if len(text) <= _MESSAGE_ROOM else text[: _MESSAGE_ROOM - 1] + "…"

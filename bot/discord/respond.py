@@ -11,6 +11,8 @@ import discord
 
 from core.errors import UserError, apology, report_unexpected
 
+MESSAGE_ROOM = 1900  # a message holds 2,000 characters; room for what is added around
+
 
 async def send(
     interaction: discord.Interaction,
@@ -53,3 +55,9 @@ async def answering(
         await send(interaction, f"⚠️ {exc.message}", ephemeral=True)
     except Exception as exc:
         await send(interaction, apology(report_unexpected(log, exc, what)), ephemeral=True)
+
+
+def fit_lines(lines: list[str]) -> str:
+    """Lines joined, cut to what one message holds."""
+    text = "\n".join(lines)
+    return text if len(text) <= MESSAGE_ROOM else text[: MESSAGE_ROOM - 1] + "…"

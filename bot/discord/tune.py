@@ -22,7 +22,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord.checks import permission_refusal
-from bot.discord.respond import answering, send
+from bot.discord.respond import answering, fit_lines, send
 from bot.present import export_summary_lines, tune_status_lines
 from bot.service.tune import JobView, TuneRequest, TuneService
 from core.errors import PermissionDenied, UserError
@@ -32,7 +32,6 @@ from store.export import parse_when
 log = logging.getLogger(__name__)
 
 _EDIT_EVERY_S = 5.0  # progress edits at most this often: Discord rate-limits edits
-_ROOM = 1900
 
 
 class TuneCog(commands.Cog):
@@ -127,7 +126,7 @@ class TuneCog(commands.Cog):
                 f"**Job {job.id[:8]}: fine-tuning `{job.base_model}` into `{job.name}`.**",
                 *(line for line in export_summary_lines(summary) if not line.startswith("  ")),
             ]
-            await send(interaction, _fit(lines), ephemeral=True)
+            await send(interaction, fit_lines(lines), ephemeral=True)
             target = interaction.channel
             progress = (
                 await target.send(
@@ -184,7 +183,7 @@ class TuneCog(commands.Cog):
                 raise UserError(
                     "No fine-tuning jobs in this server yet: start one with /tune start."
                 )
-            await send(interaction, _fit(tune_status_lines(view)), ephemeral=True)
+            await send(interaction, fit_lines(tune_status_lines(view)), ephemeral=True)
 
     @tune.command(
         name="list", description="This server's fine-tuning jobs and the models they made."
@@ -206,7 +205,7 @@ class TuneCog(commands.Cog):
                 + f" · by {j.started_by}, {discord.utils.format_dt(j.created_at, 'R')}"
                 for j in jobs
             ]
-            await send(interaction, _fit(lines), ephemeral=True)
+            await send(interaction, fit_lines(lines), ephemeral=True)
 
     @tune.command(name="cancel", description="Stop a queued or running fine-tuning job.")
     @app_commands.describe(job="The job's id (its first characters do)")
@@ -216,7 +215,7 @@ class TuneCog(commands.Cog):
             own = await self._own(interaction, job)
             await interaction.response.defer(ephemeral=True, thinking=True)
             view = await self.tunes.cancel(own.id, actor)
-            await send(interaction, _fit(tune_status_lines(view)), ephemeral=True)
+            await send(interaction, fit_lines(tune_status_lines(view)), ephemeral=True)
 
     @tune.command(name="promote", description="Let every member choose a candidate fine-tune.")
     @app_commands.describe(
@@ -270,8 +269,3 @@ def _progress_text(job: JobView) -> str:
     return (
         f"⏳ Fine-tuning **{job.base_model}** into **{job.name}**: {job.phase} ({step}{loss}{left})"
     )
-
-
-def _fit(lines: list[str]) -> str:
-    text = "\n".join(lines)
-    return text if len(text) <= _ROOM else text[: _ROOM - 1] + "…"
