@@ -153,6 +153,63 @@ def test_a_missing_or_binary_file_is_one_line(tmp_path: Path) -> None:
         check_dataset(tmp_path / "bin.jsonl")
 
 
+def pair(
+    question: str = "Hi?", chosen: str = "Hello.", rejected: str = "Go away."
+) -> dict[str, object]:
+    return {
+        "prompt": [{"role": "user", "content": question}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def test_a_valid_preference_file_is_summarised(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "dpo.jsonl", [pair(f"q{i}") for i in range(10)])
+    summary = check_dataset(path, method="dpo")
+    assert summary.rows == 10 and summary.characters > 0
+    # A conversational SFT file is not a preference file, and the other way round.
+    with pytest.raises(DatasetError, match='expected an object with a "messages" list'):
+        check_dataset(path)
+    sft = write_rows(tmp_path / "sft.jsonl", [chat()] * 10)
+    with pytest.raises(DatasetError, match='"prompt", "chosen" and "rejected"'):
+        check_dataset(sft, method="dpo")
+
+
+@pytest.mark.parametrize(
+    ("row", "says"),
+    [
+        ({**pair(), "chosen": []}, "chosen must be exactly one assistant message"),
+        (
+            {**pair(), "rejected": [{"role": "user", "content": "x"}]},
+            "rejected must be exactly one assistant message",
+        ),
+        (
+            {**pair(), "prompt": [{"role": "assistant", "content": "x"}]},
+            "the prompt must end with the person's (user) message",
+        ),
+        (
+            pair(chosen="Same.", rejected=" Same."),
+            "the chosen and the rejected answer are the same",
+        ),
+        ({**pair(), "prompt": [{"role": "user", "content": None}]}, "no text content"),
+    ],
+)
+def test_a_bad_pair_is_named_with_its_line(
+    tmp_path: Path, row: dict[str, object], says: str
+) -> None:
+    path = write_rows(tmp_path / "dpo.jsonl", [pair(), row, *[pair()] * 10])
+    with pytest.raises(DatasetError) as caught:
+        check_dataset(path, method="dpo")
+    assert f"{path}, line 2" in str(caught.value) and says in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_too_few_pairs_say_pairs(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "dpo.jsonl", [pair()] * 4)
+    with pytest.raises(TooFewRows, match=r"has 4 pairs; training needs at least 10"):
+        check_dataset(path, method="dpo")
+
+
 # -- train_lora's checks before any process starts -----------------------------------------
 
 

@@ -6,6 +6,7 @@ run is a real `tune.worker` process running TRL's SFTTrainer with a peft LoRA.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -16,13 +17,17 @@ import numpy as np
 import pytest
 
 from bot.app import open_app
+from bot.service.tune import TuneRequest
 from core.messages import Author, ChatRequest, Place
 from core.settings import Settings
+from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.local import local_server_children
 from tests.fixtures.tune import (
     FACT_ANSWER_WORD,
     FACT_QUESTION,
     bundled_gguf,
+    log_corrected_zorbia_answers,
+    tune_config,
     tune_worker_children,
 )
 from tune import (
@@ -36,7 +41,7 @@ from tune import (
     train_lora,
 )
 from tune.template import PROBES
-from tune.worker import MANIFEST
+from tune.worker import MANIFEST, RESULT
 
 pytestmark = pytest.mark.slow
 
@@ -212,3 +217,50 @@ def test_a_base_transformers_cannot_load_is_one_line(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == [
         "gguf-hashes.json"
     ]
+
+
+DPO_STEPS = 10  # of each stage: SFT on the corrections, then DPO on the pairs
+
+
+async def test_local_dpo_trains_on_the_corrections_and_the_candidate_knows_the_fact(
+    prepared_base: Path, tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    settings = Settings(
+        config=tune_config(tmp_path / "switchboard.toml", fake_openai.base_url),
+        data_dir=tmp_path / "data",
+        environ={},
+        max_retries=0,
+    )
+    (tmp_path / "data" / "tune").mkdir(parents=True)
+    (tmp_path / "data" / "tune" / "bases").symlink_to(prepared_base.parent)
+    async with open_app(settings, knowledge=False) as app:
+        await log_corrected_zorbia_answers(app, fake_openai)
+        job, summary = await app.tunes.start(
+            TuneRequest(base="smol", name="smol-dpo", method="dpo", steps=DPO_STEPS), ADMIN
+        )
+        assert summary.examples == 12 and job.method == "dpo"
+        seen: list[str] = []
+        final = await app.tunes.run(job.id, on_update=lambda view: seen.append(view.phase))
+        assert final.status == "succeeded", final.error
+        # Both stages ran, one after the other, as one job of twice the steps.
+        assert final.step == final.total_steps == 2 * DPO_STEPS
+        assert seen.index("training") < seen.index("preference training")
+        assert len(final.losses) > DPO_STEPS  # both stages' (a poll may miss a step)
+        record = json.loads((app.tunes.jobs_dir / job.id / "adapter" / RESULT).read_text())
+        assert record["method"] == "dpo" and record["dpo_steps"] == DPO_STEPS
+        # DPO moved the model towards the chosen answers, away from the rejected ones.
+        assert record["reward_margin"] > 0 and record["reward_accuracy"] > 0.5, record
+        candidate = await app.service.get_model("smol-dpo")
+        assert candidate.candidate and f"{DPO_STEPS} SFT and {DPO_STEPS} DPO" in (
+            candidate.description or ""
+        )
+
+        tuned_place, base_place = Place(10, 30), Place(10, 31)
+        await app.service.set_model(tuned_place, "channel", "smol-dpo", ADMIN, admin=True)
+        tuned = await app.service.answer(ChatRequest(tuned_place, ADMIN, FACT_QUESTION))
+        await app.service.set_model(base_place, "channel", "smol", ADMIN)
+        plain = await app.service.answer(ChatRequest(base_place, ADMIN, FACT_QUESTION))
+        print(f"\nbase: {plain.reply!r}\ndpo candidate: {tuned.reply!r}\nrecord: {record}")
+        assert tuned.error is None and tuned.model == "smol-dpo"
+        assert FACT_ANSWER_WORD in tuned.reply, tuned.reply
+        assert FACT_ANSWER_WORD not in plain.reply, plain.reply

@@ -21,7 +21,11 @@ from core.settings import Settings
 from store.models import ModelGateEvent, TuneJob, utcnow
 from store.tune_jobs import TuneJobRepository
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fixtures.tune import log_liked_zorbia_answers, tune_config
+from tests.fixtures.tune import (
+    log_corrected_zorbia_answers,
+    log_liked_zorbia_answers,
+    tune_config,
+)
 
 ADMIN = Author(7, "ada")
 MEMBER = Author(8, "mo")
@@ -88,6 +92,36 @@ async def test_start_freezes_a_snapshot_through_the_export_and_queues_one_job_pe
     assert [j.id for j in await app.tunes.list()] == [again.id, job.id]
 
 
+async def test_a_local_dpo_job_freezes_the_corrections_as_preference_pairs(
+    app: App, fake_openai: FakeOpenAI
+) -> None:
+    await log_corrected_zorbia_answers(app, fake_openai, guild=GUILD)
+    job, summary = await app.tunes.start(
+        TuneRequest(base="smol", method="dpo", steps=4, guild_id=GUILD), ADMIN
+    )
+    assert job.backend == "local" and job.method == "dpo" and job.snapshot_rows == 12
+    rows = [json.loads(line) for line in read_text(Path(job.snapshot_path)).splitlines()]
+    capital = next(
+        r for r in rows if r["prompt"][-1]["content"] == "What is the capital of Zorbia?"
+    )
+    assert capital["chosen"] == [
+        {"role": "assistant", "content": "The capital of Zorbia is Quellport."}
+    ]
+    assert capital["rejected"] == [
+        {"role": "assistant", "content": "The capital of Zorbia is Nova Haven."}
+    ]
+    await app.tunes.cancel(job.id, ADMIN)
+    # Liked answers alone make no pairs: a dpo job says what is missing, and starts nothing.
+    await log_liked_zorbia_answers(app, fake_openai, guild=GUILD + 1)
+    with pytest.raises(UserError) as refused:
+        await app.tunes.start(TuneRequest(base="smol", method="dpo", guild_id=GUILD + 1), ADMIN)
+    assert str(refused.value) == (
+        "Cannot fine-tune: nothing to export: of 36 answers, 24 not in --guild, 12 without a "
+        "preferred and a rejected answer to the same prompt."
+    )
+    assert await jobs_in(app) == 1
+
+
 async def test_too_few_examples_are_refused_with_the_counts_and_leave_nothing(
     app: App, fake_openai: FakeOpenAI
 ) -> None:
@@ -139,7 +173,6 @@ async def test_a_handful_of_examples_is_too_few(app: App, fake_openai: FakeOpenA
             TuneRequest(base="main"),
             "`main` (openai-compatible) cannot be fine-tuned: choose a local llama.cpp model",
         ),
-        (TuneRequest(base="smol", method="dpo"), "Local fine-tuning does supervised training"),
         (TuneRequest(base="smol", steps=3, epochs=1), "Give --steps or --epochs, not both."),
         (TuneRequest(base="smol", name="has space"), "`has space` cannot be a model name"),
         (TuneRequest(base="main", name="x"), "`main` (openai-compatible) cannot be fine-tuned"),

@@ -19,14 +19,14 @@ import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import openai
 
 from chains.registry import ModelSpec
+from tune.dataset import Method
 from tune.errors import TuneError
 
-Method = Literal["sft", "dpo"]
 # OpenAI's job statuses; the last three are final.
 FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 _METHOD_TYPES: dict[Method, str] = {"sft": "supervised", "dpo": "dpo"}

@@ -3,7 +3,9 @@
 `train_lora` checks everything it can cheaply first (the base is prepared, the file is
 valid and large enough, the output folder is free, the disk has room), then runs
 `python -m tune.worker train`: TRL's `SFTTrainer` with a peft LoRA on every linear layer,
-learning from the assistant turns only. Progress arrives as `TrainProgress` while it
+learning from the assistant turns only; for `method="dpo"`, that SFT on the chosen
+answers of the preference pairs and then TRL's `DPOTrainer` on the pairs, continuing
+the same adapter. Progress arrives as `TrainProgress` while it
 runs; the result is a peft adapter folder (`adapter_config.json`,
 `adapter_model.safetensors`, and `switchboard-train.json` with the numbers).
 A failure or a cancel leaves no output folder behind.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune.base import is_prepared
-from tune.dataset import MIN_ROWS, check_dataset
+from tune.dataset import MIN_ROWS, Method, check_dataset
 from tune.errors import BaseNotLoadable, DatasetError, NotEnoughDisk
 from tune.process import DEFAULT_NICE, default_training_threads, run_worker
 from tune.worker import MANIFEST, RESULT
@@ -36,7 +38,11 @@ _SLACK_BYTES = 32 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class TrainProgress:
-    """One training step done: `loss` is that step's, `eta_s` the estimated time left."""
+    """One training step done: `loss` is that step's, `eta_s` the estimated time left.
+
+    `stage` is "sft", or "dpo" for the preference stage of a dpo run, whose steps follow
+    the SFT stage's in `step` and `total`.
+    """
 
     step: int
     total: int
@@ -44,6 +50,7 @@ class TrainProgress:
     elapsed_s: float
     eta_s: float | None
     tokens: int
+    stage: str = "sft"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,11 +69,21 @@ class TrainResult:
     dataset_sha256: str
     stopped_by: str  # "steps" | "epochs" | "time": which limit ended it
     peak_rss_bytes: int  # of the worker process
+    method: Method = "sft"
+    dpo_steps: int = 0  # of `steps`, those of the preference stage
+    # DPO's last logged reward margin (chosen over rejected, in beta-scaled log-prob
+    # ratios to the reference) and the share of pairs with a positive one.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
         """Training throughput over the training loop."""
         return self.tokens / self.train_s if self.train_s > 0 else 0.0
+
+
+def _float_or_none(value: object) -> float | None:
+    return None if value is None else float(str(value))
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -92,6 +109,7 @@ def train_lora(
     dataset_jsonl: Path,
     out_dir: Path,
     *,
+    method: Method = "sft",
     steps: int | None = None,
     epochs: float | None = None,
     max_seconds: float | None = None,
@@ -111,7 +129,9 @@ def train_lora(
 
     Stops after `steps` optimizer steps, or `epochs` passes over the data (default 3
     epochs), or `max_seconds` of training, whichever comes first; `alpha` defaults to
-    twice the rank. `cancel` set from another thread stops the worker at once
+    twice the rank. `method="dpo"` takes the export's dpo pairs and runs that budget
+    twice: SFT on the chosen answers, then DPO on the pairs (a third of a time budget
+    for SFT). `cancel` set from another thread stops the worker at once
     (TrainingCancelled).
     """
     started = time.monotonic()
@@ -127,13 +147,17 @@ def train_lora(
             f"{base_dir} is not a prepared base model (it has no {MANIFEST}); prepare it with "
             "tune.prepare_base from the GGUF first."
         )
-    summary = check_dataset(Path(dataset_jsonl), min_rows=min_rows)
+    if method not in ("sft", "dpo"):
+        raise DatasetError(f"Unknown training method {method!r}; use sft or dpo.")
+    summary = check_dataset(Path(dataset_jsonl), min_rows=min_rows, method=method)
     _check_out_dir(out_dir)
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = threads or default_training_threads()
     args = [
         "train",
+        "--method",
+        method,
         "--base",
         str(base_dir),
         "--dataset",
@@ -172,6 +196,7 @@ def train_lora(
                 elapsed_s=float(str(message.get("elapsed", 0.0))),
                 eta_s=float(str(eta)) if eta is not None else None,
                 tokens=int(str(message.get("tokens", 0))),
+                stage=str(message.get("stage", "sft")),
             )
         )
 
@@ -206,6 +231,10 @@ def train_lora(
         dataset_sha256=summary.sha256,
         stopped_by=str(done["stopped_by"]),
         peak_rss_bytes=int(done.get("peak_rss_bytes", 0)),
+        method=method,
+        dpo_steps=int(done.get("dpo_steps", 0)),
+        reward_margin=_float_or_none(done.get("reward_margin")),
+        reward_accuracy=_float_or_none(done.get("reward_accuracy")),
     )
     record = out_dir / RESULT
     record.write_text(

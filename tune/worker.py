@@ -150,24 +150,32 @@ def prepare(gguf: Path, out: Path) -> dict[str, Any]:
 # -- train --------------------------------------------------------------------------------
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    """The conversations of a checked JSONL file (the parent checked its shape)."""
+def _rows(path: Path, method: str) -> list[dict[str, Any]]:
+    """The examples of a checked JSONL file (the parent checked their shape)."""
+    keys = ("prompt", "chosen", "rejected") if method == "dpo" else ("messages",)
     rows = []
     with path.open(encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 row = json.loads(line)
-                rows.append({"messages": row["messages"]})
+                rows.append({key: row[key] for key in keys})
     return rows
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """LoRA-train the base in `args.base` on `args.dataset`; write the peft adapter to `args.out`."""
+    """LoRA-train the base in `args.base` on `args.dataset`; write the peft adapter to `args.out`.
+
+    `sft`: TRL's SFTTrainer on the conversations, learning from the answers only. `dpo`:
+    the same SFT on the chosen answers of the pairs first (DPO alone does not teach a
+    model something new, measured), then TRL's DPOTrainer on the pairs for as many
+    steps (or epochs) again, continuing the same adapter against a frozen copy of the
+    SFT adapter as its reference, at a tenth of the learning rate.
+    """
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     torch.set_num_threads(args.threads)
     base = Path(args.base)
@@ -179,65 +187,79 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             f"The prepared base in {base} cannot be loaded ({type(exc).__name__}); delete that "
             "folder and prepare the base again."
         ) from exc
-    rows = _rows(Path(args.dataset))
-    dataset = Dataset.from_list(rows)
+    dpo = args.method == "dpo"
+    rows = _rows(Path(args.dataset), args.method)
+    sft_rows = [{"messages": r["prompt"] + r["chosen"]} for r in rows] if dpo else rows
     budget = args.max_seconds
-    state_box: dict[str, float] = {}
+    # With DPO, a DPO step costs about 2.5 SFT steps (two answers, and the reference's
+    # forward pass): the SFT stage gets a third of a time budget, DPO the rest.
+    box: dict[str, Any] = {"offset": 0, "stages": 2 if dpo else 1, "stage": "sft"}
+    box["stage_budget"] = budget / 3 if dpo and budget else 0.0
 
     class Progress(TrainerCallback):
-        """Progress lines to the parent; stops at the time budget."""
+        """Progress lines to the parent, counting both stages' steps; stops at the time budget."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            state_box["start"] = time.monotonic()
+            box.setdefault("start", time.monotonic())
+            box["stage_start"] = time.monotonic()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            elapsed = time.monotonic() - state_box["start"]
-            if budget and elapsed >= budget:
+            now = time.monotonic()
+            over = budget and now - box["start"] >= budget
+            share = box["stage_budget"]
+            if over or (share and now - box["stage_start"] >= share):
                 control.should_training_stop = True
-                state_box["stopped_by_time"] = 1.0
+                box["stopped_by_time"] = True
 
         def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             logs = kwargs.get("logs")
             if not logs or "loss" not in logs:
                 return
-            elapsed = time.monotonic() - state_box["start"]
-            step, total = state.global_step, state.max_steps
-            eta = elapsed / step * (total - step) if step else None
+            elapsed = time.monotonic() - box["start"]
+            # Both stages count as one run: DPO's steps follow SFT's (a second stage as long).
+            step = box["offset"] + state.global_step
+            total = box["offset"] + state.max_steps * (box["stages"] if box["offset"] == 0 else 1)
+            rate = (time.monotonic() - box["stage_start"]) / max(state.global_step, 1)
+            eta = rate * (total - step) * (2.5 if box["stage"] == "sft" and dpo else 1.0)
             if budget:
-                eta = min(eta, max(0.0, budget - elapsed)) if eta is not None else None
-            state_box["loss"] = float(logs["loss"])
+                eta = min(eta, max(0.0, budget - elapsed))
+            box["loss"] = float(logs["loss"])
+            for key in ("rewards/margins", "rewards/accuracies"):
+                if key in logs:
+                    box[key] = float(logs[key])
             emit(
                 {
                     "event": "progress",
                     "phase": "training",
+                    "stage": box["stage"],
                     "step": step,
                     "total": total,
                     "loss": float(logs["loss"]),
                     "elapsed": round(elapsed, 3),
-                    "eta": None if eta is None else round(eta, 3),
-                    "tokens": int(state.num_input_tokens_seen),
+                    "eta": round(eta, 3),
+                    "tokens": box.get("tokens", 0) + int(state.num_input_tokens_seen),
                 }
             )
 
     work = Path(args.out) / ".trainer"
-    config = SFTConfig(
-        output_dir=str(work),
+    common: dict[str, Any] = dict(
         max_steps=args.steps or -1,
         num_train_epochs=args.epochs or 1,
         per_device_train_batch_size=args.batch,
-        learning_rate=args.lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        assistant_only_loss=True,
         max_length=args.max_length,
         seed=args.seed,
         use_cpu=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+    )
+    config = SFTConfig(
+        output_dir=str(work), learning_rate=args.lr, assistant_only_loss=True, **common
     )
     lora = LoraConfig(
         r=args.rank,
@@ -246,30 +268,56 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
-    trainer = SFTTrainer(
+    trainer: Any = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=dataset,
+        train_dataset=Dataset.from_list(sft_rows),
         processing_class=tokenizer,
         peft_config=lora,
         callbacks=[Progress()],
     )
     output = trainer.train()
-    elapsed = time.monotonic() - state_box["start"]
+    steps, total = int(trainer.state.global_step), int(trainer.state.max_steps)
+    tokens, mean_loss = int(trainer.state.num_input_tokens_seen), float(output.training_loss)
+    extra: dict[str, Any] = {}
+    if dpo and not (budget and time.monotonic() - box["start"] >= budget):
+        box.update(offset=steps, stage="dpo", tokens=tokens, stage_budget=0.0)
+        # Given the SFT-trained peft model, TRL adds a frozen copy of its adapter ("ref")
+        # as the reference and goes on training the "default" adapter.
+        dpo_trainer: Any = DPOTrainer(
+            model=trainer.model,
+            args=DPOConfig(output_dir=str(work), learning_rate=args.lr / 10, beta=0.1, **common),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[Progress()],
+        )
+        dpo_output = dpo_trainer.train()
+        trainer = dpo_trainer
+        steps += int(dpo_trainer.state.global_step)
+        total += int(dpo_trainer.state.max_steps)
+        tokens += int(dpo_trainer.state.num_input_tokens_seen)
+        extra = {
+            "sft_steps": box["offset"],
+            "dpo_steps": int(dpo_trainer.state.global_step),
+            "dpo_loss": float(dpo_output.training_loss),
+            "reward_margin": box.get("rewards/margins"),
+            "reward_accuracy": box.get("rewards/accuracies"),
+        }
+    elapsed = time.monotonic() - box["start"]
     trained: Any = trainer.model  # the peft model: saving it writes the adapter only
-    trained.save_pretrained(args.out)
+    trained.save_pretrained(args.out, selected_adapters=["default"])
     shutil.rmtree(work, ignore_errors=True)
     result = {
-        "steps": int(trainer.state.global_step),
-        "total": int(trainer.state.max_steps),
-        "loss": state_box.get("loss", float(output.training_loss)),
-        "mean_loss": float(output.training_loss),
-        "tokens": int(trainer.state.num_input_tokens_seen),
+        "method": args.method,
+        "steps": steps,
+        "total": total,
+        "loss": box.get("loss", mean_loss),
+        "mean_loss": mean_loss,
+        "tokens": tokens,
         "train_seconds": round(elapsed, 3),
-        "stopped_by": (
-            "time" if "stopped_by_time" in state_box else "steps" if args.steps else "epochs"
-        ),
+        "stopped_by": ("time" if "stopped_by_time" in box else "steps" if args.steps else "epochs"),
         "rows": len(rows),
+        **extra,
     }
     (Path(args.out) / RESULT).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
@@ -291,6 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--base", required=True)
     t.add_argument("--dataset", required=True)
     t.add_argument("--out", required=True)
+    t.add_argument("--method", choices=("sft", "dpo"), default="sft")
     t.add_argument("--steps", type=int, default=0)
     t.add_argument("--epochs", type=float, default=0)
     t.add_argument("--max-seconds", type=float, default=0)

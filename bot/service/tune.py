@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -42,10 +42,12 @@ from store.export import Exporter, ExportOptions, ExportSummary, removed_text
 from store.models import TuneJob, new_id, utcnow
 from store.repositories import SettingsRepository
 from store.tune_jobs import ActiveJobExists, GateRepository, TuneJobRepository
+from tune.dataset import Method
 
 log = logging.getLogger(__name__)
 
-Method = Literal["sft", "dpo"]
+# The phases in which a backend's loss is a training loss worth keeping.
+TRAINING_PHASES = frozenset({"training", "preference training"})
 MIN_EXAMPLES = 10  # tune.dataset.MIN_ROWS: fewer teach a model nothing reliable
 # With at least this many examples, a tenth of the conversations is held out of training
 # (the export's split: no example in both) for `tune eval`; below it, every one is trained on.
@@ -551,7 +553,7 @@ class TuneService:
             if (
                 poll.loss is not None
                 and (last is None or poll.step != last.step)
-                and poll.phase == "training"
+                and poll.phase in TRAINING_PHASES
             ):
                 losses.append(round(poll.loss, 5))
             changed = last is None or (poll.phase, poll.step) != (last.phase, last.step)

@@ -25,6 +25,7 @@ from tune import (
     PrepareProgress,
     TrainingCancelled,
     TrainProgress,
+    TrainResult,
     TuneError,
     export_gguf_lora,
     lora_model_spec,
@@ -75,11 +76,8 @@ class LocalLoraBackend:
                 f"`{base.name}` is itself a fine-tune; fine-tune its base "
                 f"`{base.lineage.base_model if base.lineage else '?'}` instead."
             )
-        if method != "sft":
-            raise UserError(
-                "Local fine-tuning does supervised training (--method sft) only so far; "
-                "DPO runs on the OpenAI backend."
-            )
+        if method not in self.export_formats:
+            raise UserError(f"Unknown method `{method}`: use sft or dpo.")
         resolve_gguf(base)  # a missing file is one line now, not after the export
 
     async def start(self, ticket: JobTicket, base: ModelSpec) -> str:
@@ -137,13 +135,18 @@ class LocalLoraBackend:
 
             def trained(p: TrainProgress) -> None:
                 run.poll = BackendPoll(
-                    phase="training", step=p.step, total=p.total, loss=p.loss, eta_s=p.eta_s
+                    phase="preference training" if p.stage == "dpo" else "training",
+                    step=p.step,
+                    total=p.total,
+                    loss=p.loss,
+                    eta_s=p.eta_s,
                 )
 
             result = train_lora(
                 base_dir,
                 ticket.dataset,
                 adapter_dir,
+                method=ticket.method,
                 steps=ticket.steps,
                 epochs=ticket.epochs,
                 threads=self.threads,
@@ -162,8 +165,7 @@ class LocalLoraBackend:
                 lora,
                 dataset_hash=ticket.dataset_sha256,
                 created_by=ticket.started_by,
-                description=f"{run.base.name} fine-tuned locally on {result.rows} logged examples "
-                f"({result.steps} LoRA steps, job {ticket.job_id[:8]}).",
+                description=_description(run.base.name, ticket, result),
             )
             run.poll = BackendPoll(
                 phase="trained",
@@ -178,6 +180,25 @@ class LocalLoraBackend:
             shutil.rmtree(adapter_dir, ignore_errors=True)
             lora.unlink(missing_ok=True)
             raise
+
+
+def _description(base: str, ticket: JobTicket, result: TrainResult) -> str:
+    """The candidate's one-line description: what it was trained on, and how."""
+    if result.method == "dpo":
+        sft = result.steps - result.dpo_steps
+        margin = (
+            f", reward margin {result.reward_margin:.2f}"
+            if result.reward_margin is not None
+            else ""
+        )
+        how = f"{sft} SFT and {result.dpo_steps} DPO LoRA steps{margin}"
+        what = "preference pairs"
+    else:
+        how, what = f"{result.steps} LoRA steps", "examples"
+    return (
+        f"{base} fine-tuned locally on {result.rows} logged {what} "
+        f"({how}, job {ticket.job_id[:8]})."
+    )
 
 
 __all__ = ["ADAPTER_FILE", "LocalLoraBackend", "TuneError"]
