@@ -106,9 +106,11 @@ start() {
     local tries
     for tries in 1 2 3 4 5; do
         port=$(free_port)
-        # fsync off etc.: a throwaway test server trades durability for speed.
+        # fsync off etc.: a throwaway test server trades durability for speed. Autovacuum
+        # off: its worker (the superuser's) in a test's database made that test's
+        # `DROP DATABASE ... WITH (FORCE)` fail, as the test role may not end it.
         if as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 -c autovacuum=off" \
             start >/dev/null 2>&1; then
             break
         fi
