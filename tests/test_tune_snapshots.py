@@ -27,7 +27,6 @@ from store.models import Message, MessageInput
 from store.tune_jobs import TuneJobRepository
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fixtures.export import Log
-from tests.fixtures.tune import tune_config
 
 ALICE, BOB, CAROL, DAVE = (
     Author(1, "alice"),
@@ -44,24 +43,12 @@ TOPIC = {ALICE.id: "tea", BOB.id: "coffee"}
 
 
 @pytest.fixture
-def tune_settings(tmp_path: Path, fake_openai: FakeOpenAI) -> Settings:
-    return Settings(
-        config=tune_config(tmp_path / "switchboard.toml", fake_openai.base_url),
-        data_dir=tmp_path / "data",
-        environ={},
-        max_retries=0,
-        request_timeout=5,
-        messages_per_minute=0,
-        retention_days=30,
-    )
-
-
-@pytest.fixture
 async def app(tune_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[App]:
     # Half the conversations held out instead of a tenth: with 40 of them, both people's
     # are in both files but once in about a million runs (the split hashes random ids).
     monkeypatch.setattr(tune_module, "HOLD_OUT_SPLIT", 0.5)
-    async with open_app(tune_settings, knowledge=False) as app:
+    settings = tune_settings.model_copy(update={"retention_days": 30})
+    async with open_app(settings, knowledge=False) as app:
         yield app
 
 
