@@ -245,6 +245,8 @@ async def open_app(
             uploads=kb,
             snapshots=snapshots,
         )
+        # Before the writer closes (LIFO): rewrites begun for deleted messages finish.
+        stack.push_async_callback(privacy.settle)
         counter = TokenCounter()
         answerer = Answerer(models, counter)
         service = ChatService(

@@ -79,11 +79,11 @@ async def log_two_people(app: App, fake: FakeOpenAI) -> ChatResult:
     return follow_up
 
 
-async def start_job(app: App, *, finished: bool = False) -> JobView:
+async def start_job(
+    app: App, *, finished: bool = False, examples: int = 2 * PER_PERSON + 1
+) -> JobView:
     job, summary = await app.tunes.start(TuneRequest(base="smol", guild_id=GUILD), ADMIN)
-    assert summary.examples == 2 * PER_PERSON + 1 and Path(job.snapshot_path).name == (
-        "snapshot.train.jsonl"
-    )
+    assert summary.examples == examples and Path(job.snapshot_path).name == ("snapshot.train.jsonl")
     if finished:  # as if it trained: what it trained on stays its record
         async with app.sessions() as session, session.begin():
             await TuneJobRepository(session).finish_if_active(
@@ -238,6 +238,30 @@ async def test_a_queued_job_trains_on_what_is_left(app: App, fake_openai: FakeOp
     assert set(askers(train)) == {"tea"}
     assert now.snapshot_sha256 == hashlib.sha256(train.read_bytes()).hexdigest()
     assert now.snapshot_rows == len(askers(train)) and now.status == "queued"
+
+
+async def test_a_deleted_discord_message_takes_its_lines_out(
+    app: App, fake_openai: FakeOpenAI
+) -> None:
+    await log_two_people(app, fake_openai)
+    deleted = await app.service.answer(
+        ChatRequest(PLACE, ALICE, "tea question to delete?", discord_message_id=555)
+    )
+    assert deleted.message_id is not None
+    await app.writer.drain()
+    await app.service.vote(deleted.message_id, CAROL, 1, source="terminal")
+    await app.writer.drain()
+    job = await start_job(app, examples=2 * PER_PERSON + 2)
+    assert any(b"tea question to delete?" in data for data in contents(job).values())
+
+    await app.service.message_deleted(555)
+    await app.writer.drain()
+    await app.service.privacy.settle()
+    assert not any(b"tea question to delete?" in data for data in contents(job).values())
+    manifest = check_consistent(job)
+    (later,) = manifest["removed_later"]
+    assert later["cause"] == "deleted" and later["lines"] == 1
+    assert manifest["counts"]["examples"] == 2 * PER_PERSON + 1
 
 
 # --- retention --------------------------------------------------------------------------------

@@ -191,6 +191,7 @@ class Privacy:
         self._reads: dict[int, asyncio.Future[bool]] = {}
         self._batch: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._prunes: set[asyncio.Future[None]] = set()  # snapshots rewritten for deleted messages
         self._generation = 0  # bumped by every choice, so reads begun before it are not cached
         self._deleted: LRU[int, bool] = LRU(REMEMBERED_DELETIONS)  # Discord messages deleted
         # user id -> the `mark` just after they were forgotten.
@@ -404,8 +405,13 @@ class Privacy:
         if self.snapshots is not None and removal.message_ids:
             # After the deletion, in the background: the log writer does not wait on files.
             task = asyncio.ensure_future(self._prune_deleted(set(removal.message_ids)))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._prunes.add(task)
+            task.add_done_callback(self._prunes.discard)
+
+    async def settle(self) -> None:
+        """Wait for the snapshot rewrites that deleted Discord messages began (at close)."""
+        while self._prunes:
+            await asyncio.gather(*self._prunes, return_exceptions=True)
 
     async def _prune_deleted(self, message_ids: set[str]) -> None:
         taken = await self._snapshots_done(await self._snapshot_pass("deleted"), message_ids)
