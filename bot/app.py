@@ -34,6 +34,7 @@ from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
 from bot.service.privacy import Privacy
 from bot.service.tune import TuneService
+from bot.service.tune_snapshots import TuneSnapshots
 from chains.answer import Answerer
 from chains.models import ClientConfig
 from chains.registry import ModelRegistry, ModelSpec
@@ -232,7 +233,20 @@ async def open_app(
 
         conversations = ConversationIndex(sessions, writer)
         place_settings = PlaceSettings(sessions, registry, retention_days=settings.retention_days)
-        privacy = Privacy(sessions, writer, exchange_log, conversations, place_settings, uploads=kb)
+        tune_dir = settings.data_dir / "tune"
+        # The fine-tune snapshots, which forgetting and retention rewrite (and tunes make).
+        snapshots = TuneSnapshots(sessions, tune_dir / "jobs")
+        privacy = Privacy(
+            sessions,
+            writer,
+            exchange_log,
+            conversations,
+            place_settings,
+            uploads=kb,
+            snapshots=snapshots,
+        )
+        # Before the writer closes (LIFO): rewrites begun for deleted messages finish.
+        stack.push_async_callback(privacy.settle)
         counter = TokenCounter()
         answerer = Answerer(models, counter)
         service = ChatService(
@@ -274,7 +288,6 @@ async def open_app(
         from bot.service.tune_local import LocalLoraBackend
         from bot.service.tune_openai import OpenAIBackend
 
-        tune_dir = settings.data_dir / "tune"
         tunes = TuneService(
             sessions,
             catalog,
@@ -287,6 +300,7 @@ async def open_app(
                 ),
             },
             jobs_dir=tune_dir / "jobs",
+            snapshots=snapshots,
         )
         stack.push_async_callback(tunes.aclose)
         yield App(

@@ -643,12 +643,13 @@ def db_purge(
     settings = _settings()
     _logging(settings, quiet=True)
 
-    async def main() -> None:
+    async def main() -> int:
         from bot.app import open_app
         from bot.present import purge_line
 
         async with open_app(settings, knowledge=False) as sb:
             report = await sb.service.purge(dry_run=dry_run)
         out.print(purge_line(report))
+        return 1 if report.snapshots_problem else 0  # the rows went; a snapshot did not
 
-    _run(main)
+    raise typer.Exit(_run(main))

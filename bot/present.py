@@ -385,12 +385,32 @@ def forget_line(report: ForgetReport) -> str:
             renamed.append(_count(report.documents, "document"))
         if renamed:
             line += f" Your name was taken off {' and '.join(renamed)}."
+        line += _snapshot_words(report.snapshot_lines)
     if report.documents_problem:
         line += (
             f" Your name could not be taken off your documents ({report.documents_problem}); "
             "run the command again later."
         )
+    if report.snapshots_problem:
+        line += f" {_snapshots_problem(report.snapshots_problem)}"
     return line
+
+
+def _snapshot_words(lines: int) -> str:
+    """ " 3 examples built on them were taken out of fine-tuning snapshots.", or ""."""
+    if not lines:
+        return ""
+    return (
+        f" {_count(lines, 'example')} built on them "
+        f"{'was' if lines == 1 else 'were'} taken out of fine-tuning snapshots."
+    )
+
+
+def _snapshots_problem(problem: str) -> str:
+    return (
+        f"A fine-tuning snapshot could not be rewritten ({problem}); the bot's admin has to "
+        "fix that, and the next deletion tries again."
+    )
 
 
 def purge_line(report: PurgeReport) -> str:
@@ -414,7 +434,10 @@ def purge_line(report: PurgeReport) -> str:
     )
     if report.dry_run:
         return f"Would delete {what}; nothing was changed ({policy})."
-    return f"Deleted {what} ({policy})."
+    line = f"Deleted {what} ({policy})." + _snapshot_words(report.snapshot_lines)
+    if report.snapshots_problem:
+        line += f" {_snapshots_problem(report.snapshots_problem)}"
+    return line
 
 
 def export_summary_lines(summary: ExportSummary) -> list[str]:

@@ -94,6 +94,26 @@ class TuneJobRepository:
         """Change some of a job's columns."""
         await self.session.execute(update(TuneJob).where(TuneJob.id == job_id).values(**fields))
 
+    async def resnapshot(self, job_id: str, sha256: str, rows: int) -> bool:
+        """A queued job's snapshot after lines were taken out of it (it has not trained
+        yet, so it will train on what is left); whether the job was still queued. A job
+        that started keeps what it recorded: that is what it was trained on."""
+        result = await self.session.execute(
+            update(TuneJob)
+            .where(TuneJob.id == job_id, TuneJob.status == "queued")
+            .values(snapshot_sha256=sha256, snapshot_rows=rows)
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def fail_if_queued(self, job_id: str, error: str) -> bool:
+        """Fail a job that has not started (its snapshot is gone); whether it was queued."""
+        result = await self.session.execute(
+            update(TuneJob)
+            .where(TuneJob.id == job_id, TuneJob.status == "queued")
+            .values(status="failed", phase="failed", error=error, finished_at=utcnow())
+        )
+        return bool(getattr(result, "rowcount", 0))
+
     async def finish_if_active(self, job_id: str, **fields: Any) -> bool:
         """Finish a job unless something else finished it first; whether this did."""
         result = await self.session.execute(

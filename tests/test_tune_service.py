@@ -21,28 +21,12 @@ from core.settings import Settings
 from store.models import ModelGateEvent, TuneJob, utcnow
 from store.tune_jobs import TuneJobRepository
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fixtures.tune import (
-    log_corrected_zorbia_answers,
-    log_liked_zorbia_answers,
-    tune_config,
-)
+from tests.fixtures.tune import log_corrected_zorbia_answers, log_liked_zorbia_answers
 
 ADMIN = Author(7, "ada")
 MEMBER = Author(8, "mo")
 GUILD = 10
 PLACE = Place(GUILD, 20)
-
-
-@pytest.fixture
-def tune_settings(tmp_path: Path, fake_openai: FakeOpenAI) -> Settings:
-    return Settings(
-        config=tune_config(tmp_path / "switchboard.toml", fake_openai.base_url),
-        data_dir=tmp_path / "data",
-        environ={},
-        max_retries=0,
-        request_timeout=5,
-        messages_per_minute=0,
-    )
 
 
 @pytest.fixture

@@ -165,7 +165,9 @@ class PrivacyCog(commands.Cog):
         except Exception as exc:
             log.warning("the daily purge failed (%s); it runs again tomorrow", exc)
             return
-        if report.messages:
+        if report.snapshots_problem:  # the owners read the log; nobody is waiting on a reply
+            log.error("retention: %s", purge_line(report))
+        elif report.messages:
             log.info("retention: %s", purge_line(report))
 
     # ------------------------------------------------------------ /privacy

@@ -11,7 +11,9 @@ memory, so the conversation goes on.
 Forgetting a person (`forget`), a Discord message deleted (`message_deleted`) and retention
 (`purge`) delete through `store.repositories.PrivacyRepository`; the turn cache forgets the
 same messages, and the log is told the ids deleted (`ExchangeLog.forget_ids`), so that an
-answer being written while they went is not stored on top of them.
+answer being written while they went is not stored on top of them. The fine-tuning
+snapshots (`Snapshots`: `bot.service.tune_snapshots`, wired in `bot.app`) are told them
+too, and rewritten without the lines built on them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -64,6 +66,32 @@ class Uploads(Protocol):
     async def forget_uploader(self, uploader_id: int | None, name: str | None = None) -> int: ...
 
 
+class SnapshotsTaken(Protocol):
+    """What a pass over the fine-tuning snapshots took out of them."""
+
+    @property
+    def lines(self) -> int: ...
+    @property
+    def problem(self) -> str | None: ...
+
+
+class SnapshotPass(Protocol):
+    """One deletion's pass over the snapshots: told the ids deleted, then finished."""
+
+    def note(self, message_ids: Collection[str]) -> None: ...
+    async def finish(self) -> SnapshotsTaken: ...
+
+
+class Snapshots(Protocol):
+    """What deleting needs of the fine-tuning snapshots (`tune_snapshots.TuneSnapshots`).
+
+    `cause` is "forget", "retention" or "deleted" (a Discord message); `finish` never
+    raises: what could not be rewritten is its `problem`.
+    """
+
+    async def pruning(self, cause: str) -> SnapshotPass: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PrivacyStatus:
     """What is stored about a person, and what they chose."""
@@ -87,6 +115,9 @@ class ForgetReport:
     documents: int  # no longer carrying their name as uploader
     # Set when the documents could not be changed (the database part is done).
     documents_problem: str | None = None
+    snapshot_lines: int = 0  # lines taken out of fine-tuning snapshots
+    # Set when a snapshot could not be rewritten (the database part is done).
+    snapshots_problem: str | None = None
 
     @property
     def nothing(self) -> bool:
@@ -99,6 +130,7 @@ class ForgetReport:
             or self.conversations
             or self.setting_changes
             or self.documents
+            or self.snapshot_lines
         )
 
 
@@ -112,6 +144,8 @@ class PurgeReport:
     conversations: int  # left empty, so removed
     default_days: int | None  # the bot's retention (None: keep)
     servers: dict[int, int]  # servers with their own (days; 0: keep)
+    snapshot_lines: int = 0  # lines taken out of fine-tuning snapshots (never in a dry run)
+    snapshots_problem: str | None = None  # a snapshot that could not be rewritten
 
     @property
     def messages(self) -> int:
@@ -137,6 +171,7 @@ class Privacy:
         place_settings: PlaceSettings,
         *,
         uploads: Uploads | None = None,
+        snapshots: Snapshots | None = None,
         ttl: float = OPT_OUT_TTL_S,
         clock: Callable[[], float] = time.monotonic,
         today: Callable[[], date] = lambda: datetime.now(UTC).date(),
@@ -147,6 +182,7 @@ class Privacy:
         self.conversations = conversations
         self.place_settings = place_settings
         self.uploads = uploads
+        self.snapshots = snapshots
         self.ttl = ttl
         self.clock = clock
         self.today = today
@@ -155,6 +191,7 @@ class Privacy:
         self._reads: dict[int, asyncio.Future[bool]] = {}
         self._batch: list[int] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._prunes: set[asyncio.Future[None]] = set()  # snapshots rewritten for deleted messages
         self._generation = 0  # bumped by every choice, so reads begun before it are not cached
         self._deleted: LRU[int, bool] = LRU(REMEMBERED_DELETIONS)  # Discord messages deleted
         # user id -> the `mark` just after they were forgotten.
@@ -324,10 +361,12 @@ class Privacy:
             raise StorageUnavailable(
                 "Nothing was deleted: the log is still being written. Try again in a minute."
             ) from None
+        snapshots = await self._snapshot_pass("forget")
         async with self._database("delete what is stored about you") as session:
             async with session.begin():
                 done = await PrivacyRepository(session).forget_person(author.id)
         self._forget_in_memory(done.removed, author.id)
+        taken = await self._snapshots_done(snapshots, done.removed.message_ids)
         documents, problem = 0, None
         if self.uploads is not None:
             try:
@@ -347,6 +386,8 @@ class Privacy:
             setting_changes=done.setting_changes,
             documents=documents,
             documents_problem=problem,
+            snapshot_lines=taken.lines if taken else 0,
+            snapshots_problem=taken.problem if taken else None,
         )
 
     def message_deleted(self, discord_message_id: int) -> None:
@@ -357,9 +398,25 @@ class Privacy:
         answer still being written for it is not stored.
         """
         self._deleted.put(discord_message_id, True)
-        self.exchange_log.delete_discord_prompt(
-            discord_message_id, lambda removal: self._forget_in_memory(removal)
-        )
+        self.exchange_log.delete_discord_prompt(discord_message_id, self._message_gone)
+
+    def _message_gone(self, removal: Removal) -> None:
+        self._forget_in_memory(removal)
+        if self.snapshots is not None and removal.message_ids:
+            # After the deletion, in the background: the log writer does not wait on files.
+            task = asyncio.ensure_future(self._prune_deleted(set(removal.message_ids)))
+            self._prunes.add(task)
+            task.add_done_callback(self._prunes.discard)
+
+    async def settle(self) -> None:
+        """Wait for the snapshot rewrites that deleted Discord messages began (at close)."""
+        while self._prunes:
+            await asyncio.gather(*self._prunes, return_exceptions=True)
+
+    async def _prune_deleted(self, message_ids: set[str]) -> None:
+        taken = await self._snapshots_done(await self._snapshot_pass("deleted"), message_ids)
+        if taken is not None and taken.problem:
+            log.error("a deleted message's snapshot lines were not removed: %s", taken.problem)
 
     async def purge(self, *, dry_run: bool = False, now: datetime | None = None) -> PurgeReport:
         """Delete the exchanges older than their server's retention (else the bot's).
@@ -376,6 +433,7 @@ class Privacy:
             for guild_id, days in overrides.items()
         }
         default_cutoff = now - timedelta(days=default) if default else None
+        snapshots = None if dry_run else await self._snapshot_pass("retention")
         total = Removal()
         after = None
         while True:
@@ -392,8 +450,11 @@ class Privacy:
             after = batch[-1]  # keyset pagination: a dry run deletes nothing, so page on
             if not dry_run:  # expired, not forgotten: answers built on them may stay
                 self._forget_in_memory(removal, words=False)
+                if snapshots is not None:  # keeps only the ids some snapshot line names
+                    snapshots.note(removal.message_ids)
             removal.message_ids = set()  # counted; no need to hold every id of a big purge
             total.add(removal)
+        taken = await self._snapshots_done(snapshots, ())
         prompts = total.kinds.get("prompt", 0)
         return PurgeReport(
             dry_run=dry_run,
@@ -402,7 +463,30 @@ class Privacy:
             conversations=total.conversations,
             default_days=default,
             servers=overrides,
+            snapshot_lines=taken.lines if taken else 0,
+            snapshots_problem=taken.problem if taken else None,
         )
+
+    async def _snapshot_pass(self, cause: str) -> SnapshotPass | None:
+        """A pass over the fine-tuning snapshots, begun before the deletion; None without
+        snapshots, or when they cannot be read (the deletion goes on: said in the log)."""
+        if self.snapshots is None:
+            return None
+        try:
+            return await self.snapshots.pruning(cause)
+        except Exception:
+            log.exception("the fine-tuning snapshots could not be read")
+            return None
+
+    @staticmethod
+    async def _snapshots_done(
+        snapshots: SnapshotPass | None, message_ids: Collection[str]
+    ) -> SnapshotsTaken | None:
+        """The snapshots rewritten without the lines built on what was deleted."""
+        if snapshots is None:
+            return None
+        snapshots.note(message_ids)
+        return await snapshots.finish()
 
     def _forget_in_memory(
         self, removal: Removal, author_id: int | None = None, *, words: bool = True

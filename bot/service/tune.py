@@ -35,10 +35,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot.service.evaluate import EvalExample
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
+from bot.service.tune_snapshots import TuneSnapshots
 from chains.registry import Lineage, ModelSpec
 from core.errors import NotFound, UserError
 from core.messages import Author, Place
-from store.export import Exporter, ExportOptions, ExportSummary, removed_text
+from store.export import Exporter, ExportOptions, ExportSummary, removed_text, sources_path
 from store.models import TuneJob, new_id, utcnow
 from store.repositories import SettingsRepository
 from store.tune_jobs import ActiveJobExists, GateRepository, TuneJobRepository
@@ -260,6 +261,7 @@ class TuneService:
         exporter: Exporter,
         backends: dict[str, TuneBackend],
         jobs_dir: Path,
+        snapshots: TuneSnapshots | None = None,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -267,6 +269,8 @@ class TuneService:
         self.exporter = exporter
         self.backends = backends
         self.jobs_dir = Path(jobs_dir)
+        # What forgetting and retention take out of the snapshots (the same one `Privacy` has).
+        self.snapshots = snapshots or TuneSnapshots(sessions, self.jobs_dir)
         self._tasks: dict[str, asyncio.Task[JobView]] = {}
 
     def backend_for(self, base: ModelSpec) -> TuneBackend:
@@ -325,40 +329,54 @@ class TuneService:
         folder = self.jobs_dir / job_id
         folder.mkdir(parents=True)
         try:
-            summary, data = await self._snapshot(request, backend, folder)
-            job = TuneJob(
-                id=job_id,
-                guild_id=request.guild_id,
-                name=name,
-                base_model=base.name,
-                backend=backend.kind,
-                method=request.method,
-                snapshot_path=str(data.path),
-                snapshot_sha256=data.sha256,
-                snapshot_rows=data.examples,
-                filters=_filters(request),
-                steps=request.steps,
-                epochs=request.epochs,
-                status="queued",
-                phase="queued",
-                step=0,
-                losses=[],
-                cancel_requested=False,
-                started_by=actor_text(actor),
-                created_at=utcnow(),
-            )
-            async with self.sessions() as session, session.begin():
-                try:
-                    await TuneJobRepository(session).add(job)
-                except ActiveJobExists:
-                    busy = await TuneJobRepository(session).active(request.guild_id)
-                    raise UserError(
-                        _busy(busy) if busy else "Another job just started here."
-                    ) from None
+            # Messages deleted while the snapshot is made are taken out of it at the end.
+            async with self.snapshots.making(folder):
+                summary = await self._record(job_id, name, base, backend, request, actor, folder)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return await self.job(job_id), summary
+
+    async def _record(
+        self,
+        job_id: str,
+        name: str,
+        base: ModelSpec,
+        backend: TuneBackend,
+        request: TuneRequest,
+        actor: Author,
+        folder: Path,
+    ) -> ExportSummary:
+        """Make the snapshot in `folder` and record the queued job."""
+        summary, data = await self._snapshot(request, backend, folder)
+        job = TuneJob(
+            id=job_id,
+            guild_id=request.guild_id,
+            name=name,
+            base_model=base.name,
+            backend=backend.kind,
+            method=request.method,
+            snapshot_path=str(data.path),
+            snapshot_sha256=data.sha256,
+            snapshot_rows=data.examples,
+            filters=_filters(request),
+            steps=request.steps,
+            epochs=request.epochs,
+            status="queued",
+            phase="queued",
+            step=0,
+            losses=[],
+            cancel_requested=False,
+            started_by=actor_text(actor),
+            created_at=utcnow(),
+        )
+        async with self.sessions() as session, session.begin():
+            try:
+                await TuneJobRepository(session).add(job)
+            except ActiveJobExists:
+                busy = await TuneJobRepository(session).active(request.guild_id)
+                raise UserError(_busy(busy) if busy else "Another job just started here.") from None
+        return summary
 
     async def _snapshot(
         self, request: TuneRequest, backend: TuneBackend, folder: Path
@@ -373,19 +391,22 @@ class TuneService:
             until=request.until,
             include_unrated=request.include_unrated,
         )
+        # With sources: which logged messages each line was built from, so that forgetting
+        # a person or retention can take those lines out later (`tune_snapshots`).
+        out = folder / "snapshot.jsonl"
         try:
-            summary = await self.exporter.run(options, folder / "snapshot.jsonl")
+            summary = await self.exporter.run(options, out, sources=True)
             if summary.examples >= HOLD_OUT_FROM:
                 held = await self.exporter.run(
-                    replace(options, split=HOLD_OUT_SPLIT), folder / "snapshot.jsonl"
+                    replace(options, split=HOLD_OUT_SPLIT), out, sources=True
                 )
                 train, validation = held.files
                 if train.examples >= MIN_EXAMPLES and validation.examples:
-                    (folder / "snapshot.jsonl").unlink(missing_ok=True)
+                    _remove_data(out)
                     return held, train
                 for file in held.files:  # an unlucky split: train on everything
-                    file.path.unlink(missing_ok=True)
-                summary = await self.exporter.run(options, folder / "snapshot.jsonl")
+                    _remove_data(file.path)
+                summary = await self.exporter.run(options, out, sources=True)
         except UserError as exc:  # "Nothing to export: of 40 answers, 30 unrated, ..."
             raise UserError(f"Cannot fine-tune: {str(exc)[0].lower()}{str(exc)[1:]}") from None
         if summary.examples < MIN_EXAMPLES:
@@ -888,6 +909,12 @@ def _discard(folder: Path) -> None:
     """Remove what a failed or cancelled job made, keeping its snapshot."""
     shutil.rmtree(folder / "adapter", ignore_errors=True)
     (folder / "adapter.gguf").unlink(missing_ok=True)
+
+
+def _remove_data(path: Path) -> None:
+    """A data file of the snapshot no longer used, with its sources."""
+    path.unlink(missing_ok=True)
+    sources_path(path).unlink(missing_ok=True)
 
 
 def _read_lines(path: Path) -> list[str]:

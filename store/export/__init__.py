@@ -5,7 +5,8 @@ The adapters (`switchboard export`, `/export`) build `ExportOptions` and call
 and model registry. See `run` for how an export goes, `formats` for the five formats and
 their rules, `redact` for what personal data goes, `select` for the SQL, `prompts` for the logged prompts
 that `switchboard eval --from-log` tries models on, `manifest` for
-what is recorded beside the files.
+what is recorded beside the files, `prune` for taking lines out of an export made with
+sources once what they were built from is deleted.
 """
 
 from store.export.options import (
@@ -25,10 +26,12 @@ from store.export.run import (
     MessageCounter,
     ModelTarget,
     Progress,
+    SourcesFile,
     check_writable,
     manifest_path,
     output_paths,
     removed_text,
+    sources_path,
 )
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "MessageCounter",
     "ModelTarget",
     "Progress",
+    "SourcesFile",
     "check_writable",
     "logged_prompts",
     "manifest_path",
@@ -52,4 +56,5 @@ __all__ = [
     "parse_format",
     "parse_when",
     "removed_text",
+    "sources_path",
 ]

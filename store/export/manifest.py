@@ -4,7 +4,10 @@
 examples, tokens, and what each filter and check removed), each file's size and sha256,
 the redaction policy and the placeholders written, the database's schema revision, the
 estimated training cost, and, for KTO, the desirable and undesirable counts with the
-weights that balance them. It is written like the data: to a temporary file, renamed.
+weights that balance them; with provenance, each data file's sidecar. It is written like
+the data: to a temporary file, renamed. When a forget or retention later removes lines
+from the files (`prune`), their counts and hashes are brought up to date and
+`removed_later` records how many lines went, when and why (never whose).
 """
 
 from __future__ import annotations
@@ -86,6 +89,18 @@ def manifest(
                 "tokens": f.tokens,
                 "bytes": f.bytes,
                 "sha256": f.sha256,
+                # The provenance sidecar (only where asked for: a fine-tune's snapshot).
+                **(
+                    {
+                        "sources": {
+                            "name": f.sources.path.name,
+                            "bytes": f.sources.bytes,
+                            "sha256": f.sources.sha256,
+                        }
+                    }
+                    if f.sources is not None
+                    else {}
+                ),
             }
             for f in summary.files
         ],

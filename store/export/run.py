@@ -11,6 +11,13 @@ redaction, too long for the target model, an exact duplicate. Examples go to tem
 files beside the output (train and validation by a hash of the conversation, so no
 conversation is in both); then every line is read back and checked against the
 format's rules, and only then are the files renamed into place, with the manifest.
+
+Asked for `sources` (a fine-tune's snapshot is), each data file gets a sidecar
+(`<file>.sources`) line-aligned with it: for each example, the ids of the logged
+messages it was built from (the target, the other side of a pair, the prompt, every
+history message: `message_inputs`) and its tokens; ids only, no text. Forgetting a
+person or retention later removes the lines built on what they delete (`prune`). An
+ordinary export does not look the ids up.
 """
 
 from __future__ import annotations
@@ -60,6 +67,7 @@ REASONS: tuple[str, ...] = (
 )
 _OK_STATUSES = frozenset({"ok", "fallback", None})
 _CONTESTS = frozenset({"battle", "comparison"})  # answers people pick the better of
+SOURCES_SUFFIX = ".sources"  # the provenance sidecar beside a data file
 
 Progress = Callable[[int, int], None]  # (candidates done, candidates in all)
 T = TypeVar("T")
@@ -81,6 +89,15 @@ class ModelTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class SourcesFile:
+    """A data file's provenance sidecar: one line per example, the ids it was built from."""
+
+    path: Path
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class ExportFile:
     """One file written: all examples, or the train or validation share."""
 
@@ -90,6 +107,33 @@ class ExportFile:
     tokens: int
     bytes: int
     sha256: str
+    sources: SourcesFile | None = None  # asked for with `sources`
+
+
+def sources_path(data: Path) -> Path:
+    """The provenance sidecar of the data file `data`."""
+    return data.with_name(data.name + SOURCES_SUFFIX)
+
+
+def sources_line(message_ids: Iterable[str], tokens: int) -> bytes:
+    """One sidecar line: an example's tokens and the sorted ids it was built from."""
+    return (json.dumps({"tokens": tokens, "sources": sorted(set(message_ids))}) + "\n").encode()
+
+
+def sources_problem(line: bytes) -> str | None:
+    """What is wrong with one sidecar line, or None."""
+    try:
+        entry = json.loads(line)
+    except ValueError as exc:
+        return str(exc)
+    if (
+        not isinstance(entry, dict)
+        or type(entry.get("tokens")) is not int
+        or not isinstance(entry.get("sources"), list)
+        or not all(isinstance(i, str) for i in entry["sources"])
+    ):
+        return "not {tokens, sources}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +166,9 @@ class _Output:
 
     final: Path
     split: str
+    with_sources: bool = False
     temp: Path = field(init=False)
+    sidecar: _Output | None = field(init=False, default=None)
     examples: int = 0
     tokens: int = 0
     size: int = 0
@@ -131,16 +177,22 @@ class _Output:
         self.temp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.tmp")
         self._file = open(self.temp, "wb", buffering=1 << 20)  # noqa: SIM115 (closed in close)
         self._hash = hashlib.sha256()
+        if self.with_sources:
+            self.sidecar = _Output(sources_path(self.final), self.split)
 
-    def write(self, line: bytes, tokens: int) -> None:
+    def write(self, line: bytes, tokens: int, sources: Iterable[str] = ()) -> None:
         self._file.write(line)
         self._hash.update(line)
         self.examples += 1
         self.tokens += tokens
         self.size += len(line)
+        if self.sidecar is not None:
+            self.sidecar.write(sources_line(sources, tokens), 0)
 
     def close(self) -> None:
         self._file.close()
+        if self.sidecar is not None:
+            self.sidecar.close()
 
     @property
     def sha256(self) -> str:
@@ -149,6 +201,8 @@ class _Output:
     def discard(self) -> None:
         self._file.close()
         self.temp.unlink(missing_ok=True)
+        if self.sidecar is not None:
+            self.sidecar.discard()
 
 
 class _Seen:
@@ -226,9 +280,15 @@ class Exporter:
         self.default_model = default_model
 
     async def run(
-        self, options: ExportOptions, out: Path, progress: Progress | None = None
+        self,
+        options: ExportOptions,
+        out: Path,
+        progress: Progress | None = None,
+        *,
+        sources: bool = False,
     ) -> ExportSummary:
-        """Export to `out` (with a split, to its .train and .validation siblings)."""
+        """Export to `out` (with a split, to its .train and .validation siblings); with
+        `sources`, each data file with its provenance sidecar (see the module)."""
         out = check_writable(out)
         targets = dict(self.targets())
         async with self.sessions() as session:
@@ -241,13 +301,13 @@ class Exporter:
             unlogged = await select.unlogged(session)
             corrected = await select.corrected_answers(session, options)
             names = await select.member_names(session, options) if options.redact else {}
-        run = _Run(self, options, out, targets, names, counts, corrected, people, unlogged)
+        run = _Run(self, options, out, targets, names, counts, corrected, people, unlogged, sources)
         try:
             if counts.kept:
                 async with (
                     self.sessions() as session,
                     contextlib.aclosing(
-                        _ahead(select.stream_candidates(session, options))
+                        _ahead(select.stream_candidates(session, options, sources=sources))
                     ) as batches,
                 ):
                     async for batch in batches:
@@ -313,8 +373,10 @@ class _Run:
         corrected: set[str],
         people: select.OptedOut,
         unlogged: select.Unlogged,
+        sources: bool = False,
     ) -> None:
         self.options = options
+        self.sources = sources
         self.fmt: Format = options.format
         self.out = out
         self.targets = targets
@@ -340,7 +402,8 @@ class _Run:
         self._cache: dict[tuple[int | None, str, str], _Cached] = {}
         self._group: list[Row[Any]] = []
         self.outputs = {
-            split: _Output(path, split) for split, path in output_paths(out, options.split).items()
+            split: _Output(path, split, sources)
+            for split, path in output_paths(out, options.split).items()
         }
         self.seen = _Seen(out.parent)
         self._finished = False
@@ -426,7 +489,7 @@ class _Run:
             example = formats.kto_example(prompt, text, label)
         else:
             example = formats.chat_example(self.fmt, prompt, text)
-        if self._write(example, row, tokens + more, found):
+        if self._write(example, row, tokens + more, found, (row,)):
             self.labels[label] += 1
 
     def flush_group(self) -> None:
@@ -478,7 +541,7 @@ class _Run:
             if good is None or bad is None:
                 continue
             example = formats.pair_example(self.fmt, prompt, good[0], bad[0])
-            self._write(example, chosen, tokens + good[1] + bad[1], found)
+            self._write(example, chosen, tokens + good[1] + bad[1], found, (chosen, other))
 
     # -------------------------------------------------------------- building
 
@@ -551,9 +614,15 @@ class _Run:
         return target
 
     def _write(
-        self, example: dict[str, Any], row: Row[Any], tokens: int, found: list[dict[str, int]]
+        self,
+        example: dict[str, Any],
+        row: Row[Any],
+        tokens: int,
+        found: list[dict[str, int]],
+        made_of: Sequence[Row[Any]],
     ) -> bool:
-        """Check and write one example; False (counted) when it is left out."""
+        """Check and write one example (made of the candidates `made_of`); False (counted)
+        when it is left out."""
         if formats.problem(example, self.fmt) is not None:
             self.removed["invalid"] += 1
             return False
@@ -572,7 +641,7 @@ class _Run:
             output = self.outputs["train"]
         else:
             output = self.outputs["validation"]
-        output.write(line, tokens)
+        output.write(line, tokens, _message_ids(made_of) if self.sources else ())
         for kinds in found:
             for kind, n in kinds.items():
                 self.placeholders[kind] += n
@@ -596,10 +665,22 @@ class _Run:
             raise UserError(nothing_to_export(self.counts.candidates, self.removed, self.options))
         await asyncio.to_thread(self._verify)
         for output in self.outputs.values():
+            if output.sidecar is not None:  # first: a data file is never without its sources
+                os.replace(output.sidecar.temp, output.sidecar.final)
             os.replace(output.temp, output.final)
         self._finished = True
         files = tuple(
-            ExportFile(o.final, o.split, o.examples, o.tokens, o.size, o.sha256)
+            ExportFile(
+                o.final,
+                o.split,
+                o.examples,
+                o.tokens,
+                o.size,
+                o.sha256,
+                SourcesFile(o.sidecar.final, o.sidecar.size, o.sidecar.sha256)
+                if o.sidecar is not None
+                else None,
+            )
             for o in self.outputs.values()
         )
         kto = kto_weights(self.labels[True], self.labels[False]) if self.fmt == "kto" else None
@@ -636,24 +717,21 @@ class _Run:
         return summary
 
     def _verify(self) -> None:
-        """Read every file back: each line parses and keeps the format's rules, the counts
-        and the hashes are those written."""
+        """Read every file back: each line parses and keeps the format's rules (a sidecar's,
+        its own), the counts and the hashes are those written."""
         for output in self.outputs.values():
-            digest = hashlib.sha256()
-            lines = 0
-            with open(output.temp, "rb") as file:
-                for number, line in enumerate(file, start=1):
-                    digest.update(line)
-                    lines += 1
-                    try:
-                        example = json.loads(line)
-                    except ValueError as exc:
-                        raise InvalidExport(f"{output.final.name} line {number}: {exc}") from None
-                    found = formats.problem(example, self.fmt)
-                    if found is not None:
-                        raise InvalidExport(f"{output.final.name} line {number}: {found}")
-            if lines != output.examples or digest.hexdigest() != output.sha256:
-                raise InvalidExport(f"{output.final.name} is not what was written")
+            _read_back(output, self._problem)
+            if output.sidecar is not None:
+                if output.sidecar.examples != output.examples:
+                    raise InvalidExport(f"{output.sidecar.final.name} does not line up")
+                _read_back(output.sidecar, sources_problem)
+
+    def _problem(self, line: bytes) -> str | None:
+        try:
+            example = json.loads(line)
+        except ValueError as exc:
+            return str(exc)
+        return formats.problem(example, self.fmt)
 
     def _warnings(self, kto: Mapping[str, float] | None) -> Iterable[str]:
         examples = self.examples
@@ -683,6 +761,35 @@ class _Run:
             output.discard()
         with contextlib.suppress(Exception):
             self.seen.close()
+
+
+def _read_back(output: _Output, problem: Callable[[bytes], str | None]) -> None:
+    """Every line of a written file keeps its rules; its count and hash are those written."""
+    digest = hashlib.sha256()
+    lines = 0
+    with open(output.temp, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            digest.update(line)
+            lines += 1
+            found = problem(line)
+            if found is not None:
+                raise InvalidExport(f"{output.final.name} line {number}: {found}")
+    if lines != output.examples or digest.hexdigest() != output.sha256:
+        raise InvalidExport(f"{output.final.name} is not what was written")
+
+
+def _message_ids(rows: Sequence[Row[Any]]) -> set[str]:
+    """The logged messages an example was built from: each candidate, what it corrects,
+    its prompt, and every message it was sent (`input_ids`: the history and the prompt)."""
+    ids: set[str] = set()
+    for row in rows:
+        ids.add(row.id)
+        for one in (row.parent_id, row.alternative_to):
+            if one is not None:
+                ids.add(one)
+        if row.input_ids:
+            ids.update(row.input_ids.split())
+    return ids
 
 
 def reason_words(options: ExportOptions) -> dict[str, str]:

@@ -281,11 +281,14 @@ async def unlogged(session: AsyncSession) -> Unlogged:
     return Unlogged(switches)
 
 
-def candidates_query(options: ExportOptions) -> Select[Any]:
+def candidates_query(options: ExportOptions, *, sources: bool = False) -> Select[Any]:
     """Every candidate that passes the place, model and date filters, in export order.
 
     Pairs are made of answers to one prompt, so for those formats the rows come grouped by
-    prompt; otherwise oldest first.
+    prompt; otherwise oldest first. With `sources`, each row also carries `input_ids`: the
+    ids of the stored messages it was built from (its `message_inputs`: the history and
+    the prompt), space-separated; an export that records no provenance does not pay for
+    the lookup.
     """
     a, p, o, v = _answer, _prompt, _original, _votes
     rating = (
@@ -333,6 +336,14 @@ def candidates_query(options: ExportOptions) -> Select[Any]:
         )
         .where(a.c.role == "assistant", a.c.kind.in_(CANDIDATE_KINDS))
     )
+    if sources:
+        i = _inputs
+        query = query.add_columns(
+            select(func.aggregate_strings(i.c.input_id, " "))
+            .where(i.c.answer_id == a.c.id)
+            .scalar_subquery()
+            .label("input_ids")
+        )
     for _, condition in _conditions(options):
         query = query.where(condition)
     if options.paired:
@@ -341,10 +352,10 @@ def candidates_query(options: ExportOptions) -> Select[Any]:
 
 
 async def stream_candidates(
-    session: AsyncSession, options: ExportOptions
+    session: AsyncSession, options: ExportOptions, *, sources: bool = False
 ) -> AsyncIterator[Sequence[Row[Any]]]:
     """The candidates in batches, from one streamed query (never all in memory)."""
-    query = candidates_query(options)
+    query = candidates_query(options, sources=sources)
     result = await session.stream(query.execution_options(yield_per=BATCH))
     async for batch in result.partitions(BATCH):
         yield batch
