@@ -86,12 +86,16 @@ class Terminal:
         os.close(slave)
         self.output = b""
 
-    def screen(self, start: int = 0) -> str:
-        """What was printed since byte `start`, without terminal control sequences."""
-        return _ANSI.sub(b"", self.output[start:]).decode("utf-8", errors="replace")
+    def screen(self, start: int = 0, end: int | None = None) -> str:
+        """What was printed from byte `start` (to `end`), without terminal control sequences."""
+        return _ANSI.sub(b"", self.output[start:end]).decode("utf-8", errors="replace")
 
     def wait_for(self, text: str, start: int = 0) -> int:
-        """Read until `text` shows up after byte `start`; returns where the output ends now."""
+        """Read until `text` shows up after byte `start`; returns the byte just after it.
+
+        Just after it, not the end of the output: what came in the same read (the next
+        prompt, say) is still ahead of the returned mark for the next wait.
+        """
         deadline = time.monotonic() + PATIENCE_S
         while text not in self.screen(start):
             if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -104,7 +108,15 @@ class Terminal:
                     self.output += os.read(self.master, 65536)
                 except OSError:  # the process closed the terminal
                     pass
-        return len(self.output)
+        # The shortest output in which it shows (control sequences may sit inside it).
+        low, high = start, len(self.output)
+        while low < high:
+            middle = (low + high) // 2
+            if text in self.screen(start, middle):
+                high = middle
+            else:
+                low = middle + 1
+        return low
 
     def type(self, keys: bytes) -> None:
         os.write(self.master, keys)
