@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, TypeVar
 
-from scipy.stats import binomtest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -92,6 +91,8 @@ class ModelFeedback:
         """A 95% Wilson interval for the share of 👍 (None without votes)."""
         if not self.votes:
             return None
+        from scipy.stats import binomtest  # scipy.stats takes most of a second to import
+
         ci = binomtest(self.up, self.votes).proportion_ci(confidence_level=0.95, method="wilson")
         return float(ci.low), float(ci.high)
 

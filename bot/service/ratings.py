@@ -31,8 +31,6 @@ from typing import Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import Bounds, minimize
-from threadpoolctl import threadpool_limits
 
 CountedOutcome = Literal["a", "b", "tie"]
 
@@ -156,6 +154,8 @@ def _fit(
     low = np.full((stack, width), -np.inf)
     high = np.full((stack, width), np.inf)
     low[:, -1], high[:, -1] = _LOG_TIE_BOUNDS
+    from scipy.optimize import Bounds, minimize  # imported on first fit: it is slow to load
+
     result = minimize(
         _negative_log_likelihood,
         start.ravel(),
@@ -203,6 +203,8 @@ def fit_ratings(
     Blocking (about a second for 1,000 resamples): call it in a worker thread.
     """
     # BLAS threads only slow these small products down (on 2 busy cores, by 3x).
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         return _fit_ratings(
             comparisons,
