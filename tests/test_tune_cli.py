@@ -195,5 +195,6 @@ def test_a_background_job_is_followed_and_cancelled_from_another_process(
     assert sorted(p.name for p in folder.iterdir()) == [
         "runner.log",
         "snapshot.jsonl",
+        "snapshot.jsonl.sources",  # which logged messages each line came from
         "snapshot.manifest.json",
     ]
