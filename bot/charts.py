@@ -170,16 +170,21 @@ def leaderboard_chart(board: Leaderboard) -> bytes:
             right.errorbar(
                 [x], [value], yerr=[[low], [high]], fmt="o", color=colour, capsize=3, markersize=8
             )
+            # Labels alternate above and below their point: models of similar price and
+            # quality (the usual case) would otherwise print over each other.
             right.annotate(
                 entry.model + (" (free)" if entry.price.free else ""),
                 (x, value),
-                xytext=(6, 4),
+                xytext=(6, 5 if index % 2 == 0 else -11),
                 textcoords="offset points",
                 fontsize=8,
             )
         most = max([1.0] + [e.price.blended for e, *_ in priced if e.price])
-        right.set_xlim(-0.04 * most, most * 1.25)  # a free model's point whole at 0
-        right.set_xlabel("price, USD per 1M tokens (3 input : 1 output)")
+        # Prices span orders of magnitude (free, cents, tens of dollars): a log scale that
+        # is linear below 10 cents keeps a free model's point at 0.
+        right.set_xscale("symlog", linthresh=0.1, linscale=0.5)
+        right.set_xlim(-0.02, most * 2)
+        right.set_xlabel("price, USD per 1M tokens (3 input : 1 output), log scale")
         right.set_ylabel("rating" if use_rating else "thumbs-up share, %")
         right.set_title("Quality against price", fontsize=11)
         right.grid(alpha=0.3)

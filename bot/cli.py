@@ -209,6 +209,13 @@ def run(
                 logging.getLogger("switchboard").info(
                     "following fine-tuning job %s (%s) at its provider", job.id[:8], job.name
                 )
+            # Snapshot lines of messages deleted while no rewrite could happen (a failed
+            # rewrite before the last stop, a deletion by another process meanwhile).
+            caught = await sb.tunes.snapshots.catch_up()
+            if caught.problem:
+                logging.getLogger("switchboard").error(
+                    "fine-tuning snapshots not rewritten: %s", caught.problem
+                )
             freeze_long_lived_heap()
             token = settings.discord_token.get_secret_value()  # type: ignore[union-attr]
             warm = asyncio.create_task(sb.service.warm_up())

@@ -1143,6 +1143,16 @@ class PrivacyRepository:
         self.session = session
         self.conversations = ConversationRepository(session)
 
+    async def missing_messages(self, message_ids: Iterable[str]) -> set[str]:
+        """Of `message_ids`, those no longer stored (asked in chunks: a snapshot names many)."""
+        wanted = list(dict.fromkeys(message_ids))
+        missing: set[str] = set()
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            found = await self.session.scalars(select(Message.id).where(Message.id.in_(chunk)))
+            missing.update(set(chunk) - set(found))
+        return missing
+
     async def stored_about(self, user_id: int) -> tuple[int, int]:
         """(messages they wrote, votes they gave) that are stored now."""
         messages = await self.session.scalar(

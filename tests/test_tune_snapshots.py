@@ -331,10 +331,9 @@ async def test_a_snapshot_without_sources_is_deleted_by_the_next_deletion(
     assert (await app.tunes.job(job.id)).snapshot_sha256 == job.snapshot_sha256
 
 
-async def test_a_snapshot_that_cannot_be_rewritten_stays_whole_and_is_told(
-    app: App, fake_openai: FakeOpenAI
-) -> None:
-    await log_two_people(app, fake_openai)
+async def forget_alice_while_a_rewrite_fails(app: App, fake: FakeOpenAI) -> JobView:
+    """Forget Alice while her finished job's snapshot cannot be rewritten; the job."""
+    await log_two_people(app, fake)
     job = await start_job(app, finished=True)
     before = contents(job)
     # The validation file's sidecar cannot be written: the train file was rewritten in a
@@ -349,6 +348,13 @@ async def test_a_snapshot_that_cannot_be_rewritten_stays_whole_and_is_told(
     assert "could not be rewritten" in forget_line(report)
     blocker.rmdir()
     assert contents(job) == before  # no file changed, no temporary file left
+    return job
+
+
+async def test_a_snapshot_that_cannot_be_rewritten_stays_whole_and_is_told(
+    app: App, fake_openai: FakeOpenAI
+) -> None:
+    job = await forget_alice_while_a_rewrite_fails(app, fake_openai)
 
     # The next deletion tries again, with what the failed one could not take out.
     again = await app.service.forget(DAVE)
@@ -356,3 +362,22 @@ async def test_a_snapshot_that_cannot_be_rewritten_stays_whole_and_is_told(
     for path in data_files(job).values():
         assert set(askers(path)) == {"coffee"}
     check_consistent(job)
+
+
+async def test_what_a_stopped_process_could_not_rewrite_is_caught_up_at_the_next_start(
+    app: App, fake_openai: FakeOpenAI, tune_settings: Settings
+) -> None:
+    job = await forget_alice_while_a_rewrite_fails(app, fake_openai)
+    # This process stops before any other deletion retries it; the next one to start
+    # on the same data finds the lines of messages that are gone, and takes them out.
+    async with open_app(tune_settings, knowledge=False) as later:
+        caught = await later.tunes.snapshots.catch_up()
+    assert caught.lines == PER_PERSON + 1 and caught.problem is None
+    for path in data_files(job).values():
+        assert set(askers(path)) == {"coffee"}
+    manifest = check_consistent(job)
+    assert [entry["cause"] for entry in manifest["removed_later"]] == ["catch-up"]
+    # Caught up, a second look changes nothing; tune eval's held-out set is Bob's only.
+    assert (await app.tunes.snapshots.catch_up()).lines == 0
+    _, held = await app.tunes.held_out(job.id)
+    assert held and all(example.prompt.startswith("coffee") for example in held)

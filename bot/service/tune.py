@@ -761,6 +761,8 @@ class TuneService:
                 f"Job {job.id[:8]} ({job.name}) is {job.status}: only a finished fine-tune "
                 "can be evaluated."
             )
+        # Nothing deleted since (by a process that could not rewrite it) is asked again.
+        await self.snapshots.catch_up()
         path = Path(job.snapshot_path).with_name(HELD_OUT_FILE)
         try:
             lines = await asyncio.to_thread(_read_lines, path)

@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from store.export import manifest_path
 from store.export.prune import PruneError, PruneResult, export_sources, prune
+from store.repositories import PrivacyRepository
 from store.tune_jobs import TuneJobRepository
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,28 @@ class TuneSnapshots:
                 log.warning("the sources of %s cannot be read (%s)", manifest.parent.name, exc)
                 index[manifest] = None
         return index
+
+    async def catch_up(self) -> SnapshotsPruned:
+        """Prune every snapshot of the lines whose messages are no longer stored.
+
+        What a forget or a purge could not rewrite (the process stopped before the retry)
+        and what another process deleted while a snapshot was being made are caught here:
+        at bot start and before `tune eval` reads a held-out file. Snapshots without
+        sources are left to the next deletion (their provenance is unknown).
+        """
+        index = await asyncio.to_thread(self._index)
+        named = set().union(*(ids for ids in index.values() if ids))
+        if not named:
+            return SnapshotsPruned()
+        async with self.sessions() as session:
+            missing = await PrivacyRepository(session).missing_messages(named)
+        if not missing:
+            return SnapshotsPruned()
+        hits = {m: ids & missing for m, ids in index.items() if ids and ids & missing}
+        report = await self._apply(hits, "catch-up")
+        if report.lines:
+            log.info("%d snapshot lines of deleted messages removed", report.lines)
+        return report
 
     @asynccontextmanager
     async def making(self, folder: Path) -> AsyncIterator[None]:

@@ -6,7 +6,7 @@ When forgetting a person or retention deletes messages, `prune` rewrites every d
 of the export without the lines whose sources name any of them, with its sidecar, and
 brings the manifest up to date (each file's examples, tokens, bytes and sha256, the
 counts, KTO's weights) with a `removed_later` entry: when, why ("forget", "retention",
-"deleted"), how many lines; never whose.
+"deleted", or "catch-up" for deletions found later), how many lines; never whose.
 
 Each file is rewritten to a temporary file beside it, flushed to disk and renamed over
 it, so a reader sees the old file or the new one, never a part; a failure before the
@@ -36,7 +36,8 @@ from store.export.run import sources_path
 
 LOCK_TIMEOUT_S = 60.0
 # Why lines went, as the manifest records it.
-CAUSES = frozenset({"forget", "retention", "deleted"})
+# "catch-up": deletions found missing later (a failed rewrite, another process).
+CAUSES = frozenset({"forget", "retention", "deleted", "catch-up"})
 
 
 class PruneError(Exception):
