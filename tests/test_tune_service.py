@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+import bot.service.tune as tune_module
 from bot.app import App, open_app
 from bot.present import models_text
 from bot.service.tune import TuneRequest
@@ -104,6 +105,34 @@ async def test_a_local_dpo_job_freezes_the_corrections_as_preference_pairs(
         "preferred and a rejected answer to the same prompt."
     )
     assert await jobs_in(app) == 1
+
+
+async def test_a_dpo_jobs_held_out_pairs_are_evaluated_against_the_preferred_answer(
+    app: App, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Half held out rather than a tenth, so that 24 pairs surely land in both files.
+    monkeypatch.setattr(tune_module, "HOLD_OUT_SPLIT", 0.5)
+    right = {f"What is code word {n}?": f"Code word {n} is kestrel-{n}." for n in range(24)}
+    fake_openai.reply = lambda request: "I do not know."
+    for question, answer in right.items():
+        result = await app.service.answer(ChatRequest(PLACE, MEMBER, question))
+        await app.writer.drain()
+        assert result.message_id is not None
+        await app.service.correct(result.message_id, ADMIN, answer)
+    await app.writer.drain()
+    job, summary = await app.tunes.start(
+        TuneRequest(base="smol", method="dpo", guild_id=GUILD), ADMIN
+    )
+    train, validation = summary.files
+    assert train.examples + validation.examples == 24 and validation.examples > 0
+    async with app.sessions() as session, session.begin():  # as if it trained
+        await TuneJobRepository(session).finish_if_active(
+            job.id, status="succeeded", phase="done", model_name="smol-dpo"
+        )
+    _, held = await app.tunes.held_out(job.id)
+    assert len(held) == validation.examples
+    for example in held:  # the corrected answer is the reference, never the wrong one
+        assert example.reference == right[example.prompt], example
 
 
 async def test_too_few_examples_are_refused_with_the_counts_and_leave_nothing(
