@@ -280,10 +280,11 @@ async def test_a_taken_port_is_reported(local_servers: LocalServers) -> None:
 @pytest.mark.parametrize(
     "how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill", "ctrl-c", "term"]
 )
-def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
+def test_server_exits_when_its_parent_is_killed(how: signal.Signals, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
-        import asyncio
+        import asyncio, faulthandler, signal
+        faulthandler.register(signal.SIGUSR1)  # where it is stuck, if it ever is
         from chains.local import LocalServers
         from chains.registry import ModelSpec
 
@@ -297,9 +298,14 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
         asyncio.run(main())
         """
     )
-    parent = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=Path(__file__).parents[1]
-    )
+    errors = tmp_path / "parent.stderr"
+    with errors.open("wb") as stderr:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=Path(__file__).parents[1],
+        )
     try:
         assert parent.stdout is not None
         pid_text, url = parent.stdout.readline().decode().split()
@@ -307,7 +313,12 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals) -> None:
         assert process_running(child)
         assert httpx.get(url.removesuffix("/v1") + "/health", trust_env=False).status_code == 200
         parent.send_signal(how)
-        parent.wait(timeout=30)
+        try:
+            parent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            parent.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            pytest.fail(f"the parent did not exit on {how.name}:\n{errors.read_text()[-4000:]}")
         deadline = time.monotonic() + 20
         while process_running(child) and time.monotonic() < deadline:
             time.sleep(0.05)

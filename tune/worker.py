@@ -282,6 +282,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if dpo and not (budget and time.monotonic() - box["start"] >= budget):
         box.update(offset=steps, stage="dpo", tokens=tokens, stage_budget=0.0)
+        sft_seconds = time.monotonic() - box["start"]
         # Given the SFT-trained peft model, TRL adds a frozen copy of its adapter ("ref")
         # as the reference and goes on training the "default" adapter.
         dpo_trainer: Any = DPOTrainer(
@@ -298,6 +299,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         tokens += int(dpo_trainer.state.num_input_tokens_seen)
         extra = {
             "sft_steps": box["offset"],
+            "sft_seconds": round(sft_seconds, 3),
             "dpo_steps": int(dpo_trainer.state.global_step),
             "dpo_loss": float(dpo_output.training_loss),
             "reward_margin": box.get("rewards/margins"),
