@@ -378,6 +378,7 @@ def eval_candidate(
         from bot.app import open_app
         from bot.cli_eval import LogFilters, run_eval
         from bot.service.evaluate import write_dataset
+        from bot.service.tune import HOLD_OUT_FROM
         from core.errors import UserError
 
         async with open_app(settings, knowledge=False) as sb:
@@ -415,9 +416,15 @@ def eval_candidate(
         except UserError as exc:
             if log is None or not str(exc).startswith("No logged prompts"):
                 raise
-            raise UserError(
+            why = (
                 f"{job.name} was trained on all {job.snapshot_rows} of its examples (a tenth is "
-                "held out from 20 on), and no prompts were logged after its snapshot was frozen "
+                f"held out from {HOLD_OUT_FROM} on)"
+                if job.snapshot_rows < HOLD_OUT_FROM
+                else f"{job.name} has no held-out examples left (its split held none out, or "
+                "they went when the messages they came from were deleted)"
+            )
+            raise UserError(
+                f"{why}, and no prompts were logged after its snapshot was frozen "
                 f"({job.created_at.astimezone(UTC):%Y-%m-%d %H:%M} UTC): try the candidate in a "
                 "channel first, or pass --dataset FILE."
             ) from None

@@ -121,3 +121,38 @@ def test_a_fine_tune_trained_on_everything_with_nothing_logged_since_says_what_t
         )
     )
     assert "try the candidate in a channel first, or pass --dataset FILE." in proc.stderr
+
+
+def test_a_fine_tune_whose_held_out_examples_were_forgotten_says_so(
+    cli_env: dict[str, str],  # noqa: F811
+    fake_server: FakeOpenAI,  # noqa: F811
+) -> None:
+    config = Path(cli_env["SWITCHBOARD_CONFIG"])
+    _add_openai_base(config, fake_server.base_url)
+    settings = Settings(
+        config=config,
+        data_dir=Path(cli_env["SWITCHBOARD_DATA_DIR"]),
+        environ={"OPENAI_API_KEY": KEY},
+        max_retries=0,
+        tune_poll_seconds=0.01,
+    )
+    _, snapshot = asyncio.run(_fine_tune(settings, fake_server, examples=30))
+    held_out = snapshot.with_name(HELD_OUT_FILE)
+    assert held_out.read_text().strip()
+
+    async def forget_the_asker() -> None:
+        async with open_app(settings, knowledge=False) as app:
+            await app.service.forget(Author(3, "ann"))
+
+    asyncio.run(forget_the_asker())
+    assert held_out.read_text() == ""  # every question was hers
+    proc = switchboard({**cli_env, "OPENAI_API_KEY": KEY}, "tune", "eval", "mini-codes")
+    assert proc.returncode != 0
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "mini-codes has no held-out examples left (its split held none out, or they went when "
+            "the messages they came from were deleted), and no prompts were logged after"
+        )
+    )
