@@ -289,6 +289,11 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals, tmp_path: P
         from chains.registry import ModelSpec
 
         async def main():
+            # As Switchboard's commands do (a SIGTERM handler on the loop): the loop's
+            # wakeup fd. Without one, a SIGINT that the kernel hands to a worker thread
+            # (to_thread's) leaves the main thread asleep in select() until its timeout,
+            # and asyncio.run never sees it (CPython 3.11; it hung this test once).
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, lambda: None)
             servers = LocalServers(startup_timeout=120)
             spec = ModelSpec(name="s", provider="llama.cpp", bundled="{BUNDLED}", context_size=512)
             url = await servers.ensure(spec)
