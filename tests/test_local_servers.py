@@ -285,14 +285,19 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals, tmp_path: P
         f"""
         import asyncio, faulthandler, signal
         faulthandler.register(signal.SIGUSR1)  # where it is stuck, if it ever is
+        # Ctrl-C as a program started from a terminal has it. A child inherits ignored
+        # signals and Python keeps SIGINT ignored then: a test worker process whose
+        # SIGINT some earlier test left ignored hung this test twice under pytest-xdist.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT}})
         from chains.local import LocalServers
         from chains.registry import ModelSpec
 
         async def main():
             # As Switchboard's commands do (a SIGTERM handler on the loop): the loop's
             # wakeup fd. Without one, a SIGINT that the kernel hands to a worker thread
-            # (to_thread's) leaves the main thread asleep in select() until its timeout,
-            # and asyncio.run never sees it (CPython 3.11; it hung this test once).
+            # (to_thread's) leaves the main thread asleep in select() until its timeout
+            # (CPython 3.11; shown with pthread_kill: 8 s instead of 0.5 s).
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR2, lambda: None)
             servers = LocalServers(startup_timeout=120)
             spec = ModelSpec(name="s", provider="llama.cpp", bundled="{BUNDLED}", context_size=512)
@@ -321,9 +326,14 @@ def test_server_exits_when_its_parent_is_killed(how: signal.Signals, tmp_path: P
         try:
             parent.wait(timeout=60)
         except subprocess.TimeoutExpired:
+            status = Path(f"/proc/{parent.pid}/status").read_text()
+            masks = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn"))]
             parent.send_signal(signal.SIGUSR1)
             time.sleep(2)
-            pytest.fail(f"the parent did not exit on {how.name}:\n{errors.read_text()[-4000:]}")
+            pytest.fail(
+                f"the parent did not exit on {how.name} ({', '.join(masks)}):\n"
+                f"{errors.read_text()[-4000:]}"
+            )
         deadline = time.monotonic() + 20
         while process_running(child) and time.monotonic() < deadline:
             time.sleep(0.05)

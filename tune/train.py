@@ -130,7 +130,7 @@ def train_lora(
     Stops after `steps` optimizer steps, or `epochs` passes over the data (default 3
     epochs), or `max_seconds` of training, whichever comes first; `alpha` defaults to
     twice the rank. `method="dpo"` takes the export's dpo pairs and runs that budget
-    twice: SFT on the chosen answers, then DPO on the pairs (a third of a time budget
+    twice: SFT on the chosen answers, then DPO on the pairs (a quarter of a time budget
     for SFT). `cancel` set from another thread stops the worker at once
     (TrainingCancelled).
     """

@@ -36,6 +36,9 @@ from tune.errors import BaseNotLoadable, DatasetError, NotEnoughDisk, TuneError
 PR_SET_PDEATHSIG = 1
 MANIFEST = "switchboard-base.json"
 RESULT = "switchboard-train.json"
+# How many SFT steps' time one DPO step takes, for time estimates (measured here: 120 s
+# for 10 DPO steps after 41 s for 10 SFT steps).
+DPO_STEP_COST = 3.0
 
 _out: IO[str] = sys.stdout
 
@@ -191,10 +194,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     rows = _rows(Path(args.dataset), args.method)
     sft_rows = [{"messages": r["prompt"] + r["chosen"]} for r in rows] if dpo else rows
     budget = args.max_seconds
-    # With DPO, a DPO step costs about 2.5 SFT steps (two answers, and the reference's
-    # forward pass): the SFT stage gets a third of a time budget, DPO the rest.
+    # With DPO, a DPO step costs about DPO_STEP_COST SFT steps (two answers, and the
+    # reference's forward pass): the SFT stage gets its share of a time budget, DPO the rest.
     box: dict[str, Any] = {"offset": 0, "stages": 2 if dpo else 1, "stage": "sft"}
-    box["stage_budget"] = budget / 3 if dpo and budget else 0.0
+    box["stage_budget"] = budget / (1 + DPO_STEP_COST) if dpo and budget else 0.0
 
     class Progress(TrainerCallback):
         """Progress lines to the parent, counting both stages' steps; stops at the time budget."""
@@ -220,7 +223,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             step = box["offset"] + state.global_step
             total = box["offset"] + state.max_steps * (box["stages"] if box["offset"] == 0 else 1)
             rate = (time.monotonic() - box["stage_start"]) / max(state.global_step, 1)
-            eta = rate * (total - step) * (2.5 if box["stage"] == "sft" and dpo else 1.0)
+            left = total - step
+            if box["stage"] == "sft" and dpo:  # the DPO stage's steps are slower (see above)
+                left = state.max_steps - state.global_step + DPO_STEP_COST * state.max_steps
+            eta = rate * left
             if budget:
                 eta = min(eta, max(0.0, budget - elapsed))
             box["loss"] = float(logs["loss"])
