@@ -263,4 +263,6 @@ async def test_local_dpo_trains_on_the_corrections_and_the_candidate_knows_the_f
         print(f"\nbase: {plain.reply!r}\ndpo candidate: {tuned.reply!r}\nrecord: {record}")
         assert tuned.error is None and tuned.model == "smol-dpo"
         assert FACT_ANSWER_WORD in tuned.reply, tuned.reply
+        # Not pushed past sense: DPO too strong makes answers repeat ("Quellportportport").
+        assert tuned.reply.count("port") == 1, tuned.reply
         assert FACT_ANSWER_WORD not in plain.reply, plain.reply
