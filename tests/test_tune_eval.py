@@ -95,19 +95,24 @@ def test_a_tenth_is_held_out_and_tune_eval_reports_the_fine_tune_against_its_bas
     assert (out / "report.html").read_text().count("mini-codes") >= 1
 
 
-def test_a_fine_tune_trained_on_everything_with_nothing_logged_since_says_what_to_do(
-    cli_env: dict[str, str],  # noqa: F811
-    fake_server: FakeOpenAI,  # noqa: F811
-) -> None:
-    config = Path(cli_env["SWITCHBOARD_CONFIG"])
-    _add_openai_base(config, fake_server.base_url)
-    settings = Settings(
+def _openai_settings(env: dict[str, str], fake: FakeOpenAI) -> Settings:
+    """The CLI's data folder and config, with the fake provider's fine-tunable `mini` added."""
+    config = Path(env["SWITCHBOARD_CONFIG"])
+    _add_openai_base(config, fake.base_url)
+    return Settings(
         config=config,
-        data_dir=Path(cli_env["SWITCHBOARD_DATA_DIR"]),
+        data_dir=Path(env["SWITCHBOARD_DATA_DIR"]),
         environ={"OPENAI_API_KEY": KEY},
         max_retries=0,
         tune_poll_seconds=0.01,
     )
+
+
+def test_a_fine_tune_trained_on_everything_with_nothing_logged_since_says_what_to_do(
+    cli_env: dict[str, str],  # noqa: F811
+    fake_server: FakeOpenAI,  # noqa: F811
+) -> None:
+    settings = _openai_settings(cli_env, fake_server)
     _, snapshot = asyncio.run(_fine_tune(settings, fake_server, examples=12))
     assert snapshot.name == "snapshot.jsonl"  # too few to hold any out
     proc = switchboard({**cli_env, "OPENAI_API_KEY": KEY}, "tune", "eval", "mini-codes")
@@ -127,15 +132,7 @@ def test_a_fine_tune_whose_held_out_examples_were_forgotten_says_so(
     cli_env: dict[str, str],  # noqa: F811
     fake_server: FakeOpenAI,  # noqa: F811
 ) -> None:
-    config = Path(cli_env["SWITCHBOARD_CONFIG"])
-    _add_openai_base(config, fake_server.base_url)
-    settings = Settings(
-        config=config,
-        data_dir=Path(cli_env["SWITCHBOARD_DATA_DIR"]),
-        environ={"OPENAI_API_KEY": KEY},
-        max_retries=0,
-        tune_poll_seconds=0.01,
-    )
+    settings = _openai_settings(cli_env, fake_server)
     _, snapshot = asyncio.run(_fine_tune(settings, fake_server, examples=30))
     held_out = snapshot.with_name(HELD_OUT_FILE)
     assert held_out.read_text().strip()
