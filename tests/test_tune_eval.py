@@ -108,6 +108,13 @@ def _openai_settings(env: dict[str, str], fake: FakeOpenAI) -> Settings:
     )
 
 
+def _eval_refusal(env: dict[str, str]) -> str:
+    """`tune eval mini-codes`, which must fail: its last line of stderr."""
+    proc = switchboard({**env, "OPENAI_API_KEY": KEY}, "tune", "eval", "mini-codes")
+    assert proc.returncode != 0
+    return proc.stderr.strip().splitlines()[-1]
+
+
 def test_a_fine_tune_trained_on_everything_with_nothing_logged_since_says_what_to_do(
     cli_env: dict[str, str],  # noqa: F811
     fake_server: FakeOpenAI,  # noqa: F811
@@ -115,17 +122,12 @@ def test_a_fine_tune_trained_on_everything_with_nothing_logged_since_says_what_t
     settings = _openai_settings(cli_env, fake_server)
     _, snapshot = asyncio.run(_fine_tune(settings, fake_server, examples=12))
     assert snapshot.name == "snapshot.jsonl"  # too few to hold any out
-    proc = switchboard({**cli_env, "OPENAI_API_KEY": KEY}, "tune", "eval", "mini-codes")
-    assert proc.returncode != 0
-    assert (
-        proc.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            "mini-codes was trained on all 12 of its examples (a tenth is held out from 20 on), "
-            "and no prompts were logged after its snapshot was frozen ("
-        )
+    refusal = _eval_refusal(cli_env)
+    assert refusal.startswith(
+        "mini-codes was trained on all 12 of its examples (a tenth is held out from 20 on), "
+        "and no prompts were logged after its snapshot was frozen ("
     )
-    assert "try the candidate in a channel first, or pass --dataset FILE." in proc.stderr
+    assert "try the candidate in a channel first, or pass --dataset FILE." in refusal
 
 
 def test_a_fine_tune_whose_held_out_examples_were_forgotten_says_so(
@@ -143,13 +145,7 @@ def test_a_fine_tune_whose_held_out_examples_were_forgotten_says_so(
 
     asyncio.run(forget_the_asker())
     assert held_out.read_text() == ""  # every question was hers
-    proc = switchboard({**cli_env, "OPENAI_API_KEY": KEY}, "tune", "eval", "mini-codes")
-    assert proc.returncode != 0
-    assert (
-        proc.stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            "mini-codes has no held-out examples left (its split held none out, or they went when "
-            "the messages they came from were deleted), and no prompts were logged after"
-        )
+    assert _eval_refusal(cli_env).startswith(
+        "mini-codes has no held-out examples left (its split held none out, or they went when "
+        "the messages they came from were deleted), and no prompts were logged after"
     )
