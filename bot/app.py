@@ -29,7 +29,7 @@ from bot.service.conversations import ConversationIndex
 from bot.service.evaluate import Evaluator
 from bot.service.feedback import Feedback
 from bot.service.leaderboard import Leaderboards
-from bot.service.limits import PersonLimit
+from bot.service.limits import Budget, PersonLimit
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import PlaceSettings
 from bot.service.privacy import Privacy
@@ -249,6 +249,12 @@ async def open_app(
         stack.push_async_callback(privacy.settle)
         counter = TokenCounter()
         answerer = Answerer(models, counter)
+        budget = Budget(
+            person_daily_usd=settings.person_daily_budget_usd,
+            server_daily_usd=settings.server_daily_budget_usd,
+            sessions=sessions,
+            exchange_log=exchange_log,
+        )
         service = ChatService(
             catalog=catalog,
             answerer=answerer,
@@ -273,9 +279,11 @@ async def open_app(
                 logging_on=privacy.logging_on,
                 count_unstored=privacy.count,
                 still_storable=privacy.may_store,
+                budget=budget,
             ),
             privacy=privacy,
             limits=PersonLimit(settings.messages_per_minute),
+            budget=budget,
             knowledge=kb,
         )
         evaluator = Evaluator(catalog, answerer, sessions)

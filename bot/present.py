@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.leaderboard import Leaderboard, LeaderboardEntry
+from bot.service.limits import Spent, until, usd
 from bot.service.place_settings import Setting, SettingChange
 from bot.service.privacy import ForgetReport, PrivacyStatus, PurgeReport
 from bot.service.tune import JobView
@@ -539,3 +540,21 @@ def tune_status_lines(job: JobView) -> list[str]:
     if job.error:
         lines.append(f"  {'error' if job.status == 'failed' else 'note'}: {job.error}")
     return lines
+
+
+def spending_line(spent: Spent | None, in_server: bool) -> str:
+    """What `/usage` says: today's spending on priced models against the daily budgets."""
+    if spent is None:
+        return "No daily budget is set for paid models: they answer without a cap."
+    parts = []
+    if spent.person_budget:
+        parts.append(f"you spent {usd(spent.person)} of your {usd(spent.person_budget)}")
+    if in_server and spent.server_budget:
+        parts.append(f"this server spent {usd(spent.server)} of its {usd(spent.server_budget)}")
+    if not parts:
+        return "No daily budget applies here: paid models answer without a cap."
+    renews = until(spent.renews_at, datetime.now(UTC))
+    return (
+        f"Today (UTC), on paid models, {' and '.join(parts)} daily budget. Budgets renew at "
+        f"00:00 UTC ({renews}); models without a price, like the local ones, cost nothing."
+    )

@@ -165,6 +165,11 @@ class Answerer:
                 pass
         return attempt
 
+    def cost(self, attempt: Attempt) -> float:
+        """What the attempt cost in USD, from `billed` (0 unbilled, or without a price)."""
+        usage = self.billed(attempt)
+        return attempt.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else 0.0
+
     def billed(self, attempt: Attempt) -> Usage | None:
         """The tokens the attempt was billed for: as reported, else estimated from what was sent.
 

@@ -45,6 +45,18 @@ class Settings(BaseSettings):
         ge=0,
         description="Messages one person may address to the bot in Discord per minute; 0 for no limit.",
     )
+    person_daily_budget_usd: float = Field(
+        default=0.0,
+        ge=0,
+        description="What one person's answers from priced models may cost per day (UTC), "
+        "in USD, across every server; 0 for no budget.",
+    )
+    server_daily_budget_usd: float = Field(
+        default=0.0,
+        ge=0,
+        description="What a server's answers from priced models may cost per day (UTC), in "
+        "USD; 0 for no budget.",
+    )
     tune_poll_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -35,6 +35,8 @@ from store.repositories import (
     ConversationRepository,
     PrivacyRepository,
     Removal,
+    SpendingRepository,
+    SpendingRow,
 )
 from store.writer import LogWriter
 
@@ -174,6 +176,8 @@ class ExchangeLog:
         self._gone: LRU[str, bool] = LRU(GONE_REMEMBERED)
         # Exchanges answered but not stored, counted until the next write takes them.
         self._counts: dict[tuple[date, int, str], AnonymousCountRow] = {}
+        # What answers cost, per day, server and person, until the next write takes it.
+        self._spent: dict[tuple[date, int, int], float] = {}
         self.isolated = 0  # exchanges written alone after a batch failed on its data
         self.cleaned = 0  # exchanges stored only once every text in them was cleaned
         self.lost = 0  # exchanges that could not be stored at all
@@ -247,6 +251,32 @@ class ExchangeLog:
         if first:
             write = _CountWrite(self)
             self.writer.submit(write, "count exchanges not stored", spill=write.spill)
+
+    def count_spending(self, row: SpendingRow) -> None:
+        """Add (in the background) what an answer cost to its asker's total for the day.
+
+        Amounts arriving before the write runs are added up in memory, and
+        `unwritten_spending` tells the budgets about them meanwhile.
+        """
+        key = (row.day, row.guild_id, row.person_id)
+        first = not self._spent
+        self._spent[key] = self._spent.get(key, 0.0) + row.cost_usd
+        if first:
+            write = _SpendWrite(self)
+            self.writer.submit(write, "add up what answers cost", spill=write.spill)
+
+    def unwritten_spending(self, day: date, guild_id: int, person_id: int) -> tuple[float, float]:
+        """(this person's anywhere, this server's) amounts for `day` not written yet.
+
+        Exact only between writes (`LogWriter.between_writes`): a write in progress has
+        taken its amounts from here, and not committed them yet.
+        """
+        person = server = 0.0
+        for (when, guild, who), cost in self._spent.items():
+            if when == day:
+                person += cost if who == person_id else 0.0
+                server += cost if guild == guild_id else 0.0
+        return person, server
 
     def delete_discord_prompt(
         self, discord_message_id: int, removed: Callable[[Removal], None] | None = None
@@ -323,6 +353,11 @@ class ExchangeLog:
                 for row in record["rows"]:
                     self.count_anonymous(
                         AnonymousCountRow(**{**row, "day": date.fromisoformat(row["day"])})
+                    )
+            elif record.get("kind") == "spending":
+                for row in record["rows"]:
+                    self.count_spending(
+                        SpendingRow(**{**row, "day": date.fromisoformat(row["day"])})
                     )
             elif record.get("kind") == "discord_deletion":
                 self.delete_discord_prompt(int(record["discord_message_id"]))
@@ -497,6 +532,30 @@ class _CountWrite:
         taken = list(self._log._counts.values()) if self._taken is None else self._taken
         rows = [{**dataclasses.asdict(row), "day": row.day.isoformat()} for row in taken]
         return [{"kind": "anonymous_counts", "rows": rows}] if rows else []
+
+
+class _SpendWrite:
+    """One write of the spending waiting when it first runs (a retry writes the same)."""
+
+    def __init__(self, log: ExchangeLog) -> None:
+        self._log = log
+        self._taken: list[SpendingRow] | None = None
+
+    async def __call__(self, session: AsyncSession) -> None:
+        if self._taken is None:
+            waiting, self._log._spent = self._log._spent, {}
+            self._taken = [SpendingRow(*key, cost) for key, cost in waiting.items()]
+        await SpendingRepository(session).add(self._taken)
+
+    def spill(self) -> list[dict[str, Any]]:
+        """The amounts of this write as one JSON-ready record (for a writer shutting down)."""
+        taken = (
+            [SpendingRow(*key, cost) for key, cost in self._log._spent.items()]
+            if self._taken is None
+            else self._taken
+        )
+        rows = [{**dataclasses.asdict(row), "day": row.day.isoformat()} for row in taken]
+        return [{"kind": "spending", "rows": rows}] if rows else []
 
 
 def exchange_to_json(exchange: Exchange) -> dict[str, Any]:

@@ -363,6 +363,22 @@ class AnonymousCount(Base):
     cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
 
 
+class Spending(Base):
+    """What one person spent on priced models in one server on one day (UTC), in USD:
+    the budgets' running totals (bot.service.limits). Kept for opted-out people too (a
+    sum, no words); a forgotten person's rows pass to person 0, so the server's total
+    stays; the purge deletes the days that are over."""
+
+    __tablename__ = "spending"
+    __table_args__ = (UniqueConstraint("day", "guild_id", "person_id"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    day: Mapped[date] = mapped_column(Date)
+    guild_id: Mapped[int] = mapped_column(BigInteger, default=0)  # 0: DMs
+    person_id: Mapped[int] = mapped_column(BigInteger, index=True)  # 0: forgotten people
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class Battle(Base):
     """A blind battle: two models answered one prompt anonymously as A and B.
 

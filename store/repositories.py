@@ -50,6 +50,7 @@ from store.models import (
     Preference,
     RegisteredModel,
     SettingChange,
+    Spending,
     TuneJob,
     Vote,
     default_kind,
@@ -1088,6 +1089,64 @@ class AnonymousCountRepository:
         ]
 
 
+@dataclass(frozen=True, slots=True)
+class SpendingRow:
+    """Dollars one person's answers cost in one server on one day (UTC)."""
+
+    day: date
+    guild_id: int  # 0: DMs
+    person_id: int  # 0: people who were forgotten
+    cost_usd: float
+
+
+class SpendingRepository:
+    """The budgets' running totals: what each person spent, per server and day."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def add(self, rows: Iterable[SpendingRow]) -> None:
+        """Add these amounts to the stored ones (one upsert per row)."""
+        table = table_of(Spending)
+        statement = _upsert(
+            self.session,
+            table,
+            ["day", "guild_id", "person_id"],
+            lambda new: {"cost_usd": table.c.cost_usd + new.cost_usd},
+        )
+        for row in rows:
+            await self.session.execute(statement.values(id=new_id(), **dataclasses.asdict(row)))
+
+    async def spent(self, day: date, person_id: int, guild_id: int) -> tuple[float, float]:
+        """(what `person_id` spent on `day`, in every server and DM; what everyone spent
+        in server `guild_id` that day)."""
+        person = await self.session.scalar(
+            select(func.coalesce(func.sum(Spending.cost_usd), 0.0)).where(
+                Spending.day == day, Spending.person_id == person_id
+            )
+        )
+        server = await self.session.scalar(
+            select(func.coalesce(func.sum(Spending.cost_usd), 0.0)).where(
+                Spending.day == day, Spending.guild_id == guild_id
+            )
+        )
+        return float(person or 0.0), float(server or 0.0)
+
+    async def forget(self, person_id: int) -> None:
+        """Pass a forgotten person's totals to person 0, so each server's total stays."""
+        if person_id == 0:
+            return
+        theirs = (
+            await self.session.scalars(select(Spending).where(Spending.person_id == person_id))
+        ).all()
+        await self.add(SpendingRow(row.day, row.guild_id, 0, row.cost_usd) for row in theirs)
+        await self.session.execute(delete(Spending).where(Spending.person_id == person_id))
+
+    async def delete_before(self, day: date) -> int:
+        """Delete the totals of the days before `day`; how many rows went."""
+        return _rowcount(await self.session.execute(delete(Spending).where(Spending.day < day)))
+
+
 # What a forgotten person's name becomes where a record must keep a name (settings history).
 FORGOTTEN_NAME = "(forgotten)"
 
@@ -1218,6 +1277,8 @@ class PrivacyRepository:
             await self.session.execute(
                 update(column.class_).where(column.like(named)).values({column: FORGOTTEN_NAME})
             )
+        # Their budget totals pass to nobody in particular: the servers' totals stay.
+        await SpendingRepository(self.session).forget(user_id)
         await self.session.execute(
             delete(Person).where(Person.user_id == user_id, Person.opted_out.is_(False))
         )

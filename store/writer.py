@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +84,8 @@ class LogWriter:
         self._processed = 0
         self._queue: asyncio.Queue[_Job | object] = asyncio.Queue()
         self._progress = asyncio.Condition()
+        # Held while a batch is written, from its first op to its commit (between_writes).
+        self._busy = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.spill_dir = spill_dir
@@ -118,6 +120,21 @@ class LogWriter:
                 watcher(problem)
             except Exception:  # a watcher must never stop the writer
                 self.log.exception("log writer: a problem watcher failed")
+
+    @contextlib.asynccontextmanager
+    async def between_writes(self, timeout: float) -> AsyncIterator[bool]:  # noqa: ASYNC109
+        """Hold off the writer: inside, no write is half done (its ops ran and it has not
+        committed yet). Yields False if a write still ran after `timeout` seconds (then
+        nothing is held off: a write retrying through an outage may take long)."""
+        try:
+            await asyncio.wait_for(self._busy.acquire(), timeout)
+        except TimeoutError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._busy.release()
 
     @property
     def pending(self) -> int:
@@ -220,7 +237,8 @@ class LogWriter:
                     job = await asyncio.wait_for(self._queue.get(), wait)
                 except TimeoutError:
                     with contextlib.suppress(Exception):
-                        await self._retry_kept()
+                        async with self._busy:
+                            await self._retry_kept()
                     continue
             else:
                 job = await self._queue.get()
@@ -235,9 +253,10 @@ class LogWriter:
                     break
                 batch.append(more)  # type: ignore[arg-type]
             try:
-                if self._kept and time.monotonic() - self._last_retry >= self.retry_interval:
-                    await self._retry_kept()
-                await self._write_batch(batch)
+                async with self._busy:
+                    if self._kept and time.monotonic() - self._last_retry >= self.retry_interval:
+                        await self._retry_kept()
+                    await self._write_batch(batch)
             except Exception:  # the loop must survive anything an op does
                 self.log.exception("log writer: unexpected error")
             async with self._progress:

@@ -72,6 +72,44 @@ async def test_drain_waits_for_everything_submitted(session_factory: Sessions) -
     await writer.aclose()
 
 
+async def test_between_writes_no_write_is_half_done(session_factory: Sessions) -> None:
+    writer = LogWriter(session_factory, backoff=0)
+    await writer.start()
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(session: AsyncSession) -> None:
+        await add_conversation("slow")(session)
+        inside.set()
+        await release.wait()  # its ops ran; its commit waits
+
+    writer.submit(slow, "a slow write")
+    await inside.wait()
+    # A write is half done: a reader waits for it, and is told when it waited too long.
+    async with writer.between_writes(timeout=0.05) as held:
+        assert not held
+    reader = asyncio.create_task(_read_between_writes(writer, session_factory))
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    release.set()
+    assert await reader == ["slow"]  # committed before the reader got in
+    # Held by a reader, the writer waits: what is submitted meanwhile is not written yet.
+    async with writer.between_writes(timeout=5) as held:
+        assert held
+        writer.submit(add_conversation("later"), "a later write")
+        await asyncio.sleep(0.05)
+        assert await conversation_ids(session_factory) == ["slow"]
+    await writer.drain(timeout=10)
+    assert sorted(await conversation_ids(session_factory)) == ["later", "slow"]
+    await writer.aclose()
+
+
+async def _read_between_writes(writer: LogWriter, sessions: Sessions) -> list[str]:
+    async with writer.between_writes(timeout=10) as held:
+        assert held
+        return await conversation_ids(sessions)
+
+
 async def test_a_failing_op_is_retried_until_it_succeeds(session_factory: Sessions) -> None:
     attempts: list[int] = []
     cid = new_id()

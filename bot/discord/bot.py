@@ -26,6 +26,7 @@ from bot.discord.feedback import DYNAMIC_ITEMS, FeedbackCog, answer_buttons
 from bot.discord.leaderboard import LeaderboardCog
 from bot.discord.privacy import PURGE_EVERY, PrivacyCog
 from bot.discord.settings_cog import SettingsCog
+from bot.discord.usage import UsageCog
 from bot.service import ChatService
 from core.errors import ConfigError, UserError
 
@@ -101,6 +102,7 @@ class SwitchboardBot(commands.AutoShardedBot):
         await self.add_cog(FeedbackCog(self, self.service, chat, manager_role=self.manager_role))
         await self.add_cog(CompareCog(self.service, manager_role=self.manager_role))
         await self.add_cog(LeaderboardCog(self.service))
+        await self.add_cog(UsageCog(self.service))
         await self.add_cog(
             PrivacyCog(self.service, manager_role=self.manager_role, purge_every=self.purge_every)
         )

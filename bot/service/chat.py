@@ -44,7 +44,7 @@ from bot.service.feedback import (
     VoteSource,
 )
 from bot.service.leaderboard import Leaderboard, Leaderboards, LeaderboardScope
-from bot.service.limits import Admission, PersonLimit
+from bot.service.limits import Admission, Budget, OverBudget, PersonLimit, Spent, priced
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
 from bot.service.privacy import ForgetReport, Privacy, PrivacyStatus, PurgeReport
@@ -133,6 +133,7 @@ class ChatService:
         comparisons: Comparisons,
         privacy: Privacy,
         limits: PersonLimit | None = None,
+        budget: Budget | None = None,
         knowledge: Retriever | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -147,6 +148,7 @@ class ChatService:
         self.comparisons = comparisons
         self.privacy = privacy
         self.limits = limits or PersonLimit(0)
+        self.budget = budget
         self.knowledge = knowledge
         self.clock = clock
 
@@ -186,7 +188,7 @@ class ChatService:
             store=await self._may_store(request, settings),
             privacy_mark=self.privacy.mark,
         )
-        chain = self.catalog.registry.fallback_chain(spec.name)
+        chain = await self._affordable(request, self.catalog.registry.fallback_chain(spec.name))
         async with aclosing(self._run(asked, chain)) as events:
             async for event in events:
                 yield event
@@ -271,9 +273,26 @@ class ChatService:
             alternative_to=original.id,
             prompt_author_id=prompt.author_id,
         )
+        chain = await self._affordable(request, chain)
         async with aclosing(self._run(asked, chain)) as events:
             async for event in events:
                 yield event
+
+    async def _affordable(
+        self, request: ChatRequest, chain: Sequence[ModelSpec]
+    ) -> Sequence[ModelSpec]:
+        """`chain` as the budgets allow it: refused (OverBudget) when its model is priced
+        and a budget is spent; else without the priced fallbacks."""
+        if self.budget is None:
+            return chain
+        discord = request.discord_message_id is not None
+        try:
+            await self.budget.check(request.author, request.place, chain, discord=discord)
+        except OverBudget:
+            if priced(chain[0]):
+                raise
+            return [spec for spec in chain if not priced(spec)]
+        return chain
 
     async def answer(self, request: ChatRequest) -> ChatResult:
         """Answer `request` and return the finished result (no streaming)."""
@@ -293,6 +312,13 @@ class ChatService:
         cost = final.spec.cost(usage.prompt_tokens, usage.completion_tokens) if usage else None
 
         request = asked.request
+        if self.budget is not None:  # every attempt that was billed, fallbacks too
+            self.budget.record(
+                request.author,
+                request.place,
+                sum(self.answerer.cost(attempt) for attempt in attempts),
+                discord=request.discord_message_id is not None,
+            )
         store = self._storable(asked, attempts)
         # What an answer was built from: only messages that are stored (or on their way).
         storable = (
@@ -839,6 +865,13 @@ class ChatService:
     async def message_deleted(self, discord_message_id: int) -> None:
         """A person deleted their Discord message: delete its prompt and what derives from it."""
         self.privacy.message_deleted(discord_message_id)
+
+    async def spending(self, author: Author, place: Place) -> Spent | None:
+        """What `author` (everywhere) and the server of `place` spent today on priced
+        models, against the daily budgets; None when no budget is set."""
+        if self.budget is None or not self.budget.enabled:
+            return None
+        return await self.budget.spent(author, place)
 
     async def purge(self, dry_run: bool = False) -> PurgeReport:
         """Apply the retention: delete exchanges older than it (a dry run only counts)."""

@@ -35,12 +35,13 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Literal, Protocol, TypeVar
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.service.limits import Budget, until
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import Setting
 from chains.answer import Answerer, Attempt, Prompt
@@ -291,6 +292,7 @@ class Comparisons:
         logging_on: Callable[[Place], Awaitable[bool]] | None = None,
         count_unstored: CountUnstored | None = None,
         still_storable: StillStorable | None = None,
+        budget: Budget | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.catalog = catalog
@@ -306,6 +308,7 @@ class Comparisons:
         self.logging_on = logging_on
         self.count_unstored = count_unstored
         self.still_storable = still_storable
+        self.budget = budget
         self.clock = clock
         self._unstored: LRU[str, _Unstored] = LRU(UNSTORED_KEPT)
 
@@ -338,6 +341,7 @@ class Comparisons:
                 else f"Only {wanted[0]} would answer: name 2 to {MAX_COMPARED} models to compare, "
                 "or list some in the config's comparison_models."
             )
+        await self._check_budget(question, specs)
         prompt_id, conversation_id = uuid.uuid4().hex, uuid.uuid4().hex
         ids = [uuid.uuid4().hex for _ in specs]
         attempts = self._prepare(specs, question)
@@ -406,6 +410,7 @@ class Comparisons:
         """Two distinct models drawn from `pool` (the place's arena pool) answer anonymously."""
         names = await self._pool(pool)
         specs = [await self.catalog.get(name) for name in self.rng.sample(names, 2)]
+        await self._check_budget(question, specs)
         battle_id, prompt_id, conversation_id = (uuid.uuid4().hex for _ in range(3))
         ids = [uuid.uuid4().hex, uuid.uuid4().hex]
         attempts = self._prepare(specs, question)
@@ -426,6 +431,12 @@ class Comparisons:
             for attempt, id in zip(attempts, ids, strict=True)
         )
         return Battle(battle_id, prompt_id, conversation_id, a, b, question.sources, stored)
+
+    async def _check_budget(self, question: Question, specs: Sequence[ModelSpec]) -> None:
+        """OverBudget when a priced model among `specs` may not be asked for this person."""
+        if self.budget is not None:
+            discord = question.discord_message_id is not None
+            await self.budget.check(question.author, question.place, specs, discord=discord)
 
     async def _pool(self, pool: Setting) -> list[str]:
         """The models of an arena pool that still exist: two at least."""
@@ -545,7 +556,7 @@ class Comparisons:
                 if cast >= self.votes_per_day:
                     raise UserError(
                         f"You have cast {cast} arena votes today, the most one person may; "
-                        f"voting opens again at 00:00 UTC ({_until(today + timedelta(days=1))})."
+                        f"voting opens again at 00:00 UTC ({until(today + timedelta(days=1), utcnow())})."
                     )
                 left = self.votes_per_day - cast - 1
             await repo.add_vote(battle_id, voter.id, verdict, reason)
@@ -623,6 +634,13 @@ class Comparisons:
         """Log the question and every model's answer as one exchange, if it may be stored;
         else count it and remember what its votes need under `key` (the comparison's
         prompt, the battle). Whether it was logged."""
+        if self.budget is not None:  # each model was asked, and may have billed
+            self.budget.record(
+                question.author,
+                question.place,
+                sum(self.answerer.cost(attempt) for attempt in attempts),
+                discord=question.discord_message_id is not None,
+            )
         if not self._storable(question):
             models = {id: attempt.spec.name for attempt, id in zip(attempts, ids, strict=True)}
             answered = frozenset(
@@ -770,10 +788,3 @@ def _verdict(
         stored=stored,
         votes_left_today=votes_left_today,
     )
-
-
-def _until(moment: datetime) -> str:
-    """'in 3 h 20 min' from now until `moment`."""
-    minutes = max(1, int((moment - utcnow()).total_seconds() // 60))
-    hours, minutes = divmod(minutes, 60)
-    return f"in {hours} h {minutes} min" if hours else f"in {minutes} min"

@@ -1,22 +1,40 @@
-"""How often one person may address the bot: the rule every adapter obeys.
+"""How often one person may address the bot, and how much their answers may cost.
 
 Each person gets `per_minute` messages in a window that opens with their first message
 and lasts a minute, counted across every channel and server (it protects the model
 budget from one person's flood, wherever it comes from). Over the limit, the first
 refused message is told how long to wait; the rest of that window is skipped quietly.
-Budgets from token costs will be decided here too, beside it.
 
-The terminal chat is exempt: its user is the person running the bot.
+`Budget` caps what answers from priced models cost in a day (UTC): per person and per
+server, from the prices in the registry and the tokens each answer was billed for. It is
+checked before each call; over a budget, priced models are not asked until midnight UTC,
+and models without a price (the local ones) still answer. Answers already running
+finish, so a total can pass its budget by what those cost.
+
+The terminal chat is exempt from both: its user is the person running the bot.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from chains.registry import ModelSpec
 from core.cache import LRU
-from core.messages import ChatRequest
+from core.errors import UserError
+from core.messages import Author, ChatRequest, Place
+from store.exchange_log import ExchangeLog
+from store.repositories import SpendingRepository, SpendingRow
+
+log = logging.getLogger(__name__)
 
 WINDOW_S = 60.0
+# How long a budget check waits for a log write in progress (it may be retrying an outage).
+WRITE_WAIT_S = 2.0
 # People tracked at once; the least recently seen are forgotten first (their window is over).
 TRACKED_PEOPLE = 10_000
 
@@ -70,3 +88,125 @@ class PersonLimit:
             notify=notify,
             per_minute=self.per_minute,
         )
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+class OverBudget(UserError):
+    """A priced model was not asked: the person's or the server's daily budget is spent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """What a person and their server spent today on priced models, and the budgets."""
+
+    person: float
+    server: float
+    person_budget: float  # 0: no budget
+    server_budget: float
+    renews_at: datetime  # the next midnight UTC
+
+
+def priced(spec: ModelSpec) -> bool:
+    """Whether answers from this model cost anything (the registry gives it a price)."""
+    return spec.input_price > 0 or spec.output_price > 0
+
+
+def usd(amount: float) -> str:
+    """$0.0042, $0.51, $12.00: amounts under a cent keep their digits."""
+    return f"${amount:.4f}" if 0 < amount < 0.01 else f"${amount:,.2f}"
+
+
+def until(moment: datetime, now: datetime) -> str:
+    """'in 3 h 20 min' from `now` until `moment`."""
+    minutes = max(1, int((moment - now).total_seconds() // 60))
+    hours, minutes = divmod(minutes, 60)
+    return f"in {hours} h {minutes} min" if hours else f"in {minutes} min"
+
+
+class Budget:
+    """Daily budgets in USD for priced models: per person (all servers and DMs) and per server.
+
+    0 means no budget. The totals live in the database (`spending`), so they hold across
+    restarts and every process of the bot; what is still waiting for the log writer
+    counts too.
+    """
+
+    def __init__(
+        self,
+        *,
+        person_daily_usd: float,
+        server_daily_usd: float,
+        sessions: async_sessionmaker[AsyncSession],
+        exchange_log: ExchangeLog,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        if person_daily_usd < 0 or server_daily_usd < 0:
+            raise ValueError("budgets must be >= 0")
+        self.person_daily_usd = person_daily_usd
+        self.server_daily_usd = server_daily_usd
+        self.sessions = sessions
+        self.exchange_log = exchange_log
+        self.now = now
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.person_daily_usd or self.server_daily_usd)
+
+    def _today(self) -> date:
+        return self.now().astimezone(UTC).date()
+
+    async def spent(self, author: Author, place: Place) -> Spent:
+        """What `author` and the server of `place` spent today, with the budgets."""
+        day, guild = self._today(), place.guild_id or 0
+        # Between two writes of the log, what waits for it and what it wrote add up exactly
+        # (during a write, its amounts are in neither, or in both).
+        async with self.exchange_log.writer.between_writes(WRITE_WAIT_S):
+            waiting_person, waiting_server = self.exchange_log.unwritten_spending(
+                day, guild, author.id
+            )
+            try:
+                async with self.sessions() as session:
+                    person, server = await SpendingRepository(session).spent(day, author.id, guild)
+            except Exception as exc:  # the database is away: answer, rather than refuse all
+                log.warning("the budgets could not read today's spending (%s)", exc)
+                person = server = 0.0
+        midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
+        return Spent(
+            person + waiting_person,
+            server + waiting_server,
+            self.person_daily_usd,
+            self.server_daily_usd,
+            midnight,
+        )
+
+    async def check(
+        self, author: Author, place: Place, specs: Sequence[ModelSpec], *, discord: bool
+    ) -> None:
+        """Raise OverBudget if a priced model in `specs` may not be asked for `author` now.
+
+        Only what comes from Discord is checked (`discord`): the terminal is exempt.
+        """
+        if not discord or not self.enabled or not any(priced(spec) for spec in specs):
+            return
+        spent = await self.spent(author, place)
+        when = f"it renews at 00:00 UTC ({until(spent.renews_at, self.now())})"
+        free = "Models without a price, like the local ones, still answer."
+        if spent.person_budget and spent.person >= spent.person_budget:
+            raise OverBudget(
+                f"You have spent {usd(spent.person)} of your {usd(spent.person_budget)} "
+                f"daily budget for paid models; {when}. {free}"
+            )
+        if place.guild_id and spent.server_budget and spent.server >= spent.server_budget:
+            raise OverBudget(
+                f"This server has spent {usd(spent.server)} of its "
+                f"{usd(spent.server_budget)} daily budget for paid models; {when}. {free}"
+            )
+
+    def record(self, author: Author, place: Place, cost: float | None, *, discord: bool) -> None:
+        """Add what an answer cost to its asker's total for today (in the background)."""
+        if discord and cost and self.enabled:
+            self.exchange_log.count_spending(
+                SpendingRow(self._today(), place.guild_id or 0, author.id, cost)
+            )

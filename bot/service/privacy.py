@@ -42,6 +42,7 @@ from store.repositories import (
     PeopleRepository,
     PrivacyRepository,
     Removal,
+    SpendingRepository,
 )
 from store.writer import LogWriter
 
@@ -454,6 +455,9 @@ class Privacy:
                     snapshots.note(removal.message_ids)
             removal.message_ids = set()  # counted; no need to hold every id of a big purge
             total.add(removal)
+        if not dry_run:  # the budgets' totals of the days that are over
+            async with self._database("delete past days' spending") as session, session.begin():
+                await SpendingRepository(session).delete_before(now.astimezone(UTC).date())
         taken = await self._snapshots_done(snapshots, ())
         prompts = total.kinds.get("prompt", 0)
         return PurgeReport(

@@ -1,0 +1,227 @@
+"""Daily budgets for priced models, per person and per server: checked before each call.
+
+The real service over a migrated SQLite file (and PostgreSQL for the totals' SQL), the
+real answer unit on the fake model server. `main` is priced (steeply, so that one
+answer costs cents), `solo` and `backup` are free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from bot.app import App, open_app
+from bot.present import spending_line
+from bot.service.limits import OverBudget
+from core.messages import Author, ChatRequest, ChatResult, Place
+from core.settings import Settings
+from store.exchange_log import ExchangeLog
+from store.models import Spending
+from store.repositories import SpendingRepository, SpendingRow
+from tests.fakes.openai_server import FakeOpenAI
+
+GUILD, CHANNEL = 10, 20
+PLACE = Place(GUILD, CHANNEL)
+ALICE, BOB, MOD = Author(1, "alice"), Author(2, "bob"), Author(3, "mod")
+QUESTION = "What does a switchboard operator do all day?"
+
+
+def priced(settings: Settings, **budgets: float) -> Settings:
+    """The test registry with `main` at $200 / $400 per million tokens, and `budgets`."""
+    config = settings.config
+    text = config.read_text().replace(
+        "input_price = 1.0\noutput_price = 2.0", "input_price = 200.0\noutput_price = 400.0"
+    )
+    config.write_text('comparison_models = ["solo"]\narena_pool = ["main", "solo"]\n' + text)
+    return settings.model_copy(update=budgets)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def budget_database(request: pytest.FixtureRequest) -> str | None:
+    return None if request.param == "sqlite" else request.getfixturevalue("migrated_postgres_url")
+
+
+@pytest.fixture
+def budget_settings(service_settings: Settings, budget_database: str | None) -> Settings:
+    return priced(service_settings, person_daily_budget_usd=0.04, database_url=budget_database)
+
+
+@pytest.fixture
+async def app(budget_settings: Settings) -> AsyncIterator[App]:
+    async with open_app(budget_settings, knowledge=False) as app:
+        yield app
+
+
+def asked(text: str = QUESTION, author: Author = ALICE, place: Place = PLACE) -> ChatRequest:
+    """A message from Discord (the terminal's carry no Discord id, and are exempt)."""
+    return ChatRequest(place, author, text, discord_message_id=1000 + author.id)
+
+
+async def answered(app: App, request: ChatRequest) -> ChatResult:
+    result = await app.service.answer(request)
+    assert result.error is None, result.error
+    return result
+
+
+async def refusal(app: App, request: ChatRequest) -> str:
+    with pytest.raises(OverBudget) as refused:
+        await app.service.answer(request)
+    return str(refused.value)
+
+
+async def test_a_person_over_budget_is_refused_paid_models_and_free_ones_still_answer(
+    app: App, budget_settings: Settings
+) -> None:
+    first = await answered(app, asked())
+    assert first.model == "main" and first.cost_usd is not None and 0.02 < first.cost_usd < 0.04
+    second = await answered(app, asked())  # spent less than the $0.04: asked, and billed
+    spent = first.cost_usd + (second.cost_usd or 0)
+    assert spent >= 0.04
+    message = await refusal(app, asked())
+    assert message.startswith(
+        f"You have spent ${spent:,.2f} of your $0.04 daily budget for paid models; it renews "
+        "at 00:00 UTC (in "
+    )
+    assert message.endswith("Models without a price, like the local ones, still answer.")
+    # The refused message asked nothing: two answers were billed, and two are counted.
+    await app.writer.drain()
+    async with app.sessions() as session:
+        rows = (await session.scalars(select(Spending))).all()
+    assert [(r.guild_id, r.person_id) for r in rows] == [(GUILD, ALICE.id)]
+    assert rows[0].cost_usd == pytest.approx(spent) and rows[0].day == datetime.now(UTC).date()
+
+    # A person's budget counts everywhere: a DM is refused too; someone else is not.
+    assert (await refusal(app, asked(place=Place(None, 99)))).startswith("You have spent")
+    assert (await answered(app, asked(author=BOB))).model == "main"
+    # The terminal is the operator's: never refused.
+    terminal = await app.service.answer(ChatRequest(PLACE, ALICE, QUESTION))
+    assert terminal.model == "main" and terminal.error is None
+
+    # A free model still answers her, and costs nothing.
+    await app.service.set_model(PLACE, "channel", "solo", MOD)
+    free = await answered(app, asked())
+    assert free.model == "solo" and not free.cost_usd
+    # Comparing with a priced model is refused; with free ones only, it is not.
+    with pytest.raises(OverBudget):
+        await app.service.compare(PLACE, ALICE, QUESTION, ["main", "solo"], discord_message_id=7)
+    both_free = await app.service.compare(
+        PLACE, ALICE, QUESTION, ["solo", "backup"], discord_message_id=8
+    )
+    assert [a.model for a in both_free.answers] == ["solo", "backup"]
+
+    # The totals are in the database: a restarted bot still refuses her.
+    await app.service.set_model(PLACE, "channel", "main", MOD)
+    async with open_app(budget_settings, knowledge=False) as later:
+        assert (await refusal(later, asked())).startswith(f"You have spent ${spent:,.2f}")
+
+
+async def test_a_server_budget_caps_everyone_there_and_not_elsewhere(
+    service_settings: Settings, fake_openai: FakeOpenAI
+) -> None:
+    settings = priced(service_settings, server_daily_budget_usd=0.04)
+    async with open_app(settings, knowledge=False) as app:
+        await answered(app, asked(author=ALICE))
+        await answered(app, asked(author=BOB))
+        spent = await app.service.spending(MOD, PLACE)
+        assert spent is not None and spent.server >= 0.04 and spent.person == 0
+        message = await refusal(app, asked(author=MOD))
+        assert message.startswith(
+            f"This server has spent ${spent.server:,.2f} of its $0.04 daily budget for paid "
+            "models; it renews at 00:00 UTC (in "
+        )
+        # Another server, and a DM, have their own totals (and DMs no server budget).
+        assert (await answered(app, asked(author=MOD, place=Place(11, 21)))).model == "main"
+        assert (await answered(app, asked(author=MOD, place=Place(None, 99)))).model == "main"
+        # A fallback that is priced is not asked over the budget; a free first model answers.
+        await app.service.set_model(PLACE, "channel", "backup", MOD)
+        assert (await answered(app, asked(author=MOD))).model == "backup"
+        # A blind battle with the priced model is refused, before either model is asked.
+        asks = len(fake_openai.requests)
+        with pytest.raises(OverBudget):
+            await app.service.battle(PLACE, MOD, QUESTION, discord_message_id=9)
+        assert len(fake_openai.requests) == asks
+
+
+async def test_usage_says_where_a_person_stands(app: App) -> None:
+    assert spending_line(None, True) == (
+        "No daily budget is set for paid models: they answer without a cap."
+    )
+    first = await answered(app, asked())
+    spent = await app.service.spending(ALICE, PLACE)
+    assert spent is not None and spent.person == pytest.approx(first.cost_usd)
+    line = spending_line(spent, True)
+    assert line.startswith(
+        f"Today (UTC), on paid models, you spent ${first.cost_usd:,.2f} of your $0.04 daily "
+        "budget. Budgets renew at 00:00 UTC (in "
+    )
+    assert spent.renews_at == datetime.combine(
+        datetime.now(UTC).date() + timedelta(days=1), datetime.min.time(), UTC
+    )
+
+
+async def test_forgetting_a_person_keeps_the_servers_total_without_them(
+    service_settings: Settings,
+) -> None:
+    settings = priced(service_settings, person_daily_budget_usd=0.04, server_daily_budget_usd=1)
+    async with open_app(settings, knowledge=False) as app:
+        for _ in range(2):
+            await answered(app, asked())
+        await refusal(app, asked())
+        before = await app.service.spending(BOB, PLACE)
+        await app.service.forget(ALICE)
+        async with app.sessions() as session:
+            rows = (await session.scalars(select(Spending))).all()
+        assert [r.person_id for r in rows] == [0]  # her id is gone; the dollars stay
+        after = await app.service.spending(BOB, PLACE)
+        assert before is not None and after is not None
+        assert after.server == pytest.approx(before.server)
+        # Forgotten, she starts again from nothing (everything about her went).
+        assert (await answered(app, asked())).model == "main"
+
+
+async def test_the_purge_deletes_the_days_that_are_over(app: App) -> None:
+    today = datetime.now(UTC).date()
+    async with app.sessions() as session, session.begin():
+        await SpendingRepository(session).add(
+            [
+                SpendingRow(today - timedelta(days=2), GUILD, ALICE.id, 1.0),
+                SpendingRow(today - timedelta(days=1), GUILD, ALICE.id, 1.0),
+                SpendingRow(today, GUILD, ALICE.id, 0.01),
+                SpendingRow(today, GUILD, ALICE.id, 0.01),  # adds up
+            ]
+        )
+    await app.service.purge(dry_run=True)
+    async with app.sessions() as session:
+        assert len((await session.scalars(select(Spending))).all()) == 3
+    await app.service.purge()
+    async with app.sessions() as session:
+        rows = (await session.scalars(select(Spending))).all()
+    assert [(r.day, r.cost_usd) for r in rows] == [(today, pytest.approx(0.02))]
+    assert (await answered(app, asked())).model == "main"  # $0.02 of $0.04
+
+
+def test_spending_waiting_for_the_writer_counts_and_survives_a_spill() -> None:
+    class Writer:
+        def __init__(self) -> None:
+            self.spills: list[object] = []
+
+        def submit(self, op: object, what: str, spill: object = None) -> None:
+            self.spills.append(spill)
+
+    writer = Writer()
+    log = ExchangeLog(writer)  # type: ignore[arg-type]
+    day = date(2026, 12, 2)
+    log.count_spending(SpendingRow(day, GUILD, ALICE.id, 0.25))
+    log.count_spending(SpendingRow(day, GUILD, BOB.id, 0.5))
+    log.count_spending(SpendingRow(day, 0, ALICE.id, 0.125))  # a DM
+    assert len(writer.spills) == 1  # one write for everything waiting
+    assert log.unwritten_spending(day, GUILD, ALICE.id) == (0.375, 0.75)
+    (spill,) = writer.spills
+    records = spill()  # type: ignore[operator]
+    again = ExchangeLog(Writer())  # type: ignore[arg-type]
+    assert again.replay(records) == 1
+    assert again.unwritten_spending(day, GUILD, ALICE.id) == (0.375, 0.75)
+    assert again.unwritten_spending(day + timedelta(days=1), GUILD, ALICE.id) == (0.0, 0.0)
