@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -265,18 +265,24 @@ class ExchangeLog:
             write = _SpendWrite(self)
             self.writer.submit(write, "add up what answers cost", spill=write.spill)
 
-    def unwritten_spending(self, day: date, guild_id: int, person_id: int) -> tuple[float, float]:
-        """(this person's anywhere, this server's) amounts for `day` not written yet.
+    def unwritten_spending(
+        self, day: date, person_ids: Collection[int], guild_ids: Collection[int]
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """What of `day`'s spending by these people (anywhere) and in these servers is not
+        written yet.
 
         Exact only between writes (`LogWriter.between_writes`): a write in progress has
         taken its amounts from here, and not committed them yet.
         """
-        person = server = 0.0
+        people = dict.fromkeys(person_ids, 0.0)
+        servers = dict.fromkeys(guild_ids, 0.0)
         for (when, guild, who), cost in self._spent.items():
             if when == day:
-                person += cost if who == person_id else 0.0
-                server += cost if guild == guild_id else 0.0
-        return person, server
+                if who in people:
+                    people[who] += cost
+                if guild in servers:
+                    servers[guild] += cost
+        return people, servers
 
     def delete_discord_prompt(
         self, discord_message_id: int, removed: Callable[[Removal], None] | None = None

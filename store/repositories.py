@@ -1117,20 +1117,25 @@ class SpendingRepository:
         for row in rows:
             await self.session.execute(statement.values(id=new_id(), **dataclasses.asdict(row)))
 
-    async def spent(self, day: date, person_id: int, guild_id: int) -> tuple[float, float]:
-        """(what `person_id` spent on `day`, in every server and DM; what everyone spent
-        in server `guild_id` that day)."""
-        person = await self.session.scalar(
-            select(func.coalesce(func.sum(Spending.cost_usd), 0.0)).where(
-                Spending.day == day, Spending.person_id == person_id
+    async def totals(
+        self, day: date, person_ids: Iterable[int], guild_ids: Iterable[int]
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """What each of these people spent on `day` (in every server and DM), and what
+        everyone spent in each of these servers; one query each per 5,000 ids."""
+        people = await self._sums(day, Spending.person_id, person_ids)
+        return people, await self._sums(day, Spending.guild_id, guild_ids)
+
+    async def _sums(self, day: date, column: Any, keys: Iterable[int]) -> dict[int, float]:
+        wanted = sorted(set(keys))
+        sums = dict.fromkeys(wanted, 0.0)
+        for start in range(0, len(wanted), _IDS_PER_QUERY):
+            rows = await self.session.execute(
+                select(column, func.sum(Spending.cost_usd))
+                .where(Spending.day == day, column.in_(wanted[start : start + _IDS_PER_QUERY]))
+                .group_by(column)
             )
-        )
-        server = await self.session.scalar(
-            select(func.coalesce(func.sum(Spending.cost_usd), 0.0)).where(
-                Spending.day == day, Spending.guild_id == guild_id
-            )
-        )
-        return float(person or 0.0), float(server or 0.0)
+            sums.update((key, float(total or 0.0)) for key, total in rows.all())
+        return sums
 
     async def forget(self, person_id: int) -> None:
         """Pass a forgotten person's totals to person 0, so each server's total stays."""

@@ -7,15 +7,16 @@ answer costs cents), `solo` and `backup` are free.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from bot.app import App, open_app
 from bot.present import spending_line
-from bot.service.limits import OverBudget
+from bot.service.limits import FRESH_S, OverBudget
 from core.messages import Author, ChatRequest, ChatResult, Place
 from core.settings import Settings
 from store.exchange_log import ExchangeLog
@@ -145,6 +146,41 @@ async def test_a_server_budget_caps_everyone_there_and_not_elsewhere(
         assert len(fake_openai.requests) == asks
 
 
+async def test_another_process_spending_shows_once_the_totals_are_read_again(
+    app: App, budget_settings: Settings
+) -> None:
+    # A second process of the bot on the same database (a second shard, say).
+    async with open_app(budget_settings, knowledge=False, migrate=False) as other:
+        assert other.service.budget is not None
+        clock = [0.0]
+        other.service.budget.clock = lambda: clock[0]
+        assert await other.service.spending(ALICE, PLACE) is not None  # it reads her total: 0
+        for _ in range(2):
+            await answered(app, asked())  # she spends the budget through this process
+        await app.writer.drain()
+        assert (await answered(other, asked())).model == "main"  # its total is not stale yet
+        await other.writer.drain()
+        clock[0] += FRESH_S + 1
+        assert (await refusal(other, asked())).startswith("You have spent $0.0")
+        # Read again: what both processes' answers cost.
+        spent = await other.service.spending(ALICE, PLACE)
+        assert spent is not None and spent.person == pytest.approx(3 * 0.0226, rel=0.1)
+
+
+async def test_many_people_at_once_are_read_in_one_query(app: App) -> None:
+    statements: list[str] = []
+    engine = app.engine.sync_engine
+    listen = lambda *args: statements.append(args[2])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        people = [Author(100 + n, f"p{n}") for n in range(30)]
+        await asyncio.gather(*(app.service.spending(person, PLACE) for person in people))
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    reads = [s for s in statements if "FROM spending" in s]
+    assert len(reads) == 2, reads  # one load: the people, and the server
+
+
 async def test_usage_says_where_a_person_stands(app: App) -> None:
     assert spending_line(None, True) == (
         "No daily budget is set for paid models: they answer without a cap."
@@ -218,10 +254,12 @@ def test_spending_waiting_for_the_writer_counts_and_survives_a_spill() -> None:
     log.count_spending(SpendingRow(day, GUILD, BOB.id, 0.5))
     log.count_spending(SpendingRow(day, 0, ALICE.id, 0.125))  # a DM
     assert len(writer.spills) == 1  # one write for everything waiting
-    assert log.unwritten_spending(day, GUILD, ALICE.id) == (0.375, 0.75)
+    everyone = ({ALICE.id: 0.375, BOB.id: 0.5}, {GUILD: 0.75, 0: 0.125})
+    assert log.unwritten_spending(day, [ALICE.id, BOB.id], [GUILD, 0]) == everyone
     (spill,) = writer.spills
     records = spill()  # type: ignore[operator]
     again = ExchangeLog(Writer())  # type: ignore[arg-type]
     assert again.replay(records) == 1
-    assert again.unwritten_spending(day, GUILD, ALICE.id) == (0.375, 0.75)
-    assert again.unwritten_spending(day + timedelta(days=1), GUILD, ALICE.id) == (0.0, 0.0)
+    assert again.unwritten_spending(day, [ALICE.id, BOB.id], [GUILD, 0]) == everyone
+    later = again.unwritten_spending(day + timedelta(days=1), [ALICE.id], [GUILD])
+    assert later == ({ALICE.id: 0.0}, {GUILD: 0.0})

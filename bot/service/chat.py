@@ -860,7 +860,10 @@ class ChatService:
 
     async def forget(self, author: Author, *, by_name: bool = False) -> ForgetReport:
         """Delete everything stored about `author`; says what went (see `Privacy.forget`)."""
-        return await self.privacy.forget(author, by_name=by_name)
+        report = await self.privacy.forget(author, by_name=by_name)
+        if self.budget is not None:
+            self.budget.forget(author.id)
+        return report
 
     async def message_deleted(self, discord_message_id: int) -> None:
         """A person deleted their Discord message: delete its prompt and what derives from it."""

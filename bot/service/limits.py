@@ -16,7 +16,9 @@ The terminal chat is exempt from both: its user is the person running the bot.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 WINDOW_S = 60.0
 # How long a budget check waits for a log write in progress (it may be retrying an outage).
 WRITE_WAIT_S = 2.0
+# How long totals read from the database are trusted before they are read again: what
+# another process of the bot spent shows within this (its own spending shows at once).
+FRESH_S = 30.0
+# After the database could not be read, how soon the budgets try it again.
+RETRY_S = 5.0
 # People tracked at once; the least recently seen are forgotten first (their window is over).
 TRACKED_PEOPLE = 10_000
 
@@ -125,12 +132,20 @@ def until(moment: datetime, now: datetime) -> str:
     return f"in {hours} h {minutes} min" if hours else f"in {minutes} min"
 
 
+@dataclass(slots=True)
+class _Total:
+    usd: float
+    fresh_until: float  # monotonic seconds: read again from the database after this
+
+
 class Budget:
     """Daily budgets in USD for priced models: per person (all servers and DMs) and per server.
 
     0 means no budget. The totals live in the database (`spending`), so they hold across
-    restarts and every process of the bot; what is still waiting for the log writer
-    counts too.
+    restarts and every process of the bot. Each process keeps the totals it read, adds
+    what its own answers cost at once, and reads them again after `FRESH_S` (spending
+    through another process shows within that); a burst of people not read yet is read
+    in one query, between two writes of the log, with what still waits for the writer.
     """
 
     def __init__(
@@ -141,6 +156,7 @@ class Budget:
         sessions: async_sessionmaker[AsyncSession],
         exchange_log: ExchangeLog,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if person_daily_usd < 0 or server_daily_usd < 0:
             raise ValueError("budgets must be >= 0")
@@ -149,37 +165,80 @@ class Budget:
         self.sessions = sessions
         self.exchange_log = exchange_log
         self.now = now
+        self.clock = clock
+        self._day: date | None = None
+        self._people: dict[int, _Total] = {}
+        self._servers: dict[int, _Total] = {}
+        # Keys to read at the next load, the load running, and (while it reads) what
+        # answers recorded meanwhile, which its result does not hold yet.
+        self._wanted: tuple[set[int], set[int]] = (set(), set())
+        self._loading: asyncio.Future[None] | None = None
+        self._during: tuple[dict[int, float], dict[int, float]] | None = None
 
     @property
     def enabled(self) -> bool:
         return bool(self.person_daily_usd or self.server_daily_usd)
 
     def _today(self) -> date:
-        return self.now().astimezone(UTC).date()
+        """Today (UTC); the totals kept are today's only."""
+        day = self.now().astimezone(UTC).date()
+        if day != self._day:
+            self._day = day
+            self._people.clear()
+            self._servers.clear()
+        return day
 
     async def spent(self, author: Author, place: Place) -> Spent:
-        """What `author` and the server of `place` spent today, with the budgets."""
-        day, guild = self._today(), place.guild_id or 0
-        # Between two writes of the log, what waits for it and what it wrote add up exactly
-        # (during a write, its amounts are in neither, or in both).
-        async with self.exchange_log.writer.between_writes(WRITE_WAIT_S):
-            waiting_person, waiting_server = self.exchange_log.unwritten_spending(
-                day, guild, author.id
-            )
-            try:
-                async with self.sessions() as session:
-                    person, server = await SpendingRepository(session).spent(day, author.id, guild)
-            except Exception as exc:  # the database is away: answer, rather than refuse all
-                log.warning("the budgets could not read today's spending (%s)", exc)
-                person = server = 0.0
+        """What `author` (everywhere) and the server of `place` spent today, with the budgets."""
+        guild = place.guild_id or 0
+        while True:
+            day, now = self._today(), self.clock()
+            person, server = self._people.get(author.id), self._servers.get(guild)
+            if person and server and person.fresh_until > now and server.fresh_until > now:
+                break
+            self._wanted[0].add(author.id)
+            self._wanted[1].add(guild)
+            if self._loading is None:
+                self._loading = asyncio.ensure_future(self._load(day))
+            # Shielded: one caller cancelled (its reader left) must not stop the others'.
+            await asyncio.shield(self._loading)
         midnight = datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC)
-        return Spent(
-            person + waiting_person,
-            server + waiting_server,
-            self.person_daily_usd,
-            self.server_daily_usd,
-            midnight,
-        )
+        return Spent(person.usd, server.usd, self.person_daily_usd, self.server_daily_usd, midnight)
+
+    async def _load(self, day: date) -> None:
+        """Read the totals of every person and server wanted so far, in one query each."""
+        try:
+            # Between two writes of the log, what waits for it and what it wrote add up
+            # exactly (during a write, its amounts are in neither, or in both).
+            async with self.exchange_log.writer.between_writes(WRITE_WAIT_S):
+                people, servers = self._wanted
+                self._wanted = (set(), set())
+                waiting = self.exchange_log.unwritten_spending(day, people, servers)
+                self._during = ({}, {})
+                try:
+                    async with self.sessions() as session:
+                        stored = await SpendingRepository(session).totals(day, people, servers)
+                    fresh_until = self.clock() + FRESH_S
+                except Exception as exc:  # the database is away: answer rather than refuse all
+                    log.warning("the budgets could not read today's spending (%s)", exc)
+                    stored, fresh_until = ({}, {}), self.clock() + RETRY_S
+                during, self._during = self._during, None
+            if day != self._day:
+                return  # midnight passed meanwhile: these are yesterday's
+            for kept, keys, found, wait, since in (
+                (self._people, people, stored[0], waiting[0], during[0]),
+                (self._servers, servers, stored[1], waiting[1], during[1]),
+            ):
+                for key in keys:
+                    usd = found.get(key, 0.0) + wait.get(key, 0.0) + since.get(key, 0.0)
+                    kept[key] = _Total(usd, fresh_until)
+        finally:
+            self._during = None
+            self._loading = None
+
+    def forget(self, person_id: int) -> None:
+        """A person was forgotten: their totals passed to nobody, so read them again."""
+        self._people.pop(person_id, None)
 
     async def check(
         self, author: Author, place: Place, specs: Sequence[ModelSpec], *, discord: bool
@@ -205,8 +264,15 @@ class Budget:
             )
 
     def record(self, author: Author, place: Place, cost: float | None, *, discord: bool) -> None:
-        """Add what an answer cost to its asker's total for today (in the background)."""
-        if discord and cost and self.enabled:
-            self.exchange_log.count_spending(
-                SpendingRow(self._today(), place.guild_id or 0, author.id, cost)
-            )
+        """Add what an answer cost to its asker's and their server's totals for today
+        (at once here, and in the background in the database)."""
+        if not (discord and cost and self.enabled):
+            return
+        day, guild = self._today(), place.guild_id or 0
+        self.exchange_log.count_spending(SpendingRow(day, guild, author.id, cost))
+        for kept, key, index in ((self._people, author.id, 0), (self._servers, guild, 1)):
+            total = kept.get(key)
+            if total is not None:
+                total.usd += cost
+            if self._during is not None:  # a load is reading: its result must hold this too
+                self._during[index][key] = self._during[index].get(key, 0.0) + cost
