@@ -355,6 +355,46 @@ def leaderboard(
     raise typer.Exit(_run(main))
 
 
+@app.command()
+def usage(
+    top: Annotated[
+        int, typer.Option(help="How many people to list, the biggest spenders first.")
+    ] = 20,
+    json_mode: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of tables.")
+    ] = False,
+) -> None:
+    """Today's spending on paid models (UTC), per server and per person, against the budgets."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+
+    async def main() -> int:
+        import json
+
+        from bot.app import open_app
+        from bot.present import spending_report_json, spending_report_lines
+
+        async with open_app(settings, knowledge=False) as sb:
+            report = await sb.service.spending_report()
+        if json_mode:
+            print(json.dumps(spending_report_json(report, top)))
+            return 0
+        heading, servers, people = spending_report_lines(report, top)
+        out.print(heading)
+        for title, rows in (("server", servers), ("person", people)):
+            if not rows:
+                continue
+            table = Table(title=f"by {title}")
+            for column in (title, "spent", "of the budget"):
+                table.add_column(column, justify="left" if column == title else "right")
+            for row in rows:
+                table.add_row(*row)
+            out.print(table)
+        return 0
+
+    raise typer.Exit(_run(main))
+
+
 @app.command("eval")
 def eval_command(
     dataset: Annotated[

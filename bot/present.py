@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from bot.service.compare import BattleVerdict, PreferenceOutcome
 from bot.service.feedback import ModelFeedback, VoteOutcome
 from bot.service.leaderboard import Leaderboard, LeaderboardEntry
-from bot.service.limits import Spent, until, usd
+from bot.service.limits import SpendingReport, Spent, until, usd
 from bot.service.place_settings import Setting, SettingChange
 from bot.service.privacy import ForgetReport, PrivacyStatus, PurgeReport
 from bot.service.tune import JobView
@@ -558,3 +559,61 @@ def spending_line(spent: Spent | None, in_server: bool) -> str:
         f"Today (UTC), on paid models, {' and '.join(parts)} daily budget. Budgets renew at "
         f"00:00 UTC ({renews}); models without a price, like the local ones, cost nothing."
     )
+
+
+def spending_report_lines(
+    report: SpendingReport | None, top: int
+) -> tuple[str, list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """`switchboard usage` in words: a heading, and the rows of its two tables (servers,
+    then the `top` people), each (who, spent, share of the budget)."""
+    if report is None:
+        return (
+            "No daily budget is set (SWITCHBOARD_PERSON_DAILY_BUDGET_USD, "
+            "SWITCHBOARD_SERVER_DAILY_BUDGET_USD), so spending is not counted.",
+            [],
+            [],
+        )
+    budgets = ", ".join(
+        f"{usd(amount)} a {who}"
+        for who, amount in (("person", report.person_budget), ("server", report.server_budget))
+        if amount
+    )
+    heading = (
+        f"Spent on paid models on {report.day.isoformat()} (UTC): {usd(report.total)}"
+        f" in {len(report.servers)} place{'s' if len(report.servers) != 1 else ''}. "
+        f"Daily budgets: {budgets}."
+    )
+
+    def share(amount: float, budget: float) -> str:
+        if not budget:
+            return "—"
+        part = amount / budget
+        return f"{part:.1%}" if part < 0.1 else f"{part:.0%}"
+
+    servers = [
+        (
+            str(guild) if guild else "DMs",
+            usd(amount),
+            share(amount, report.server_budget) if guild else "—",
+        )
+        for guild, amount in report.servers
+    ]
+    people = [
+        (str(person) if person else "(forgotten)", usd(amount), share(amount, report.person_budget))
+        for person, amount in report.people[:top]
+    ]
+    return heading, servers, people
+
+
+def spending_report_json(report: SpendingReport | None, top: int) -> dict[str, Any] | None:
+    """`switchboard usage --json`: the report as one object (null without budgets)."""
+    if report is None:
+        return None
+    return {
+        "day": report.day.isoformat(),
+        "person_budget_usd": report.person_budget,
+        "server_budget_usd": report.server_budget,
+        "total_usd": report.total,
+        "servers": [{"guild_id": guild, "usd": amount} for guild, amount in report.servers],
+        "people": [{"person_id": who, "usd": amount} for who, amount in report.people[:top]],
+    }

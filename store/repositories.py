@@ -1137,6 +1137,13 @@ class SpendingRepository:
             sums.update((key, float(total or 0.0)) for key, total in rows.all())
         return sums
 
+    async def of_day(self, day: date) -> list[SpendingRow]:
+        """Every total of `day`, the largest first."""
+        rows = await self.session.scalars(
+            select(Spending).where(Spending.day == day).order_by(Spending.cost_usd.desc())
+        )
+        return [SpendingRow(r.day, r.guild_id, r.person_id, r.cost_usd) for r in rows.all()]
+
     async def forget(self, person_id: int) -> None:
         """Pass a forgotten person's totals to person 0, so each server's total stays."""
         if person_id == 0:

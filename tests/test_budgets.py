@@ -8,8 +8,13 @@ answer costs cents), `solo` and `backup` are free.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import event, select
@@ -27,6 +32,7 @@ from tests.fakes.openai_server import FakeOpenAI
 GUILD, CHANNEL = 10, 20
 PLACE = Place(GUILD, CHANNEL)
 ALICE, BOB, MOD = Author(1, "alice"), Author(2, "bob"), Author(3, "mod")
+REPO = Path(__file__).resolve().parent.parent
 QUESTION = "What does a switchboard operator do all day?"
 
 
@@ -237,6 +243,54 @@ async def test_the_purge_deletes_the_days_that_are_over(app: App) -> None:
         rows = (await session.scalars(select(Spending))).all()
     assert [(r.day, r.cost_usd) for r in rows] == [(today, pytest.approx(0.02))]
     assert (await answered(app, asked())).model == "main"  # $0.02 of $0.04
+
+
+def usage_command(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`switchboard usage` in its own process, on the same data and budgets as `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(
+        SWITCHBOARD_CONFIG=str(settings.config),
+        SWITCHBOARD_DATA_DIR=str(settings.data_dir),
+        SWITCHBOARD_PERSON_DAILY_BUDGET_USD=str(settings.person_daily_budget_usd),
+        SWITCHBOARD_SERVER_DAILY_BUDGET_USD=str(settings.server_daily_budget_usd),
+        COLUMNS="120",
+    )
+    if settings.database_url:
+        env["SWITCHBOARD_DATABASE_URL"] = settings.database_url
+    return subprocess.run(
+        [sys.executable, "-m", "bot", "usage", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+async def test_switchboard_usage_shows_the_operator_who_spent_what(
+    app: App, budget_settings: Settings
+) -> None:
+    alice = [await answered(app, asked()) for _ in range(2)]
+    bob = await answered(app, asked(author=BOB, place=Place(None, 99)))  # a DM
+    await app.writer.drain()
+    proc = await asyncio.to_thread(usage_command, budget_settings)
+    assert proc.returncode == 0, proc.stderr
+    total = sum(r.cost_usd or 0 for r in [*alice, bob])
+    day = datetime.now(UTC).date().isoformat()
+    assert proc.stdout.startswith(
+        f"Spent on paid models on {day} (UTC): ${total:,.2f} in 2 places. "
+        "Daily budgets: $0.04 a person."
+    )
+    assert "by server" in proc.stdout and "DMs" in proc.stdout and "by person" in proc.stdout
+    proc = await asyncio.to_thread(usage_command, budget_settings, "--json", "--top", "1")
+    data = json.loads(proc.stdout)
+    assert data["total_usd"] == pytest.approx(total) and data["person_budget_usd"] == 0.04
+    assert [s["guild_id"] for s in data["servers"]] == [GUILD, 0]
+    assert data["people"] == [{"person_id": ALICE.id, "usd": pytest.approx(total - bob.cost_usd)}]
+    # Without budgets nothing is counted, and it says so.
+    off = budget_settings.model_copy(update={"person_daily_budget_usd": 0.0})
+    proc = await asyncio.to_thread(usage_command, off)
+    assert proc.returncode == 0 and proc.stdout.startswith("No daily budget is set (")
 
 
 def test_spending_waiting_for_the_writer_counts_and_survives_a_spill() -> None:

@@ -44,7 +44,15 @@ from bot.service.feedback import (
     VoteSource,
 )
 from bot.service.leaderboard import Leaderboard, Leaderboards, LeaderboardScope
-from bot.service.limits import Admission, Budget, OverBudget, PersonLimit, Spent, priced
+from bot.service.limits import (
+    Admission,
+    Budget,
+    OverBudget,
+    PersonLimit,
+    SpendingReport,
+    Spent,
+    priced,
+)
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import EffectiveSettings, PlaceSettings, SettingChange
 from bot.service.privacy import ForgetReport, Privacy, PrivacyStatus, PurgeReport
@@ -875,6 +883,12 @@ class ChatService:
         if self.budget is None or not self.budget.enabled:
             return None
         return await self.budget.spent(author, place)
+
+    async def spending_report(self) -> SpendingReport | None:
+        """Today's spending on priced models per server and person; None without budgets."""
+        if self.budget is None or not self.budget.enabled:
+            return None
+        return await self.budget.report()
 
     async def purge(self, dry_run: bool = False) -> PurgeReport:
         """Apply the retention: delete exchanges older than it (a dry run only counts)."""

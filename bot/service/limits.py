@@ -17,6 +17,7 @@ The terminal chat is exempt from both: its user is the person running the bot.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -132,6 +133,21 @@ def until(moment: datetime, now: datetime) -> str:
     return f"in {hours} h {minutes} min" if hours else f"in {minutes} min"
 
 
+@dataclass(frozen=True, slots=True)
+class SpendingReport:
+    """Today's spending on priced models, for the operator: per server and per person."""
+
+    day: date
+    person_budget: float  # 0: no budget
+    server_budget: float
+    servers: list[tuple[int, float]]  # (server id, 0 for DMs; dollars), the largest first
+    people: list[tuple[int, float]]  # (person id, 0 for the forgotten; dollars), everywhere
+
+    @property
+    def total(self) -> float:
+        return sum(usd for _, usd in self.servers)
+
+
 @dataclass(slots=True)
 class _Total:
     usd: float
@@ -235,6 +251,27 @@ class Budget:
         finally:
             self._during = None
             self._loading = None
+
+    async def report(self) -> SpendingReport:
+        """Today's totals as the database has them (this process's own included: it waits
+        for the writer first)."""
+        day = self._today()
+        with contextlib.suppress(TimeoutError):  # a write retrying an outage: read what is there
+            await self.exchange_log.writer.drain(timeout=WRITE_WAIT_S)
+        async with self.sessions() as session:
+            rows = await SpendingRepository(session).of_day(day)
+        servers: dict[int, float] = {}
+        people: dict[int, float] = {}
+        for row in rows:
+            servers[row.guild_id] = servers.get(row.guild_id, 0.0) + row.cost_usd
+            people[row.person_id] = people.get(row.person_id, 0.0) + row.cost_usd
+        return SpendingReport(
+            day,
+            self.person_daily_usd,
+            self.server_daily_usd,
+            sorted(servers.items(), key=lambda item: -item[1]),
+            sorted(people.items(), key=lambda item: -item[1]),
+        )
 
     def forget(self, person_id: int) -> None:
         """A person was forgotten: their totals passed to nobody, so read them again."""
