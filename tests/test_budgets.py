@@ -100,6 +100,11 @@ async def test_a_person_over_budget_is_refused_paid_models_and_free_ones_still_a
     assert [(r.guild_id, r.person_id) for r in rows] == [(GUILD, ALICE.id)]
     assert rows[0].cost_usd == pytest.approx(spent) and rows[0].day == datetime.now(UTC).date()
 
+    # Another answer to an earlier question (🔁) is refused too, before the model is asked.
+    await app.writer.drain()
+    with pytest.raises(OverBudget):
+        async for _ in app.service.retry(first.message_id or "", ALICE):
+            pass
     # A person's budget counts everywhere: a DM is refused too; someone else is not.
     assert (await refusal(app, asked(place=Place(None, 99)))).startswith("You have spent")
     assert (await answered(app, asked(author=BOB))).model == "main"
