@@ -150,11 +150,17 @@ async def test_a_server_budget_caps_everyone_there_and_not_elsewhere(
         # A fallback that is priced is not asked over the budget; a free first model answers.
         await app.service.set_model(PLACE, "channel", "backup", MOD)
         assert (await answered(app, asked(author=MOD))).model == "backup"
-        # A blind battle with the priced model is refused, before either model is asked.
+        # A blind battle whose pool has one free model is refused, before anyone is asked;
+        # with two free ones, it is drawn from those.
         asks = len(fake_openai.requests)
         with pytest.raises(OverBudget):
             await app.service.battle(PLACE, MOD, QUESTION, discord_message_id=9)
         assert len(fake_openai.requests) == asks
+        await app.service.set_arena_pool(PLACE, "channel", ["main", "solo", "backup"], MOD)
+        for n in range(4):
+            battle = await app.service.battle(PLACE, MOD, QUESTION, discord_message_id=10 + n)
+            verdict = await app.service.battle_vote(battle.id, MOD, "tie")
+            assert {verdict.model_a, verdict.model_b} == {"solo", "backup"}
 
 
 async def test_another_process_spending_shows_once_the_totals_are_read_again(

@@ -41,7 +41,7 @@ from typing import Literal, Protocol, TypeVar
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot.service.limits import Budget, until
+from bot.service.limits import Budget, OverBudget, priced, until
 from bot.service.models import ModelCatalog
 from bot.service.place_settings import Setting
 from chains.answer import Answerer, Attempt, Prompt
@@ -409,8 +409,15 @@ class Comparisons:
     async def battle(self, question: Question, pool: Setting) -> Battle:
         """Two distinct models drawn from `pool` (the place's arena pool) answer anonymously."""
         names = await self._pool(pool)
+        try:
+            await self._check_budget(question, [await self.catalog.get(n) for n in names])
+        except OverBudget:
+            # Over a budget, the battle is drawn from the pool's free models, if two are.
+            free = [n for n in names if not priced(await self.catalog.get(n))]
+            if len(free) < 2:
+                raise
+            names = free
         specs = [await self.catalog.get(name) for name in self.rng.sample(names, 2)]
-        await self._check_budget(question, specs)
         battle_id, prompt_id, conversation_id = (uuid.uuid4().hex for _ in range(3))
         ids = [uuid.uuid4().hex, uuid.uuid4().hex]
         attempts = self._prepare(specs, question)
