@@ -1138,10 +1138,8 @@ class SpendingRepository:
         return sums
 
     async def of_day(self, day: date) -> list[SpendingRow]:
-        """Every total of `day`, the largest first."""
-        rows = await self.session.scalars(
-            select(Spending).where(Spending.day == day).order_by(Spending.cost_usd.desc())
-        )
+        """Every total of `day` (the caller adds them up per server and person)."""
+        rows = await self.session.scalars(select(Spending).where(Spending.day == day))
         return [SpendingRow(r.day, r.guild_id, r.person_id, r.cost_usd) for r in rows.all()]
 
     async def forget(self, person_id: int) -> None:
